@@ -1,0 +1,1 @@
+"""Federated multimodal recommenders on Ray."""

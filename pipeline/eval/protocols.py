@@ -1,0 +1,105 @@
+"""Evaluation protocols P1 (99 sampled negatives) and P3 (full ranking, training items masked).
+
+A model is evaluated through a scorer: a callable mapping a batch of user ids [B] (int64
+tensor) to scores over all items [B, I] (float tensor; logits or probabilities, only the
+order matters). Each user's scores come from that user's own model (spec/protocols.md §7).
+Users are processed in batches; everything inside a batch is one tensor operation.
+
+Results are averages over users, as fractions in [0, 1]; tables print them in %.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from pipeline.data.negatives import EvalNegatives
+from pipeline.data.prepare import PreparedDataset
+from pipeline.eval.metrics import DEFAULT_KS, hit_ndcg, rank_in_full_scores, rank_of_target
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+Split = Literal["valid", "test"]
+
+
+def _targets(data: PreparedDataset, split: Split) -> np.ndarray:
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    return data.valid_item if split == "valid" else data.test_item
+
+
+def _user_batches(n_users: int, batch_users: int, users: np.ndarray | None):
+    users = np.arange(n_users) if users is None else np.asarray(users)
+    for start in range(0, len(users), batch_users):
+        yield users[start:start + batch_users]
+
+
+def _mean(per_user: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    return {name: float(torch.cat(parts).mean()) for name, parts in per_user.items()}
+
+
+def evaluate_full(scorer: Scorer, data: PreparedDataset, split: Split = "test", *, ks=DEFAULT_KS,
+                  batch_users: int = 1024, mask_heldout_other: bool = False,
+                  users: np.ndarray | None = None) -> dict[str, float]:
+    """P3: rank the held-out item among all items, the user's training items scored -inf.
+
+    mask_heldout_other also masks the user's other held-out item (GFMFR's `full`, not default).
+    """
+    targets = _targets(data, split)
+    other = data.test_item if split == "valid" else data.valid_item
+    per_user: dict[str, list[torch.Tensor]] = {}
+    for batch in _user_batches(data.n_users, batch_users, users):
+        scores = scorer(torch.as_tensor(batch)).to(torch.float64).clone()
+        rows, cols = _train_entries(data, batch)
+        scores[rows, cols] = -torch.inf
+        if mask_heldout_other:
+            scores[torch.arange(len(batch)), torch.as_tensor(other[batch])] = -torch.inf
+        rank = rank_in_full_scores(scores, torch.as_tensor(targets[batch]))
+        for name, value in hit_ndcg(rank, ks).items():
+            per_user.setdefault(name, []).append(value)
+    return _mean(per_user)
+
+
+def _train_entries(data: PreparedDataset, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in batch, item) index pairs of the batch users' training items."""
+    starts, stops = data.train_indptr[batch], data.train_indptr[batch + 1]
+    counts = stops - starts
+    rows = np.repeat(np.arange(len(batch)), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return torch.as_tensor(rows), torch.as_tensor(data.train_items[np.repeat(starts, counts) + offsets])
+
+
+def evaluate_sampled(scorer: Scorer, data: PreparedDataset, negatives: EvalNegatives,
+                     split: Split = "test", *, ks=DEFAULT_KS, batch_users: int = 1024,
+                     users: np.ndarray | None = None) -> dict[str, float]:
+    """P1: rank the held-out item among its 99 persisted negatives (fewer where the user
+    had fewer available; padding -1 is ignored)."""
+    if negatives.fingerprint != data.fingerprint():
+        raise ValueError(f"P1 negatives belong to dataset {negatives.fingerprint}, "
+                         f"not {data.fingerprint()}: re-prepare the dataset")
+    targets = _targets(data, split)
+    table = negatives.valid if split == "valid" else negatives.test
+    per_user: dict[str, list[torch.Tensor]] = {}
+    for batch in _user_batches(data.n_users, batch_users, users):
+        scores = scorer(torch.as_tensor(batch)).to(torch.float64)
+        neg = torch.as_tensor(table[batch].astype(np.int64))
+        valid = neg >= 0
+        neg_scores = scores.gather(1, neg.clamp(min=0))
+        target_score = scores.gather(1, torch.as_tensor(targets[batch])[:, None]).squeeze(1)
+        rank = rank_of_target(neg_scores, target_score, valid)
+        for name, value in hit_ndcg(rank, ks).items():
+            per_user.setdefault(name, []).append(value)
+    return _mean(per_user)
+
+
+def evaluate(scorer: Scorer, data: PreparedDataset, protocol: str, split: Split = "test",
+             negatives: EvalNegatives | None = None, **kwargs) -> dict[str, float]:
+    """Dispatch on protocol name: 'p1' or 'p3'."""
+    if protocol == "p3":
+        return evaluate_full(scorer, data, split, **kwargs)
+    if protocol == "p1":
+        if negatives is None:
+            raise ValueError("protocol p1 needs the persisted evaluation negatives")
+        return evaluate_sampled(scorer, data, negatives, split, **kwargs)
+    raise ValueError(f"unknown protocol {protocol!r}: expected 'p1' or 'p3'")

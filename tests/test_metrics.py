@@ -1,0 +1,84 @@
+"""Ranks, HR and NDCG against hand-computed cases; P1 and P3 evaluators on tiny data."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.negatives import EvalNegatives
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.schema import Interactions, RawDataset
+from pipeline.eval.metrics import hit_ndcg, rank_in_full_scores, rank_of_target
+from pipeline.eval.protocols import evaluate_full, evaluate_sampled
+
+
+def test_rank_counts_ties_against_the_target():
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.9]])
+    assert rank_in_full_scores(scores, torch.tensor([1])).item() == 3  # 0.9 and the tied 0.5
+    assert rank_in_full_scores(scores, torch.tensor([3])).item() == 1
+    assert rank_in_full_scores(scores, torch.tensor([0])).item() == 4
+    constant = torch.zeros(2, 200)
+    assert (rank_in_full_scores(constant, torch.tensor([0, 5])) == 200).all()
+
+
+def test_hr_ndcg_hand_computed():
+    ranks = torch.tensor([1, 2, 10, 11, 50, 51])
+    m = hit_ndcg(ranks, ks=(10, 50))
+    assert m["hr@10"].tolist() == [1, 1, 1, 0, 0, 0]
+    assert m["hr@50"].tolist() == [1, 1, 1, 1, 1, 0]
+    expected = [1.0, 1 / math.log2(3), 1 / math.log2(11), 0, 0, 0]
+    np.testing.assert_allclose(m["ndcg@10"].numpy(), expected)
+    assert m["ndcg@50"][4].item() == pytest.approx(1 / math.log2(51))
+
+
+def test_nan_scores_are_an_error():
+    with pytest.raises(ValueError, match="NaN"):
+        rank_of_target(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0.5]))
+
+
+def tiny():
+    # user 0: train items 0,1 then valid 2, test 3; user 1: train 4 then valid 0, test 1
+    raw = RawDataset("tiny", Interactions(np.array([0, 0, 0, 0, 1, 1, 1]), np.array([0, 1, 2, 3, 4, 0, 1]),
+                                          np.array([1, 2, 3, 4, 1, 2, 3])))
+    return prepare(raw, PrepareConfig(min_user=0, min_item=0))
+
+
+def test_full_ranking_masks_training_items_only():
+    data = tiny()
+    item_scores = torch.tensor([5.0, 4.0, 1.0, 3.0, 2.0])  # same for both users
+
+    def scorer(users):
+        return item_scores.expand(len(users), -1)
+
+    test = evaluate_full(scorer, data, "test", ks=(1, 2))
+    # user 0: items 0,1 masked; candidates 2(1.0) 3(3.0) 4(2.0) -> test item 3 rank 1
+    # user 1: item 4 masked; candidates 0(5) 1(4) 2(1) 3(3) -> test item 1 rank 2
+    assert test["hr@1"] == 0.5 and test["hr@2"] == 1.0
+    assert test["ndcg@2"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    valid = evaluate_full(scorer, data, "valid", ks=(1,))
+    # user 0: valid 2 (1.0) below 3 and 4 -> rank 3; user 1: valid 0 rank 1
+    assert valid["hr@1"] == 0.5
+    masked = evaluate_full(scorer, data, "valid", ks=(2,), mask_heldout_other=True)
+    # user 0 without its test item 3: candidates 2(1.0), 4(2.0) -> rank 2
+    assert masked["hr@2"] == 1.0
+
+
+def test_sampled_ranking_ignores_padding_and_checks_fingerprint():
+    data = tiny()
+    neg = EvalNegatives(valid=np.array([[4, -1], [2, 3]], dtype=np.int32),
+                        test=np.array([[4, -1], [2, -1]], dtype=np.int32),
+                        n_valid=np.array([1, 2]), n_test=np.array([1, 1]), seed=0,
+                        fingerprint=data.fingerprint())
+
+    def scorer(users):
+        return torch.tensor([5.0, 4.0, 1.0, 3.0, 2.0]).expand(len(users), -1)
+
+    out = evaluate_sampled(scorer, data, neg, "test", ks=(1,))
+    assert out["hr@1"] == 1.0  # user 0: 3.0 vs 2.0; user 1: 4.0 vs 1.0
+    out = evaluate_sampled(scorer, data, neg, "valid", ks=(1, 2))
+    # user 0: valid item 2 (1.0) vs item 4 (2.0) -> rank 2; user 1: item 0 (5) vs 1,3 -> rank 1
+    assert out["hr@1"] == 0.5 and out["hr@2"] == 1.0
+    stale = EvalNegatives(neg.valid, neg.test, neg.n_valid, neg.n_test, 0, "0" * 16)
+    with pytest.raises(ValueError, match="re-prepare"):
+        evaluate_sampled(scorer, data, stale)

@@ -1,0 +1,263 @@
+"""`python -m pipeline <command>`: every job of the project, one CLI.
+
+Commands that produce figures accept --json (one JSON document on stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from pipeline.data.datasets import NAMED, DatasetConfig, load_raw, open_dataset
+from pipeline.data.loaders import FORMATS
+from pipeline.data.prepare import PrepareConfig
+from pipeline.data.schema import DataError
+
+DEFAULT_WORKDIR = Path("runs")
+
+
+def _add_dataset_args(parser: argparse.ArgumentParser, positional: bool = True, many: bool = False) -> None:
+    group = parser.add_argument_group("dataset")
+    group.add_argument("--dataset", default=None, nargs="+" if many else None,
+                       help=f"named dataset: {', '.join([*NAMED, 'synthetic'])} (default synthetic)")
+    group.add_argument("--format", choices=[*FORMATS, "synthetic"], help="loader for PATH")
+    if positional:
+        group.add_argument("path", nargs="?", type=Path, help="dataset folder or file")
+    group.add_argument("--rating-threshold", type=float, default=None, help="keep ratings >= this")
+    group.add_argument("--min-user", type=int, default=5, help="k-core minimum per user (0 disables)")
+    group.add_argument("--min-item", type=int, default=5, help="k-core minimum per item (0 disables)")
+    group.add_argument("--ignore-split-label", action="store_true", help="re-split even if a split ships")
+    group.add_argument("--eval-seed", type=int, default=0, help="seed of the P1 negatives")
+    group.add_argument("--synthetic-users", type=int, default=None)
+    group.add_argument("--synthetic-items", type=int, default=None)
+    group.add_argument("--synthetic-seed", type=int, default=None)
+
+
+def _dataset_config(args, name: str | None = None) -> DatasetConfig:
+    name = name or args.dataset or (Path(args.path).name if getattr(args, "path", None) else "synthetic")
+    synthetic = {key: value for key, value in (("n_users", args.synthetic_users),
+                                               ("n_items", args.synthetic_items),
+                                               ("seed", args.synthetic_seed)) if value is not None}
+    return DatasetConfig(
+        name=name,
+        format=args.format,
+        path=getattr(args, "path", None),
+        protocol=PrepareConfig(rating_threshold=args.rating_threshold, min_user=args.min_user,
+                               min_item=args.min_item, use_predefined_split=not args.ignore_split_label),
+        eval_seed=args.eval_seed,
+        synthetic=synthetic,
+    )
+
+
+def cmd_data_stats(args) -> int:
+    from pipeline.data.negatives import P1_NEGATIVES
+
+    config = _dataset_config(args)
+    raw = load_raw(config)
+    data, negatives = open_dataset(config)
+    inter = raw.interactions
+    stats = {
+        "dataset": data.name,
+        "raw": {"users": int(len(set(inter.user.tolist()))), "items": int(len(set(inter.item.tolist()))),
+                "interactions": len(inter)},
+        "users": data.n_users,
+        "items": data.n_items,
+        "interactions": int(data.train_indptr[-1]) + 2 * data.n_users,
+        "split": {"train": int(data.train_indptr[-1]), "valid": data.n_users, "test": data.n_users},
+        "density": (int(data.train_indptr[-1]) + 2 * data.n_users) / (data.n_users * data.n_items),
+        "train_items_per_user": {"min": int(data.train_counts.min()), "median": float(_median(data.train_counts)),
+                                 "max": int(data.train_counts.max())},
+        "cold_test_items": int((data.item_popularity()[data.test_item] == 0).sum()),
+        "features": {name: list(matrix.shape) for name, matrix in data.features.items()},
+        "catalogue": None if data.catalogue is None else {
+            "items": len(data.catalogue), "with_text": int((data.catalogue.text != "").sum()),
+            "with_image": int((data.catalogue.image != "").sum())},
+        "p1_users_with_fewer_negatives": negatives.short_users,
+        "p1_negatives_per_user": P1_NEGATIVES,
+        "fingerprint": data.fingerprint(),
+        "protocol_steps": data.stats,
+    }
+    if args.json:
+        print(json.dumps(stats, indent=2, default=str))
+    else:
+        for key, value in stats.items():
+            print(f"{key:32s} {value}")
+    return 0
+
+
+def _median(values):
+    import numpy as np
+
+    return np.median(values)
+
+
+def cmd_data_prepare(args) -> int:
+    config = _dataset_config(args)
+    data, _ = open_dataset(config, cache=args.out)
+    print(f"prepared {data.name}: {data.n_users} users, {data.n_items} items, "
+          f"fingerprint {data.fingerprint()} under {args.out}")
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from pipeline.data import synthetic
+
+    overrides = {key: value for key, value in (("n_users", args.users), ("n_items", args.items),
+                                               ("n_groups", args.groups), ("seed", args.seed))
+                 if value is not None}
+    if args.no_images:
+        overrides["images"] = False
+    config = synthetic.SyntheticConfig(**overrides)
+    folder = synthetic.write(synthetic.generate(config), args.out)
+    print(f"wrote synthetic dataset ({config.n_users} users, {config.n_items} items) to {folder}")
+    return 0
+
+
+def cmd_baselines(args) -> int:
+    from pipeline.eval.baselines import evaluate_baselines
+    from pipeline.eval.tables import markdown_table, metric_columns
+
+    names = args.dataset or ["synthetic"]
+    rows, described = [], []
+    for name in names:
+        config = _dataset_config(args, name=name)
+        started = time.perf_counter()
+        data, negatives = open_dataset(config, cache=args.workdir / "prepared")
+        rows += evaluate_baselines(data, negatives, names=args.baseline, protocols=args.protocol, ks=args.k)
+        described.append(_describe(data, config, negatives, time.perf_counter() - started))
+    if args.json:
+        print(json.dumps({"datasets": described, "rows": rows}, indent=2, default=str))
+    else:
+        text = _baseline_report(rows, described, args)
+        print(text)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def _describe(data, config: DatasetConfig, negatives, seconds: float) -> dict:
+    return {"dataset": data.name, "users": data.n_users, "items": data.n_items,
+            "train": int(data.train_indptr[-1]), "split": data.stats.get("split"),
+            "k_core": data.stats.get("k_core"), "rating_threshold": config.protocol.rating_threshold,
+            "eval_seed": negatives.seed, "p1_short_users": negatives.short_users,
+            "fingerprint": data.fingerprint(), "seconds": round(seconds, 2)}
+
+
+def _baseline_report(rows, described, args) -> str:
+    from pipeline.eval.tables import markdown_table, metric_columns
+
+    command = "python -m pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    parts = [f"<!-- made by: {command} -->", "# Trivial baselines", ""]
+    for info in described:
+        parts.append(f"- **{info['dataset']}**: {info['users']} users, {info['items']} items, "
+                     f"{info['train']} training interactions; split: {info['split']}; k-core: "
+                     f"{info['k_core']}; rating threshold: {info['rating_threshold']}; "
+                     f"P1 negatives seed {info['eval_seed']} ({info['p1_short_users']} users with < 99); "
+                     f"fingerprint `{info['fingerprint']}`")
+    parts.append("- No learning, no encoder, no run seed: each number is exact for its split. "
+                 "Ties are ranked pessimistically (protocols.md §6). Values in %.")
+    for protocol in args.protocol:
+        title = {"p3": "P3: full ranking, training items masked",
+                 "p1": "P1: held-out item among 99 sampled negatives"}[protocol]
+        selected = [row for row in rows if row["protocol"] == protocol.upper()]
+        parts += ["", f"## {title}", "", markdown_table(selected, metric_columns(args.k),
+                                                        ["dataset", "method", "split"])]
+    return "\n".join(parts)
+
+
+def cmd_train(args) -> int:
+    """Federated training of one experiment config."""
+    from pipeline.config import load_config
+    from pipeline.federated.run import train
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"runtime.out={args.out}")
+    config = load_config(args.config, overrides)
+    summary = train(config, resume=args.resume, address=args.address, quiet=args.json)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        selection = summary["selection"]
+        print(f"best round {selection['best_round']} by {selection['metric']}")
+        for split in ("valid", "test"):
+            cells = "  ".join(f"{k} {100 * v:.2f}" for k, v in selection[split].items())
+            print(f"  {split:5s} {cells}")
+        print(f"run directory: {summary['run_dir']} (TensorBoard: tensorboard --logdir {summary['run_dir']}/tb)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """The main job on the embedded default: synthetic data, local Ray, baselines table."""
+    from pipeline.main_job import run_main
+
+    return run_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="inspect, prepare and generate datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    stats = data_commands.add_parser("stats", help="users, items, interactions, split sizes, feature shapes")
+    _add_dataset_args(stats)
+    stats.add_argument("--json", action="store_true")
+    stats.set_defaults(func=cmd_data_stats)
+    prep = data_commands.add_parser("prepare", help="apply the protocol and persist split + P1 negatives")
+    _add_dataset_args(prep)
+    prep.add_argument("--out", type=Path, required=True, help="folder for prepared datasets")
+    prep.set_defaults(func=cmd_data_prepare)
+    synth = data_commands.add_parser("synth", help="write the synthetic multimodal dataset")
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--users", type=int)
+    synth.add_argument("--items", type=int)
+    synth.add_argument("--groups", type=int)
+    synth.add_argument("--seed", type=int)
+    synth.add_argument("--no-images", action="store_true")
+    synth.set_defaults(func=cmd_data_synth)
+
+    base = commands.add_parser("baselines", help="trivial rankings under P1 and P3, as tables")
+    _add_dataset_args(base, positional=False, many=True)
+    base.add_argument("--baseline", nargs="+", default=["popularity"],
+                      choices=["popularity", "cold-first-then-popularity", "ascending-item-id"])
+    base.add_argument("--protocol", nargs="+", default=["p3", "p1"], choices=["p1", "p3"])
+    base.add_argument("-k", "--k", nargs="+", type=int, default=[10, 20, 50])
+    base.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    base.add_argument("--out", type=Path, help="also write the Markdown report here")
+    base.add_argument("--json", action="store_true")
+    base.set_defaults(func=cmd_baselines)
+
+    train = commands.add_parser("train", help="federated training of an experiment config")
+    train.add_argument("--config", type=Path, help="experiment YAML (configs/...)")
+    train.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.rounds=5")
+    train.add_argument("--out", type=Path, help="run directory (runtime.out)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+    train.add_argument("--json", action="store_true")
+    train.set_defaults(func=cmd_train)
+
+    run = commands.add_parser("run", help="the main job on the embedded default (synthetic, local Ray)")
+    run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "main")
+    run.add_argument("--users", type=int, default=None)
+    run.add_argument("--items", type=int, default=None)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DataError, ValidationError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,116 @@
+"""Dataset configs and the one entry point that turns a config into a prepared dataset.
+
+Named datasets resolve under the data root: `$PIPELINE_DATA_ROOT`, else `../shared/data`
+beside the repository. `synthetic` needs no files: it is generated from its seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.data import loaders
+from pipeline.data.negatives import EvalNegatives, sample_eval_negatives
+from pipeline.data.prepare import PrepareConfig, PreparedDataset, prepare
+from pipeline.data.schema import DataError, RawDataset
+from pipeline.data.store import load_prepared, save_prepared
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# name -> (format, folder under the data root, loader options, protocol overrides)
+NAMED = {
+    "ku": ("fedmr", "ku", {}, {}),
+    "movielens": ("movielens-mm", "movielens-100k-mm", {}, {}),
+}
+
+Format = Literal["fedmr", "movielens-mm", "microlens", "generic", "synthetic"]
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("PIPELINE_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
+
+
+class DatasetConfig(BaseModel):
+    """Which data, how to read it, and the preparation protocol."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("synthetic", description="ku, movielens, synthetic, or a label for `path`")
+    format: Format | None = Field(None, description="loader; implied by a named dataset")
+    path: Path | None = Field(None, description="dataset folder or file; implied by a named dataset")
+    loader_options: dict = Field(default_factory=dict, description="extra loader keyword arguments")
+    protocol: PrepareConfig = Field(default_factory=PrepareConfig)
+    eval_seed: int = Field(0, ge=0, description="seed of the persisted P1 negatives")
+    synthetic: dict = Field(default_factory=dict, description="SyntheticConfig fields")
+
+    def resolved(self) -> tuple[str, Path | None]:
+        """(format, path) with named datasets filled in."""
+        if self.name in NAMED and self.path is None:
+            fmt, folder, _, _ = NAMED[self.name]
+            return self.format or fmt, data_root() / folder
+        if self.name == "synthetic" and self.path is None:
+            return "synthetic", None
+        if self.format is None or self.path is None:
+            raise DataError("config", f"dataset {self.name!r} is not a named dataset "
+                                      f"({', '.join([*NAMED, 'synthetic'])}): give format and path",
+                            column="dataset")
+        return self.format, self.path
+
+
+def load_raw(config: DatasetConfig, workdir: Path | None = None) -> RawDataset:
+    """Read the dataset's files (or generate the synthetic one) without preparing it."""
+    fmt, path = config.resolved()
+    if fmt == "synthetic":
+        from pipeline.data import synthetic
+
+        synth_config = synthetic.SyntheticConfig(**config.synthetic)
+        generated = synthetic.generate(synth_config)
+        if workdir is None:
+            return generated.dataset
+        key = hashlib.sha256(synth_config.model_dump_json().encode()).hexdigest()[:12]
+        folder = Path(workdir) / f"synthetic-{key}"
+        if not folder.is_dir():
+            synthetic.write(generated, folder)
+        path = folder
+        fmt = "generic"
+    if not Path(path).exists():
+        raise DataError(path, f"dataset {config.name!r} not found (data root: {data_root()})")
+    raw = loaders.load(fmt, path, **config.loader_options)
+    return RawDataset(name=config.name, interactions=raw.interactions, catalogue=raw.catalogue,
+                      features=raw.features, source=raw.source)
+
+
+def open_dataset(config: DatasetConfig, cache: Path | None = None) -> tuple[PreparedDataset, EvalNegatives]:
+    """Prepared split + persisted P1 negatives; reused from `cache` when already prepared
+    from the same config and the same input files."""
+    if cache is None:
+        data = prepare(load_raw(config), config.protocol)
+        return data, sample_eval_negatives(data, config.eval_seed)
+    target = Path(cache) / f"{config.name}-{_input_key(config)}"
+    if (target / "meta.json").is_file():
+        return load_prepared(target)
+    data = prepare(load_raw(config, workdir=cache), config.protocol)
+    negatives = sample_eval_negatives(data, config.eval_seed)
+    save_prepared(data, negatives, target, extra_meta={"config": json.loads(config.model_dump_json())})
+    return data, negatives
+
+
+def _input_key(config: DatasetConfig) -> str:
+    """Hash of the config and of the bytes of every input file (not images: the catalogue
+    lists their paths, and the encode stage fingerprints their content)."""
+    digest = hashlib.sha256(config.model_dump_json().encode())
+    fmt, path = config.resolved()
+    if path is not None:
+        files = [path] if Path(path).is_file() else sorted(
+            p for p in Path(path).iterdir() if p.is_file() and p.suffix in {".csv", ".tsv", ".npy", ".parquet", ".data", ".item"})
+        for file in files:
+            digest.update(file.name.encode())
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:12]

@@ -1,0 +1,73 @@
+"""ClientPool: a Ray actor that owns a shard of users (their private state) and trains all of
+its sampled users in one call. Ray wiring only; the math is in shard.py / client.py.
+
+A pool is restartable: after a crash Ray re-creates it with its initial state, and the pool's
+`state_round` tells the server that its state is not the one the round expects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.config import ExperimentConfig
+
+
+class StaleState(RuntimeError):
+    """The pool's state is not at the round the server expects (it was restarted)."""
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ClientPool:
+    def __init__(self, config_json: str, data, negatives, users: np.ndarray, initial, threads: int):
+        from pipeline.federated.shard import Shard
+
+        torch.set_num_threads(max(1, threads))
+        self.config = ExperimentConfig.model_validate_json(config_json)
+        self._args = (data, negatives, np.asarray(users), initial)
+        self.shard = Shard(self.config, data, negatives, np.asarray(users), initial)
+        self.state_round = -1  # rounds of training reflected in the state (-1: initial)
+
+    def _expect(self, round_: int) -> None:
+        if self.state_round != round_:
+            raise StaleState(f"pool state is at round {self.state_round}, expected {round_}")
+
+    def train(self, round_: int, global_params: dict, users: np.ndarray, lrs: dict):
+        """Train `users` in round `round_` from global_params; returns the reduced Upload."""
+        self._expect(round_ - 1)
+        upload = self.shard.train(round_, global_params, users, lrs)
+        self.state_round = round_
+        return upload
+
+    def evaluate(self, global_params: dict, protocol: str, split: str, ks: tuple[int, ...]):
+        return self.shard.evaluate(global_params, protocol, split, ks)
+
+    def scores(self, global_params: dict, users: np.ndarray) -> torch.Tensor:
+        return self.shard.scores(global_params, torch.as_tensor(users))
+
+    def save(self, path: str, round_: int) -> int:
+        """Write this shard's private state for checkpoint `round_` atomically; returns bytes."""
+        self._expect(round_)
+        tmp = f"{path}.tmp"
+        torch.save(self.shard.store.state_dict(), tmp)
+        os.replace(tmp, path)
+        return Path(path).stat().st_size
+
+    def load(self, path: str | None, round_: int) -> None:
+        """Restore the state of checkpoint `round_` (None: the initial state, round -1)."""
+        from pipeline.federated.shard import Shard
+
+        if path is None:
+            data, negatives, users, initial = self._args
+            self.shard = Shard(self.config, data, negatives, users, initial)
+        else:
+            self.shard.store.load_state_dict(torch.load(path, weights_only=False))
+        self.state_round = round_
+
+    def info(self) -> dict:
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "users": len(self.shard.users), "state_round": self.state_round}

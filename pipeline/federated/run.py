@@ -1,0 +1,100 @@
+"""The federated training job: the round loop on the driver, short enough to read at once.
+
+The driver prepares the data, starts the Server actor (which starts the ClientPools), asks
+for one round at a time, and writes what a user watches: a progress bar, TensorBoard
+scalars, metrics.jsonl (one line per round) and summary.json at the end.
+
+Run directory:
+  config.yaml  metrics.jsonl  summary.json  tb/  checkpoints/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import ray
+import yaml
+from tqdm import tqdm
+
+from pipeline.config import ExperimentConfig
+from pipeline.data.datasets import open_dataset
+
+DATA_CACHE = Path("runs/prepared")
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to a cluster (`address`, RAY_ADDRESS, or the job's own) or start a local one."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"include_dashboard": False} if not address else {}
+    ray.init(address=address, log_to_driver=False, configure_logging=False, **kwargs)
+
+
+def _scalars(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if k not in ("round", "stop", "improved") and isinstance(v, (int, float))}
+
+
+def train(config: ExperimentConfig, *, resume: bool = False, address: str | None = None,
+          data_cache: Path = DATA_CACHE, quiet: bool = False) -> dict:
+    """Run (or resume) the federated job of `config`; returns the summary."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from pipeline.federated.server import Server
+
+    started = time.perf_counter()
+    run_dir = Path(config.runtime.out).resolve()
+    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                              f"or choose another runtime.out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+
+    data, negatives = open_dataset(config.data, cache=data_cache)
+    ensure_ray(address)
+    refs = [ray.put(data), ray.put(negatives)]
+    server = Server.remote(config.model_dump_json(), refs, str(run_dir))
+    next_round = ray.get(server.resume.remote()) if resume else 0
+    history = ray.get(server.history_so_far.remote())
+    with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new rounds
+        for metrics in history:
+            log.write(json.dumps(metrics) + "\n")
+
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=next_round) if config.runtime.tensorboard else None
+    bar = tqdm(total=config.train.rounds, initial=next_round, desc=f"{config.model.backbone} rounds",
+               unit="round", disable=quiet or not config.runtime.progress)
+    stopped = bool(history and history[-1]["stop"])
+    while not stopped and next_round < config.train.rounds:
+        metrics = ray.get(server.run_round.remote())
+        history.append(metrics)
+        with open(run_dir / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(metrics) + "\n")
+        if writer:
+            for name, value in _scalars(metrics).items():
+                writer.add_scalar(name, value, metrics["round"])
+            writer.flush()
+        shown = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k == f"valid/{config.train.selection()}"}
+        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", **shown)
+        bar.update()
+        next_round, stopped = metrics["round"] + 1, metrics["stop"]
+    bar.close()
+    if writer:
+        writer.close()
+
+    summary = {
+        "config": json.loads(config.model_dump_json()),
+        "dataset": {"name": data.name, "users": data.n_users, "items": data.n_items,
+                    "fingerprint": data.fingerprint()},
+        **ray.get(server.summary.remote()),
+        "seconds_total": round(time.perf_counter() - started, 3),
+        "seconds_per_round_mean": (sum(m["time/round_seconds"] for m in history) / len(history)) if history else None,
+        "clients_per_second_mean": (sum(m["time/clients_per_second"] for m in history) / len(history)) if history else None,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    ray.kill(server)
+    return summary

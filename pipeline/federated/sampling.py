@@ -1,0 +1,121 @@
+"""The rows a client trains on in one local epoch: positives, fresh negatives, shuffled,
+cut into mini-batches. Shared by the vectorised engine and the one-client-at-a-time oracle:
+every random draw is a pure function of (run seed, round, epoch, user, index), so a client
+gets the same rows alone or inside any batch of clients.
+
+Shapes: B = clients, P = their positives, R = rows of an epoch (P * (1 + neg_ratio)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.negatives import sample_training_negatives, stream_uniform
+
+_SHUFFLE_TAG = 0x5F1E  # separates the shuffle stream from the negatives stream
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """What the clients of a batch hold: their positives and what negatives must avoid.
+
+    users: [B] global user ids.  pos_indptr [B+1] / pos_items [P]: training positives (CSR).
+    excl_indptr [B+1] / excl_items: sorted items a negative must not be.
+    universe: sorted candidate items for negatives, or None (all items).
+    """
+
+    users: np.ndarray
+    pos_indptr: np.ndarray
+    pos_items: np.ndarray
+    excl_indptr: np.ndarray
+    excl_items: np.ndarray
+    n_items: int
+    universe: np.ndarray | None = None
+
+    @property
+    def n_clients(self) -> int:
+        return len(self.users)
+
+    def pos_counts(self) -> np.ndarray:
+        return np.diff(self.pos_indptr)
+
+    def select(self, index: np.ndarray) -> "ClientData":
+        """The clients at `index` (positions in this batch), same order as given."""
+        pos_indptr, pos_items = _csr_take(self.pos_indptr, self.pos_items, index)
+        excl_indptr, excl_items = _csr_take(self.excl_indptr, self.excl_items, index)
+        return ClientData(self.users[index], pos_indptr, pos_items, excl_indptr, excl_items,
+                          self.n_items, self.universe)
+
+
+def _csr_take(indptr: np.ndarray, values: np.ndarray, index: np.ndarray):
+    starts, counts = indptr[index], np.diff(indptr)[index]
+    new_indptr = np.zeros(len(index) + 1, dtype=np.int64)
+    np.cumsum(counts, out=new_indptr[1:])
+    offsets = np.arange(new_indptr[-1]) - np.repeat(new_indptr[:-1], counts)
+    return new_indptr, values[np.repeat(starts, counts) + offsets]
+
+
+def client_data(data, users: np.ndarray, *, neg_pool: str = "all", neg_exclude_heldout: bool = False) -> ClientData:
+    """Build ClientData for `users` of a PreparedDataset under the negatives options."""
+    users = np.asarray(users, dtype=np.int64)
+    pos_indptr, pos_items = _csr_take(data.train_indptr, data.train_items, users)
+    if neg_exclude_heldout:
+        counts = np.diff(pos_indptr) + 2
+        excl_indptr = np.zeros(len(users) + 1, dtype=np.int64)
+        np.cumsum(counts, out=excl_indptr[1:])
+        rows = np.repeat(np.arange(len(users)), counts)
+        items = np.empty(excl_indptr[-1], dtype=np.int64)
+        at = np.arange(len(pos_items)) + 2 * np.repeat(np.arange(len(users)), np.diff(pos_indptr))
+        items[at] = pos_items
+        items[excl_indptr[1:] - 2] = data.valid_item[users]
+        items[excl_indptr[1:] - 1] = data.test_item[users]
+    else:
+        excl_indptr, items = pos_indptr, pos_items
+        rows = np.repeat(np.arange(len(users)), np.diff(pos_indptr))
+    order = np.lexsort((items, rows))
+    excl_items = items[order]
+    # a held-out item can equal nothing in train (dedupe), so rows stay unique
+    universe = np.unique(data.train_items) if neg_pool == "train_items" else None
+    return ClientData(users, pos_indptr, pos_items, excl_indptr, excl_items, data.n_items, universe)
+
+
+@dataclass(frozen=True)
+class EpochRows:
+    """One local epoch of a batch of clients, rows grouped by client in shuffled order.
+
+    client: [R] position of the client in the batch.  item: [R].  label: [R] float32 (1 / 0).
+    batch: [R] mini-batch index within the client's epoch.  n_batches: [B].
+    """
+
+    client: np.ndarray
+    item: np.ndarray
+    label: np.ndarray
+    batch: np.ndarray
+    n_batches: np.ndarray
+
+
+def epoch_rows(clients: ClientData, *, neg_ratio: int, rows_per_batch: int, seed: int, round_: int,
+               epoch: int) -> EpochRows:
+    """Positives + neg_ratio fresh negatives per positive, shuffled per client, batched."""
+    n_pos = clients.pos_counts()
+    negatives = sample_training_negatives(clients.users, clients.excl_indptr, clients.excl_items,
+                                          n_pos * neg_ratio, clients.n_items, seed=seed, round_=round_,
+                                          epoch=epoch, universe=clients.universe)
+    n_rows = n_pos * (1 + neg_ratio)
+    b = clients.n_clients
+    client = np.repeat(np.arange(b), n_rows)
+    # per client: its positives first, then its negatives (the pre-shuffle order)
+    row_start = np.cumsum(n_rows) - n_rows
+    index_in_client = np.arange(client.size) - np.repeat(row_start, n_rows)
+    is_pos = index_in_client < n_pos[client]
+    item = np.empty(client.size, dtype=np.int64)
+    item[is_pos] = clients.pos_items
+    item[~is_pos] = negatives
+    keys = stream_uniform(seed ^ _SHUFFLE_TAG, round_, epoch, clients.users[client], index_in_client)
+    order = np.lexsort((keys, client))
+    position = np.arange(client.size) - np.repeat(row_start, n_rows)
+    return EpochRows(client=client, item=item[order], label=is_pos[order].astype(np.float32),
+                     batch=position // rows_per_batch,
+                     n_batches=-(-n_rows // rows_per_batch))

@@ -1,0 +1,202 @@
+"""The Server actor: global state, participants, aggregation, evaluation, selection,
+checkpoints, and recovery when a pool dies. Ray wiring around pure functions of
+aggregate.py and selection.py.
+
+Checkpoint layout (one folder per round, renamed into place when complete):
+  <run>/checkpoints/round-000007/{global.pt, pool-0.pt, ..., manifest.json}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from pipeline.config import ExperimentConfig
+from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
+from pipeline.federated.pool import ClientPool, StaleState
+from pipeline.federated.selection import Selection
+
+KEEP_CHECKPOINTS = 2
+
+
+def _nbytes(tensors: dict) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors.values()))
+
+
+def _is_pool_failure(error: Exception) -> bool:
+    if isinstance(error, RayActorError):
+        return True
+    return isinstance(error, RayTaskError) and isinstance(error.cause, (StaleState, RayActorError))
+
+
+def default_pool_count(cpus_per_pool: float) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_pool))
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Server:
+    def __init__(self, config_json: str, refs: list, run_dir: str):
+        self.config = ExperimentConfig.model_validate_json(config_json)
+        data_ref, negatives_ref = refs
+        data = ray.get(data_ref)
+        self.n_users, self.n_items = data.n_users, data.n_items
+        self.run_dir = Path(run_dir)
+        self.initial = initial_state(self.config, self.n_users, self.n_items)
+        self.globals = dict(self.initial.global_params)
+        runtime = self.config.runtime
+        n_pools = runtime.pools or default_pool_count(runtime.cpus_per_pool)
+        self.shards = shard_users(data.train_counts, n_pools)
+        initial_ref = ray.put(self.initial)
+        threads = max(1, int(runtime.cpus_per_pool))
+        self.pools = [
+            ClientPool.options(num_cpus=runtime.cpus_per_pool, num_gpus=runtime.gpus_per_pool,
+                               scheduling_strategy="SPREAD")
+            .remote(config_json, data_ref, negatives_ref, users, initial_ref, threads)
+            for users in self.shards
+        ]
+        self.round = 0
+        self.selection = Selection(self.config.train.selection(), self.config.train.patience)
+        self.history: list[dict] = []
+        self.recoveries = 0
+
+    # -- one round --------------------------------------------------------------------------
+
+    def run_round(self) -> dict:
+        """Train, aggregate, evaluate and checkpoint round `self.round`; recover and redo it
+        if a pool dies."""
+        for attempt in range(3):
+            try:
+                metrics = self._round(self.round)
+                break
+            except Exception as error:  # noqa: BLE001 - only pool failures are recovered
+                if not _is_pool_failure(error) or attempt == 2:
+                    raise
+                self._recover(self.round)
+        self.round += 1
+        return metrics
+
+    def _round(self, round_: int) -> dict:
+        started = time.perf_counter()
+        users = participants(self.n_users, self.config.train.participation, self.config.train.seed, round_)
+        lrs = round_lrs(self.config, self.n_items, round_)
+        global_ref = ray.put(self.globals)
+        calls = [pool.train.remote(round_, global_ref, users[np.isin(users, shard)], lrs)
+                 for pool, shard in zip(self.pools, self.shards)]
+        uploads = ray.get(calls)
+        self.globals = apply_uploads(self.globals, uploads)
+        train_seconds = time.perf_counter() - started
+        clients = sum(u.clients for u in uploads)
+        metrics = {
+            "round": round_,
+            "train/loss": sum(u.loss_sum for u in uploads) / max(clients, 1),
+            "train/clients": clients,
+            "train/rows": sum(u.rows for u in uploads),
+            "time/train_seconds": train_seconds,
+            "time/clients_per_second": clients / train_seconds,
+            "time/pool_seconds_max": max(u.seconds for u in uploads),
+            "comm/bytes_down": _nbytes(self.globals) * len(self.pools),
+            "comm/bytes_up": sum(u.nbytes() for u in uploads),
+            "lr": self.config.lr() * self.config.lr_decay() ** round_,
+        }
+        if round_ % self.config.train.eval_every == 0:
+            for split in ("valid", "test"):
+                for name, value in self._evaluate(split).items():
+                    metrics[f"{split}/{name}"] = value
+            metrics["improved"] = self.selection.update(round_, metrics)
+        metrics["stop"] = self.selection.should_stop() or round_ + 1 >= self.config.train.rounds
+        metrics["time/round_seconds"] = time.perf_counter() - started
+        self.history.append(metrics)
+        every = self.config.runtime.checkpoint_every
+        if every and ((round_ + 1) % every == 0 or metrics["stop"]):
+            self._checkpoint(round_)
+        return metrics
+
+    def _evaluate(self, split: str) -> dict[str, float]:
+        """Pools score their own users; the means are reduced weighted by user counts."""
+        train = self.config.train
+        global_ref = ray.put(self.globals)
+        results = ray.get([pool.evaluate.remote(global_ref, train.protocol, split, train.eval_ks)
+                           for pool in self.pools])
+        total = sum(count for _, count in results)
+        return {name: sum(m[name] * count for m, count in results) / total for name in results[0][0]}
+
+    # -- checkpoints and recovery -----------------------------------------------------------
+
+    def _checkpoint(self, round_: int) -> None:
+        folder = self.run_dir / "checkpoints"
+        final = folder / f"round-{round_:06d}"
+        tmp = folder / f".round-{round_:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        sizes = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
+        torch.save({"globals": self.globals, "selection": self.selection.state_dict(), "history": self.history},
+                   tmp / "global.pt")
+        manifest = {"round": round_, "pools": len(self.pools), "pool_bytes": sizes,
+                    "users_per_pool": [len(s) for s in self.shards]}
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(folder.glob("round-*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def latest_checkpoint(self) -> Path | None:
+        complete = sorted(p for p in (self.run_dir / "checkpoints").glob("round-*") if (p / "manifest.json").is_file())
+        return complete[-1] if complete else None
+
+    def _load(self, checkpoint: Path | None) -> int:
+        """Restore globals, selection, history and every pool; returns the next round."""
+        if checkpoint is None:
+            self.globals = dict(self.initial.global_params)
+            self.selection = Selection(self.config.train.selection(), self.config.train.patience)
+            self.history = []
+            ray.get([pool.load.remote(None, -1) for pool in self.pools])
+            return 0
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        if manifest["pools"] != len(self.pools):
+            raise ValueError(f"{checkpoint} was written by {manifest['pools']} pools, this run has "
+                             f"{len(self.pools)}: set runtime.pools={manifest['pools']} to resume it")
+        state = torch.load(checkpoint / "global.pt", weights_only=False)
+        self.globals, self.history = state["globals"], state["history"]
+        self.selection.load_state_dict(state["selection"])
+        round_ = manifest["round"]
+        ray.get([pool.load.remote(str(checkpoint / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
+        return round_ + 1
+
+    def resume(self) -> int:
+        """Continue from the latest complete checkpoint (or the start); returns the next round."""
+        self.round = self._load(self.latest_checkpoint())
+        return self.round
+
+    def _recover(self, failed_round: int) -> None:
+        """A pool died in `failed_round`: restore the last checkpoint and replay up to it."""
+        self.recoveries += 1
+        next_round = self._load(self.latest_checkpoint())
+        for round_ in range(next_round, failed_round):
+            self._round(round_)
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def history_so_far(self) -> list[dict]:
+        return self.history
+
+    def summary(self) -> dict:
+        return {"selection": self.selection.report(), "rounds_run": len(self.history),
+                "recoveries": self.recoveries, "pools": len(self.pools),
+                "users_per_pool": [len(s) for s in self.shards]}
+
+    def pool_info(self) -> list[dict]:
+        return ray.get([pool.info.remote() for pool in self.pools])
+
+    def pool_handles(self) -> list:
+        return self.pools
+
+    def global_params(self) -> dict:
+        return self.globals

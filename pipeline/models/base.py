@@ -1,0 +1,67 @@
+"""What every backbone module provides, and the row context its math runs on.
+
+A backbone is pure math over *rows* (one row = one (client, item) pair to score). The same
+`logits(ctx)` serves local training of many clients at once, the one-client case, and
+evaluation: the context decides where per-client parameters come from.
+
+Parameter kinds (spec/backbones.md §6):
+  global tables   [I, d] item tables that are downloaded, trained per client and aggregated
+  global dense    other global weights (FedNCF tower and head), trained per client, aggregated
+  personal dense  per-client vectors (linear head, NCF user vectors), persisted, never uploaded
+  personal tables per-client [I, d] item tables (FedRAP P_u, PFedRec's fine-tuned copy)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class RowContext(Protocol):
+    """Where a backbone reads its inputs for R rows."""
+
+    def table(self, name: str) -> torch.Tensor:
+        """[R, d] rows of item table `name` (the row's client's copy, the row's item)."""
+
+    def vector(self, name: str) -> torch.Tensor:
+        """[R, ...] the row's client's copy of per-client parameter `name`."""
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x [R, in] -> [R, out] through the row's client's copy of Linear `name`
+        (parameters `name.weight` [out, in] and `name.bias` [out])."""
+
+
+@dataclass
+class InitialState:
+    """A backbone's initial parameters (spec/backbones.md §0.3).
+
+    global_params: name -> full tensor ([I, d] tables, dense weights).
+    personal_shared: name -> initial value every client starts from (heads: [d], []).
+    personal_per_user: name -> [U, ...] tables whose row u is user u's initial value.
+    personal_table_base: name -> [I, d] initial personal item table shared by all clients
+        (FedRAP P); PFedRec's fine-tuned copy has no base: it starts each round from Q.
+    """
+
+    global_params: dict[str, torch.Tensor]
+    personal_shared: dict[str, torch.Tensor] = field(default_factory=dict)
+    personal_per_user: dict[str, torch.Tensor] = field(default_factory=dict)
+    personal_table_base: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def xavier(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Xavier-normal tensor of a 2-D shape [fan_out, fan_in]."""
+    tensor = torch.empty(shape)
+    torch.nn.init.xavier_normal_(tensor, generator=generator)
+    return tensor
+
+
+def linear_head_init(dim: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Personal Linear(d -> 1) as (w [d], b []): Xavier-normal weight, zero bias."""
+    return {"w": xavier((1, dim), generator)[0], "b": torch.zeros(())}
+
+
+def linear_head(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:
+    """w_u . q + b_u per row: [R, d] -> [R] logits."""
+    return (item * ctx.vector("w")).sum(-1) + ctx.vector("b")

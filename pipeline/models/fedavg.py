@@ -1,0 +1,31 @@
+"""FedAvg: global item table Q [I, d] + personal linear head (w_u [d], b_u).
+
+score(u, i) = sigma(w_u . q_i + b_u). Item lr = lr; sample-weighted aggregation of Q.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, xavier
+
+GLOBAL_TABLES = ("item",)
+GLOBAL_DENSE: tuple[str, ...] = ()
+PERSONAL_DENSE = ("w", "b")
+PERSONAL_TABLES: tuple[str, ...] = ()
+AGGREGATION = "weighted"
+
+
+def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:
+    item = xavier((n_items, dim), generator)
+    return InitialState(global_params={"item": item}, personal_shared=linear_head_init(dim, generator))
+
+
+def lr_scale(n_items: int, config) -> dict[str, float]:
+    """Multiplier of the client lr per parameter."""
+    return {"item": 1.0, "w": 1.0, "b": 1.0}
+
+
+def logits(ctx: RowContext) -> torch.Tensor:
+    """[R] logits."""
+    return linear_head(ctx, ctx.table("item"))

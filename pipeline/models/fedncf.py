@@ -1,0 +1,45 @@
+"""FedNCF: GMF + MLP tower (Perifanis & Efraimidis 2022), user vectors local.
+
+Personal: m_u^mf, m_u^mlp [d].  Global: item tables Q^mf, Q^mlp [I, d]; tower
+Linear(2d->d) ReLU Linear(d->d/2) ReLU Linear(d/2->d/4) ReLU; head Linear(d/4 + d -> 1).
+score(u, i) = sigma(head([tower([m_u^mlp; q_i^mlp]); m_u^mf * q_i^mf])).
+One lr for everything; uniform mean of all globals.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.models.base import InitialState, RowContext, xavier
+
+GLOBAL_TABLES = ("item_mf", "item_mlp")
+GLOBAL_DENSE = ("tower.0.weight", "tower.0.bias", "tower.1.weight", "tower.1.bias",
+                "tower.2.weight", "tower.2.bias", "head.weight", "head.bias")
+PERSONAL_DENSE = ("user_mf", "user_mlp")
+PERSONAL_TABLES: tuple[str, ...] = ()
+AGGREGATION = "uniform"
+LAYERS = ("tower.0", "tower.1", "tower.2")
+
+
+def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:
+    params = {"item_mf": xavier((n_items, dim), generator), "item_mlp": xavier((n_items, dim), generator)}
+    widths = [2 * dim, dim, dim // 2, dim // 4]
+    for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        params[f"tower.{index}.weight"] = xavier((fan_out, fan_in), generator)
+        params[f"tower.{index}.bias"] = torch.zeros(fan_out)
+    params["head.weight"] = xavier((1, dim // 4 + dim), generator)
+    params["head.bias"] = torch.zeros(1)
+    per_user = {"user_mf": xavier((n_users, dim), generator), "user_mlp": xavier((n_users, dim), generator)}
+    return InitialState(global_params=params, personal_per_user=per_user)
+
+
+def lr_scale(n_items: int, config) -> dict[str, float]:
+    return {name: 1.0 for name in (*GLOBAL_TABLES, *GLOBAL_DENSE, *PERSONAL_DENSE)}
+
+
+def logits(ctx: RowContext) -> torch.Tensor:
+    hidden = torch.cat([ctx.vector("user_mlp"), ctx.table("item_mlp")], dim=-1)
+    for layer in LAYERS:
+        hidden = torch.relu(ctx.linear(hidden, layer))
+    gmf = ctx.vector("user_mf") * ctx.table("item_mf")
+    return ctx.linear(torch.cat([hidden, gmf], dim=-1), "head").squeeze(-1)

@@ -1,0 +1,51 @@
+"""FedRAP: personal item table P_u [I, d] + global item table C [I, d] + personal head.
+
+score(u, i) = sigma(w_u . (p_{u,i} + c_i) + b_u).
+Loss on a batch B: BCE - lambda_t * MSE(P_B, C_B) + mu_t * R(C_B), R = mean |c| (L1) or mean c^2,
+lambda_t = tanh(t / 10) * lambda_base, mu_t likewise (t = 0-based round; never compounded).
+Item lr = lr * n for P and C; every client lr decays x lr_decay per round (0.9).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, xavier
+
+GLOBAL_TABLES = ("item_global",)
+GLOBAL_DENSE: tuple[str, ...] = ()
+PERSONAL_DENSE = ("w", "b")
+PERSONAL_TABLES = ("item_personal",)
+AGGREGATION = "uniform"
+
+
+def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:
+    item_global = xavier((n_items, dim), generator)
+    item_personal = xavier((n_items, dim), generator)
+    return InitialState(global_params={"item_global": item_global},
+                        personal_shared=linear_head_init(dim, generator),
+                        personal_table_base={"item_personal": item_personal})
+
+
+def lr_scale(n_items: int, config) -> dict[str, float]:
+    return {"item_global": float(n_items), "item_personal": float(n_items), "w": 1.0, "b": 1.0}
+
+
+def logits(ctx: RowContext) -> torch.Tensor:
+    return linear_head(ctx, ctx.table("item_personal") + ctx.table("item_global"))
+
+
+def ramp(round_: int, base: float) -> float:
+    """tanh(t / 10) * base: 0 in round 0, -> base; a pure function of (t, base)."""
+    return math.tanh(round_ / 10.0) * base
+
+
+def row_regulariser(ctx: RowContext, round_: int, config) -> torch.Tensor:
+    """[R] per-row extra loss; its per-client mean over a batch equals
+    -lambda_t * MSE(P_B, C_B) + mu_t * R(C_B) of that client's batch."""
+    p, c = ctx.table("item_personal"), ctx.table("item_global")
+    lam, mu = ramp(round_, config.fedrap_lambda), ramp(round_, config.fedrap_mu)
+    reg = c.abs() if config.fedrap_reg == "l1" else c.square()
+    return -lam * (p - c).square().mean(-1) + mu * reg.mean(-1)

@@ -32,6 +32,8 @@ def _add_dataset_args(parser: argparse.ArgumentParser, positional: bool = True, 
     group.add_argument("--rating-threshold", type=float, default=None, help="keep ratings >= this")
     group.add_argument("--min-user", type=int, default=5, help="k-core minimum per user (0 disables)")
     group.add_argument("--min-item", type=int, default=5, help="k-core minimum per item (0 disables)")
+    group.add_argument("--allow-duplicates", action="store_true",
+                       help="let exact duplicate rows through (the protocol drops them)")
     group.add_argument("--ignore-split-label", action="store_true", help="re-split even if a split ships")
     group.add_argument("--eval-seed", type=int, default=0, help="seed of the P1 negatives")
     group.add_argument("--synthetic-users", type=int, default=None)
@@ -48,6 +50,7 @@ def _dataset_config(args, name: str | None = None) -> DatasetConfig:
         name=name,
         format=args.format,
         path=getattr(args, "path", None),
+        loader_options={"allow_duplicates": True} if args.allow_duplicates else {},
         protocol=PrepareConfig(rating_threshold=args.rating_threshold, min_user=args.min_user,
                                min_item=args.min_item, use_predefined_split=not args.ignore_split_label),
         eval_seed=args.eval_seed,
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    from pipeline.encode.cli import register as register_encode
+    register_encode(commands)
     return parser
 
 

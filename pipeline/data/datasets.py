@@ -24,7 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # name -> (format, folder under the data root, loader options, protocol overrides)
 NAMED = {
-    "ku": ("fedmr", "ku", {}, {}),
+    # the KU release holds 5 exact duplicate rows (users 134-138, item 285); loaders refuse
+    # duplicates by default, and protocol step 2 drops them when they are let through
+    "ku": ("fedmr", "ku", {"allow_duplicates": True}, {}),
     "movielens": ("movielens-mm", "movielens-100k-mm", {}, {}),
 }
 
@@ -80,7 +82,9 @@ def load_raw(config: DatasetConfig, workdir: Path | None = None) -> RawDataset:
         fmt = "generic"
     if not Path(path).exists():
         raise DataError(path, f"dataset {config.name!r} not found (data root: {data_root()})")
-    raw = loaders.load(fmt, path, **config.loader_options)
+    options = {**(NAMED[config.name][2] if config.name in NAMED and config.path is None else {}),
+               **config.loader_options}
+    raw = loaders.load(fmt, path, **options)
     return RawDataset(name=config.name, interactions=raw.interactions, catalogue=raw.catalogue,
                       features=raw.features, source=raw.source)
 

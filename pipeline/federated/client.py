@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.federated.grouped import grouped_linear
 from pipeline.federated.sampling import EpochRows
 
 
@@ -80,16 +81,14 @@ class StepRows:
         return self.params[name][self.client]
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Per-client Linear: rows are grouped by client, so one grouped GEMM does all."""
+        """Per-client Linear: rows are grouped by client (see grouped.py)."""
         weight = self.params[f"{name}.weight"]
         if weight.shape[1] == 1:  # a single output is a row-wise dot product
             return (x * weight[self.client, 0]).sum(-1, keepdim=True) + self.vector(f"{name}.bias")
         if self._groups is None:
-            present, counts = torch.unique_consecutive(self.client, return_counts=True)
-            self._groups = (present, torch.cumsum(counts, 0).to(torch.int32))
-        present, offsets = self._groups
-        out = F.grouped_mm(x, weight[present].transpose(1, 2).contiguous(), offs=offsets)  # [G, in, out]
-        return out + self.vector(f"{name}.bias")
+            self._groups = torch.unique_consecutive(self.client, return_counts=True)
+        present, counts = self._groups
+        return grouped_linear(x, weight[present], counts) + self.vector(f"{name}.bias")
 
 
 @dataclass

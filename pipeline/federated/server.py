@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from pipeline.config import ExperimentConfig
 from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
@@ -31,10 +31,27 @@ def _nbytes(tensors: dict) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors.values()))
 
 
+_POOL_DOWN = (RayActorError, ActorUnavailableError)
+RESTART_WAIT_SECONDS = 120
+
+
 def _is_pool_failure(error: Exception) -> bool:
-    if isinstance(error, RayActorError):
+    if isinstance(error, _POOL_DOWN):
         return True
-    return isinstance(error, RayTaskError) and isinstance(error.cause, (StaleState, RayActorError))
+    return isinstance(error, RayTaskError) and isinstance(error.cause, (StaleState, *_POOL_DOWN))
+
+
+def _get_while_restarting(make_calls):
+    """ray.get(make_calls()), retried while a pool is still being restarted by Ray
+    (only for idempotent calls such as loading a checkpoint)."""
+    deadline = time.monotonic() + RESTART_WAIT_SECONDS
+    while True:
+        try:
+            return ray.get(make_calls())
+        except _POOL_DOWN:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def default_pool_count(cpus_per_pool: float) -> int:
@@ -55,6 +72,8 @@ class Server:
         n_pools = runtime.pools or default_pool_count(runtime.cpus_per_pool)
         self.shards = shard_users(data.train_counts, n_pools)
         initial_ref = ray.put(self.initial)
+        # held for the run: Ray re-runs a pool's constructor with these after a crash
+        self._pool_args = (data_ref, negatives_ref, initial_ref)
         threads = max(1, int(runtime.cpus_per_pool))
         self.pools = [
             ClientPool.options(num_cpus=runtime.cpus_per_pool, num_gpus=runtime.gpus_per_pool,
@@ -157,7 +176,7 @@ class Server:
             self.globals = dict(self.initial.global_params)
             self.selection = Selection(self.config.train.selection(), self.config.train.patience)
             self.history = []
-            ray.get([pool.load.remote(None, -1) for pool in self.pools])
+            _get_while_restarting(lambda: [pool.load.remote(None, -1) for pool in self.pools])
             return 0
         manifest = json.loads((checkpoint / "manifest.json").read_text())
         if manifest["pools"] != len(self.pools):
@@ -167,7 +186,8 @@ class Server:
         self.globals, self.history = state["globals"], state["history"]
         self.selection.load_state_dict(state["selection"])
         round_ = manifest["round"]
-        ray.get([pool.load.remote(str(checkpoint / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
+        _get_while_restarting(lambda: [pool.load.remote(str(checkpoint / f"pool-{i}.pt"), round_)
+                                       for i, pool in enumerate(self.pools)])
         return round_ + 1
 
     def resume(self) -> int:

@@ -1,0 +1,111 @@
+"""Generic format for users' own data (also what the synthetic generator writes).
+
+``interactions.csv`` or ``interactions.parquet``: columns user_id, item_id, timestamp
+(required) and rating (optional); other columns are ignored.
+``catalogue.csv`` or ``catalogue.parquet`` (optional): item_id (required), text and
+image_path (optional; image_path relative to the catalogue file's folder unless absolute).
+Ids are int64 when every id of the column is an integer, else str; negative integers fail.
+Item ids of interactions and catalogue share one type.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.data.loaders import _read
+from pipeline.data.schema import Catalogue, DataError, Interactions, RawDataset
+
+INTERACTIONS = ("interactions.csv", "interactions.parquet")
+CATALOGUE = ("catalogue.csv", "catalogue.parquet")
+KEYS = ("user_id", "item_id", "timestamp")
+
+
+def load(path=None, *, interactions=None, catalogue=None, allow_duplicates: bool = False) -> RawDataset:
+    """Read and validate a generic dataset.
+
+    Either `path`, a directory with one interactions file and at most one catalogue file,
+    or explicit `interactions` (and optional `catalogue`) files (.csv, .tsv, .parquet).
+    Returns interactions [N] in file order (ids int64 or str objects; timestamp int64 or
+    float64; rating float32 or None) and a catalogue [M] or None. Rows with an empty
+    user_id/item_id/timestamp are dropped and counted in ``source['dropped_missing']``.
+    """
+    inter_path, cat_path, name = _resolve(path, interactions, catalogue)
+    table = _read.read_table(inter_path, columns=(*KEYS, "rating"))
+    _read.require_columns(table, KEYS)
+    n_read = len(table.frame)
+    table, dropped = _read.drop_missing(table, KEYS)
+    cat_table = _read_catalogue_table(cat_path) if cat_path else None
+    items_are_int = _read.all_int(table.frame["item_id"]) and (
+        cat_table is None or _read.all_int(cat_table.frame["item_id"])
+    )
+    inter = _parse_interactions(table, not items_are_int, allow_duplicates)
+    cat = _parse_catalogue(cat_table, not items_are_int) if cat_table else None
+    files = {"interactions": str(table.path)}
+    if cat_table:
+        files["catalogue"] = str(cat_table.path)
+    source = {"format": "generic", "files": files, "rows_read": n_read, "dropped_missing": dropped}
+    return RawDataset(name, inter, cat, None, source)
+
+
+def _resolve(path, interactions, catalogue) -> tuple[Path, Path | None, str]:
+    """(interactions file, catalogue file or None, dataset name) from the call's arguments."""
+    if path is not None and (interactions is not None or catalogue is not None):
+        raise TypeError("generic.load: pass either a directory or interactions=/catalogue=, not both")
+    if path is None:
+        if interactions is None:
+            raise TypeError("generic.load: pass a directory or interactions=")
+        p = _read.require_file(interactions)
+        c = _read.require_file(catalogue) if catalogue is not None else None
+        return p, c, p.stem
+    root = _read.require_dir(path)
+    return _read.find_one(root, INTERACTIONS, required=True), _read.find_one(root, CATALOGUE, required=False), root.name
+
+
+def _parse_interactions(table: _read.Table, item_strings: bool, allow_duplicates: bool) -> Interactions:
+    frame, where = table.frame, table.where()
+    user_strings = not _read.all_int(frame["user_id"])
+    user = _read.parse_ids(frame["user_id"], where, "user_id", strings=user_strings)
+    item = _read.parse_ids(frame["item_id"], where, "item_id", strings=item_strings)
+    ts = _read.parse_numbers(frame["timestamp"], where, "timestamp", what="timestamp")
+    rating = _read.parse_ratings(frame["rating"], where, "rating") if "rating" in frame else None
+    if not allow_duplicates:
+        _read.check_duplicates({"user_id": user, "item_id": item, "timestamp": ts}, where)
+    return Interactions(user, item, ts, rating)
+
+
+def _read_catalogue_table(path: Path) -> _read.Table:
+    table = _read.read_table(path, columns=("item_id", "text", "image_path"))
+    _read.require_columns(table, ("item_id",))
+    col = table.frame["item_id"]
+    table.where().fail(_read.is_missing(col), "item_id", lambda v: "empty item_id", col)
+    return table
+
+
+def _parse_catalogue(table: _read.Table, item_strings: bool) -> Catalogue:
+    """Catalogue [M]: unique item ids, text ('' if none), absolute image paths ('' if none)."""
+    frame, where = table.frame, table.where()
+    ids = _read.parse_ids(frame["item_id"], where, "item_id", strings=item_strings)
+    _read.check_unique_ids(ids, where, "item_id")
+    text = _text_column(table, "text")
+    image = _absolute_paths(_text_column(table, "image_path"), table.path.parent)
+    return Catalogue(ids, text.to_numpy(dtype=object), image.to_numpy(dtype=object))
+
+
+def _text_column(table: _read.Table, name: str) -> pd.Series:
+    """Column `name` as str with '' for missing; all '' when the column is absent."""
+    n = len(table.frame)
+    if name not in table.frame:
+        return pd.Series([""] * n, dtype=str)
+    col = table.frame[name].reset_index(drop=True)
+    if not _read.is_text(col):
+        raise DataError(table.path, f"column holds {col.dtype} values; expected text", column=name)
+    return col.fillna("").astype(str)
+
+
+def _absolute_paths(paths: pd.Series, base: Path) -> pd.Series:
+    """Relative paths resolved against `base`; absolute kept; '' kept."""
+    relative = (paths != "") & ~paths.str.startswith(os.sep)
+    return paths.where(~relative, str(base) + os.sep + paths)

@@ -30,8 +30,10 @@ def _add_dataset_args(parser: argparse.ArgumentParser, positional: bool = True, 
     if positional:
         group.add_argument("path", nargs="?", type=Path, help="dataset folder or file")
     group.add_argument("--rating-threshold", type=float, default=None, help="keep ratings >= this")
-    group.add_argument("--min-user", type=int, default=5, help="k-core minimum per user (0 disables)")
-    group.add_argument("--min-item", type=int, default=5, help="k-core minimum per item (0 disables)")
+    group.add_argument("--min-user", type=int, default=None,
+                       help="k-core minimum per user (0 disables; default 5, movielens 0)")
+    group.add_argument("--min-item", type=int, default=None,
+                       help="k-core minimum per item (0 disables; default 5, movielens 0)")
     group.add_argument("--allow-duplicates", action="store_true",
                        help="let exact duplicate rows through (the protocol drops them)")
     group.add_argument("--ignore-split-label", action="store_true", help="re-split even if a split ships")
@@ -51,8 +53,9 @@ def _dataset_config(args, name: str | None = None) -> DatasetConfig:
         format=args.format,
         path=getattr(args, "path", None),
         loader_options={"allow_duplicates": True} if args.allow_duplicates else {},
-        protocol=PrepareConfig(rating_threshold=args.rating_threshold, min_user=args.min_user,
-                               min_item=args.min_item, use_predefined_split=not args.ignore_split_label),
+        protocol=PrepareConfig(**{key: value for key, value in (
+            ("rating_threshold", args.rating_threshold), ("min_user", args.min_user), ("min_item", args.min_item),
+            ("use_predefined_split", False if args.ignore_split_label else None)) if value is not None}),
         eval_seed=args.eval_seed,
         synthetic=synthetic,
     )
@@ -252,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--users", type=int, default=None)
     run.add_argument("--items", type=int, default=None)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--backbone", default="fcf", choices=["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"])
+    run.add_argument("--rounds", type=int, default=30)
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 

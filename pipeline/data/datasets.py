@@ -27,7 +27,8 @@ NAMED = {
     # the KU release holds 5 exact duplicate rows (users 134-138, item 285); loaders refuse
     # duplicates by default, and protocol step 2 drops them when they are let through
     "ku": ("fedmr", "ku", {"allow_duplicates": True}, {}),
-    "movielens": ("movielens-mm", "movielens-100k-mm", {}, {}),
+    # every user has >= 20 ratings; no k-core keeps all 1,682 movies (PFedRec/FedRAP setting)
+    "movielens": ("movielens-mm", "movielens-100k-mm", {}, {"min_user": 0, "min_item": 0}),
 }
 
 Format = Literal["fedmr", "movielens-mm", "microlens", "generic", "synthetic"]
@@ -49,6 +50,12 @@ class DatasetConfig(BaseModel):
     protocol: PrepareConfig = Field(default_factory=PrepareConfig)
     eval_seed: int = Field(0, ge=0, description="seed of the persisted P1 negatives")
     synthetic: dict = Field(default_factory=dict, description="SyntheticConfig fields")
+
+    def effective_protocol(self) -> PrepareConfig:
+        """The protocol with a named dataset's defaults under the keys set explicitly."""
+        if self.name not in NAMED or self.path is not None:
+            return self.protocol
+        return PrepareConfig(**{**NAMED[self.name][3], **self.protocol.model_dump(exclude_unset=True)})
 
     def resolved(self) -> tuple[str, Path | None]:
         """(format, path) with named datasets filled in."""
@@ -93,12 +100,12 @@ def open_dataset(config: DatasetConfig, cache: Path | None = None) -> tuple[Prep
     """Prepared split + persisted P1 negatives; reused from `cache` when already prepared
     from the same config and the same input files."""
     if cache is None:
-        data = prepare(load_raw(config), config.protocol)
+        data = prepare(load_raw(config), config.effective_protocol())
         return data, sample_eval_negatives(data, config.eval_seed)
     target = Path(cache) / f"{config.name}-{_input_key(config)}"
     if (target / "meta.json").is_file():
         return load_prepared(target)
-    data = prepare(load_raw(config, workdir=cache), config.protocol)
+    data = prepare(load_raw(config, workdir=cache), config.effective_protocol())
     negatives = sample_eval_negatives(data, config.eval_seed)
     save_prepared(data, negatives, target, extra_meta={"config": json.loads(config.model_dump_json())})
     return data, negatives
@@ -107,7 +114,7 @@ def open_dataset(config: DatasetConfig, cache: Path | None = None) -> tuple[Prep
 def _input_key(config: DatasetConfig) -> str:
     """Hash of the config and of the bytes of every input file (not images: the catalogue
     lists their paths, and the encode stage fingerprints their content)."""
-    digest = hashlib.sha256(config.model_dump_json().encode())
+    digest = hashlib.sha256(config.model_dump_json().encode() + config.effective_protocol().model_dump_json().encode())
     fmt, path = config.resolved()
     if path is not None:
         files = [path] if Path(path).is_file() else sorted(

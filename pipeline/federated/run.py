@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -40,14 +41,17 @@ def _scalars(metrics: dict) -> dict[str, float]:
 
 
 def train(config: ExperimentConfig, *, resume: bool = False, address: str | None = None,
-          data_cache: Path = DATA_CACHE, quiet: bool = False) -> dict:
-    """Run (or resume) the federated job of `config`; returns the summary."""
+          data_cache: Path = DATA_CACHE, quiet: bool = False, fresh: bool = False) -> dict:
+    """Run (or resume) the federated job of `config`; returns the summary.
+    fresh: delete what an earlier run left in the run directory first."""
     from torch.utils.tensorboard import SummaryWriter
 
     from pipeline.federated.server import Server
 
     started = time.perf_counter()
     run_dir = Path(config.runtime.out).resolve()
+    if fresh and not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, "
                               f"or choose another runtime.out")

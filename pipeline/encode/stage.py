@@ -1,0 +1,200 @@
+"""The Ray Data stage: item content in, one feature row per item out, per modality.
+
+image:  rows (item_id, path) -> map_batches(decode, CPU tasks) -> uint8 [B, S, S, 3] + status
+        -> map_batches(ImageActor, fixed actor pool, batch_size=B, num_gpus=1 when GPUs exist)
+        -> (item_id, status, feature [B, d_i])
+text:   rows (item_id, text), ordered by length -> map_batches(TextActor, fixed actor pool)
+        -> (item_id, feature [B, d_t])
+
+Each actor loads its model once (in __init__) and reuses it for every batch. The two
+modalities run as separate Ray Data executions, one after the other, so each gets the whole
+cluster; the driver collects the rows and the caller joins them on item_id. Ray wiring only:
+the model math lives in the encoder modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pipeline.encode.batching import length_order
+from pipeline.encode.encoders import EncoderSpec, build_encoder
+from pipeline.encode.images import OK, decode_images
+from pipeline.encode.resources import StagePlan, plan_stage
+
+log = logging.getLogger("pipeline.encode")
+MAX_BLOCKS = 256
+
+
+@dataclass
+class StageResult:
+    """One modality's output, in whatever order Ray produced it.
+
+    item_id: [n] ids; features: float32 [n, d]; status: [n] str for images (ok / missing /
+    corrupt), None for text; seconds: wall time of the execution (actor start and model load
+    included); plan: the resources it ran with; model_id: what the actors loaded.
+    """
+
+    item_id: np.ndarray
+    features: np.ndarray
+    status: np.ndarray | None
+    seconds: float
+    plan: StagePlan
+    model_id: str
+
+
+# --------------------------------------------------------------------------- Ray lifecycle
+
+
+def ensure_ray(address: str | None = None) -> bool:
+    """Start or join Ray unless it is already initialised; True when this call started it.
+
+    address (or RAY_ADDRESS, as under ``ray job submit``) joins that cluster; otherwise a local
+    instance with this machine's CPUs and no dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, configure_logging=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
+                 log_to_driver=True)
+    return True
+
+
+def cluster_plan(actors: int | None, decode: bool) -> StagePlan:
+    """plan_stage for the connected cluster (largest node's CPUs bound a single actor)."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    node_cpus = max((node.get("Resources", {}).get("CPU", 0) for node in alive), default=None)
+    return plan_stage(ray.cluster_resources(), node_cpus=node_cpus, actors=actors, decode=decode)
+
+
+# --------------------------------------------------------------------------- map_batches callables
+
+
+def _quiet_model_loading() -> None:
+    """No weight-loading progress bars or info logs from transformers inside actors. Set through
+    the environment (read when transformers is imported), so actors whose encoder does not use
+    transformers never import it."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+class TextActor:
+    """Holds one text encoder. batch {item_id [B], text [B]} -> {item_id [B], feature [B, d_t]}."""
+
+    def __init__(self, spec: EncoderSpec, device: str, half: bool, threads: int):
+        _quiet_model_loading()
+        self.encoder = build_encoder(spec, device=device, half=half, threads=threads)
+
+    def __call__(self, batch: dict) -> dict:
+        features = self.encoder.encode([str(t) for t in batch["text"]])
+        return {"item_id": batch["item_id"], "feature": features}
+
+
+class ImageActor:
+    """Holds one image encoder. batch {item_id, status [B], pixels uint8 [B, S, S, 3]} ->
+    {item_id, status, feature float32 [B, d_i]} (zero rows where status != ok)."""
+
+    def __init__(self, spec: EncoderSpec, device: str, half: bool, threads: int):
+        _quiet_model_loading()
+        self.encoder = build_encoder(spec, device=device, half=half, threads=threads)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = batch["status"] == OK
+        features = np.zeros((len(ok), self.encoder.dim), dtype=np.float32)
+        if ok.any():
+            features[ok] = self.encoder.encode(batch["pixels"][ok])
+        return {"item_id": batch["item_id"], "status": batch["status"], "feature": features}
+
+
+def decode_batch(batch: dict, size: int) -> dict:
+    """CPU task: batch {item_id, path} -> {item_id, status [B], pixels uint8 [B, S, S, 3]}."""
+    pixels, status = decode_images(batch["path"], size)
+    return {"item_id": batch["item_id"], "status": status, "pixels": pixels}
+
+
+# --------------------------------------------------------------------------- the two executions
+
+
+def encode_texts(item_id: np.ndarray, texts: list[str], spec: EncoderSpec, *, batch_size: int,
+                 actors: int | None = None, progress: bool = True, model_id: str = "") -> StageResult:
+    """Text features of every row. item_id [n], texts [n] (already prompted) -> StageResult."""
+    import ray.data
+
+    plan = cluster_plan(actors, decode=False)
+    order = length_order(texts)
+    frame = pd.DataFrame({"item_id": np.asarray(item_id)[order], "text": [texts[i] for i in order]})
+    ds = ray.data.from_pandas(_blocks(frame, batch_size)).map_batches(
+        TextActor,
+        fn_constructor_kwargs=_actor_args(spec, plan),
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=plan.actors),
+        **_actor_resources(plan),
+    )
+    rows, seconds = _collect(ds, len(frame), f"encode text ({spec.label})", progress)
+    return StageResult(rows["item_id"], rows["feature"], None, seconds, plan, model_id)
+
+
+def encode_images(item_id: np.ndarray, paths: list[str], spec: EncoderSpec, *, size: int, batch_size: int,
+                  actors: int | None = None, progress: bool = True, model_id: str = "") -> StageResult:
+    """Image features of every row. item_id [n], paths [n] absolute -> StageResult with status."""
+    import ray.data
+
+    plan = cluster_plan(actors, decode=True)
+    frame = pd.DataFrame({"item_id": item_id, "path": list(paths)})
+    ds = (ray.data.from_pandas(_blocks(frame, batch_size))
+          .map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=batch_size,
+                       compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks), num_cpus=plan.decode_cpus)
+          .map_batches(ImageActor, fn_constructor_kwargs=_actor_args(spec, plan), batch_size=batch_size,
+                       compute=ray.data.ActorPoolStrategy(size=plan.actors), **_actor_resources(plan)))
+    rows, seconds = _collect(ds, len(frame), f"encode images ({spec.label})", progress)
+    return StageResult(rows["item_id"], rows["feature"], rows["status"].astype(str), seconds, plan, model_id)
+
+
+def _actor_args(spec: EncoderSpec, plan: StagePlan) -> dict:
+    return {"spec": spec, "device": plan.device, "half": plan.half, "threads": plan.torch_threads}
+
+
+def _actor_resources(plan: StagePlan) -> dict:
+    resources = {"num_cpus": plan.actor_cpus}
+    if plan.actor_gpus:
+        resources["num_gpus"] = plan.actor_gpus
+    return resources
+
+
+def _blocks(frame: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
+    """Rows as blocks of whole batches (one batch per block up to MAX_BLOCKS blocks), so the decode
+    tasks and actors stream batch by batch instead of waiting for one big block."""
+    n_batches = -(-len(frame) // batch_size)
+    per_block = -(-n_batches // min(n_batches, MAX_BLOCKS)) * batch_size
+    return [frame.iloc[start:start + per_block] for start in range(0, len(frame), per_block)]
+
+
+def _collect(ds, total: int, label: str, progress: bool) -> tuple[dict[str, np.ndarray], float]:
+    """Run `ds` to the end on the driver: concatenated columns and the wall time; logs items/s."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    parts: list[dict] = []
+    ds.context.enable_progress_bars = False  # this dataset's copy of the context: one bar, ours
+    with tqdm(total=total, desc=label, unit="item", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            parts.append(batch)
+            bar.update(len(batch["item_id"]))
+    seconds = time.perf_counter() - started
+    rows = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]} if parts else {}
+    if len(rows.get("item_id", ())) != total:
+        raise RuntimeError(f"{label}: the stage returned {len(rows.get('item_id', ()))} rows for {total} items")
+    log.info("%s: %d items in %.1f s (%.1f items/s)", label, total, seconds, total / max(seconds, 1e-9))
+    return rows, seconds

@@ -1,0 +1,120 @@
+"""The feature store: what the encode stage writes and the only way training reads features.
+
+Layout of a store directory (written atomically: readers see all files or none):
+
+  item_ids.npy      [n] item ids (int64, or unicode when the catalogue's ids are not integers),
+                    ascending: row r of every matrix belongs to item_ids[r]
+  text.npy          float32 [n, d_t], unit L2 rows   (absent when the text model is 'none')
+  image.npy         float32 [n, d_i], unit L2 rows   (absent when the image model is 'none')
+  features.parquet  the same rows: item_id plus one fixed-size list<float32> column per modality
+  manifest.json     models, dims, normalisation, item count and order, content hash of the
+                    inputs, missing / corrupt images and empty texts (counts and ids), timings
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.schema import DataError, Features
+from pipeline.data.store import write_atomically
+
+FORMAT = "pipeline.encode/feature-store@1"
+MANIFEST, IDS, PARQUET = "manifest.json", "item_ids.npy", "features.parquet"
+ITEM_ORDER = "item_id ascending (the catalogue's ids, sorted)"
+
+
+def matrix_file(modality: str) -> str:
+    return f"{modality}.npy"
+
+
+def write_store(directory, item_ids: np.ndarray, matrices: dict[str, np.ndarray], manifest: dict) -> Path:
+    """Write ids [n], matrices {modality: float32 [n, d]} and the manifest, replacing `directory`."""
+    n = len(item_ids)
+    for name, matrix in matrices.items():
+        if matrix.shape[0] != n or matrix.dtype != np.float32:
+            raise ValueError(f"{name}: expected float32 [{n}, d], got {matrix.dtype} {list(matrix.shape)}")
+    manifest = {**manifest, "format": FORMAT, "item_count": n, "item_order": ITEM_ORDER,
+                "files": {"item_ids": IDS, "parquet": PARQUET, **{m: matrix_file(m) for m in matrices}}}
+
+    def fill(tmp: Path) -> None:
+        np.save(tmp / IDS, item_ids, allow_pickle=False)
+        for name, matrix in matrices.items():
+            np.save(tmp / matrix_file(name), matrix, allow_pickle=False)
+        _write_parquet(tmp / PARQUET, item_ids, matrices)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+
+    return write_atomically(Path(directory), fill)
+
+
+def _write_parquet(path: Path, item_ids: np.ndarray, matrices: dict[str, np.ndarray]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {"item_id": pa.array(item_ids)}
+    for name, matrix in matrices.items():
+        values = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=pa.float32())
+        columns[name] = pa.FixedSizeListArray.from_arrays(values, matrix.shape[1])
+    pq.write_table(pa.table(columns), path)
+
+
+def read_manifest(directory) -> dict | None:
+    """The store's manifest, or None when there is no (readable) store at `directory`."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
+
+
+def load_features(directory) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
+    """(item_ids [n], {"text": float32 [n, d_t], "image": float32 [n, d_i]}, manifest).
+
+    Only the modalities that were encoded are present. Rows follow item_ids (ascending).
+    Raises DataError when the directory is not a complete, consistent store.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise DataError(directory / MANIFEST, "not a feature store (manifest.json missing, unreadable or "
+                                              "of another format); run `python -m pipeline encode` first")
+    n = manifest["item_count"]
+    item_ids = _load_array(directory / IDS)
+    if item_ids.shape != (n,):
+        raise DataError(directory / IDS, f"expected {n} item ids (manifest item_count), found {item_ids.shape}")
+    matrices = {}
+    for name, info in manifest["modalities"].items():
+        matrix = _load_array(directory / matrix_file(name))
+        if matrix.dtype != np.float32 or matrix.shape != (n, info["dim"]):
+            raise DataError(directory / matrix_file(name), f"expected float32 [{n}, {info['dim']}] as the "
+                                                          f"manifest says, found {matrix.dtype} {list(matrix.shape)}")
+        matrices[name] = matrix
+    return item_ids, matrices, manifest
+
+
+def as_features(directory) -> Features:
+    """The store as :class:`pipeline.data.schema.Features` (to plug into a RawDataset)."""
+    item_ids, matrices, _ = load_features(directory)
+    return Features(item_id=item_ids, matrices=matrices)
+
+
+def reusable(directory, key: str) -> dict | None:
+    """The manifest when `directory` holds a complete store made with `key`, else None."""
+    manifest = read_manifest(directory)
+    if manifest is None or manifest.get("key") != key:
+        return None
+    try:
+        load_features(directory)
+    except (DataError, KeyError, TypeError):
+        return None
+    return manifest
+
+
+def _load_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise DataError(path, f"cannot read feature store file: {error}") from None

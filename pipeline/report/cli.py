@@ -1,0 +1,101 @@
+"""`experiments`: run configs over seeds (resumable) and write the results table.
+
+    python -m pipeline experiments --configs 'configs/ku/*.yaml' --seeds 0 1 2 \
+        --set runtime.pools=2 --out results/ku_backbones.md
+
+Until the subcommand is wired into pipeline/cli.py, `python -m pipeline.report.cli ...`
+runs the same thing (the arguments of `experiments`, without the command word).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from pipeline.report.experiments import DEFAULT_RUNS_DIR, DEFAULT_SEEDS, expand_configs, plan_runs, run_experiments
+
+
+def _add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--configs", nargs="+", required=True, metavar="GLOB",
+                        help="experiment YAML files or globs (quote them), e.g. 'configs/ku/*.yaml'")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS),
+                        help="run seeds; each sets train.seed and train.model_seed (default 0 1 2)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides applied to every config, e.g. runtime.pools=2 train.protocol=p3")
+    parser.add_argument("--protocol", nargs="+", choices=["p1", "p3"], default=None,
+                        help="run every config under each of these protocols (default: each config's own); "
+                             "a run under another protocol than its file's goes to <config name>-<protocol>")
+    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR,
+                        help="run directories go to RUNS_DIR/<config name>/seed-<s> (default runs/experiments)")
+    parser.add_argument("--out", type=Path, help="write the Markdown report here")
+    parser.add_argument("--title", default=None, help="report title")
+    parser.add_argument("--force", action="store_true", help="re-run runs that already have a summary.json")
+    parser.add_argument("--report-only", action="store_true",
+                        help="start no run: tabulate the finished runs, list the missing ones")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the Markdown")
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed, for the report's header."""
+    argv = sys.argv if argv is None else argv
+    prog = "python -m pipeline.report.cli" if argv and argv[0].endswith(("report/cli.py", "report\\cli.py")) \
+        else "python -m pipeline"
+    return " ".join([prog, *(shlex.quote(arg) for arg in argv[1:])])
+
+
+def cmd_experiments(args) -> int:
+    from pipeline.report.tables import build_report
+
+    started = time.perf_counter()
+    paths = expand_configs(args.configs)
+    specs = []
+    for protocol in args.protocol or [None]:
+        overrides = [*(args.set or []), *([f"train.protocol={protocol}"] if protocol else [])]
+        specs += plan_runs(paths, seeds=args.seeds, overrides=overrides, runs_dir=args.runs_dir)
+    if args.force and args.report_only:
+        raise ValueError("--force and --report-only contradict each other")
+    results = run_experiments(specs, force=args.force, report_only=args.report_only)
+    report = build_report(results, title=args.title, command=command_line(), overrides=args.set or [],
+                          seeds=args.seeds)
+    markdown = report["markdown"]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(markdown + "\n")
+    if args.json:
+        print(json.dumps({key: value for key, value in report.items() if key != "markdown"}, indent=2, default=str))
+    else:
+        print(markdown)
+    failed = [r for r in results if r.status == "failed"]
+    print(f"{len(results)} runs: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
+                                                for s in ("ran", "resumed", "skipped", "missing", "failed"))
+          + f"; {time.perf_counter() - started:.0f} s" + (f"; report: {args.out}" if args.out else ""),
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def register(commands) -> argparse.ArgumentParser:
+    """Add the `experiments` subcommand to an argparse subparsers object."""
+    parser = commands.add_parser("experiments", help="run configs over seeds and write the results table (mean ± std)")
+    _add_args(parser)
+    parser.set_defaults(func=cmd_experiments)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report.cli",
+                                     description="the `experiments` command: " + (__doc__ or "").splitlines()[0])
+    _add_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_experiments(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Run a set of experiment configs over several seeds; collect each run's summary.json.
+
+A seed s sets both train.seed (sampling, negatives, shuffling) and train.model_seed
+(initialisation); the P1 evaluation negatives (data.eval_seed) stay fixed across seeds
+(spec/protocols.md §7).
+
+Run directory: <runs_dir>/<key>/seed-<s>, where key is the config's `name`, suffixed with
+`-<protocol>` when the overrides change the protocol from the file's own (so a P1 config re-run
+under P3 never shares a directory with its P1 runs).
+
+Resumable: a run whose summary.json exists (from the same config, runtime settings aside) is
+skipped; a run with checkpoints but no summary is resumed from its last checkpoint; `force`
+deletes the run directory and starts over. A run whose files come from a different config is
+refused rather than silently reused or overwritten.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ExperimentConfig, load_config
+
+DEFAULT_RUNS_DIR = Path("runs/experiments")
+DEFAULT_SEEDS = (0, 1, 2)
+# keys the command sets itself for every run; an override of them is refused
+CONTROLLED = ("train.seed", "train.model_seed", "runtime.out")
+
+
+class StaleRunError(RuntimeError):
+    """A run directory holds files from a different config."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    source: Path                 # the config file
+    key: str                     # config name (+ protocol suffix), the folder under runs_dir
+    seed: int
+    config: ExperimentConfig     # with seed, model_seed and runtime.out applied
+    overrides: tuple[str, ...]   # the overrides applied (without the controlled keys)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.runtime.out)
+
+    @property
+    def summary_path(self) -> Path:
+        return self.run_dir / "summary.json"
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    status: str                  # skipped | ran | resumed | failed | missing (report_only)
+    summary: dict | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def expand_configs(patterns: list[str]) -> list[Path]:
+    """Config files matching the globs, in the order given (each glob sorted); duplicates dropped."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else ([pattern] if Path(pattern).exists() else [])
+        if not matches:
+            raise FileNotFoundError(f"--configs {pattern!r}: no file matches")
+        for match in matches:
+            path = Path(match)
+            if path.is_file() and path not in paths:
+                paths.append(path)
+    return paths
+
+
+def _comparable(config: dict) -> dict:
+    """A config's dump without the runtime section (which never changes the numbers)."""
+    return {key: value for key, value in config.items() if key != "runtime"}
+
+
+def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str] = (),
+              runs_dir: Path = DEFAULT_RUNS_DIR) -> list[RunSpec]:
+    """One RunSpec per (config, seed), configs in the given order."""
+    overrides = tuple(overrides or ())
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in CONTROLLED:
+            raise ValueError(f"--set {item!r}: {key} is set by the experiments command "
+                             f"(seeds via --seeds, run directories via --runs-dir)")
+    if len(set(seeds)) != len(list(seeds)):
+        raise ValueError(f"--seeds {list(seeds)}: repeated seed")
+    specs, owners = [], {}
+    for path in config_paths:
+        own = load_config(path)
+        base = load_config(path, list(overrides))
+        key = base.name
+        if base.train.protocol != own.train.protocol:
+            key = f"{key}-{base.train.protocol}"
+        if key in owners:
+            raise ValueError(f"{path} and {owners[key]} both map to run folder {key!r}: give them distinct names")
+        owners[key] = path
+        for seed in seeds:
+            run_dir = Path(runs_dir) / key / f"seed-{seed}"
+            config = load_config(path, [*overrides, f"train.seed={seed}", f"train.model_seed={seed}",
+                                        f"runtime.out={run_dir}"])
+            specs.append(RunSpec(source=Path(path), key=key, seed=int(seed), config=config, overrides=overrides))
+    return specs
+
+
+def run_state(spec: RunSpec) -> str:
+    """done | partial | new; raises StaleRunError when the folder holds another config's run."""
+    planned = _comparable(json.loads(spec.config.model_dump_json()))
+    if spec.summary_path.is_file():
+        found = json.loads(spec.summary_path.read_text()).get("config", {})
+        if _comparable(found) != planned:
+            raise StaleRunError(f"{spec.summary_path} was made by a different config "
+                                f"({_diff(found, planned)}); pass --force to re-run it")
+        return "done"
+    checkpoints = spec.run_dir / "checkpoints"
+    if checkpoints.is_dir() and any(checkpoints.glob("round-*/manifest.json")):
+        config_file = spec.run_dir / "config.yaml"
+        if config_file.is_file():
+            found = yaml.safe_load(config_file.read_text()) or {}
+            if _comparable(found) != planned:
+                raise StaleRunError(f"{spec.run_dir} holds a partial run of a different config "
+                                    f"({_diff(found, planned)}); pass --force to start it over")
+        return "partial"
+    return "new"
+
+
+def _diff(found: dict, planned: dict, prefix: str = "") -> str:
+    """The first few dotted keys whose values differ."""
+    keys = []
+    for key in sorted(set(found) | set(planned)):
+        a, b = found.get(key), planned.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            inner = _diff(a, b, f"{prefix}{key}.")
+            if inner:
+                keys.append(inner)
+        elif a != b:
+            keys.append(f"{prefix}{key}: {a!r} there, {b!r} planned")
+    return "; ".join(keys[:3])
+
+
+def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = False) -> RunResult:
+    """Run, resume or skip one (config, seed); never raises for a failing run (status 'failed').
+    With report_only nothing is started: an unfinished run is 'missing'."""
+    from pipeline.federated.run import train
+
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    try:
+        if force and spec.run_dir.exists():
+            shutil.rmtree(spec.run_dir)
+        state = run_state(spec)
+        if state == "done":
+            return RunResult(spec, "skipped", summary=json.loads(spec.summary_path.read_text()))
+        if report_only:
+            return RunResult(spec, "missing", error=f"not run ({state})")
+        summary = train(spec.config, resume=state == "partial", quiet=True)
+        return RunResult(spec, "resumed" if state == "partial" else "ran", summary=summary,
+                         seconds=time.perf_counter() - started)
+    except StaleRunError as error:
+        return RunResult(spec, "failed", error=str(error), seconds=time.perf_counter() - started)
+    except Exception as error:  # a failing run is reported, the others go on
+        detail = traceback.format_exc()
+        try:
+            spec.run_dir.mkdir(parents=True, exist_ok=True)
+            (spec.run_dir / "error.txt").write_text(detail)
+        except OSError:
+            pass
+        log(detail)
+        return RunResult(spec, "failed", error=f"{type(error).__name__}: {error}",
+                         seconds=time.perf_counter() - started)
+
+
+def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_only: bool = False) -> list[RunResult]:
+    """Every spec in order; one progress line per run on stderr (or `log`)."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    results = []
+    for index, spec in enumerate(specs, 1):
+        result = run_one(spec, force=force, log=log, report_only=report_only)
+        results.append(result)
+        head = f"[{index}/{len(specs)}] {spec.key} seed {spec.seed}: {result.status}"
+        if result.summary is not None:
+            selection = result.summary["selection"]
+            metric = selection["metric"].split("/")[-1]
+            head += (f" (best round {selection['best_round']} of {result.summary.get('rounds_run')}, "
+                     f"valid {metric} {100 * selection['valid'][metric]:.2f}, "
+                     f"test {metric} {100 * selection['test'][metric]:.2f}")
+            head += f", {result.seconds:.0f} s)" if result.status != "skipped" else ")"
+        elif result.error:
+            head += f": {result.error}"
+        log(head)
+    return results

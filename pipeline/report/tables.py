@@ -1,0 +1,301 @@
+"""Results tables over seeds: mean ± sample std, in Markdown, with the labels spec/protocols.md §7
+requires.
+
+- One table per (dataset version, protocol, selection metric): P1 and P3 never share a table.
+- Every table states the protocol, K, the dataset version (k-core, rating threshold, split), the
+  encoder, the number of seeds and the selection metric; the report starts with the command that
+  made it (an HTML comment).
+- Reported test numbers are those at the best-validation round (the run's summary.json).
+- On KU the trivial rankings (no learning; exact, computed here on the same prepared split) are
+  rows of the P3 table, and the authors' reported ID-only numbers (transcribed from
+  spec/reference-results.md §2) are a separate, labelled table.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import OrderedDict
+
+from pipeline.report.experiments import RunResult
+
+P1_KS = (10,)
+P3_KS = (10, 20, 50)
+LEARNED = "re-run (this project)"
+TRIVIAL = "trivial (no learning)"
+REPORTED = "reported (FedVLR poster, K≈50)"
+TRIVIAL_DATASETS = {"ku"}
+TRIVIAL_RANKINGS = ("popularity", "cold-first-then-popularity", "ascending-item-id")
+BACKBONE_NAMES = {"fedavg": "FedAvg", "fcf": "FCF", "fedncf": "FedNCF", "pfedrec": "PFedRec", "fedrap": "FedRAP"}
+
+# spec/reference-results.md §2 (FedVLR AAAI-26 poster, Table 1), KU column, plain ID backbones:
+# (HR, NDCG) in %, K not stated (most likely 50), P3. Transcribed, not re-run.
+REPORTED_KU = OrderedDict([
+    ("fedavg", (11.27, 5.62)),
+    ("fcf", (22.55, 6.43)),
+    ("fedncf", (11.76, 2.49)),
+    ("pfedrec", (6.37, 2.30)),
+    ("fedrap", (47.06, 10.86)),
+])
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof 1; None for a single value)."""
+    values = [float(v) for v in values]
+    if not values:
+        return math.nan, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def format_cell(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
+    """'mean ± std' (values scaled, e.g. fractions to %); a single value is shown alone."""
+    if not values:
+        return "–"
+    mean, std = mean_std([scale * v for v in values])
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def encoder_of(config: dict) -> str:
+    """The item-content encoder of a run; the backbones here are ID-only."""
+    model = config.get("model", {})
+    for key in ("encoder", "fusion", "features"):
+        if model.get(key):
+            return str(model[key])
+    return "none (ID only)"
+
+
+def protocol_ks(protocol: str) -> tuple[int, ...]:
+    return P1_KS if protocol == "p1" else P3_KS
+
+
+def metric_label(metric: str) -> str:
+    name, _, k = metric.partition("@")
+    return f"{name.upper()}@{k}"
+
+
+# -- grouping ---------------------------------------------------------------------------------
+
+def group_runs(results: list[RunResult]) -> "OrderedDict[tuple, OrderedDict[str, list[RunResult]]]":
+    """table key -> row key (config key) -> finished runs (order of the plan).
+
+    Table key: (dataset name, dataset fingerprint, protocol, selection metric)."""
+    tables: OrderedDict = OrderedDict()
+    for result in results:
+        config = result.spec.config
+        fingerprint = result.summary["dataset"]["fingerprint"] if result.summary else None
+        table_key = (config.data.name, config.train.protocol, config.train.selection())
+        rows = tables.setdefault(table_key, OrderedDict())
+        rows.setdefault(result.spec.key, []).append(result)
+        if fingerprint is not None:
+            result.extra["fingerprint"] = fingerprint
+    return tables
+
+
+def learned_row(runs: list[RunResult], protocol: str) -> dict:
+    """One aggregated row: per-metric value lists (fractions) and the run facts."""
+    done = [r for r in runs if r.summary is not None]
+    config = runs[0].spec.config
+    row = {"key": runs[0].spec.key, "backbone": config.model.backbone, "source": LEARNED,
+           "seeds": [r.spec.seed for r in done], "seeds_planned": [r.spec.seed for r in runs],
+           "failed": [(r.spec.seed, r.error) for r in runs if r.status == "failed"],
+           "missing": [r.spec.seed for r in runs if r.status == "missing"],
+           "test": {}, "valid": {}, "best_round": [], "rounds_run": [], "seconds": []}
+    metric = config.train.selection()
+    for run in done:
+        selection = run.summary["selection"]
+        for k in protocol_ks(protocol):
+            for name in ("hr", "ndcg"):
+                column = f"{name}@{k}"
+                row["test"].setdefault(column, []).append(selection["test"][column])
+        row["valid"].setdefault(metric, []).append(selection["valid"][metric])
+        row["best_round"].append(selection["best_round"])
+        row["rounds_run"].append(run.summary.get("rounds_run"))
+        row["seconds"].append(run.summary.get("seconds_total"))
+    row["per_seed"] = {r.spec.seed: {**{f"test/{c}": r.summary["selection"]["test"][c] for c in row["test"]},
+                                     f"valid/{metric}": r.summary["selection"]["valid"][metric],
+                                     "best_round": r.summary["selection"]["best_round"],
+                                     "rounds_run": r.summary.get("rounds_run")} for r in done}
+    return row
+
+
+# -- dataset facts and baselines -----------------------------------------------------------------
+
+def dataset_facts(config) -> tuple[dict, object, object]:
+    """(facts, data, negatives) of the prepared split the runs used (the train job's cache)."""
+    import numpy as np
+
+    from pipeline.data.datasets import open_dataset
+    from pipeline.federated.run import DATA_CACHE
+
+    data, negatives = open_dataset(config.data, cache=DATA_CACHE)
+    popularity = data.item_popularity()
+    item_total = popularity + np.bincount(data.valid_item, minlength=data.n_items) \
+        + np.bincount(data.test_item, minlength=data.n_items)
+    facts = {
+        "name": data.name, "users": data.n_users, "items": data.n_items,
+        "train": int(data.train_indptr[-1]), "split": data.stats.get("split"),
+        "k_core": data.stats.get("k_core"), "rating_threshold": config.data.protocol.rating_threshold,
+        "min_per_user": int(data.train_counts.min()) + 2, "min_per_item": int(item_total.min()),
+        "fingerprint": data.fingerprint(), "eval_seed": negatives.seed,
+        "cold_test_users": int((popularity[data.test_item] == 0).sum()),
+        "cold_items": int((popularity == 0).sum()),
+    }
+    return facts, data, negatives
+
+
+def trivial_rows(data, negatives, protocol: str) -> list[dict]:
+    """The trivial rankings on the test split (exact, no seed)."""
+    from pipeline.eval.baselines import evaluate_baselines
+
+    rows = evaluate_baselines(data, negatives, names=TRIVIAL_RANKINGS, protocols=(protocol,),
+                              ks=protocol_ks(protocol))
+    return [{"backbone": row["method"], "source": TRIVIAL,
+             "test": {k: [v] for k, v in row.items() if "@" in k}} for row in rows if row["split"] == "test"]
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+def _k_core_text(facts: dict, config) -> str:
+    k_core = facts["k_core"]
+    if isinstance(k_core, (list, tuple)):
+        core = f"{k_core[0]}-core users / {k_core[1]}-core items"
+    else:
+        core = f"k-core {k_core}"
+    threshold = facts["rating_threshold"]
+    threshold = "none (all ratings kept)" if threshold is None else f"ratings ≥ {threshold}"
+    return (f"{core} (observed minimum: {facts['min_per_user']} interactions per user, "
+            f"{facts['min_per_item']} per item); rating threshold: {threshold}; split: {facts['split']}")
+
+
+def _uniform(values, fmt=str) -> str:
+    distinct = list(OrderedDict.fromkeys(values))
+    return fmt(distinct[0]) if len(distinct) == 1 else "varies: " + ", ".join(fmt(v) for v in distinct)
+
+
+def render_table(rows: list[dict], protocol: str, metric: str) -> str:
+    ks = protocol_ks(protocol)
+    columns = [f"{name}@{k}" for k in ks for name in ("hr", "ndcg")]
+    header = ["Backbone", "Source", *(f"test {metric_label(c)}" for c in columns),
+              f"valid {metric_label(metric)}", "best round (mean)", "rounds run (mean)", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        learned = row["source"] == LEARNED
+        cells = [BACKBONE_NAMES.get(row["backbone"], row["backbone"]), row["source"]]
+        cells += [format_cell(row["test"].get(c, [])) for c in columns]
+        if learned:
+            cells.append(format_cell(row["valid"].get(metric, [])))
+            cells.append(f"{statistics.fmean(row['best_round']):.1f}" if row["best_round"] else "–")
+            cells.append(f"{statistics.fmean(row['rounds_run']):.1f}" if row["rounds_run"] else "–")
+            seeds = len(row["seeds"])
+            cells.append(str(seeds) if seeds == len(row["seeds_planned"]) else f"{seeds} of {len(row['seeds_planned'])}")
+        else:
+            cells += ["–", "–", "–", "exact (no seed)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_reported_ku() -> str:
+    lines = ["| Backbone | Source | HR (K≈50) | NDCG (K≈50) |", "|---|---|---|---|"]
+    for backbone, (hr, ndcg) in REPORTED_KU.items():
+        lines.append(f"| {BACKBONE_NAMES[backbone]} | {REPORTED} | {hr:.2f} | {ndcg:.2f} |")
+    return "\n".join(lines)
+
+
+PROTOCOL_TITLES = {"p1": "P1: held-out item among 99 sampled negatives (HR/NDCG@10)",
+                   "p3": "P3: full ranking, training items masked (HR = Recall; @10/20/50)"}
+
+
+def build_report(results: list[RunResult], title: str | None = None, command: str = "",
+                 overrides: list[str] = (), seeds=()) -> dict:
+    """{'markdown': str, 'tables': [...], 'runs': [...]} for the finished and failed runs."""
+    parts = []
+    if command:
+        parts.append(f"<!-- made by: {command} -->")
+    parts += [f"# {title or 'Federated backbones: test metrics at the best-validation round'}", ""]
+    parts.append("Values in %, mean ± sample standard deviation over run seeds. Each run's test metrics are "
+                 "taken at its best-validation round (selection on validation only, strictly-better rule, "
+                 "early stopping on the same metric; spec/protocols.md §7). A seed s sets both "
+                 "`train.seed` and `train.model_seed` to s; the P1 evaluation negatives stay fixed "
+                 "(`data.eval_seed`). Ties are ranked pessimistically (§6).")
+    if overrides:
+        parts.append("")
+        parts.append("Overrides applied to every config: " + ", ".join(f"`{o}`" for o in overrides) + ".")
+    tables_json, rows_json = [], []
+    for (dataset, protocol, metric), row_runs in group_runs(results).items():
+        all_runs = [run for runs in row_runs.values() for run in runs]
+        configs = [runs[0].spec.config for runs in row_runs.values()]
+        facts, data, negatives = dataset_facts(configs[0])
+        fingerprints = {run.extra.get("fingerprint") for run in all_runs} - {None}
+        if fingerprints - {facts["fingerprint"]}:
+            raise ValueError(f"{dataset}: runs were made on another preparation of the data "
+                             f"({sorted(fingerprints)} vs {facts['fingerprint']}); re-run with --force")
+        rows = [learned_row(runs, protocol) for runs in row_runs.values()]
+        if dataset in TRIVIAL_DATASETS:
+            rows += trivial_rows(data, negatives, protocol)
+        assert all(r["source"] != LEARNED or r["key"] in row_runs for r in rows)
+        train = [c.train for c in configs]
+        encoders = [encoder_of(c.model_dump()) for c in configs]
+        planned_seeds = sorted({run.spec.seed for run in all_runs})
+        done_counts = sorted({len(r["seeds"]) for r in rows if r["source"] == LEARNED})
+        ks = protocol_ks(protocol)
+        parts += ["", f"## {facts['name']} — {PROTOCOL_TITLES[protocol]}", ""]
+        parts.append(f"- **Protocol:** {protocol.upper()}; K = {', '.join(map(str, ks))}; "
+                     f"selection metric: validation {metric_label(metric)}, test reported at the best-validation round")
+        parts.append(f"- **Dataset:** `{facts['name']}` — {facts['users']} users, {facts['items']} items, "
+                     f"{facts['train']} training interactions + 1 validation and 1 test item per user; "
+                     f"{_k_core_text(facts, configs[0])}; fingerprint `{facts['fingerprint']}`"
+                     + (f"; P1 negatives seed {facts['eval_seed']}" if protocol == "p1" else ""))
+        parts.append(f"- **Encoder:** {_uniform(encoders)}")
+        parts.append(f"- **Seeds:** {len(planned_seeds)} ({', '.join(map(str, planned_seeds))}); "
+                     f"seed s sets train.seed = train.model_seed = s"
+                     + ("" if done_counts == [len(planned_seeds)] else
+                        f" — **some runs did not finish**: rows show how many seeds they average"))
+        parts.append(f"- **Schedule:** rounds cap {_uniform([t.rounds for t in train])}, patience "
+                     f"{_uniform([t.patience for t in train])}, participation {_uniform([t.participation for t in train])}, "
+                     f"local epochs {_uniform([t.local_epochs for t in train])}, neg_ratio "
+                     f"{_uniform([t.neg_ratio for t in train])}; per-backbone defaults otherwise "
+                     f"(configs: {', '.join(sorted({str(r.spec.source) for r in all_runs}))})")
+        parts += ["", render_table(rows, protocol, metric)]
+        notes = []
+        if dataset in TRIVIAL_DATASETS:
+            best_trivial = max((r for r in rows if r["source"] == TRIVIAL),
+                               key=lambda r: r["test"].get(metric, [0])[0])
+            learned = [r for r in rows if r["source"] == LEARNED and r["test"].get(metric)]
+            beaten = [BACKBONE_NAMES.get(r["backbone"], r["backbone"]) for r in learned
+                      if statistics.fmean(r["test"][metric]) > best_trivial["test"][metric][0]]
+            notes.append(f"Trivial rows: the same prepared split and evaluator, test split, {protocol.upper()}, "
+                         f"no learning and no seed (exact). {facts['cold_test_users']} of {facts['users']} test users "
+                         f"({100 * facts['cold_test_users'] / facts['users']:.1f} %) hold an item that never occurs in "
+                         f"training ({facts['cold_items']} such items): an ID-only model never trains those rows, "
+                         f"while `cold-first-then-popularity` ranks them first.")
+            notes.append(f"Best trivial row by test {metric_label(metric)}: `{best_trivial['backbone']}` "
+                         f"({100 * best_trivial['test'][metric][0]:.2f}). Learned rows above it (mean): "
+                         f"{', '.join(beaten) if beaten else 'none'}"
+                         + ("" if len(beaten) == len(learned) else
+                            "; the others lose to a ranking that uses no learning at all."))
+        for row in rows:
+            for seed, error in row.get("failed", []):
+                notes.append(f"FAILED: {row['key']} seed {seed}: {error}")
+            if row.get("missing"):
+                notes.append(f"Not run yet: {row['key']} seed(s) {', '.join(map(str, row['missing']))} "
+                             f"(the row averages the {len(row['seeds'])} finished seed(s)).")
+        if notes:
+            parts += [""] + [f"- {note}" for note in notes]
+        if dataset == "ku" and protocol == "p3":
+            parts += ["", f"### {facts['name']} — {REPORTED} (transcribed, not re-run)", "",
+                      "- Transcribed from spec/reference-results.md §2 (FedVLR AAAI-26 poster, Table 1, KU column, "
+                      "plain ID backbones). P3; K not stated in the poster (most likely 50); the authors' "
+                      "hyper-parameters were chosen by test-upon-best-validation and their personal parameters are "
+                      "never restored at evaluation (reference-results.md §6), so these are not targets to match.",
+                      "- Compare them with the HR@50 / NDCG@50 columns above only with these labels in view.",
+                      "", render_reported_ku()]
+        tables_json.append({"dataset": facts, "protocol": protocol, "selection_metric": metric, "ks": list(ks),
+                            "encoder": _uniform(encoders), "seeds": planned_seeds,
+                            "rows": [{k: v for k, v in r.items()} for r in rows]})
+    for result in results:
+        rows_json.append({"key": result.spec.key, "seed": result.spec.seed, "status": result.status,
+                          "run_dir": str(result.spec.run_dir), "error": result.error,
+                          "selection": result.summary["selection"] if result.summary else None,
+                          "rounds_run": result.summary.get("rounds_run") if result.summary else None})
+    return {"markdown": "\n".join(parts), "tables": tables_json, "runs": rows_json,
+            "reported_ku": {k: {"hr": v[0], "ndcg": v[1], "label": REPORTED} for k, v in REPORTED_KU.items()}}

@@ -1,4 +1,4 @@
-"""`python -m pipeline encode`: catalogue -> feature store (also behind jobs/encode_items.py).
+"""`python -m pipeline encode`: catalogue -> feature store (jobs/encode_items.py runs the same).
 
     python -m pipeline encode CATALOGUE --out runs/features/NAME [--text-model M] [--image-model M]
     python -m pipeline encode /work/shared/data/movielens-100k-mm --format movielens-mm \\
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--empty-text", choices=["auto", "mean", "missing"],
                         help="empty texts: mean feature, or 'missing' in the prompt (auto: missing with a prompt)")
     parser.add_argument("--batch-size", type=int, help="items per model call (default 32)")
-    parser.add_argument("--actors", type=int, help="model actors per modality (default one per GPU, else per node)")
+    parser.add_argument("--actors", type=int, help="model actors per modality (default one per GPU, else up to 4 per node)")
     parser.add_argument("--force", action="store_true", help="re-encode even if the store is up to date")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (items/s are still logged)")
@@ -101,20 +101,3 @@ def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("pipeline.encode").setLevel(logging.INFO)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (jobs/encode_items.py): the same arguments as `python -m pipeline encode`."""
-    from pydantic import ValidationError
-
-    from pipeline.data.schema import DataError
-
-    parser = argparse.ArgumentParser(prog="encode_items", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (DataError, ValidationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2

@@ -25,7 +25,7 @@ class EncodeConfig(BaseModel):
                             "'missing' inside the prompt ('missing'); 'auto' = 'missing' with a prompt, else 'mean'")
     batch_size: int = Field(32, ge=1, le=65536, description="rows per model call (map_batches batch_size)")
     actors: int | None = Field(None, ge=1, description="model actors per modality (default: one per GPU, "
-                                                       "else one per node)")
+                                                       "else up to 4 per node sharing its CPUs)")
 
     @field_validator("text_model")
     @classmethod

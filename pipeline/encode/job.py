@@ -64,14 +64,13 @@ def encode_items(catalogue, out, config: EncodeConfig | None = None, *, force: b
             rows = np.flatnonzero(has_file)
             results[IMAGE] = stage.encode_images(
                 table.item_id[rows], list(table.image[rows]), specs[IMAGE], size=models[IMAGE]["size"],
-                batch_size=config.batch_size, actors=config.actors, progress=progress,
-                model_id=models[IMAGE]["model_id"])
+                batch_size=config.batch_size, actors=config.actors, progress=progress)
             _check_images(table, results[IMAGE], empty_text if TEXT in specs else None)
         if TEXT in specs:
             rows = np.arange(len(table)) if config.empty_text_policy() == "missing" else np.flatnonzero(~empty_text)
             results[TEXT] = stage.encode_texts(
                 table.item_id[rows], [texts[r] for r in rows], specs[TEXT], batch_size=config.batch_size,
-                actors=config.actors, progress=progress, model_id=models[TEXT]["model_id"])
+                actors=config.actors, progress=progress)
     finally:
         if started_ray:
             import ray

@@ -14,6 +14,10 @@ from dataclasses import asdict, dataclass
 # Decoding and resizing one poster costs about 1 ms against 30-50 ms for EfficientNet-Lite0 on a
 # CPU core, so on a CPU-only node the decode tasks get a quarter core, not a whole one.
 DECODE_CPU_SHARE = 0.25
+# Without GPUs, several single- or few-threaded actors beat one actor with many threads for these
+# small models (intra-op parallelism scales poorly at batch 32, and collapses when the cores are
+# shared with other work); up to this many actors per node share the node's CPUs.
+CPU_ACTORS_PER_NODE = 4
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ def plan_stage(cluster: dict, *, node_cpus: float | None = None, actors: int | N
 
     cluster: {"CPU": total CPUs, "GPU": total GPUs, ...}; node_cpus: CPUs of the largest node
     (an actor cannot span nodes; default: all on one node); actors: requested pool size
-    (default: one per GPU, else one per node's worth of CPUs); decode: reserve room for the
+    (default: one per GPU, else up to CPU_ACTORS_PER_NODE per node); decode: reserve room for the
     image decode tasks.
     """
     cpus = float(cluster.get("CPU", 0))
@@ -59,7 +63,7 @@ def plan_stage(cluster: dict, *, node_cpus: float | None = None, actors: int | N
         decode_cpus = 1.0 if spare >= 1 else DECODE_CPU_SHARE
         return StagePlan(pool, 1.0, 1.0, 1, "cuda", True, decode_tasks, decode_cpus if decode else 0.0)
     nodes = max(1, round(cpus / node_cpus))
-    pool = max(1, min(actors or nodes, int(cpus)))
+    pool = max(1, min(actors or CPU_ACTORS_PER_NODE * nodes, int(cpus)))
     reserve = DECODE_CPU_SHARE * nodes if decode else 0.0
     per_actor = min((cpus - reserve) / pool, node_cpus - (DECODE_CPU_SHARE if decode else 0.0))
     per_actor = math.floor(per_actor * 1000) / 1000  # Ray's resource units; never round up

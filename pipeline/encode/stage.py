@@ -8,8 +8,10 @@ text:   rows (item_id, text), ordered by length -> map_batches(TextActor, fixed 
 
 Each actor loads its model once (in __init__) and reuses it for every batch. The two
 modalities run as separate Ray Data executions, one after the other, so each gets the whole
-cluster; the driver collects the rows and the caller joins them on item_id. Ray wiring only:
-the model math lives in the encoder modules.
+cluster; the driver collects the rows and the caller joins them on item_id
+(pipeline.encode.assemble: the rows are gathered on the driver anyway to write the matrices, and
+Ray's Dataset.join would add polars as a dependency). Ray wiring only: the model math lives in
+the encoder modules.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
 from pipeline.encode.batching import length_order
 from pipeline.encode.encoders import EncoderSpec, build_encoder
@@ -37,7 +39,7 @@ class StageResult:
 
     item_id: [n] ids; features: float32 [n, d]; status: [n] str for images (ok / missing /
     corrupt), None for text; seconds: wall time of the execution (actor start and model load
-    included); plan: the resources it ran with; model_id: what the actors loaded.
+    included); plan: the resources it ran with.
     """
 
     item_id: np.ndarray
@@ -45,7 +47,6 @@ class StageResult:
     status: np.ndarray | None
     seconds: float
     plan: StagePlan
-    model_id: str
 
 
 # --------------------------------------------------------------------------- Ray lifecycle
@@ -128,38 +129,40 @@ def decode_batch(batch: dict, size: int) -> dict:
 
 
 def encode_texts(item_id: np.ndarray, texts: list[str], spec: EncoderSpec, *, batch_size: int,
-                 actors: int | None = None, progress: bool = True, model_id: str = "") -> StageResult:
+                 actors: int | None = None, progress: bool = True) -> StageResult:
     """Text features of every row. item_id [n], texts [n] (already prompted) -> StageResult."""
     import ray.data
 
     plan = cluster_plan(actors, decode=False)
-    order = length_order(texts)
-    frame = pd.DataFrame({"item_id": np.asarray(item_id)[order], "text": [texts[i] for i in order]})
-    ds = ray.data.from_pandas(_blocks(frame, batch_size)).map_batches(
-        TextActor,
-        fn_constructor_kwargs=_actor_args(spec, plan),
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        **_actor_resources(plan),
-    )
-    rows, seconds = _collect(ds, len(frame), f"encode text ({spec.label})", progress)
-    return StageResult(rows["item_id"], rows["feature"], None, seconds, plan, model_id)
+    ids = np.asarray(item_id).tolist()
+    rows = [{"item_id": ids[i], "text": texts[i]} for i in length_order(texts)]
+    with _one_progress_bar():
+        ds = _dataset(rows, batch_size).map_batches(
+            TextActor,
+            fn_constructor_kwargs=_actor_args(spec, plan),
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=plan.actors),
+            **_actor_resources(plan),
+        )
+        out, seconds = _collect(ds, len(rows), f"encode text ({spec.label})", progress)
+    return StageResult(out["item_id"], out["feature"], None, seconds, plan)
 
 
 def encode_images(item_id: np.ndarray, paths: list[str], spec: EncoderSpec, *, size: int, batch_size: int,
-                  actors: int | None = None, progress: bool = True, model_id: str = "") -> StageResult:
+                  actors: int | None = None, progress: bool = True) -> StageResult:
     """Image features of every row. item_id [n], paths [n] absolute -> StageResult with status."""
     import ray.data
 
     plan = cluster_plan(actors, decode=True)
-    frame = pd.DataFrame({"item_id": item_id, "path": list(paths)})
-    ds = (ray.data.from_pandas(_blocks(frame, batch_size))
-          .map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=batch_size,
-                       compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks), num_cpus=plan.decode_cpus)
-          .map_batches(ImageActor, fn_constructor_kwargs=_actor_args(spec, plan), batch_size=batch_size,
-                       compute=ray.data.ActorPoolStrategy(size=plan.actors), **_actor_resources(plan)))
-    rows, seconds = _collect(ds, len(frame), f"encode images ({spec.label})", progress)
-    return StageResult(rows["item_id"], rows["feature"], rows["status"].astype(str), seconds, plan, model_id)
+    rows = [{"item_id": item, "path": path} for item, path in zip(np.asarray(item_id).tolist(), paths)]
+    with _one_progress_bar():
+        ds = (_dataset(rows, batch_size)
+              .map_batches(decode_batch, fn_kwargs={"size": size}, batch_size=batch_size,
+                           compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks), num_cpus=plan.decode_cpus)
+              .map_batches(ImageActor, fn_constructor_kwargs=_actor_args(spec, plan), batch_size=batch_size,
+                           compute=ray.data.ActorPoolStrategy(size=plan.actors), **_actor_resources(plan)))
+        out, seconds = _collect(ds, len(rows), f"encode images ({spec.label})", progress)
+    return StageResult(out["item_id"], out["feature"], out["status"].astype(str), seconds, plan)
 
 
 def _actor_args(spec: EncoderSpec, plan: StagePlan) -> dict:
@@ -173,12 +176,28 @@ def _actor_resources(plan: StagePlan) -> dict:
     return resources
 
 
-def _blocks(frame: pd.DataFrame, batch_size: int) -> list[pd.DataFrame]:
-    """Rows as blocks of whole batches (one batch per block up to MAX_BLOCKS blocks), so the decode
-    tasks and actors stream batch by batch instead of waiting for one big block."""
-    n_batches = -(-len(frame) // batch_size)
-    per_block = -(-n_batches // min(n_batches, MAX_BLOCKS)) * batch_size
-    return [frame.iloc[start:start + per_block] for start in range(0, len(frame), per_block)]
+def _dataset(rows: list[dict], batch_size: int):
+    """Rows as a dataset of about one batch per block (at most MAX_BLOCKS blocks), so decode tasks
+    and actors stream batch by batch. Blocks are built on the driver (no metadata tasks)."""
+    import ray.data
+
+    n_batches = -(-len(rows) // batch_size)
+    return ray.data.from_items(rows, override_num_blocks=max(1, min(n_batches, MAX_BLOCKS)))
+
+
+@contextmanager
+def _one_progress_bar():
+    """Ray Data's own progress bars off while a dataset is built and run (ours counts items);
+    a dataset keeps the context it was created with, so both happen inside."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    previous = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = previous
 
 
 def _collect(ds, total: int, label: str, progress: bool) -> tuple[dict[str, np.ndarray], float]:
@@ -187,7 +206,6 @@ def _collect(ds, total: int, label: str, progress: bool) -> tuple[dict[str, np.n
 
     started = time.perf_counter()
     parts: list[dict] = []
-    ds.context.enable_progress_bars = False  # this dataset's copy of the context: one bar, ours
     with tqdm(total=total, desc=label, unit="item", disable=not progress, dynamic_ncols=True) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             parts.append(batch)

@@ -13,12 +13,13 @@ Layout of a store directory (written atomically: readers see all files or none):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.schema import DataError, Features
+from pipeline.data.schema import DataError, Features, RawDataset
 from pipeline.data.store import write_atomically
 
 FORMAT = "pipeline.encode/feature-store@1"
@@ -99,6 +100,22 @@ def as_features(directory) -> Features:
     """The store as :class:`pipeline.data.schema.Features` (to plug into a RawDataset)."""
     item_ids, matrices, _ = load_features(directory)
     return Features(item_id=item_ids, matrices=matrices)
+
+
+def attach_features(raw: RawDataset, directory) -> RawDataset:
+    """`raw` with its features taken from the store (prepare() then aligns them to the remapped
+    item ids). Every item of the interactions must have a row: a store made from another
+    catalogue is refused rather than silently filled with mean rows."""
+    features = as_features(directory)
+    items = np.unique(np.asarray(raw.interactions.item))
+    try:
+        known = np.isin(items, features.item_id.astype(items.dtype))
+    except (TypeError, ValueError):
+        known = np.zeros(len(items), dtype=bool)
+    if not known.all():
+        raise DataError(Path(directory) / IDS, f"{int((~known).sum())} interacted items have no feature row "
+                                               f"(e.g. {items[~known][:3].tolist()}); encode this dataset's catalogue")
+    return dataclasses.replace(raw, features=features)
 
 
 def reusable(directory, key: str) -> dict | None:

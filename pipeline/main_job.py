@@ -1,7 +1,8 @@
 """The README's main job on the embedded default: a local Ray instance and the synthetic
-multimodal dataset. Today: generate → prepare (split + persisted P1 negatives) → train an ID
-backbone federatedly on Ray → print it beside the popularity baseline. Later stages (encode,
-fusion) plug in between prepare and the table.
+multimodal dataset. Today: generate (real PNGs and texts) → encode the catalogue through the
+Ray Data stage with the offline encoders → prepare (split + persisted P1 negatives, features
+from the store) → train an ID backbone federatedly on Ray → print it beside the popularity
+baseline. Fusion (FedMR, GFMFR) plugs in at the training step.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import load_config
-from pipeline.data.datasets import open_dataset
+from pipeline.data.datasets import materialize_synthetic, open_dataset
+from pipeline.encode.job import encode_items
 from pipeline.eval.baselines import evaluate_baselines
 from pipeline.eval.tables import markdown_table, metric_columns
 from pipeline.federated.run import train
@@ -32,10 +34,16 @@ def run_main(args) -> int:
                  f"runtime.out={workdir / args.backbone}", f"runtime.progress={str(not args.json).lower()}"]
     config = load_config(None, overrides)
 
+    folder = materialize_synthetic(config.data, workdir / "prepared")
+    if not args.json:
+        print(f"encoding {folder / 'catalogue.csv'} (images and texts) with the offline encoders on Ray Data")
+    manifest = encode_items(folder, workdir / "features", progress=not args.json)
+    config = load_config(None, [*overrides, f"data.features={manifest['path']}"])
     data, negatives = open_dataset(config.data, cache=workdir / "prepared")
     if not args.json:
+        shapes = ", ".join(f"{name} {list(matrix.shape)}" for name, matrix in data.features.items())
         print(f"synthetic multimodal dataset: {data.n_users} users, {data.n_items} items, "
-              f"{int(data.train_indptr[-1])} training interactions")
+              f"{int(data.train_indptr[-1])} training interactions; features {shapes}")
     summary = train(config, resume=False, data_cache=workdir / "prepared", quiet=args.json, fresh=True)
     baseline = evaluate_baselines(data, negatives, names=("popularity",), protocols=("p3",), ks=KS)
     rows = [{"method": "popularity", **row} for row in baseline if row["split"] == "test"]
@@ -44,7 +52,9 @@ def run_main(args) -> int:
                  **selection["test"]})
     seconds = time.perf_counter() - started
     if args.json:
-        print(json.dumps({"rows": rows, "summary": summary, "seconds": round(seconds, 2)}, indent=2, default=str))
+        print(json.dumps({"rows": rows, "summary": summary, "features": {k: list(v.shape) for k, v in data.features.items()},
+                          "encoder": manifest["modalities"],
+                          "seconds": round(seconds, 2)}, indent=2, default=str))
         return 0
     print("\nP3 (full ranking, training items masked), test split at the best validation round, %:\n")
     print(markdown_table(rows, metric_columns(KS), ["method"]))

@@ -49,6 +49,8 @@ class DatasetConfig(BaseModel):
     loader_options: dict = Field(default_factory=dict, description="extra loader keyword arguments")
     protocol: PrepareConfig = Field(default_factory=PrepareConfig)
     eval_seed: int = Field(0, ge=0, description="seed of the persisted P1 negatives")
+    features: Path | None = Field(None, description="feature store folder (python -m pipeline encode); "
+                                                    "replaces any features the dataset ships")
     synthetic: dict = Field(default_factory=dict, description="SyntheticConfig fields")
 
     def effective_protocol(self) -> PrepareConfig:
@@ -75,25 +77,35 @@ def load_raw(config: DatasetConfig, workdir: Path | None = None) -> RawDataset:
     """Read the dataset's files (or generate the synthetic one) without preparing it."""
     fmt, path = config.resolved()
     if fmt == "synthetic":
-        from pipeline.data import synthetic
-
-        synth_config = synthetic.SyntheticConfig(**config.synthetic)
-        generated = synthetic.generate(synth_config)
         if workdir is None:
-            return generated.dataset
-        key = hashlib.sha256(synth_config.model_dump_json().encode()).hexdigest()[:12]
-        folder = Path(workdir) / f"synthetic-{key}"
-        if not folder.is_dir():
-            synthetic.write(generated, folder)
-        path = folder
-        fmt = "generic"
+            from pipeline.data import synthetic
+
+            return synthetic.generate(synthetic.SyntheticConfig(**config.synthetic)).dataset
+        path, fmt = materialize_synthetic(config, workdir), "generic"
     if not Path(path).exists():
         raise DataError(path, f"dataset {config.name!r} not found (data root: {data_root()})")
     options = {**(NAMED[config.name][2] if config.name in NAMED and config.path is None else {}),
                **config.loader_options}
     raw = loaders.load(fmt, path, **options)
+    if config.features is not None:
+        from pipeline.encode.store import attach_features
+
+        raw = attach_features(raw, config.features)
     return RawDataset(name=config.name, interactions=raw.interactions, catalogue=raw.catalogue,
                       features=raw.features, source=raw.source)
+
+
+def materialize_synthetic(config: DatasetConfig, workdir: Path) -> Path:
+    """Write the synthetic dataset of `config` (PNG images included) under `workdir` once;
+    returns its folder (generic format: interactions, catalogue.csv, images/)."""
+    from pipeline.data import synthetic
+
+    synth_config = synthetic.SyntheticConfig(**config.synthetic)
+    key = hashlib.sha256(synth_config.model_dump_json().encode()).hexdigest()[:12]
+    folder = Path(workdir) / f"synthetic-{key}"
+    if not folder.is_dir():
+        synthetic.write(synthetic.generate(synth_config), folder)
+    return folder
 
 
 def open_dataset(config: DatasetConfig, cache: Path | None = None) -> tuple[PreparedDataset, EvalNegatives]:
@@ -113,8 +125,13 @@ def open_dataset(config: DatasetConfig, cache: Path | None = None) -> tuple[Prep
 
 def _input_key(config: DatasetConfig) -> str:
     """Hash of the config and of the bytes of every input file (not images: the catalogue
-    lists their paths, and the encode stage fingerprints their content)."""
+    lists their paths, and the encode stage fingerprints their content in its manifest)."""
     digest = hashlib.sha256(config.model_dump_json().encode() + config.effective_protocol().model_dump_json().encode())
+    if config.features is not None:
+        manifest = Path(config.features) / "manifest.json"
+        if not manifest.is_file():
+            raise DataError(manifest, "not a feature store; run `python -m pipeline encode` first")
+        digest.update(manifest.read_bytes())
     fmt, path = config.resolved()
     if path is not None:
         files = [path] if Path(path).is_file() else sorted(

@@ -90,3 +90,7 @@ def test_main_job_prints_the_table(tmp_path):
     assert methods[0] == "popularity" and methods[1].startswith("fcf (federated")
     assert all(0 <= row["hr@50"] <= 1 for row in result["rows"])
     assert (tmp_path / "fcf" / "summary.json").is_file()
+    # the catalogue's real PNGs and texts went through the offline encoders into the store
+    assert result["features"]["text"] == [result["summary"]["dataset"]["items"], 384]
+    assert result["features"]["image"] == [result["summary"]["dataset"]["items"], 1280]
+    assert (tmp_path / "features" / "manifest.json").is_file()

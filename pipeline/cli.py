@@ -261,7 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     from pipeline.encode.cli import register as register_encode
+    from pipeline.report.cli import register as register_report
+
     register_encode(commands)
+    register_report(commands)
     return parser
 
 
@@ -269,6 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ValidationError, FileExistsError) as error:
+    except (DataError, ValidationError, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

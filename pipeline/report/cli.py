@@ -33,6 +33,8 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
                         help="run directories go to RUNS_DIR/<config name>/seed-<s> (default runs/experiments)")
     parser.add_argument("--out", type=Path, help="write the Markdown report here")
     parser.add_argument("--title", default=None, help="report title")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT",
+                        help="a line for the report's notes (repeatable), e.g. why rounds were reduced")
     parser.add_argument("--force", action="store_true", help="re-run runs that already have a summary.json")
     parser.add_argument("--report-only", action="store_true",
                         help="start no run: tabulate the finished runs, list the missing ones")
@@ -59,8 +61,8 @@ def cmd_experiments(args) -> int:
     if args.force and args.report_only:
         raise ValueError("--force and --report-only contradict each other")
     results = run_experiments(specs, force=args.force, report_only=args.report_only)
-    report = build_report(results, title=args.title, command=command_line(), overrides=args.set or [],
-                          seeds=args.seeds)
+    report = build_report(results, title=args.title, command=getattr(args, "command_line", None) or command_line(), overrides=args.set or [],
+                          seeds=args.seeds, extra_notes=args.note)
     markdown = report["markdown"]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="the `experiments` command: " + (__doc__ or "").splitlines()[0])
     _add_args(parser)
     args = parser.parse_args(argv)
+    args.command_line = command_line(["pipeline/report/cli.py", *(sys.argv[1:] if argv is None else argv)])
     try:
         return cmd_experiments(args)
     except (FileNotFoundError, ValueError) as error:

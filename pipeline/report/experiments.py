@@ -81,7 +81,12 @@ def expand_configs(patterns: list[str]) -> list[Path]:
 
 
 def _comparable(config: dict) -> dict:
-    """A config's dump without the runtime section (which never changes the numbers)."""
+    """A config's dump read through the current schema (keys added since get their defaults),
+    without the runtime section (which never changes the numbers)."""
+    try:
+        config = json.loads(ExperimentConfig.model_validate(config).model_dump_json())
+    except ValueError:  # no longer a valid config: compared as stored, so it differs
+        pass
     return {key: value for key, value in config.items() if key != "runtime"}
 
 
@@ -114,21 +119,44 @@ def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str
     return specs
 
 
+_FINGERPRINTS: dict[tuple[str, str], str] = {}
+
+
+def current_fingerprint(config: ExperimentConfig) -> str:
+    """Fingerprint of the prepared split a run of `config` would use now (the train job's cache)."""
+    import os
+
+    from pipeline.data.datasets import open_dataset
+    from pipeline.federated.run import DATA_CACHE
+
+    key = (os.getcwd(), config.data.model_dump_json())
+    if key not in _FINGERPRINTS:
+        data, _ = open_dataset(config.data, cache=DATA_CACHE)
+        _FINGERPRINTS[key] = data.fingerprint()
+    return _FINGERPRINTS[key]
+
+
 def run_state(spec: RunSpec) -> str:
     """done | partial | new; raises StaleRunError when the folder holds another config's run."""
     planned = _comparable(json.loads(spec.config.model_dump_json()))
     if spec.summary_path.is_file():
-        found = json.loads(spec.summary_path.read_text()).get("config", {})
-        if _comparable(found) != planned:
+        found = _comparable(json.loads(spec.summary_path.read_text()).get("config", {}))
+        if found != planned:
             raise StaleRunError(f"{spec.summary_path} was made by a different config "
                                 f"({_diff(found, planned)}); pass --force to re-run it")
+        made_on = json.loads(spec.summary_path.read_text()).get("dataset", {}).get("fingerprint")
+        now = current_fingerprint(spec.config)
+        if made_on != now:
+            raise StaleRunError(f"{spec.summary_path} was made on another preparation of {spec.config.data.name!r} "
+                                f"(fingerprint {made_on}, now {now}: the data or the preparation protocol changed); "
+                                f"pass --force to re-run it")
         return "done"
     checkpoints = spec.run_dir / "checkpoints"
     if checkpoints.is_dir() and any(checkpoints.glob("round-*/manifest.json")):
         config_file = spec.run_dir / "config.yaml"
         if config_file.is_file():
-            found = yaml.safe_load(config_file.read_text()) or {}
-            if _comparable(found) != planned:
+            found = _comparable(yaml.safe_load(config_file.read_text()) or {})
+            if found != planned:
                 raise StaleRunError(f"{spec.run_dir} holds a partial run of a different config "
                                     f"({_diff(found, planned)}); pass --force to start it over")
         return "partial"

@@ -24,7 +24,7 @@ P3_KS = (10, 20, 50)
 LEARNED = "re-run (this project)"
 TRIVIAL = "trivial (no learning)"
 REPORTED = "reported (FedVLR poster, K≈50)"
-TRIVIAL_DATASETS = {"ku"}
+TRIVIAL_DATASETS = None  # datasets whose tables get the trivial rows; None = every dataset (KU must have them)
 TRIVIAL_RANKINGS = ("popularity", "cold-first-then-popularity", "ascending-item-id")
 BACKBONE_NAMES = {"fedavg": "FedAvg", "fcf": "FCF", "fedncf": "FedNCF", "pfedrec": "PFedRec", "fedrap": "FedRAP"}
 
@@ -56,12 +56,13 @@ def format_cell(values: list[float], scale: float = 100.0, digits: int = 2) -> s
 
 
 def encoder_of(config: dict) -> str:
-    """The item-content encoder of a run; the backbones here are ID-only."""
-    model = config.get("model", {})
-    for key in ("encoder", "fusion", "features"):
-        if model.get(key):
-            return str(model[key])
-    return "none (ID only)"
+    """The item-content side of a run: 'none (ID only)' without a fusion module."""
+    fusion = config.get("model", {}).get("fusion")
+    if not fusion:
+        return "none (ID only)"
+    modalities = "+".join(fusion.get("modalities", ())) if isinstance(fusion, dict) else ""
+    kind = fusion.get("fusion") if isinstance(fusion, dict) else fusion
+    return f"fusion={kind} over {modalities or '?'} (item features of the prepared dataset)"
 
 
 def protocol_ks(protocol: str) -> tuple[int, ...]:
@@ -78,7 +79,8 @@ def metric_label(metric: str) -> str:
 def group_runs(results: list[RunResult]) -> "OrderedDict[tuple, OrderedDict[str, list[RunResult]]]":
     """table key -> row key (config key) -> finished runs (order of the plan).
 
-    Table key: (dataset name, dataset fingerprint, protocol, selection metric)."""
+    Table key: (dataset name, protocol, selection metric); the runs' dataset fingerprints are
+    checked against the current preparation when the table is built."""
     tables: OrderedDict = OrderedDict()
     for result in results:
         config = result.spec.config
@@ -158,7 +160,7 @@ def trivial_rows(data, negatives, protocol: str) -> list[dict]:
 def _k_core_text(facts: dict, config) -> str:
     k_core = facts["k_core"]
     if isinstance(k_core, (list, tuple)):
-        core = f"{k_core[0]}-core users / {k_core[1]}-core items"
+        core = f"k-core: users ≥ {k_core[0]}, items ≥ {k_core[1]} interactions"
     else:
         core = f"k-core {k_core}"
     threshold = facts["rating_threshold"]
@@ -205,8 +207,31 @@ PROTOCOL_TITLES = {"p1": "P1: held-out item among 99 sampled negatives (HR/NDCG@
                    "p3": "P3: full ranking, training items masked (HR = Recall; @10/20/50)"}
 
 
+def _override_changes(results: list[RunResult], overrides: list[str]) -> str:
+    """' Changed from the config files: train.rounds 100 → 15.' for overrides of non-runtime keys."""
+    from pipeline.config import load_config
+
+    changes = []
+    sources = list(OrderedDict.fromkeys(r.spec.source for r in results))
+    for item in overrides:
+        key, _, _ = item.partition("=")
+        key = key.strip()
+        if key.startswith("runtime."):
+            continue
+        own, new = set(), set()
+        for source in sources:
+            for config, bucket in ((load_config(source), own), (load_config(source, [item]), new)):
+                value = config
+                for part in key.split("."):
+                    value = getattr(value, part, None)
+                bucket.add(str(value))
+        if own != new:
+            changes.append(f"{key} {'/'.join(sorted(own))} → {'/'.join(sorted(new))}")
+    return (" Changed from the config files: " + "; ".join(changes) + ".") if changes else ""
+
+
 def build_report(results: list[RunResult], title: str | None = None, command: str = "",
-                 overrides: list[str] = (), seeds=()) -> dict:
+                 overrides: list[str] = (), seeds=(), extra_notes: list[str] = ()) -> dict:
     """{'markdown': str, 'tables': [...], 'runs': [...]} for the finished and failed runs."""
     parts = []
     if command:
@@ -219,20 +244,32 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                  "(`data.eval_seed`). Ties are ranked pessimistically (§6).")
     if overrides:
         parts.append("")
-        parts.append("Overrides applied to every config: " + ", ".join(f"`{o}`" for o in overrides) + ".")
+        parts.append("Overrides applied to every config: " + ", ".join(f"`{o}`" for o in overrides) + "."
+                     + _override_changes(results, overrides))
+    for note in extra_notes or ():
+        parts += ["", f"**Note:** {note}"]
     tables_json, rows_json = [], []
     for (dataset, protocol, metric), row_runs in group_runs(results).items():
         all_runs = [run for runs in row_runs.values() for run in runs]
         configs = [runs[0].spec.config for runs in row_runs.values()]
-        facts, data, negatives = dataset_facts(configs[0])
-        fingerprints = {run.extra.get("fingerprint") for run in all_runs} - {None}
-        if fingerprints - {facts["fingerprint"]}:
-            raise ValueError(f"{dataset}: runs were made on another preparation of the data "
-                             f"({sorted(fingerprints)} vs {facts['fingerprint']}); re-run with --force")
+        try:
+            facts, data, negatives = dataset_facts(configs[0])
+        except Exception as error:  # the table still lists its runs and their failures
+            facts, data, negatives = None, None, None
+            facts_error = f"{type(error).__name__}: {error}"
+        if facts is not None:
+            fingerprints = {run.extra.get("fingerprint") for run in all_runs} - {None}
+            if fingerprints - {facts["fingerprint"]}:
+                raise ValueError(f"{dataset}: runs were made on another preparation of the data "
+                                 f"({sorted(fingerprints)} vs {facts['fingerprint']}); re-run with --force")
         rows = [learned_row(runs, protocol) for runs in row_runs.values()]
-        if dataset in TRIVIAL_DATASETS:
+        if facts is None:
+            parts += ["", f"## {dataset} — {PROTOCOL_TITLES[protocol]}", "",
+                      f"- **Dataset could not be prepared:** {facts_error}", "", render_table(rows, protocol, metric)]
+            parts += [f"- FAILED: {row['key']} seed {seed}: {error}" for row in rows for seed, error in row["failed"]]
+            continue
+        if TRIVIAL_DATASETS is None or dataset in TRIVIAL_DATASETS:
             rows += trivial_rows(data, negatives, protocol)
-        assert all(r["source"] != LEARNED or r["key"] in row_runs for r in rows)
         train = [c.train for c in configs]
         encoders = [encoder_of(c.model_dump()) for c in configs]
         planned_seeds = sorted({run.spec.seed for run in all_runs})
@@ -257,28 +294,47 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                      f"(configs: {', '.join(sorted({str(r.spec.source) for r in all_runs}))})")
         parts += ["", render_table(rows, protocol, metric)]
         notes = []
-        if dataset in TRIVIAL_DATASETS:
-            best_trivial = max((r for r in rows if r["source"] == TRIVIAL),
-                               key=lambda r: r["test"].get(metric, [0])[0])
+        if TRIVIAL_DATASETS is None or dataset in TRIVIAL_DATASETS:
+            trivial = [r for r in rows if r["source"] == TRIVIAL]
             learned = [r for r in rows if r["source"] == LEARNED and r["test"].get(metric)]
-            beaten = [BACKBONE_NAMES.get(r["backbone"], r["backbone"]) for r in learned
-                      if statistics.fmean(r["test"][metric]) > best_trivial["test"][metric][0]]
             notes.append(f"Trivial rows: the same prepared split and evaluator, test split, {protocol.upper()}, "
-                         f"no learning and no seed (exact). {facts['cold_test_users']} of {facts['users']} test users "
-                         f"({100 * facts['cold_test_users'] / facts['users']:.1f} %) hold an item that never occurs in "
-                         f"training ({facts['cold_items']} such items): an ID-only model never trains those rows, "
-                         f"while `cold-first-then-popularity` ranks them first.")
-            notes.append(f"Best trivial row by test {metric_label(metric)}: `{best_trivial['backbone']}` "
-                         f"({100 * best_trivial['test'][metric][0]:.2f}). Learned rows above it (mean): "
-                         f"{', '.join(beaten) if beaten else 'none'}"
-                         + ("" if len(beaten) == len(learned) else
-                            "; the others lose to a ranking that uses no learning at all."))
+                         f"no learning and no seed (exact).")
+            if facts["cold_test_users"]:
+                notes.append(f"{facts['cold_test_users']} of {facts['users']} test users "
+                             f"({100 * facts['cold_test_users'] / facts['users']:.1f} %) hold an item that never occurs "
+                             f"in training ({facts['cold_items']} such items): an ID-only model never trains those "
+                             f"rows, while `cold-first-then-popularity` ranks them first"
+                             + (f" (tied among themselves; ties count against the target, so under P3 each sits at "
+                                f"rank {facts['cold_items']})." if protocol == "p3" else "."))
+            for ranking in trivial:
+                value = ranking["test"][metric][0]
+                beaten = [BACKBONE_NAMES.get(r["backbone"], r["backbone"]) for r in learned
+                          if statistics.fmean(r["test"][metric]) > value]
+                losing = [BACKBONE_NAMES.get(r["backbone"], r["backbone"]) for r in learned
+                          if statistics.fmean(r["test"][metric]) <= value]
+                notes.append(f"Against `{ranking['backbone']}` (test {metric_label(metric)} {100 * value:.2f}): "
+                             f"learned rows above it (mean): {', '.join(beaten) or 'none'}; at or below it: "
+                             f"{', '.join(losing) or 'none'}.")
+        per_seed = []
+        for row in rows:
+            if row["source"] == LEARNED and row["per_seed"]:
+                per_seed.append(f"{BACKBONE_NAMES.get(row['backbone'], row['backbone'])}: " + ", ".join(
+                    f"s{seed} {info['best_round']}/{info['rounds_run']} ({100 * info[f'test/{metric}']:.2f})"
+                    for seed, info in row["per_seed"].items()))
+        seconds = [x for r in rows if r["source"] == LEARNED for x in r["seconds"] if x is not None]
+        if seconds:
+            notes.append(f"Run time: {len(seconds)} runs, {sum(seconds) / 60:.1f} min in all "
+                         f"(wall clock of each train job, one after another, on a shared machine: timings are noisy).")
+        if per_seed:
+            notes.append(f"Per seed — best round / rounds run (test {metric_label(metric)} at the best round): "
+                         + "; ".join(per_seed) + ".")
         for row in rows:
             for seed, error in row.get("failed", []):
                 notes.append(f"FAILED: {row['key']} seed {seed}: {error}")
-            if row.get("missing"):
-                notes.append(f"Not run yet: {row['key']} seed(s) {', '.join(map(str, row['missing']))} "
-                             f"(the row averages the {len(row['seeds'])} finished seed(s)).")
+        missing = [f"{row['key']} seed {'/'.join(map(str, row['missing']))}" for row in rows if row.get("missing")]
+        if missing:
+            notes.append("Not run (yet; the command resumes them): " + ", ".join(missing)
+                         + ". Rows average the seeds that finished.")
         if notes:
             parts += [""] + [f"- {note}" for note in notes]
         if dataset == "ku" and protocol == "p3":

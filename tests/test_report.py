@@ -1,0 +1,209 @@
+"""The `experiments` command: runs over seeds, resumability, and the results table's labels.
+
+One tiny synthetic dataset, two configs (FedAvg under P3, FCF under P1), 2 seeds, 2 rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import ray
+
+from pipeline.report import tables
+from pipeline.report.cli import main
+from pipeline.report.experiments import StaleRunError, expand_configs, plan_runs, run_state
+
+TINY = """\
+name: {name}
+data:
+  name: synthetic
+  synthetic: {{n_users: 80, n_items: 60, mean_interactions: 12, seed: 3}}
+model:
+  backbone: {backbone}
+  dim: 8
+train:
+  protocol: {protocol}
+  rounds: 2
+  patience: 20
+  local_epochs: 1
+runtime:
+  out: runs/ignored
+  pools: 1
+  progress: false
+  tensorboard: false
+"""
+
+
+def _write_configs(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a-fedavg.yaml").write_text(TINY.format(name="tiny-fedavg", backbone="fedavg", protocol="p3"))
+    (folder / "b-fcf.yaml").write_text(TINY.format(name="tiny-fcf", backbone="fcf", protocol="p1"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    _write_configs(root / "configs")
+    yield root
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _section(markdown: str, heading_part: str) -> str:
+    """The text of the `## ...` section whose heading contains heading_part."""
+    for block in markdown.split("\n## ")[1:]:
+        if heading_part in block.splitlines()[0]:
+            return block
+    raise AssertionError(f"no section {heading_part!r} in:\n{markdown}")
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace):
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(workspace)  # the train job's data cache (runs/prepared) is relative
+    try:
+        out = workspace / "results" / "tiny.md"
+        argv = ["--configs", "configs/*.yaml", "--seeds", "0", "1", "--runs-dir", "runs/exp",
+                "--out", str(out), "--title", "Tiny", "--set", "runtime.checkpoint_every=1"]
+        code = main(argv)
+        yield code, out.read_text(), argv
+    finally:
+        os.chdir(cwd)
+
+
+def test_table_renders_mean_std_and_labels(first_run, workspace):
+    code, markdown, _ = first_run
+    assert code == 0, markdown
+    assert markdown.startswith("<!-- made by: python -m pipeline.report.cli --configs 'configs/*.yaml' --seeds 0 1")
+    assert "# Tiny" in markdown
+    for seed in (0, 1):
+        for key in ("tiny-fedavg", "tiny-fcf"):
+            assert (workspace / "runs/exp" / key / f"seed-{seed}" / "summary.json").is_file()
+    p3 = _section(markdown, "P3")
+    assert "**Protocol:** P3; K = 10, 20, 50" in p3
+    assert "**Encoder:** none (ID only)" in p3
+    assert "**Seeds:** 2 (0, 1); seed s sets train.seed = train.model_seed = s" in p3
+    assert "**Dataset:** `synthetic`" in p3 and "k-core" in p3.lower() and "rating threshold" in p3
+    assert "validation HR@50" in p3
+    assert "rounds cap 2" in p3
+    row = next(line for line in p3.splitlines() if line.startswith("| FedAvg"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == tables.LEARNED
+    assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", c) for c in cells[2:9]), cells   # 6 test + valid
+    assert cells[-1] == "2"
+    header = next(line for line in p3.splitlines() if line.startswith("| Backbone"))
+    assert "test HR@50" in header and "test NDCG@10" in header
+    p1 = _section(markdown, "P1")
+    assert "**Protocol:** P1; K = 10" in p1 and "HR@50" not in p1.split("| Backbone")[1]
+
+
+def test_p1_and_p3_never_share_a_table(first_run):
+    _, markdown, _ = first_run
+    p3, p1 = _section(markdown, "P3"), _section(markdown, "P1")
+    assert "| FedAvg" in p3 and "| FCF" not in p3
+    assert "| FCF" in p1 and "| FedAvg" not in p1
+    assert markdown.count("\n## ") == 2
+
+
+def test_rerun_skips_finished_runs(first_run, workspace, capsys):
+    import os
+
+    _, markdown, argv = first_run
+    summaries = sorted((workspace / "runs/exp").glob("*/seed-*/summary.json"))
+    stamps = [p.stat().st_mtime_ns for p in summaries]
+    cwd = os.getcwd()
+    os.chdir(workspace)
+    try:
+        capsys.readouterr()
+        assert main(argv) == 0
+        err = capsys.readouterr().err
+        assert "4 runs: 0 ran, 0 resumed, 4 skipped" in err
+        assert [p.stat().st_mtime_ns for p in summaries] == stamps
+        # the same runs give the same table (the header's command aside)
+        again = (workspace / "results" / "tiny.md").read_text()
+        assert again.split("\n", 1)[1] == markdown.split("\n", 1)[1]
+        # report-only with an extra seed: nothing runs, the missing seed is listed
+        assert main([*argv[:4], "5", *argv[4:], "--report-only"]) == 0
+        text = (workspace / "results" / "tiny.md").read_text()
+        assert "Not run (yet; the command resumes them): tiny-fedavg seed 5." in text
+        assert "Not run (yet; the command resumes them): tiny-fcf seed 5." in text and "| 2 of 3 |" in text
+        assert not (workspace / "runs/exp/tiny-fedavg/seed-5/summary.json").exists()
+    finally:
+        os.chdir(cwd)
+
+
+def test_stale_run_is_refused(first_run, workspace, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(workspace)  # run_state prepares the data in the job's (relative) cache
+    config = [str(workspace / "configs" / "a-fedavg.yaml")]
+    specs = plan_runs(expand_configs(config), seeds=[0], runs_dir=workspace / "runs/exp")
+    assert run_state(specs[0]) == "done"
+    other = plan_runs(expand_configs(config), seeds=[0], overrides=["train.lr=0.5"], runs_dir=workspace / "runs/exp")
+    with pytest.raises(StaleRunError, match="train.lr"):
+        run_state(other[0])
+    # a summary made on another preparation of the data (fingerprint) is refused too
+    copy = workspace / "runs/stale/tiny-fedavg/seed-0"
+    shutil.copytree(specs[0].run_dir, copy)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["dataset"]["fingerprint"] = "0000000000000000"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    moved = plan_runs(expand_configs(config), seeds=[0], runs_dir=workspace / "runs/stale")
+    with pytest.raises(StaleRunError, match="fingerprint"):
+        run_state(moved[0])
+
+
+def test_plan_protocol_suffix_and_controlled_keys(tmp_path):
+    folder = _write_configs(tmp_path / "configs")
+    paths = expand_configs([str(folder / "*.yaml")])
+    own = plan_runs(paths, seeds=[0, 1], runs_dir=tmp_path / "r")
+    assert [(s.key, s.seed) for s in own] == [("tiny-fedavg", 0), ("tiny-fedavg", 1), ("tiny-fcf", 0), ("tiny-fcf", 1)]
+    assert own[1].config.train.seed == 1 and own[1].config.train.model_seed == 1
+    assert own[1].run_dir == tmp_path / "r" / "tiny-fedavg" / "seed-1"
+    p3 = plan_runs(paths, seeds=[0], overrides=["train.protocol=p3"], runs_dir=tmp_path / "r")
+    assert [s.key for s in p3] == ["tiny-fedavg", "tiny-fcf-p3"]
+    with pytest.raises(ValueError, match="train.seed"):
+        plan_runs(paths, overrides=["train.seed=4"])
+    with pytest.raises(FileNotFoundError):
+        expand_configs([str(folder / "nothing-*.yaml")])
+
+
+def test_mean_std_and_cells():
+    mean, std = tables.mean_std([1.0, 2.0, 3.0])
+    assert mean == 2.0 and std == 1.0                      # sample std (ddof 1)
+    assert tables.format_cell([0.01, 0.02, 0.03]) == "2.00 ± 1.00"
+    assert tables.format_cell([0.1234]) == "12.34"
+    assert tables.format_cell([]) == "–"
+
+
+def test_reported_ku_table_is_labelled():
+    text = tables.render_reported_ku()
+    assert text.count(tables.REPORTED) == 5 and "K≈50" in text
+    assert "| FedAvg | reported (FedVLR poster, K≈50) | 11.27 | 5.62 |" in text
+
+
+def test_trivial_rows_are_labelled(first_run, workspace, monkeypatch):
+    """The trivial rankings join the tables (KU must have them), labelled and exact."""
+    import os
+
+    monkeypatch.setattr(tables, "TRIVIAL_DATASETS", {"synthetic"})
+    cwd = os.getcwd()
+    os.chdir(workspace)
+    try:
+        from pipeline.report.experiments import run_experiments
+
+        specs = plan_runs(expand_configs(["configs/a-fedavg.yaml"]), seeds=[0, 1],
+                          overrides=["runtime.checkpoint_every=1"], runs_dir="runs/exp")
+        report = tables.build_report(run_experiments(specs, report_only=True))
+    finally:
+        os.chdir(cwd)
+    p3 = _section(report["markdown"], "P3")
+    for name in tables.TRIVIAL_RANKINGS:
+        assert f"| {name} | {tables.TRIVIAL} |" in p3
+    assert "exact (no seed)" in p3 and "Against `popularity` (test HR@50" in p3
+    json.dumps(report["tables"], default=str)

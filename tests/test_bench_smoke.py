@@ -1,0 +1,71 @@
+"""Smoke test of the engine benchmarks: both run end to end at tiny sizes through main(argv) and
+end with one JSON line holding the expected keys. No timing is asserted (benchmarks are not
+tests); the tiny data is synthetic, so no dataset files are needed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import engine_speed, scale
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def last_json_line(text: str) -> dict:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert lines, "no output"
+    figures = json.loads(lines[-1])
+    assert isinstance(figures, dict)
+    assert sum(1 for line in lines if line.lstrip().startswith("{")) == 1, "exactly one JSON line"
+    return figures
+
+
+def test_engine_speed_smoke(capsys):
+    returned = engine_speed.main(["--quick", "--dataset", "synthetic", "--synthetic-users", "40",
+                                  "--synthetic-items", "30", "--users", "12", "--rounds", "2",
+                                  "--gemm-n", "64", "--gemm-repeats", "2"])
+    figures = last_json_line(capsys.readouterr().out)
+    assert figures["bench"] == "engine_speed" == returned["bench"]
+    for key in ("threads", "users_per_round", "rounds", "shards", "gemm_peak_gflops", "target_speedup", "backbones"):
+        assert key in figures, key
+    assert set(figures["backbones"]) == {"pfedrec", "fedrap"}
+    for backbone, result in figures["backbones"].items():
+        for key in ("engine_round_s", "oracle_round_s", "speedup", "speedup_cpu", "target_met", "oracle_extrapolated",
+                    "local_train_s", "local_train_gflop", "local_train_gflops", "fraction_of_gemm_peak",
+                    "flop_formula", "rounds", "check"):
+            assert key in result, (backbone, key)
+        assert len(result["rounds"]) == 2
+        check = result["check"]
+        for key in ("params_max_abs_diff", "scores_max_abs_diff", "hr10_engine", "hr10_oracle", "hr10_equal"):
+            assert key in check, (backbone, key)
+
+
+def test_engine_speed_oracle_subset_smoke(capsys):
+    engine_speed.main(["--quick", "--dataset", "synthetic", "--synthetic-users", "40", "--synthetic-items", "30",
+                       "--users", "12", "--oracle-users", "3", "--backbones", "fedrap", "--gemm-n", "64",
+                       "--gemm-repeats", "1"])
+    result = last_json_line(capsys.readouterr().out)["backbones"]["fedrap"]
+    assert result["oracle_extrapolated"] is True and result["check"] is None
+
+
+def test_scale_smoke(capsys):
+    returned = scale.main(["--population", "1500", "--per-round", "60", "--items", "120", "--rounds", "1",
+                           "--score-sample", "20"])
+    figures = last_json_line(capsys.readouterr().out)
+    assert figures["bench"] == "scale" == returned["bench"]
+    for key in ("threads", "backbone", "data", "settings", "ratio_small_pop_over_main", "ratio_double_over_main",
+                "process_peak_rss_gb", "rss_limit_gb", "rss_pass"):
+        assert key in figures, key
+    assert set(figures["settings"]) == {"main", "small_pop", "double"}
+    for name, setting in figures["settings"].items():
+        for key in ("population", "per_round", "s_per_round", "round_seconds", "peak_rss_gb", "store_mb", "stopped"):
+            assert key in setting, (name, key)
+        assert setting["rounds_run"] == 2  # one warm-up + one timed

@@ -20,6 +20,87 @@ Backbone = Literal["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"]
 # spec/backbones.md defaults per backbone
 BACKBONE_LR = {"fedavg": 0.01, "fcf": 0.1, "fedncf": 0.1, "pfedrec": 0.1, "fedrap": 0.1}
 BACKBONE_LR_DECAY = {"fedrap": 0.9}
+FEDMR_LR = {"fedavg": 0.1, "fedncf": 0.01}  # spec/fedmr.md §3: lr 0.1, MM-FedNCF 0.01 (one lr)
+
+
+Modality = Literal["id", "text", "image"]
+MODALITIES: tuple[str, ...] = ("id", "text", "image")
+
+
+class FusionConfig(BaseModel):
+    """FedMR's Mixing Feature Fusion Module (spec/fedmr.md §7); `model.fusion: null` = ID only.
+
+    Keys that only matter for some settings are refused where they would do nothing (D14):
+    router and mixing keys need fusion=moe, attention_variant needs fusion=attention,
+    server_lr / server_clip need fusion_agg=grad_adam.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fusion: Literal["moe", "sum", "mlp", "gate", "attention"] = Field(
+        "moe", description="moe mixes the Sum, MLP and Gate experts; any other value uses that one fusion")
+    router_scope: Literal["local", "global"] = Field(
+        "local", description="local: each user's router is persisted in its pool, never uploaded; "
+                             "global: aggregated with the experts")
+    fusion_agg: Literal["fedavg", "grad_adam"] = Field(
+        "fedavg", description="fedavg: weight averaging with the backbone's weights; grad_adam: averaged "
+                              "last-batch gradients + one server Adam step per round (reference)")
+    mixing_source: Literal["history", "batch"] = Field(
+        "history", description="mixing weights from the user's training positives (history) or from the "
+                               "rows of the forward call (batch, reference reproduction)")
+    mixing_softmax: Literal["single", "double"] = Field(
+        "single", description="double: softmax again over the averaged router outputs (2024 code)")
+    layer_norm: bool = Field(True, description="on/off: the projection and expert LayerNorms")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout of the experts, router and attention")
+    attention_variant: Literal["modality_tokens", "fedvlr"] = Field(
+        "modality_tokens", description="fusion=attention: attention over the modality tokens, or FedVLR's "
+                                       "length-1 attention")
+    attention_heads: int = Field(4, ge=1, description="fusion=attention: heads")
+    d_id: int | None = Field(
+        None, ge=1, description="width of the ID input e_i; None = model.dim (the backbone's ID table). "
+                                "FedNCF: width of FedMR's own item table E (any value); other backbones "
+                                "feed their item table, so it must equal model.dim")
+    d_f: int = Field(64, ge=1, description="fusion width (FedNCF additive: must equal model.dim)")
+    d_r: int = Field(64, ge=1, description="router hidden width (fusion=moe)")
+    modalities: tuple[Modality, ...] = Field(
+        MODALITIES, description="inputs of the module; drop one for ablations (id, text, image)")
+    server_lr: float | None = Field(
+        None, gt=0, description="grad_adam: server Adam lr; None = the base client lr (never decayed)")
+    server_clip: float | None = Field(
+        None, gt=0, description="grad_adam: clip the averaged gradient to this global norm; None = off")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        # keys set to something other than their default (a dumped config repeats every default)
+        given = {key for key in self.model_fields_set
+                 if getattr(self, key) != type(self).model_fields[key].default}
+        if not self.modalities:
+            raise ValueError("fusion.modalities: at least one of id, text, image")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"fusion.modalities={list(self.modalities)}: repeated modality")
+        object.__setattr__(self, "modalities", tuple(m for m in MODALITIES if m in self.modalities))
+        if self.fusion != "moe":
+            for key in ("router_scope", "mixing_source", "mixing_softmax", "d_r"):
+                if key in given:
+                    raise ValueError(f"fusion.{key} has no effect with fusion={self.fusion} (no router, no "
+                                     f"mixing): remove it or use fusion=moe")
+        if self.fusion == "sum" and self.dropout > 0 and "dropout" in given:  # default 0.1 tolerated
+            raise ValueError("fusion.dropout has no effect with fusion=sum (no parameters after the "
+                             "projections): remove it")
+        if self.fusion != "attention":
+            for key in ("attention_variant", "attention_heads"):
+                if key in given:
+                    raise ValueError(f"fusion.{key} only applies to fusion=attention")
+        else:
+            width = self.d_f if self.attention_variant == "modality_tokens" else self.d_f * len(self.modalities)
+            if width % self.attention_heads:
+                raise ValueError(f"fusion.attention_heads={self.attention_heads} must divide the attention "
+                                 f"width {width}")
+        if self.fusion_agg != "grad_adam":
+            for key in ("server_lr", "server_clip"):
+                if key in given:
+                    raise ValueError(f"fusion.{key} only applies to fusion_agg=grad_adam")
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -35,12 +116,28 @@ class ModelConfig(BaseModel):
     fedrap_lambda: float = Field(0.1, ge=0, description="base weight of -MSE(P, C)")
     fedrap_mu: float = Field(0.1, ge=0, description="base weight of the regulariser R(C)")
     fedrap_reg: Literal["l1", "l2"] = "l1"
+    fusion: FusionConfig | None = Field(None, description="FedMR fusion module; null = ID only")
 
     @model_validator(mode="after")
     def _ncf_dim(self):
         if self.backbone == "fedncf" and self.dim % 4:
             raise ValueError(f"dim={self.dim}: FedNCF's tower halves twice, dim must be a multiple of 4")
+        fusion = self.fusion
+        if fusion is not None:
+            if self.backbone == "fedncf":
+                if fusion.d_f != self.dim:
+                    raise ValueError(f"fusion.d_f={fusion.d_f}: FedNCF's additive FedMR adds z_i to the item "
+                                     f"embeddings, so d_f must equal model.dim={self.dim}")
+            elif fusion.d_id is not None and fusion.d_id != self.dim:
+                raise ValueError(f"fusion.d_id={fusion.d_id}: {self.backbone} feeds its item table (width "
+                                 f"model.dim={self.dim}) to FedMR; set model.dim instead")
+            if "id" not in fusion.modalities and self.backbone == "fedncf" and fusion.d_id is not None:
+                raise ValueError("fusion.d_id has no effect when fusion.modalities drops id")
         return self
+
+    def id_width(self) -> int:
+        """d_id: the width of the ID input of the fusion module."""
+        return self.fusion.d_id if self.fusion is not None and self.fusion.d_id is not None else self.dim
 
 
 class TrainConfig(BaseModel):
@@ -111,7 +208,11 @@ class ExperimentConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def lr(self) -> float:
-        return self.train.lr if self.train.lr is not None else BACKBONE_LR[self.model.backbone]
+        if self.train.lr is not None:
+            return self.train.lr
+        if self.model.fusion is not None and self.model.backbone in FEDMR_LR:
+            return FEDMR_LR[self.model.backbone]
+        return BACKBONE_LR[self.model.backbone]
 
     def lr_decay(self) -> float:
         if self.train.lr_decay is not None:

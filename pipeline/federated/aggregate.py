@@ -6,26 +6,38 @@ normalised weighted (or uniform) mean of the participants' trained parameters.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from pipeline.config import ExperimentConfig
-from pipeline.models import backbone
+from pipeline.models import model_for
 from pipeline.models.base import InitialState
 
 _SAMPLING_TAG = 0x5A3D
 
 
-def initial_state(config: ExperimentConfig, n_users: int, n_items: int) -> InitialState:
-    """The seeded initial model (model_seed), identical wherever it is built."""
+def feature_dims(data) -> dict[str, int]:
+    """modality -> width of a PreparedDataset's frozen item features."""
+    return {name: int(matrix.shape[1]) for name, matrix in data.features.items()}
+
+
+def initial_state(config: ExperimentConfig, n_users: int, n_items: int,
+                  feature_dims: dict[str, int] | None = None) -> InitialState:
+    """The seeded initial model (model_seed), identical wherever it is built.
+    feature_dims (modality -> d_m) sizes the fusion module's projections (FedMR only)."""
     generator = torch.Generator().manual_seed(config.train.model_seed)
-    return backbone(config.model.backbone).init(n_users, n_items, config.model.dim, generator)
+    model = model_for(config.model)
+    if config.model.fusion is None:
+        return model.init(n_users, n_items, config.model.dim, generator)
+    return model.init(n_users, n_items, config.model.dim, generator, feature_dims or {})
 
 
 def round_lrs(config: ExperimentConfig, n_items: int, round_: int) -> dict[str, float]:
     """lr of every parameter in round t: lr * decay^t * the backbone's multiplier."""
     lr = config.lr() * config.lr_decay() ** round_
-    scale = backbone(config.model.backbone).lr_scale(n_items, config.model)
+    scale = model_for(config.model).lr_scale(n_items, config.model)
     return {name: lr * factor for name, factor in scale.items()}
 
 
@@ -59,3 +71,42 @@ def apply_uploads(global_params: dict[str, torch.Tensor], uploads) -> dict[str, 
         for name, summed in upload.dense_sums.items():
             new[name] += (summed / total).to(new[name].dtype)
     return new
+
+
+def server_lr(config: ExperimentConfig) -> float:
+    """grad_adam's server Adam lr: fusion.server_lr, else the base client lr (never decayed)."""
+    fusion = config.model.fusion
+    return fusion.server_lr if fusion is not None and fusion.server_lr is not None else config.lr()
+
+
+def apply_fusion_grads(global_params: dict[str, torch.Tensor], uploads, state: dict | None, *, lr: float,
+                       clip: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
+                       eps: float = 1e-8) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """fusion_agg=grad_adam (spec/fedmr.md §6): g = sum_c w_c g_c / sum_c w_c over the uploaded
+    last-batch gradients, optionally clipped to global norm `clip` (as clip_grad_norm_), then
+    exactly one Adam step on the server's copy. `state` (step, exp_avg, exp_avg_sq) persists
+    across rounds and belongs in the server's checkpoint. Returns (new params, new state);
+    nothing changes without uploads."""
+    total = sum(upload.weight for upload in uploads)
+    names = sorted({name for upload in uploads for name in upload.grad_sums})
+    if total <= 0 or not names:
+        return global_params, state
+    grads = {name: sum(upload.grad_sums[name] for upload in uploads if name in upload.grad_sums) / total
+             for name in names}
+    if clip is not None:
+        norm = torch.sqrt(sum(g.double().square().sum() for g in grads.values()))
+        factor = min(1.0, float(clip / (norm + 1e-6)))
+        grads = {name: g * factor for name, g in grads.items()}
+    state = state or {"step": 0, "exp_avg": {}, "exp_avg_sq": {}}
+    step = state["step"] + 1
+    beta1, beta2 = betas
+    new = dict(global_params)
+    exp_avg, exp_avg_sq = dict(state["exp_avg"]), dict(state["exp_avg_sq"])
+    for name in names:
+        param, grad = global_params[name], grads[name].to(global_params[name].dtype)
+        m = exp_avg.get(name, torch.zeros_like(param)) * beta1 + grad * (1 - beta1)
+        v = exp_avg_sq.get(name, torch.zeros_like(param)) * beta2 + grad * grad * (1 - beta2)
+        denom = v.sqrt() / math.sqrt(1 - beta2 ** step) + eps
+        new[name] = param - (lr / (1 - beta1 ** step)) * m / denom
+        exp_avg[name], exp_avg_sq[name] = m, v
+    return new, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}

@@ -11,14 +11,14 @@ Pure torch + numpy: no Ray here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.federated.grouped import grouped_linear
-from pipeline.federated.sampling import EpochRows
+from pipeline.federated.grouped import PaddedLayout, gather_rows, grouped_linear
+from pipeline.federated.sampling import EpochRows, dropout_keep
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,84 @@ class ClientParams:
                             {k: v.detach() for k, v in self.vectors.items()})
 
 
+@dataclass
+class FusionInputs:
+    """What a fusion module reads besides parameters during a round (spec/fedmr.md).
+
+    features: modality -> [I, d_m] frozen item features.  ws_client, ws_item: [W] int64 of the
+    working set.  users: [B] global user ids (they key the dropout masks, with `seed`).
+    history: sorted working-set positions of the clients' training positives (set by
+    train_clients).  key: (seed, round, epoch, step) of the current mini-batch.
+    span: modality -> FeatureSpan for the frozen-feature projections held on the working set.
+    """
+
+    features: dict[str, torch.Tensor]
+    ws_client: np.ndarray
+    ws_item: np.ndarray
+    users: np.ndarray
+    seed: int
+    dropout: float
+    n_clients: int
+    history: np.ndarray | None = None
+    key: tuple[int, int, int, int] = (0, 0, 0, 0)
+    span: dict[str, "FeatureSpan"] = field(default_factory=dict)
+
+
+@dataclass
+class FeatureSpan:
+    """A Linear on frozen features, trained by SGD, held by its action on the working set.
+
+    With frozen inputs x and plain SGD, every step changes client c's weight by
+    -lr * sum_r g_r x_r^T over the rows r of the step, all working-set rows of c, so
+    W_c = W + A_c^T X_c at all times (A_c: one coefficient row per working-set row of c,
+    starting at 0). Its output on a row i of c is then
+        W_c x_i = base_i + sum_{r in ws(c)} K[i, r] A_c[r],   base = X W^T, K = X X^T,
+    exact, with no per-client [out, in] weight: the projection is needed only on the client's
+    working-set rows (DESIGN "Sparse item tables", applied to the feature projections).
+
+    modality: the features X.  weight: the parameter name (e.g. fedmr.proj.text.weight).
+    table: the name of A in the round's tables ([W, out]).  base: [W, out] = X[ws_item] W^T of
+    the downloaded W.  gram: [I, I] = X X^T.  offsets: [B+1] working-set rows per client.
+    """
+
+    modality: str
+    weight: str
+    table: str
+    base: torch.Tensor
+    gram: torch.Tensor
+    offsets: np.ndarray
+
+
+@dataclass
+class FusionRows:
+    """The rows a fusion module computes on for a forward call, and how they map back.
+
+    ctx: a context over F distinct (client, item) rows: the scored rows plus, with `history`,
+    the clients' training positives.  index: [R] position in F of every scored row (None: the
+    scored rows are F).  history: [F] bool, row is a training positive of its client.
+    count: [F] how many scored rows it stands for.  segment: [F] client of the row in
+    0..n_segments-1 (mixing weights are per segment).
+    """
+
+    ctx: object
+    index: torch.Tensor | None
+    history: torch.Tensor
+    count: torch.Tensor
+    segment: torch.Tensor
+    n_segments: int
+
+
 class StepRows:
     """RowContext for the rows of one step: each row reads its own client's parameters.
 
     client: [R] client positions (sorted), ws: [R] working-set positions.
+    fusion: FusionInputs when the model has a fusion module (see fusion_rows).
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], client: torch.Tensor, ws: torch.Tensor):
+    def __init__(self, params: dict[str, torch.Tensor], client: torch.Tensor, ws: torch.Tensor,
+                 fusion: FusionInputs | None = None):
         self.params, self.client, self.ws = params, client, ws
+        self.fusion = fusion
         self._groups = None
 
     def table(self, name: str) -> torch.Tensor:
@@ -90,6 +160,136 @@ class StepRows:
         present, counts = self._groups
         return grouped_linear(x, weight[present], counts) + self.vector(f"{name}.bias")
 
+    def fusion_rows(self, history: bool) -> FusionRows:
+        """The distinct (client, item) rows of this step, plus every training positive of the
+        step's clients when `history` (spec/fedmr.md §2: S_u = H_u, in the same forward pass),
+        in a padded layout (PaddedRows)."""
+        info = self.fusion
+        ws = self.ws.numpy()
+        hist = info.history
+        if history:
+            present = np.zeros(info.n_clients, dtype=bool)
+            present[self.client.numpy()] = True
+            rows = np.unique(np.concatenate([ws, hist[present[info.ws_client[hist]]]]))
+        else:
+            rows = np.unique(ws)
+        index = np.searchsorted(rows, ws)
+        at = np.minimum(np.searchsorted(hist, rows), max(len(hist) - 1, 0))
+        is_history = hist[at] == rows if len(hist) else np.zeros(len(rows), dtype=bool)
+        count = np.bincount(index, minlength=len(rows))
+        ctx = PaddedRows(self.params, info, info.ws_client[rows], rows, native=True)
+        layout = ctx.layout
+        dtype = next(iter(self.params.values())).dtype
+        return FusionRows(ctx=ctx, index=torch.as_tensor(layout.position[index]),
+                          history=torch.as_tensor(is_history[layout.source] & layout.real),
+                          count=torch.as_tensor(count[layout.source] * layout.real, dtype=dtype),
+                          segment=ctx.client, n_segments=info.n_clients)
+
+
+class PaddedRows:
+    """The fusion module's context in local training: rows (client, working-set row) held in a
+    PaddedLayout, so that every per-client Linear is one bmm per size bucket on views.
+
+    native: the context's tensors are in padded order (R' rows, padding included: they repeat
+    a real row of their client and are never read by the loss); else in the order of the rows
+    given, and Linear layers move rows into the layout and back.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], fusion: FusionInputs, client: np.ndarray, ws: np.ndarray,
+                 native: bool):
+        self.params, self.fusion = params, fusion
+        self.layout = PaddedLayout(client, fusion.n_clients)
+        if native:
+            client, ws = self.layout.row_client, ws[self.layout.source]
+            self._moves = None
+        else:
+            self._moves = (torch.as_tensor(self.layout.source), torch.as_tensor(self.layout.position))
+        self._client, self._ws = client, ws
+        self.client, self.ws = torch.as_tensor(client), torch.as_tensor(ws)
+
+    def table(self, name: str) -> torch.Tensor:
+        return gather_rows(self.params[name], self.ws)
+
+    def vector(self, name: str) -> torch.Tensor:
+        return gather_rows(self.params[name], self.client)
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        weight = self.params[f"{name}.weight"]
+        if self._moves is None:
+            out = self.layout.linear(x, weight)
+        else:
+            source, position = self._moves
+            out = self.layout.linear(x[source], weight)[position]
+        return out + self.vector(f"{name}.bias")
+
+    def feature_linear(self, modality: str, name: str) -> torch.Tensor:
+        """[R, out]: the rows' frozen `modality` features through the client's Linear `name`
+        (held as a FeatureSpan when the round set one up: base + K A, no per-client weight)."""
+        span = self.fusion.span.get(modality)
+        if span is None or span.weight != f"{name}.weight":
+            items = torch.as_tensor(self.fusion.ws_item[self._ws])
+            return self.linear(self.fusion.features[modality][items], name)
+        if self._moves is not None:
+            raise ValueError("a FeatureSpan needs the native padded layout")
+        moved = _SpanLinear.apply(self.params[span.table], self, span)
+        return span.base[self.ws] + moved + self.vector(f"{name}.bias")
+
+    def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
+        """Inverted dropout on x [R, ...] with masks keyed by (key, user, item, site, unit)."""
+        p = self.fusion.dropout
+        if p == 0:
+            return x
+        flat = x.reshape(len(x), -1)
+        keep = dropout_keep(*self.fusion.key, site, self.fusion.users[self._client], self.fusion.ws_item[self._ws],
+                            flat.shape[1], p)
+        return (flat * torch.from_numpy(keep).to(x.dtype) * (1.0 / (1.0 - p))).view_as(x)
+
+    def subset(self, index: torch.Tensor) -> "PaddedRows":
+        """The rows `index` of this context, in that order."""
+        index = index.numpy()
+        return PaddedRows(self.params, self.fusion, self._client[index], self._ws[index], native=False)
+
+
+_SPAN_CHUNK = 1 << 24  # K entries gathered at once (clients of a bucket are taken in chunks)
+
+
+class _SpanLinear(torch.autograd.Function):
+    """out_i = sum_{r in ws(c)} K[i, r] A[r] for the rows i of a native PaddedRows, one bmm per
+    (chunk of a) bucket. Its backward returns, for A, the output gradient g_i scattered to the
+    rows' own working-set positions: then `A -= lr * grad` is exactly SGD on W_c (see
+    FeatureSpan); it is not the gradient of A."""
+
+    @staticmethod
+    def forward(ctx, table, rows: "PaddedRows", span: FeatureSpan):
+        out = table.new_empty(rows.layout.n_rows, table.shape[1])
+        items = torch.as_tensor(rows.fusion.ws_item[rows._ws])
+        ws_items = torch.as_tensor(rows.fusion.ws_item)
+        n_items = span.gram.shape[1]
+        for offset, c0, c1, width in rows.layout.buckets:
+            starts, counts = span.offsets[c0:c1], np.diff(span.offsets[c0:c1 + 1])
+            ws_width = max(int(counts.max()), 1)
+            step = max(1, _SPAN_CHUNK // (width * ws_width))
+            for a in range(0, c1 - c0, step):
+                b = min(a + step, c1 - c0)
+                cols = torch.as_tensor(starts[a:b, None] + np.arange(ws_width)[None, :])  # [g, ws_w]
+                valid = torch.as_tensor(np.arange(ws_width)[None, :] < counts[a:b, None])
+                cols = torch.where(valid, cols, 0)
+                coefficients = table.index_select(0, cols.view(-1)).view(b - a, ws_width, -1)
+                coefficients = coefficients * valid[:, :, None].to(table.dtype)  # [g, ws_w, out]
+                row_items = items[offset + a * width:offset + b * width].view(b - a, width)
+                flat = row_items[:, :, None] * n_items + ws_items[cols][:, None, :]
+                gram = span.gram.view(-1).index_select(0, flat.view(-1)).view(b - a, width, ws_width)
+                torch.bmm(gram, coefficients, out=out[offset + a * width:offset + b * width].view(b - a, width, -1))
+        ctx.save_for_backward(rows.ws)
+        ctx.n = len(table)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ws,) = ctx.saved_tensors
+        grad = grad_out.new_zeros(ctx.n, grad_out.shape[1]).index_add_(0, ws, grad_out)
+        return grad, None, None
+
 
 @dataclass
 class LocalResult:
@@ -100,12 +300,15 @@ class LocalResult:
     rows: np.ndarray
     epochs: np.ndarray
     loss: np.ndarray
+    last_grads: dict[str, torch.Tensor] = None  # model.UPLOAD_GRADS: last-batch gradients ([B, ...];
+    # a FeatureSpan's under its table name, [W, out])
 
 
 def client_losses(model, params: dict[str, torch.Tensor], client: torch.Tensor, ws: torch.Tensor,
-                  label: torch.Tensor, n_clients: int, round_: int, model_config) -> torch.Tensor:
+                  label: torch.Tensor, n_clients: int, round_: int, model_config,
+                  fusion: FusionInputs | None = None) -> torch.Tensor:
     """[B] mean loss of each client over its rows of this step (0 for clients without rows)."""
-    ctx = StepRows(params, client, ws)
+    ctx = StepRows(params, client, ws, fusion)
     per_row = F.binary_cross_entropy_with_logits(model.logits(ctx), label, reduction="none")
     if hasattr(model, "row_regulariser"):
         per_row = per_row + model.row_regulariser(ctx, round_, model_config)
@@ -116,17 +319,33 @@ def client_losses(model, params: dict[str, torch.Tensor], client: torch.Tensor, 
 
 def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows], *,
                   lrs: dict[str, float], tol: float, round_: int, model_config,
-                  update: str = "joint") -> LocalResult:
+                  update: str = "joint", fusion: FusionInputs | None = None) -> LocalResult:
     """Run local training of all clients in `params` (B of them) over the pre-sampled epochs.
 
     lrs: the lr of every parameter name this round (decay and item multipliers applied).
     update: 'joint' (one SGD step on everything per mini-batch) or 'two_step' (PFedRec:
-    model.TWO_STEP_GROUPS stepped one after the other, the loss recomputed in between).
+    model.TWO_STEP_GROUPS stepped one after the other, the loss recomputed in between with
+    the same dropout masks).
+    fusion: the fusion module's inputs (models with one); its dropout keys are set per step.
     A client stops after epoch e >= 1 when |L_e - L_{e-1}| / (|L_e| + 1e-6) < tol.
+    model.UPLOAD_GRADS (if any): each client's gradient of those parameters at its last
+    mini-batch is returned in LocalResult.last_grads (for a weight held as a FeatureSpan: the
+    span's rows of that mini-batch, keyed by the span's table name).
     """
     n_clients = len(next(iter(params.vectors.values())))
     current = {name: tensor.detach().clone() for name, tensor in params.all().items()}
-    groups = model.TWO_STEP_GROUPS if update == "two_step" else (tuple(current),)
+    if fusion is not None and epochs:  # every epoch holds every positive once
+        first = epochs[0]
+        fusion.history = np.sort(working_set.locate(first.client[first.label == 1], first.item[first.label == 1]))
+    rename = {span.weight: span.table for span in fusion.span.values()} if fusion is not None else {}
+    last_grads = {rename.get(n, n): torch.zeros_like(current[rename.get(n, n)])
+                  for n in getattr(model, "UPLOAD_GRADS", ())}
+    row_owner = {name: fusion.ws_client for name in rename.values()}  # span rows belong to clients
+    if update == "two_step":  # spans stand for their weights
+        groups = tuple(tuple(rename.get(n, n) for n in group if rename.get(n, n) in current)
+                       for group in model.TWO_STEP_GROUPS)
+    else:
+        groups = (tuple(current),)
     active = np.ones(n_clients, dtype=bool)
     rows_done = np.zeros(n_clients, dtype=np.int64)
     epochs_run = np.zeros(n_clients, dtype=np.int64)
@@ -142,9 +361,11 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
             ws = torch.as_tensor(ws_index[chosen])
             label = torch.as_tensor(rows.label[chosen], dtype=next(iter(current.values())).dtype)
             present = np.unique(rows.client[chosen])
+            if fusion is not None:
+                fusion.key = (fusion.seed, round_, epoch, step)
             for index, group in enumerate(groups):
                 leaves = {name: current[name].requires_grad_(True) for name in group}
-                losses = client_losses(model, current, client, ws, label, n_clients, round_, model_config)
+                losses = client_losses(model, current, client, ws, label, n_clients, round_, model_config, fusion)
                 if index == 0:  # the epoch loss is the batch loss before any update
                     loss_sum[present] += losses.detach().numpy()[present]
                 grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
@@ -152,7 +373,13 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
                     for (name, leaf), grad in zip(leaves.items(), grads):
                         leaf.requires_grad_(False)
                         if grad is not None:
-                            leaf.sub_(lrs[name] * grad)
+                            if name in last_grads:  # per client, or per working-set row of a span
+                                at = np.isin(row_owner[name], present) if name in row_owner else present
+                                last_grads[name][at] = grad[at]
+                            if fusion is None:
+                                leaf.sub_(lrs[name] * grad)
+                            else:  # no temporary (the per-client fusion weights are large)
+                                leaf.sub_(grad, alpha=lrs[name])
             n_batches[present] += 1
         rows_done[active] += np.bincount(rows.client, minlength=n_clients)[active]
         epochs_run[active] += 1
@@ -165,4 +392,4 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
         if not active.any():
             break
     trained = ClientParams({k: current[k] for k in params.tables}, {k: current[k] for k in params.vectors})
-    return LocalResult(params=trained, rows=rows_done, epochs=epochs_run, loss=last)
+    return LocalResult(params=trained, rows=rows_done, epochs=epochs_run, loss=last, last_grads=last_grads)

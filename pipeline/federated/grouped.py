@@ -4,31 +4,154 @@ Rows arrive grouped by client (contiguous). Clients are bucketed by row count (p
 each bucket padded to its largest client and multiplied with one batched GEMM: padding wastes
 at most 2x, however skewed the client sizes are (DESIGN "Flat, not padded": the fallback for
 a per-client dense shape). Works for any dtype and width, with autograd.
+
+A GroupPlan holds the bucket layout of one set of group sizes, so that many layers applied to
+the same rows (the fusion module's projections, experts and router) compute it once.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+class GroupPlan:
+    """Bucket layout for groups of sizes `counts` [G] (rows of group g contiguous, in order)."""
+
+    def __init__(self, counts: torch.Tensor):
+        self.n_rows = int(counts.sum())
+        starts = torch.cumsum(counts, 0) - counts
+        group = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        position = torch.arange(self.n_rows) - starts[group]
+        bucket = torch.ceil(torch.log2(counts.clamp(min=1).to(torch.float64))).to(torch.int64)
+        self.buckets = []  # (members [g], width, rows [n], slot of row [n], position of row [n])
+        order = []
+        for b in torch.unique(bucket).tolist():
+            members = torch.nonzero(bucket == b).squeeze(1)  # groups in this bucket
+            slot = torch.full((len(counts),), -1, dtype=torch.int64)
+            slot[members] = torch.arange(len(members))
+            rows = torch.nonzero(slot[group] >= 0).squeeze(1)
+            width = int(counts[members].max())
+            self.buckets.append((members, width, rows, slot[group[rows]], position[rows]))
+            order.append(rows)
+        self.inverse = torch.argsort(torch.cat(order))
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """x [R, in], weight [G, out, in] (or [N, out, in] with `groups` [G] choosing the rows
+        of weight that the G groups use). Returns [R, out] = x_r @ weight[group(r)].T."""
+        pieces = []
+        for members, width, rows, slot, position in self.buckets:
+            padded = x.new_zeros(len(members), width, x.shape[1])
+            padded = padded.index_put((slot, position), x[rows])
+            chosen = weight[members] if groups is None else weight[groups[members]]
+            out = torch.bmm(padded, chosen.transpose(1, 2))
+            pieces.append(out[slot, position])
+        return torch.cat(pieces)[self.inverse]
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """x [R, in] (rows of group g contiguous, groups in order), weight [G, out, in],
     counts [G] rows per group (sum = R). Returns [R, out] = x_r @ weight[group(r)].T."""
-    starts = torch.cumsum(counts, 0) - counts
-    group = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    position = torch.arange(len(x)) - starts[group]
-    bucket = torch.ceil(torch.log2(counts.clamp(min=1).to(torch.float64))).to(torch.int64)
-    pieces, order = [], []
-    for b in torch.unique(bucket).tolist():
-        members = torch.nonzero(bucket == b).squeeze(1)  # groups in this bucket
-        slot = torch.full((len(counts),), -1, dtype=torch.int64)
-        slot[members] = torch.arange(len(members))
-        rows = torch.nonzero(slot[group] >= 0).squeeze(1)
-        width = int(counts[members].max())
-        padded = x.new_zeros(len(members), width, x.shape[1])
-        padded = padded.index_put((slot[group[rows]], position[rows]), x[rows])
-        out = torch.bmm(padded, weight[members].transpose(1, 2))
-        pieces.append(out[slot[group[rows]], position[rows]])
-        order.append(rows)
-    result = torch.cat(pieces)
-    return result[torch.argsort(torch.cat(order))]
+    return GroupPlan(counts).apply(x, weight)
+
+
+# --- padded layout: rows stored bucket-major, so per-client layers need no gathers -----------------
+
+
+class PaddedLayout:
+    """Rows of clients 0..B-1 laid out client after client, each client padded to the width of
+    its bucket. Buckets are contiguous ranges of clients [c0, c1) whose row counts share a
+    power-of-two class (the class made non-decreasing along the clients, so callers that order
+    clients by size get tight buckets, and any order stays correct). A per-client Linear is then
+    one bmm per bucket on views of the rows ([c1-c0, width, in]) and of the weights
+    (weight[c0:c1]): no gather or scatter of rows or weights. Row-wise ops act on the flat
+    [R', d] tensor directly. Padding rows repeat a real row of the same client (a client with
+    no rows: any row); a loss never reads them, so they get zero gradient.
+
+    client: [N] client of every input row (any order), n_clients: B.
+    position [N]: where input row n lives; source [R']: which input row fills each padded row.
+    buckets: (offset, c0, c1, width).
+    """
+
+    def __init__(self, client: np.ndarray, n_clients: int):
+        client = np.asarray(client, dtype=np.int64)
+        counts = np.bincount(client, minlength=n_clients)
+        klass = np.maximum.accumulate(np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64))
+        edges = np.flatnonzero(np.diff(klass)) + 1
+        starts, stops = np.concatenate([[0], edges]), np.concatenate([edges, [n_clients]])
+        width_of, base = np.zeros(n_clients, np.int64), np.zeros(n_clients, np.int64)
+        self.buckets, offset = [], 0
+        for c0, c1 in zip(starts.tolist(), stops.tolist()):
+            width = int(max(counts[c0:c1].max(), 1))
+            width_of[c0:c1] = width
+            base[c0:c1] = offset + np.arange(c1 - c0) * width
+            self.buckets.append((offset, c0, c1, width))
+            offset += (c1 - c0) * width
+        self.n_rows = offset
+        order = np.argsort(client, kind="stable")
+        first = np.cumsum(counts) - counts  # first sorted row of every client
+        j = np.arange(len(client)) - np.repeat(first, counts)
+        self.position = np.empty(len(client), dtype=np.int64)
+        self.position[order] = base[client[order]] + j
+        fill = np.where(counts > 0, order[np.minimum(first, max(len(client) - 1, 0))] if len(client) else 0, 0)
+        source = np.repeat(fill, width_of)
+        source[self.position] = np.arange(len(client))
+        self.source = source
+        self.real = np.zeros(self.n_rows, dtype=bool)
+        self.real[self.position] = True
+        self.row_client = np.repeat(np.arange(n_clients), width_of)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [R', in] in this layout, weight [B, out, in] -> [R', out]."""
+        return _PaddedLinear.apply(x, weight, self)
+
+
+class _PaddedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, layout: PaddedLayout):
+        out = x.new_empty(layout.n_rows, weight.shape[1])
+        for offset, c0, c1, width in layout.buckets:
+            rows = x[offset:offset + (c1 - c0) * width].view(c1 - c0, width, x.shape[1])
+            torch.bmm(rows, weight[c0:c1].transpose(1, 2), out=out[offset:offset + (c1 - c0) * width].view(
+                c1 - c0, width, -1))
+        ctx.layout = layout
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_w = torch.empty_like(weight) if need_w else None  # every client is in one bucket
+        grad_out = grad_out.contiguous()
+        grad_x = x.new_empty(x.shape) if need_x else None
+        for offset, c0, c1, width in ctx.layout.buckets:
+            span = slice(offset, offset + (c1 - c0) * width)
+            go = grad_out[span].view(c1 - c0, width, grad_out.shape[1])
+            if need_w:
+                torch.bmm(go.transpose(1, 2), x[span].view(c1 - c0, width, x.shape[1]), out=grad_w[c0:c1])
+            if need_x:
+                torch.bmm(go, weight[c0:c1], out=grad_x[span].view(c1 - c0, width, -1))
+        return grad_x, grad_w, None
+
+
+class _Gather(torch.autograd.Function):
+    """source[index] whose backward is a segment sum (index_add_), faster than the
+    accumulating index_put of advanced indexing on CPU."""
+
+    @staticmethod
+    def forward(ctx, source, index):
+        ctx.save_for_backward(index)
+        ctx.n = len(source)
+        return source.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.n, *grad.shape[1:]).index_add_(0, index, grad)
+        return out, None
+
+
+def gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """source[index] along dim 0 (index: int64 [R])."""
+    return _Gather.apply(source, index)

@@ -7,6 +7,12 @@ of pipeline/models/*.py or pipeline/federated/client.py; the only shared pieces 
 seeded initial model, the participant stream and the row sampler (shared randomness, not
 math), so both sides see the same clients, rows and starting point.
 
+FedMR (spec/fedmr.md, `model.fusion` set) is written here again from the spec, as one
+nn.Module per client (`FedMRClient`, nn.Linear / nn.LayerNorm, row by row, no dedup), with
+the server's grad_adam step as torch.optim.Adam. Shared with the engine besides the above:
+the dropout mask function (sampling.dropout_keep: masks keyed by user and item, so the same
+item in the same mini-batch gets the same mask) and the parameter names.
+
 Shapes: I = items, d = dim, U = users, R = rows of a mini-batch.
 """
 
@@ -25,7 +31,7 @@ from torch.nn.utils import skip_init
 from pipeline.config import ExperimentConfig
 from pipeline.data.prepare import PreparedDataset
 from pipeline.federated.aggregate import initial_state, participants
-from pipeline.federated.sampling import client_data, epoch_rows
+from pipeline.federated.sampling import client_data, dropout_keep, epoch_rows
 
 # --- what each backbone downloads/uploads and keeps (spec/backbones.md §6) ----------------------
 
@@ -52,6 +58,7 @@ class DenseState:
 
     globals: dict[str, torch.Tensor]
     personal: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    server: dict = field(default_factory=dict)  # FedMR grad_adam: the server's Adam (params, optimiser)
 
 
 @dataclass
@@ -64,8 +71,11 @@ class ClientLog:
     epoch_losses: list[float]
 
 
-def initial_dense_state(config: ExperimentConfig, n_users: int, n_items: int) -> DenseState:
+def initial_dense_state(config: ExperimentConfig, n_users: int, n_items: int,
+                        feature_dims: dict[str, int] | None = None) -> DenseState:
     """The engine's seeded initial model (spec §0.3), expanded to dense per-user parameters."""
+    if config.model.fusion is not None:
+        return _fedmr_initial_state(config, n_users, n_items, feature_dims)
     init = initial_state(config, n_users, n_items)
     personal: dict[int, dict[str, torch.Tensor]] = {}
     for u in range(n_users):
@@ -261,6 +271,8 @@ def oracle_round(config: ExperimentConfig, data: PreparedDataset, state: DenseSt
                  dtype=torch.float64, logs: dict[int, ClientLog] | None = None) -> DenseState:
     """One federated round, clients trained one after the other. Returns a new DenseState
     (the input is not modified). `logs`, if given, receives each participant's ClientLog."""
+    if config.model.fusion is not None:
+        return oracle_round_fedmr(config, data, state, round_, dtype, logs)
     backbone = config.model.backbone
     global_names = GLOBAL_NAMES[backbone]
     downloaded = {name: value.to(dtype) for name, value in state.globals.items()}
@@ -305,4 +317,381 @@ def oracle_scores(config: ExperimentConfig, state: DenseState, users: list[int],
             dtype = params[GLOBAL_NAMES[backbone][0]].dtype
             params.update({k: v.to(dtype) for k, v in personal.items()})
             out.append(_build_model(backbone, params, config.model.dim)(all_items))
+    return torch.stack(out)
+
+
+# === FedMR (spec/fedmr.md) ===========================================================================
+# What is local (spec/fedmr.md §5): the backbone's personal parts, the personal head on z_i, and the
+# router when router_scope=local. Everything else of the module is global, as is FedNCF's table E.
+
+
+def _fedmr_is_personal(config: ExperimentConfig, name: str) -> bool:
+    backbone, fusion = config.model.backbone, config.model.fusion
+    if name in PERSONAL_NAMES[backbone]:
+        return True
+    return name.startswith("fedmr.router.") and fusion.router_scope == "local"
+
+
+def _fedmr_initial_state(config, n_users, n_items, feature_dims) -> DenseState:
+    """The shared seeded initial model, split by the oracle's own reading of the spec."""
+    init = initial_state(config, n_users, n_items, feature_dims)
+    everything = {**init.global_params, **init.personal_shared, **init.personal_table_base}
+    globals_ = {k: v.clone() for k, v in everything.items() if not _fedmr_is_personal(config, k)}
+    personal = {}
+    for u in range(n_users):
+        mine = {k: v.clone() for k, v in everything.items() if _fedmr_is_personal(config, k)}
+        mine.update({name: table[u].clone() for name, table in init.personal_per_user.items()})
+        personal[u] = mine
+    return DenseState(globals=globals_, personal=personal)
+
+
+def _linear(fan_in: int, fan_out: int, dtype) -> nn.Linear:
+    return skip_init(nn.Linear, fan_in, fan_out, dtype=dtype)
+
+
+class _Part(nn.Module):
+    pass
+
+
+class OracleFusion(nn.Module):
+    """The Mixing Feature Fusion Module of one client (spec/fedmr.md §2), nn.Modules only."""
+
+    def __init__(self, fcfg, d_id: int, dims: dict[str, int], dtype):
+        super().__init__()
+        self.cfg = fcfg
+        d_f = fcfg.d_f
+        mods = list(fcfg.modalities)
+        self.mods = mods
+        width = {"id": d_id, **dims}
+
+        def norm():
+            return nn.LayerNorm(d_f, eps=1e-5, dtype=dtype) if fcfg.layer_norm else nn.Identity()
+
+        self.proj = nn.ModuleDict({m: _linear(width[m], d_f, dtype) for m in mods})
+        self.ln = nn.ModuleDict({m: norm() for m in mods})
+        kinds = ["sum", "mlp", "gate"] if fcfg.fusion == "moe" else [fcfg.fusion]
+        if "mlp" in kinds:
+            self.mlp = _Part()
+            self.mlp.fc1 = _linear(len(mods) * d_f, 2 * d_f, dtype)
+            self.mlp.fc2 = _linear(2 * d_f, d_f, dtype)
+            self.mlp.ln = norm()
+        if "gate" in kinds:
+            self.gate = _Part()
+            self.gate.g = nn.ModuleDict({m: _linear(d_f, d_f, dtype) for m in mods})
+            self.gate.out = _linear(len(mods) * d_f, d_f, dtype)
+            self.gate.ln = norm()
+        if "attention" in kinds:
+            self.attn = _Part()
+            if fcfg.attention_variant == "modality_tokens":
+                for part in "qkvo":
+                    setattr(self.attn, part, _linear(d_f, d_f, dtype))
+            else:
+                wide = len(mods) * d_f
+                self.attn.pre = _linear(wide, wide, dtype)
+                self.attn.v = _linear(wide, wide, dtype)
+                self.attn.o = _linear(wide, wide, dtype)
+            self.attn.out = _linear(len(mods) * d_f, d_f, dtype)
+            self.attn.ln = norm()
+        if fcfg.fusion == "moe":
+            self.router = _Part()
+            self.router.fc1 = _linear(3 * d_f, fcfg.d_r, dtype)
+            self.router.fc2 = _linear(fcfg.d_r, 3, dtype)
+        self.drop_key = None  # (seed, round, epoch, step, user) while training, None in eval mode
+
+    def _drop(self, x: torch.Tensor, items: torch.Tensor, site: int) -> torch.Tensor:
+        p = self.cfg.dropout
+        if self.drop_key is None or p == 0:
+            return x
+        seed, round_, epoch, step, user = self.drop_key
+        flat = x.reshape(len(x), -1)
+        keep = dropout_keep(seed, round_, epoch, step, site, np.full(len(items), user), items.numpy(),
+                            flat.shape[1], p)
+        return (flat * torch.as_tensor(keep, dtype=x.dtype) / (1 - p)).reshape(x.shape)
+
+    def experts(self, e: torch.Tensor | None, feats: dict[str, torch.Tensor], items: torch.Tensor) -> dict:
+        """The expert outputs for the rows `items` ({name: [N, d_f]})."""
+        inputs = {"id": e, **feats}
+        h = [self.ln[m](self.proj[m](inputs[m])) for m in self.mods]
+        out = {}
+        if hasattr(self, "router") or self.cfg.fusion == "sum":
+            total = h[0]
+            for x in h[1:]:
+                total = total + x
+            out["sum"] = total
+        if hasattr(self, "mlp"):
+            hidden = self._drop(torch.relu(self.mlp.fc1(torch.cat(h, dim=1))), items, 1)
+            out["mlp"] = self.mlp.ln(self.mlp.fc2(hidden))
+        if hasattr(self, "gate"):
+            site = {"id": 2, "text": 3, "image": 4}
+            gates = [torch.sigmoid(self._drop(self.gate.g[m](x), items, site[m])) for m, x in zip(self.mods, h)]
+            out["gate"] = self.gate.ln(self.gate.out(torch.cat(gates, dim=1)))
+        if hasattr(self, "attn"):
+            out["attention"] = self._attention(h, items)
+        return out
+
+    def _attention(self, h: list[torch.Tensor], items: torch.Tensor) -> torch.Tensor:
+        n, heads, d_f = len(items), self.cfg.attention_heads, self.cfg.d_f
+        if self.cfg.attention_variant == "modality_tokens":
+            tokens = torch.stack(h, dim=1)  # [N, M, d_f]
+            m, dh = tokens.shape[1], d_f // heads
+            q = self.attn.q(tokens).reshape(n, m, heads, dh).permute(0, 2, 1, 3)
+            k = self.attn.k(tokens).reshape(n, m, heads, dh).permute(0, 2, 1, 3)
+            v = self.attn.v(tokens).reshape(n, m, heads, dh).permute(0, 2, 1, 3)
+            att = torch.softmax(torch.matmul(q, k.transpose(2, 3)) / dh ** 0.5, dim=-1)
+            att = self._drop(att, items, 6)
+            mixed = torch.matmul(att, v).permute(0, 2, 1, 3).reshape(n, m, d_f)
+            flat = self.attn.o(mixed).reshape(n, m * d_f)
+        else:
+            x = self.attn.pre(torch.cat(h, dim=1))
+            v = self.attn.v(x)  # one key: the attention weight is exactly 1 (dropped per head)
+            weight = self._drop(torch.ones(n, heads, dtype=x.dtype), items, 6)
+            v = (v.reshape(n, heads, -1) * weight.unsqueeze(2)).reshape(n, -1)
+            flat = self.attn.o(v)
+        return self.attn.ln(self.attn.out(flat))
+
+    def route(self, ex: dict, items: torch.Tensor) -> torch.Tensor:
+        c = torch.cat([ex["sum"], ex["mlp"], ex["gate"]], dim=1)
+        hidden = self._drop(torch.relu(self.router.fc1(c)), items, 5)
+        return torch.softmax(self.router.fc2(hidden), dim=1)
+
+
+class FedMRClient(nn.Module):
+    """One client's whole model: backbone tables and personal parts, FedMR module, head."""
+
+    def __init__(self, config: ExperimentConfig, params: dict[str, torch.Tensor], dims: dict[str, int]):
+        super().__init__()
+        self.backbone = config.model.backbone
+        self.fcfg = config.model.fusion
+        dtype = next(iter(params.values())).dtype
+        tables = {"fedavg": ["item"], "fcf": ["item"], "pfedrec": ["item"],
+                  "fedrap": ["item_personal", "item_global"],
+                  "fedncf": ["item_mf", "item_mlp", "user_mf", "user_mlp"]}[self.backbone]
+        if self.backbone == "fedncf" and "fedmr_item" in params:
+            tables.append("fedmr_item")
+        for name in tables:
+            setattr(self, name, nn.Parameter(params[name].clone()))
+        d = config.model.dim
+        if self.backbone == "fedncf":
+            widths = [2 * d, d, d // 2, d // 4]
+            self.tower = nn.ModuleList([_linear(a, b, dtype) for a, b in zip(widths[:-1], widths[1:])])
+            self.head = _linear(d // 4 + d, 1, dtype)
+            d_id = params["fedmr_item"].shape[1] if "fedmr_item" in params else 1
+        else:
+            self.w = nn.Parameter(params["w"].clone())
+            self.b = nn.Parameter(params["b"].clone())
+            d_id = d
+        self.fedmr = OracleFusion(self.fcfg, d_id, dims, dtype)
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, param in own.items():
+                if name not in tables + ["w", "b"]:
+                    param.copy_(params[name])
+        assert set(own) == set(params), (sorted(set(own) ^ set(params)))
+
+    def id_input(self, items: torch.Tensor) -> torch.Tensor | None:
+        if "id" not in self.fcfg.modalities:
+            return None
+        if self.backbone == "fedrap":
+            return self.item_personal[items] + self.item_global[items]
+        if self.backbone == "fedncf":
+            return self.fedmr_item[items]
+        return self.item[items]
+
+    def represent(self, items: torch.Tensor, mix_items: torch.Tensor, feats: dict) -> torch.Tensor:
+        """z [N, d_f] of the rows `items`; alpha from the rows `mix_items` (S_u)."""
+        fusion = self.fedmr
+        mine = {m: f[items] for m, f in feats.items()}
+        ex = fusion.experts(self.id_input(items), mine, items)
+        if self.fcfg.fusion != "moe":
+            return ex[self.fcfg.fusion]
+        theirs = {m: f[mix_items] for m, f in feats.items()}
+        s = fusion.route(fusion.experts(self.id_input(mix_items), theirs, mix_items), mix_items)
+        a = s.mean(dim=0)
+        alpha = torch.softmax(a, dim=0) if self.fcfg.mixing_softmax == "double" else a
+        return alpha[0] * ex["sum"] + alpha[1] * ex["mlp"] + alpha[2] * ex["gate"]
+
+    def forward(self, items: torch.Tensor, mix_items: torch.Tensor, feats: dict) -> torch.Tensor:
+        z = self.represent(items, mix_items, feats)
+        if self.backbone != "fedncf":
+            return z @ self.w + self.b
+        n = len(items)  # additive variant: z_i added to both item towers
+        x = torch.cat([self.user_mlp.expand(n, -1), self.item_mlp[items] + z], dim=1)
+        for layer in self.tower:
+            x = torch.relu(layer(x))
+        gmf = self.user_mf.expand(n, -1) * (self.item_mf[items] + z)
+        return self.head(torch.cat([x, gmf], dim=1))[:, 0]
+
+
+def _fedmr_lr(config: ExperimentConfig, round_: int) -> float:
+    base = config.train.lr
+    if base is None:  # spec/fedmr.md §3: lr 0.1, MM-FedNCF 0.01
+        base = 0.01 if config.model.backbone == "fedncf" else 0.1
+    decay = config.train.lr_decay if config.train.lr_decay is not None else (
+        0.9 if config.model.backbone == "fedrap" else 1.0)
+    return base * decay ** round_
+
+
+def _features(data: PreparedDataset, config: ExperimentConfig, dtype) -> dict[str, torch.Tensor]:
+    return {m: torch.as_tensor(np.asarray(data.features[m])).to(dtype)
+            for m in config.model.fusion.modalities if m != "id"}
+
+
+def _mixing_rows(config, data, user: int, batch_items: torch.Tensor) -> torch.Tensor:
+    if config.model.fusion.mixing_source == "history":
+        return torch.as_tensor(data.train_items[data.train_indptr[user]:data.train_indptr[user + 1]],
+                               dtype=torch.int64)
+    return batch_items
+
+
+def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: int, params: dict[str, torch.Tensor],
+                       round_: int) -> tuple[dict[str, torch.Tensor], ClientLog, dict[str, torch.Tensor]]:
+    """Local training of one FedMR client. Returns (trained params, log, last-batch gradients
+    of the global fusion parameters)."""
+    backbone, train, fcfg = config.model.backbone, config.train, config.model.fusion
+    dtype = next(iter(params.values())).dtype
+    feats = _features(data, config, dtype)
+    dims = {m: f.shape[1] for m, f in feats.items()}
+    model = FedMRClient(config, params, dims)
+    lr = _fedmr_lr(config, round_)
+    n = data.n_items
+    item_lr = {"fedavg": lr, "fedncf": lr, "fcf": lr * n, "fedrap": lr * n,
+               "pfedrec": lr * n * config.model.pfedrec_eta}[backbone]
+    id_tables = {"item", "item_personal", "item_global"}  # fedmr_item and NCF tables: lr
+    named = dict(model.named_parameters())
+    tables = [p for k, p in named.items() if k in id_tables]
+    rest = [p for k, p in named.items() if k not in id_tables]
+    two_step = backbone == "pfedrec" and config.model.pfedrec_update == "two_step"
+    if two_step:
+        opt_a = torch.optim.SGD(rest, lr=lr, momentum=0.0)
+        opt_b = torch.optim.SGD(tables, lr=item_lr, momentum=0.0)
+    else:
+        opt = torch.optim.SGD([{"params": rest, "lr": lr}, {"params": tables, "lr": item_lr}], lr=lr, momentum=0.0)
+
+    def loss_of(items, labels, mix):
+        loss = F.binary_cross_entropy_with_logits(model(items, mix, feats), labels)
+        if backbone == "fedrap":
+            lam = math.tanh(round_ / 10.0) * config.model.fedrap_lambda
+            mu = math.tanh(round_ / 10.0) * config.model.fedrap_mu
+            p_b, c_b = model.item_personal[items], model.item_global[items]
+            reg = c_b.abs().mean() if config.model.fedrap_reg == "l1" else (c_b ** 2).mean()
+            loss = loss - lam * F.mse_loss(p_b, c_b) + mu * reg
+        return loss
+
+    cd = client_data(data, np.array([user]), neg_pool=train.neg_pool, neg_exclude_heldout=train.neg_exclude_heldout)
+    rows_processed, epoch_losses = 0, []
+    for epoch in range(train.local_epochs):
+        rows = epoch_rows(cd, neg_ratio=train.neg_ratio, rows_per_batch=train.rows_per_batch(), seed=train.seed,
+                          round_=round_, epoch=epoch)
+        batch_losses = []
+        for batch in range(int(rows.batch.max()) + 1 if len(rows.batch) else 0):
+            mask = rows.batch == batch
+            items = torch.as_tensor(rows.item[mask], dtype=torch.int64)
+            labels = torch.as_tensor(rows.label[mask], dtype=dtype)
+            mix = _mixing_rows(config, data, user, items)
+            model.fedmr.drop_key = (train.seed, round_, epoch, batch, user)
+            if two_step:
+                for p in tables:
+                    p.requires_grad_(False)
+                opt_a.zero_grad()
+                loss = loss_of(items, labels, mix)
+                batch_losses.append(loss.item())
+                loss.backward()
+                opt_a.step()
+                for p in tables:
+                    p.requires_grad_(True)
+                for p in rest:
+                    p.requires_grad_(False)
+                opt_b.zero_grad()
+                loss_of(items, labels, mix).backward()  # same masks: same step
+                opt_b.step()
+                for p in rest:
+                    p.requires_grad_(True)
+            else:
+                opt.zero_grad()
+                loss = loss_of(items, labels, mix)
+                batch_losses.append(loss.item())
+                loss.backward()
+                opt.step()
+            rows_processed += int(mask.sum())
+        epoch_losses.append(float(np.mean(batch_losses)))
+        if epoch >= 1 and abs(epoch_losses[-1] - epoch_losses[-2]) / (abs(epoch_losses[-1]) + 1e-6) < train.tol:
+            break
+    model.fedmr.drop_key = None
+    trained = {k: p.detach().clone() for k, p in model.named_parameters()}
+    grads = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+             for k, p in model.named_parameters() if k.startswith("fedmr.") and not _fedmr_is_personal(config, k)}
+    return trained, ClientLog(rows_processed, len(epoch_losses), epoch_losses), grads
+
+
+def oracle_round_fedmr(config: ExperimentConfig, data: PreparedDataset, state: DenseState, round_: int,
+                       dtype=torch.float64, logs: dict[int, ClientLog] | None = None) -> DenseState:
+    """One FedMR round, clients one after the other; the server averages weights (fedavg) or
+    takes one torch.optim.Adam step on the averaged last-batch gradients (grad_adam)."""
+    backbone, fcfg = config.model.backbone, config.model.fusion
+    downloaded = {name: value.to(dtype) for name, value in state.globals.items()}
+    users = participants(data.n_users, config.train.participation, config.train.seed, round_)
+    new_personal = dict(state.personal)
+    uploads, weights, grads = [], [], []
+    for user in users.tolist():
+        params = copy.deepcopy(downloaded)
+        personal = {name: value.to(dtype).clone() for name, value in state.personal[user].items()}
+        if backbone == "pfedrec":
+            personal.pop("item", None)
+        params.update(personal)
+        trained, log, last = train_client_fedmr(config, data, user, params, round_)
+        if logs is not None:
+            logs[user] = log
+        uploads.append({name: trained[name] for name in downloaded})
+        grads.append(last)
+        weights.append(float(log.rows) if backbone == "fedavg" else 1.0)
+        mine = {name: trained[name] for name in trained if _fedmr_is_personal(config, name)}
+        if backbone == "pfedrec":
+            mine["item"] = trained["item"]
+        new_personal[user] = mine
+    server = dict(state.server)
+    if not uploads:
+        return DenseState(globals=downloaded, personal=new_personal, server=server)
+    total = sum(weights)
+    new_globals = {name: sum(w / total * up[name] for w, up in zip(weights, uploads)) for name in downloaded}
+    if fcfg.fusion_agg == "grad_adam":
+        names = sorted(grads[0])
+        if "adam" not in server:
+            held = {name: nn.Parameter(downloaded[name].clone()) for name in names}
+            base = fcfg.server_lr if fcfg.server_lr is not None else _fedmr_lr(config, 0)
+            server["adam"] = (held, torch.optim.Adam(list(held.values()), lr=base, betas=(0.9, 0.999), eps=1e-8))
+        held, adam = server["adam"]
+        with torch.no_grad():
+            for name in names:
+                held[name].copy_(downloaded[name])
+                held[name].grad = sum(w / total * g[name] for w, g in zip(weights, grads))
+        if fcfg.server_clip is not None:
+            torch.nn.utils.clip_grad_norm_([held[name] for name in names], fcfg.server_clip)
+        adam.step()
+        for name in names:
+            new_globals[name] = held[name].detach().clone()
+    return DenseState(globals=new_globals, personal=new_personal, server=server)
+
+
+def oracle_scores_fedmr(config: ExperimentConfig, data: PreparedDataset, state: DenseState, users: list[int],
+                        candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, n_items] logits in eval mode; alpha from the user's history, or (batch mixing) from
+    the scored items: all items, or the user's row of `candidates` [B, n_items] bool."""
+    out = []
+    with torch.no_grad():
+        for row, user in enumerate(users):
+            params = dict(state.globals)
+            personal = dict(state.personal[int(user)])
+            if config.model.backbone == "pfedrec" and (config.model.pfedrec_eval_table == "global"
+                                                      or "item" not in personal):
+                personal.pop("item", None)
+            dtype = next(iter(params.values())).dtype
+            params.update({k: v.to(dtype) for k, v in personal.items()})
+            feats = _features(data, config, dtype)
+            model = FedMRClient(config, params, {m: f.shape[1] for m, f in feats.items()})
+            items = torch.arange(data.n_items)
+            if config.model.fusion.mixing_source == "history":
+                mix = _mixing_rows(config, data, int(user), items)
+            else:
+                mix = items if candidates is None else torch.nonzero(candidates[row]).squeeze(1)
+            out.append(model(items, mix, feats))
     return torch.stack(out)

@@ -119,3 +119,39 @@ def epoch_rows(clients: ClientData, *, neg_ratio: int, rows_per_batch: int, seed
     return EpochRows(client=client, item=item[order], label=is_pos[order].astype(np.float32),
                      batch=position // rows_per_batch,
                      n_batches=-(-n_rows // rows_per_batch))
+
+
+# --- dropout masks -------------------------------------------------------------------------------
+# A counter-based hash, so that a client's dropout masks depend only on
+# (seed, round, epoch, step, user, item, site, unit): never on which pool trains it or which
+# other clients share its step (spec/protocols.md §3). uint32 arithmetic (wraps by definition).
+
+_HASH_MUL = np.uint32(0x45D9F3B)
+_SHIFT = np.uint32(16)
+_DROPOUT_TAG = 0xD40F
+
+
+def _hash32(x: np.ndarray) -> np.ndarray:
+    """A 32-bit integer finaliser (uint32 in, uint32 out)."""
+    x = ((x >> _SHIFT) ^ x) * _HASH_MUL
+    x = ((x >> _SHIFT) ^ x) * _HASH_MUL
+    return (x >> _SHIFT) ^ x
+
+
+def _u32(values) -> np.ndarray:
+    return (np.asarray(values, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32)
+
+
+def dropout_keep(seed: int, round_: int, epoch: int, step: int, site: int, users, items, units: int,
+                 p: float) -> np.ndarray:
+    """[N, units] bool keep-mask (True = kept, probability 1 - p) for N (user, item) rows at
+    dropout site `site` of mini-batch `step` of local epoch `epoch` of round `round_`.
+    users, items: [N] ints. The same (user, item) in the same step gets the same mask."""
+    with np.errstate(over="ignore"):
+        head = _hash32(_u32([_DROPOUT_TAG ^ (seed & 0xFFFFFFFF)]))
+        for part in (round_, epoch, step, site):
+            head = _hash32(head ^ _u32([part]))
+        row = _hash32(_hash32(head ^ _u32(users)) ^ _u32(items))
+        unit = _hash32(_u32(np.arange(units) + 0x3C6EF372))
+        bits = _hash32(row[:, None] ^ unit[None, :])
+    return bits >= np.uint32(min(int(round(p * 2 ** 32)), 2 ** 32 - 1))

@@ -20,7 +20,8 @@ import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
+from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state, participants,
+                                          round_lrs, server_lr, shard_users)
 from pipeline.federated.pool import ClientPool, StaleState
 from pipeline.federated.selection import Selection
 
@@ -66,8 +67,9 @@ class Server:
         data = ray.get(data_ref)
         self.n_users, self.n_items = data.n_users, data.n_items
         self.run_dir = Path(run_dir)
-        self.initial = initial_state(self.config, self.n_users, self.n_items)
+        self.initial = initial_state(self.config, self.n_users, self.n_items, feature_dims(data))
         self.globals = dict(self.initial.global_params)
+        self.fusion_adam = None  # fusion_agg=grad_adam: the server's persistent Adam state
         runtime = self.config.runtime
         n_pools = runtime.pools or default_pool_count(runtime.cpus_per_pool)
         self.shards = shard_users(data.train_counts, n_pools)
@@ -111,6 +113,10 @@ class Server:
                  for pool, shard in zip(self.pools, self.shards)]
         uploads = ray.get(calls)
         self.globals = apply_uploads(self.globals, uploads)
+        fusion = self.config.model.fusion
+        if fusion is not None and fusion.fusion_agg == "grad_adam":
+            self.globals, self.fusion_adam = apply_fusion_grads(self.globals, uploads, self.fusion_adam,
+                                                                lr=server_lr(self.config), clip=fusion.server_clip)
         train_seconds = time.perf_counter() - started
         clients = sum(u.clients for u in uploads)
         metrics = {
@@ -156,8 +162,8 @@ class Server:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         sizes = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
-        torch.save({"globals": self.globals, "selection": self.selection.state_dict(), "history": self.history},
-                   tmp / "global.pt")
+        torch.save({"globals": self.globals, "selection": self.selection.state_dict(), "history": self.history,
+                    "fusion_adam": self.fusion_adam}, tmp / "global.pt")
         manifest = {"round": round_, "pools": len(self.pools), "pool_bytes": sizes,
                     "users_per_pool": [len(s) for s in self.shards]}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
@@ -174,6 +180,7 @@ class Server:
         """Restore globals, selection, history and every pool; returns the next round."""
         if checkpoint is None:
             self.globals = dict(self.initial.global_params)
+            self.fusion_adam = None
             self.selection = Selection(self.config.train.selection(), self.config.train.patience)
             self.history = []
             _get_while_restarting(lambda: [pool.load.remote(None, -1) for pool in self.pools])
@@ -184,6 +191,7 @@ class Server:
                              f"{len(self.pools)}: set runtime.pools={manifest['pools']} to resume it")
         state = torch.load(checkpoint / "global.pt", weights_only=False)
         self.globals, self.history = state["globals"], state["history"]
+        self.fusion_adam = state.get("fusion_adam")
         self.selection.load_state_dict(state["selection"])
         round_ = manifest["round"]
         _get_while_restarting(lambda: [pool.load.remote(str(checkpoint / f"pool-{i}.pt"), round_)

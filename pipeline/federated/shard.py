@@ -19,13 +19,18 @@ from pipeline.config import ExperimentConfig
 from pipeline.data.negatives import EvalNegatives
 from pipeline.data.prepare import PreparedDataset
 from pipeline.eval.protocols import evaluate
-from pipeline.federated.client import ClientParams, WorkingSet, train_clients
+from pipeline.federated.client import (ClientParams, FeatureSpan, FusionInputs, FusionRows, WorkingSet,
+                                      train_clients)
+from pipeline.federated.grouped import GroupPlan
 from pipeline.federated.sampling import client_data, epoch_rows
 from pipeline.federated.state import PersonalStore
-from pipeline.models import backbone
+from pipeline.models import model_for
 from pipeline.models.base import InitialState
 
 _EVAL_ROW_BUDGET = 1 << 21  # (user, item) rows scored at once
+_FUSION_EVAL_ROW_BUDGET = 1 << 17  # FedMR keeps several [rows, d_f] tensors per scored row
+SPAN_MAX_ITEMS = 4096  # FedMR feature projections held on the working set (K = X X^T is [I, I])
+SPAN_WIDTH_FACTOR = 1.5  # ... when 1.5 x the typical working set <= the feature width (see _spans)
 
 
 @dataclass
@@ -34,12 +39,14 @@ class Upload:
 
     table_items: name -> [K] items touched.  table_sums: name -> [K, d] sum_c w_c * delta_c.
     dense_sums: name -> sum_c w_c * delta_c of each global dense weight.
+    grad_sums: name -> sum_c w_c * g_c, last-batch gradients (FedMR fusion_agg=grad_adam).
     weight: sum_c w_c (w_c = 1 for a uniform mean, rows processed for the weighted mean).
     """
 
     table_items: dict[str, torch.Tensor] = field(default_factory=dict)
     table_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     dense_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: float = 0.0
     clients: int = 0
     rows: int = 0
@@ -47,34 +54,118 @@ class Upload:
     seconds: float = 0.0
 
     def nbytes(self) -> int:
-        tensors = [*self.table_items.values(), *self.table_sums.values(), *self.dense_sums.values()]
+        tensors = [*self.table_items.values(), *self.table_sums.values(), *self.dense_sums.values(),
+                   *self.grad_sums.values()]
         return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
 class EvalRows:
-    """RowContext for scoring B users against all I items (R = B * I rows, user-major)."""
+    """RowContext for scoring B users (local indices `local`) against items: by default all I
+    items (R = B * I rows, user-major); else rows (row_user [R] in 0..B-1, sorted; item [R]).
+    candidates: [B, I] bool, the items a user's scores are asked for (FedMR batch mixing)."""
 
-    def __init__(self, shard: "Shard", global_params: dict[str, torch.Tensor], local: torch.Tensor):
+    def __init__(self, shard: "Shard", global_params: dict[str, torch.Tensor], local: torch.Tensor,
+                 row_user: torch.Tensor | None = None, item: torch.Tensor | None = None,
+                 candidates: torch.Tensor | None = None):
         self.shard, self.globals = shard, global_params
-        n_items = shard.data.n_items
-        self.local = local.repeat_interleave(n_items)
-        self.item = torch.arange(n_items).repeat(len(local))
-        self.row_user = torch.arange(len(local)).repeat_interleave(n_items)
+        self.grid = row_user is None  # every user against every item
+        if row_user is None:
+            n_items = shard.data.n_items
+            row_user = torch.arange(len(local)).repeat_interleave(n_items)
+            item = torch.arange(n_items).repeat(len(local))
+        self.row_user, self.item = row_user, item
+        self.local = local[row_user]
         self.user_local = local
+        self.candidates = candidates
+        self.base_only = False  # personal tables read as their shared base (item_rows)
+        self._plan = None
 
     def table(self, name: str) -> torch.Tensor:
         store, model = self.shard.store, self.shard.model
         if name in store.tables:
+            if self.base_only:
+                return store.table_base[name][self.item]
             return store.table_rows(name, self.local, self.item)
         if name in store.copies and self.shard.config.model.pfedrec_eval_table == "personal":
             return store.copy_rows(name, self.local, self.item, self.globals[name])
         return self.globals[name][self.item]
 
     def vector(self, name: str) -> torch.Tensor:
-        return self.shard.store.dense[name][self.user_local][self.row_user]
+        dense = self.shard.store.dense
+        if name not in dense:  # a global weight, the same for every row
+            return self.globals[name]
+        return dense[name][self.user_local][self.row_user]
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.globals[f"{name}.weight"], self.globals[f"{name}.bias"])
+        dense = self.shard.store.dense
+        if f"{name}.weight" not in dense:
+            return torch.nn.functional.linear(x, self.globals[f"{name}.weight"], self.globals[f"{name}.bias"])
+        # a personal Linear (FedMR's local router): each user's persisted copy
+        if self._plan is None:
+            present, counts = torch.unique_consecutive(self.row_user, return_counts=True)
+            self._plan = (present, GroupPlan(counts))
+        present, plan = self._plan
+        return plan.apply(x, dense[f"{name}.weight"][self.user_local[present]]) + self.vector(f"{name}.bias")
+
+    # -- what a fusion module needs (spec/fedmr.md): evaluation mode --------------------------
+
+    def feature_linear(self, modality: str, name: str) -> torch.Tensor:
+        """The global projection of the frozen features, computed once per item."""
+        features = self.shard.features[modality]
+        projected = torch.nn.functional.linear(features, self.globals[f"{name}.weight"], self.globals[f"{name}.bias"])
+        return projected[self.item]
+
+    def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
+        return x  # evaluation runs in eval mode
+
+    def item_rows(self) -> tuple["EvalRows", torch.Tensor]:
+        """(a context over the distinct items of these rows, item row of every row): for the
+        parts of a model that do not depend on the user (global weights and tables; personal
+        tables read as their shared base, see personal_rows)."""
+        items, of_row = torch.unique(self.item, return_inverse=True)
+        ctx = EvalRows(self.shard, self.globals, self.user_local[:1], torch.zeros(len(items), dtype=torch.int64), items)
+        ctx.base_only = True
+        return ctx, of_row
+
+    def personal_rows(self) -> torch.Tensor:
+        """Rows whose user holds an own row of a personal item table (where it is not the base)."""
+        store = self.shard.store
+        own = torch.zeros(len(self.item), dtype=torch.bool)
+        for rows in store.tables.values():
+            own |= rows.lookup(self.local * store.n_items + self.item)[0]
+        return torch.nonzero(own).squeeze(1)
+
+    def subset(self, index: torch.Tensor) -> "EvalRows":
+        return EvalRows(self.shard, self.globals, self.user_local, self.row_user[index], self.item[index],
+                        self.candidates)
+
+    def fusion_rows(self, history: bool) -> FusionRows:
+        """The scored rows; mixing rows: each user's training positives (history: the same
+        alpha_u whatever is scored, D9) or the scored candidates (batch)."""
+        data, users = self.shard.data, self.shard.store.users[self.user_local.numpy()]
+        starts, stops = data.train_indptr[users], data.train_indptr[users + 1]
+        counts = stops - starts
+        owner = torch.as_tensor(np.repeat(np.arange(len(users)), counts))
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        positives = torch.as_tensor(data.train_items[np.repeat(starts, counts) + offsets])
+        dtype = next(iter(self.globals.values())).dtype
+        if self.candidates is None:
+            count = torch.ones(len(self.item), dtype=dtype)
+        else:
+            count = self.candidates[self.row_user, self.item].to(dtype)
+        if self.grid or not history:  # the grid holds every positive already
+            trained = torch.zeros(len(users), data.n_items, dtype=torch.bool)
+            trained[owner, positives] = True
+            return FusionRows(ctx=self, index=None, history=trained[self.row_user, self.item], count=count,
+                              segment=self.row_user, n_segments=len(self.user_local))
+        # a subset of items is scored: the users' positives join as extra (mixing-only) rows
+        n = len(self.item)
+        ctx = EvalRows(self.shard, self.globals, self.user_local, torch.cat([self.row_user, owner]),
+                       torch.cat([self.item, positives]), self.candidates)
+        is_history = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(len(owner), dtype=torch.bool)])
+        return FusionRows(ctx=ctx, index=torch.arange(n), history=is_history,
+                          count=torch.cat([count, torch.zeros(len(owner), dtype=dtype)]),
+                          segment=ctx.row_user, n_segments=len(self.user_local))
 
 
 class Shard:
@@ -83,9 +174,18 @@ class Shard:
     def __init__(self, config: ExperimentConfig, data: PreparedDataset, negatives: EvalNegatives | None,
                  users: np.ndarray, initial: InitialState, dtype=torch.float32):
         self.config, self.data, self.negatives = config, data, negatives
-        self.model = backbone(config.model.backbone)
+        self.model = model_for(config.model)
         self.dtype = dtype
         self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype)
+        self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)
+        for modality in getattr(self.model, "MODALITIES", ()):
+            if modality not in data.features:
+                raise ValueError(f"fusion.modalities includes {modality!r} but dataset {data.name!r} has "
+                                 f"{sorted(data.features) or 'no'} features: encode them or drop {modality!r}")
+            self.features[modality] = torch.as_tensor(np.asarray(data.features[modality])).to(dtype)
+        # Gram matrices of the frozen features: client projections live on the working set
+        # (client.FeatureSpan); above SPAN_MAX_ITEMS each client holds its own projection weights
+        self.grams = {m: x @ x.T for m, x in self.features.items()} if data.n_items <= SPAN_MAX_ITEMS else {}
 
     @property
     def users(self) -> np.ndarray:
@@ -100,6 +200,11 @@ class Shard:
             return upload
         model, train_cfg = self.model, self.config.train
         users = np.sort(np.asarray(users, dtype=np.int64))
+        if self.config.model.fusion is not None:
+            # clients ordered by size: the fusion module's per-client layers run one bmm per
+            # contiguous range of similar clients (grouped.PaddedLayout). Clients are
+            # independent, so the order changes nothing but the summation order of uploads.
+            users = users[np.argsort(self.data.train_counts[users], kind="stable")]
         local = torch.as_tensor(self.store.local_index(users))
         clients = client_data(self.data, users, neg_pool=train_cfg.neg_pool,
                               neg_exclude_heldout=train_cfg.neg_exclude_heldout)
@@ -113,11 +218,21 @@ class Shard:
         tables = {name: globals_[name][ws_item].clone() for name in model.GLOBAL_TABLES}
         tables.update({name: self.store.table_rows(name, ws_local, ws_item) for name in model.PERSONAL_TABLES})
         vectors = {name: self.store.dense[name][local].clone() for name in model.PERSONAL_DENSE}
-        vectors.update({name: globals_[name].expand(len(users), *globals_[name].shape).clone()
-                        for name in model.GLOBAL_DENSE})
+        spans = self._spans(globals_, ws, len(users))
+        # copies of global weights: broadcast views (train_clients copies what it trains)
+        vectors.update({name: globals_[name].expand(len(users), *globals_[name].shape)
+                        for name in model.GLOBAL_DENSE if name not in spans})
         update = self.config.model.pfedrec_update if hasattr(model, "TWO_STEP_GROUPS") else "joint"
+        fusion = None
+        if self.config.model.fusion is not None:
+            fusion = FusionInputs(features=self.features, ws_client=ws.client, ws_item=ws.item, users=users,
+                                  seed=train_cfg.seed, dropout=self.config.model.fusion.dropout,
+                                  n_clients=len(users), span={span.modality: span for span in spans.values()})
+            for span in spans.values():
+                tables[span.table] = globals_[span.weight].new_zeros(len(ws.client), globals_[span.weight].shape[0])
+                lrs = {**lrs, span.table: lrs[span.weight]}
         result = train_clients(model, ClientParams(tables, vectors), ws, epochs, lrs=lrs, tol=train_cfg.tol,
-                               round_=round_, model_config=self.config.model, update=update)
+                               round_=round_, model_config=self.config.model, update=update, fusion=fusion)
         trained = result.params
 
         for name in model.PERSONAL_DENSE:
@@ -133,7 +248,20 @@ class Shard:
             delta = (trained.tables[name] - tables[name]) * weights[ws_client][:, None]
             upload.table_items[name] = items
             upload.table_sums[name] = torch.zeros(len(items), delta.shape[1], dtype=self.dtype).index_add_(0, inverse, delta)
+        grads = getattr(model, "UPLOAD_GRADS", ())
+        for name, span in spans.items():  # sum_c w_c dW_c = (w A)^T X[ws_item], summed per item first
+            rows = result.last_grads[span.table] if name in grads else trained.tables[span.table]
+            per_item = rows.new_zeros(self.data.n_items, rows.shape[1]).index_add_(
+                0, ws_item, rows * weights[ws_client][:, None])
+            summed = torch.mm(per_item.T, self.features[span.modality])
+            (upload.grad_sums if name in grads else upload.dense_sums)[name] = summed
         for name in model.GLOBAL_DENSE:
+            if name in spans:
+                continue
+            if name in grads:  # grad_adam: the last-batch gradient, not the trained weights
+                grad = result.last_grads[name]
+                upload.grad_sums[name] = (grad * weights.view(-1, *[1] * (grad.dim() - 1))).sum(0)
+                continue
             delta = trained.vectors[name] - vectors[name]
             upload.dense_sums[name] = (delta * weights.view(-1, *[1] * (delta.dim() - 1))).sum(0)
         upload.weight = float(weights.sum())
@@ -142,17 +270,63 @@ class Shard:
         upload.seconds = time.perf_counter() - started
         return upload
 
-    def scores(self, global_params: dict[str, torch.Tensor], users: torch.Tensor) -> torch.Tensor:
-        """[B, I] logits of users (global ids of this shard) over all items."""
+    def _spans(self, globals_: dict[str, torch.Tensor], ws: WorkingSet, n_clients: int) -> dict[str, FeatureSpan]:
+        """weight name -> FeatureSpan of the module's frozen-feature projections this round.
+        Both forms are exact; a span costs about (working-set size) gathered Gram entries per
+        row where a weight copy costs (feature width) multiply-adds, so a modality uses one when
+        the clients' working sets (size-weighted mean) are under 2/3 of its width: KU's (~305
+        rows, 512-d CLIP) are; MovieLens' (~1,200 rows; 384-d text, 1,280-d images) are not."""
+        spans = {}
+        sizes = np.diff(ws.offsets(n_clients)).astype(np.float64)
+        typical = float((sizes ** 2).sum() / max(sizes.sum(), 1.0))
+        for modality, gram in self.grams.items():
+            weight = f"fedmr.proj.{modality}.weight"
+            if weight in self.model.GLOBAL_DENSE and SPAN_WIDTH_FACTOR * typical <= self.features[modality].shape[1]:
+                base = torch.mm(self.features[modality], globals_[weight].T)[torch.as_tensor(ws.item)]
+                spans[weight] = FeatureSpan(modality=modality, weight=weight, table=f"fedmr.proj.{modality}.span",
+                                            base=base, gram=gram, offsets=ws.offsets(n_clients))
+        return spans
+
+    def scores(self, global_params: dict[str, torch.Tensor], users: torch.Tensor,
+               candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, I] logits of users (global ids of this shard) over all items. candidates [B, I]
+        bool: the items that will be read (only FedMR's batch mixing depends on it)."""
         local = torch.as_tensor(self.store.local_index(np.asarray(users)))
         globals_ = {name: value.to(self.dtype) for name, value in global_params.items()}
         with torch.no_grad():
-            return self.model.logits(EvalRows(self, globals_, local)).view(len(local), self.data.n_items)
+            ctx = EvalRows(self, globals_, local, candidates=candidates)
+            return self.model.logits(ctx).view(len(local), self.data.n_items)
+
+    def _needs_candidates(self, protocol: str) -> bool:
+        """FedMR batch mixing under P1: the scored batch is the user's 100 candidates."""
+        fusion = self.config.model.fusion
+        return (protocol == "p1" and fusion is not None and fusion.fusion == "moe"
+                and fusion.mixing_source == "batch")
+
+    def candidates(self, users: np.ndarray, split: str) -> torch.Tensor:
+        """[B, I] bool: the P1 candidates (held-out item + persisted negatives) of `users`."""
+        users = np.asarray(users)
+        table = self.negatives.valid if split == "valid" else self.negatives.test
+        target = self.data.valid_item if split == "valid" else self.data.test_item
+        mask = torch.zeros(len(users), self.data.n_items, dtype=torch.bool)
+        negatives = table[users].astype(np.int64)
+        rows = np.repeat(np.arange(len(users)), negatives.shape[1])
+        keep = negatives.reshape(-1) >= 0
+        mask[torch.as_tensor(rows[keep]), torch.as_tensor(negatives.reshape(-1)[keep])] = True
+        mask[torch.arange(len(users)), torch.as_tensor(target[users])] = True
+        return mask
 
     def evaluate(self, global_params: dict[str, torch.Tensor], protocol: str, split: str,
                  ks: tuple[int, ...]) -> tuple[dict[str, float], int]:
         """Mean metrics over this shard's users and their count (for a weighted reduce)."""
-        batch = max(1, _EVAL_ROW_BUDGET // self.data.n_items)
-        metrics = evaluate(lambda users: self.scores(global_params, users), self.data, protocol, split,
-                           negatives=self.negatives, ks=ks, batch_users=batch, users=self.users)
+        budget = _EVAL_ROW_BUDGET if self.config.model.fusion is None else _FUSION_EVAL_ROW_BUDGET
+        batch = max(1, budget // self.data.n_items)
+        if self._needs_candidates(protocol):
+            def scorer(users):
+                return self.scores(global_params, users, self.candidates(np.asarray(users), split))
+        else:
+            def scorer(users):
+                return self.scores(global_params, users)
+        metrics = evaluate(scorer, self.data, protocol, split, negatives=self.negatives, ks=ks,
+                           batch_users=batch, users=self.users)
         return metrics, len(self.users)

@@ -33,6 +33,30 @@ class RowContext(Protocol):
         (parameters `name.weight` [out, in] and `name.bias` [out])."""
 
 
+class FusionContext(RowContext, Protocol):
+    """What a fusion module (pipeline/models/fusion.py) reads besides a backbone's inputs.
+    Training: client.PaddedRows; evaluation: shard.EvalRows."""
+
+    def feature_linear(self, modality: str, name: str) -> torch.Tensor:
+        """[R, out]: the frozen `modality` features of the rows' items through Linear `name`."""
+
+    def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
+        """Inverted dropout of x [R, ...] (training; masks keyed by the row's user and item and
+        `site`, identical wherever the client trains), identity in evaluation."""
+
+    def subset(self, index: torch.Tensor) -> "FusionContext":
+        """The same context on the rows `index`, in that order."""
+
+
+class ScoredRows(RowContext, Protocol):
+    """The context a composed model's logits(ctx) receives: the rows to score, and where the
+    fusion module computes (client.StepRows, shard.EvalRows)."""
+
+    def fusion_rows(self, history: bool):
+        """FusionRows (pipeline/federated/client.py): a FusionContext over the distinct rows to
+        fuse, plus each client's training positives when `history`; how they map back."""
+
+
 @dataclass
 class InitialState:
     """A backbone's initial parameters (spec/backbones.md §0.3).

@@ -3,8 +3,8 @@ uniform mean over participants."""
 
 from __future__ import annotations
 
-from pipeline.models.fedavg import (GLOBAL_DENSE, GLOBAL_TABLES, PERSONAL_DENSE, PERSONAL_TABLES,  # noqa: F401
-                                    init, logits)
+from pipeline.models.fedavg import (FUSION_PLUG, GLOBAL_DENSE, GLOBAL_TABLES, PERSONAL_DENSE,  # noqa: F401
+                                    PERSONAL_TABLES, init, item_input, logits, score)
 
 AGGREGATION = "uniform"
 

@@ -26,6 +26,19 @@ def lr_scale(n_items: int, config) -> dict[str, float]:
     return {"item": 1.0, "w": 1.0, "b": 1.0}
 
 
+FUSION_PLUG = "input"  # FedMR fuses item_input(ctx) and score() scores the fused vector
+
+
+def item_input(ctx: RowContext) -> torch.Tensor:
+    """[R, d] the item's ID embedding q_i (FedMR's e_i)."""
+    return ctx.table("item")
+
+
+def score(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:
+    """[R, k] item representations -> [R] logits through the personal head."""
+    return linear_head(ctx, item)
+
+
 def logits(ctx: RowContext) -> torch.Tensor:
     """[R] logits."""
-    return linear_head(ctx, ctx.table("item"))
+    return score(ctx, item_input(ctx))

@@ -37,9 +37,16 @@ def lr_scale(n_items: int, config) -> dict[str, float]:
     return {name: 1.0 for name in (*GLOBAL_TABLES, *GLOBAL_DENSE, *PERSONAL_DENSE)}
 
 
-def logits(ctx: RowContext) -> torch.Tensor:
-    hidden = torch.cat([ctx.vector("user_mlp"), ctx.table("item_mlp")], dim=-1)
+FUSION_PLUG = "additive"  # FedMR adds z_i [R, d] to both item embeddings (spec/fedmr.md §4)
+
+
+def logits(ctx: RowContext, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """[R] logits; `extra` [R, d] (FedMR's z_i) is added to q_i^mlp and q_i^mf when given."""
+    item_mlp, item_mf = ctx.table("item_mlp"), ctx.table("item_mf")
+    if extra is not None:
+        item_mlp, item_mf = item_mlp + extra, item_mf + extra
+    hidden = torch.cat([ctx.vector("user_mlp"), item_mlp], dim=-1)
     for layer in LAYERS:
         hidden = torch.relu(ctx.linear(hidden, layer))
-    gmf = ctx.vector("user_mf") * ctx.table("item_mf")
+    gmf = ctx.vector("user_mf") * item_mf
     return ctx.linear(torch.cat([hidden, gmf], dim=-1), "head").squeeze(-1)

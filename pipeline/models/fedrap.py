@@ -33,8 +33,20 @@ def lr_scale(n_items: int, config) -> dict[str, float]:
     return {"item_global": float(n_items), "item_personal": float(n_items), "w": 1.0, "b": 1.0}
 
 
+FUSION_PLUG = "input"
+
+
+def item_input(ctx: RowContext) -> torch.Tensor:
+    """[R, d] p_{u,i} + c_i (FedMR's e_i)."""
+    return ctx.table("item_personal") + ctx.table("item_global")
+
+
+def score(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:
+    return linear_head(ctx, item)
+
+
 def logits(ctx: RowContext) -> torch.Tensor:
-    return linear_head(ctx, ctx.table("item_personal") + ctx.table("item_global"))
+    return score(ctx, item_input(ctx))
 
 
 def ramp(round_: int, base: float) -> float:

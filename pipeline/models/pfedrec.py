@@ -33,5 +33,17 @@ def lr_scale(n_items: int, config) -> dict[str, float]:
     return {"item": float(n_items) * config.pfedrec_eta, "w": 1.0, "b": 1.0}
 
 
+FUSION_PLUG = "input"
+
+
+def item_input(ctx: RowContext) -> torch.Tensor:
+    """[R, d] q~_{u,i}, the client's fine-tuned copy (FedMR's e_i)."""
+    return ctx.table("item")
+
+
+def score(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:
+    return linear_head(ctx, item)
+
+
 def logits(ctx: RowContext) -> torch.Tensor:
-    return linear_head(ctx, ctx.table("item"))
+    return score(ctx, item_input(ctx))

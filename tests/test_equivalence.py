@@ -43,13 +43,8 @@ def synthetic(n_users=30, n_items=80, low=3, high=60, seed=0):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (milliseconds per op on a
-    loaded 2-core box). Numerics do not depend on it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Every test of this module runs on one torch thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -47,11 +47,8 @@ def feature_spans(monkeypatch):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Every test of this module runs on one torch thread (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -11,39 +11,15 @@ as the user's personal table "item" (what evaluation reads).
 
 from __future__ import annotations
 
-import torch
+# the model is FedAvg's (global Q, personal linear head); what differs is the update rule,
+# the item lr and that the trained copy of Q persists. item_input reads the round's copy.
+from pipeline.models.fedavg import (FUSION_PLUG, GLOBAL_DENSE, GLOBAL_TABLES, PERSONAL_DENSE,  # noqa: F401
+                                    PERSONAL_TABLES, init, item_input, logits, score)
 
-from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, xavier
-
-GLOBAL_TABLES = ("item",)
-GLOBAL_DENSE: tuple[str, ...] = ()
-PERSONAL_DENSE = ("w", "b")
-PERSONAL_TABLES: tuple[str, ...] = ()
 KEEP_TRAINED_COPY = ("item",)  # the fine-tuned Q~_u persists as the user's evaluation table
 AGGREGATION = "uniform"
 TWO_STEP_GROUPS = (("w", "b"), ("item",))
 
 
-def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:
-    item = xavier((n_items, dim), generator)
-    return InitialState(global_params={"item": item}, personal_shared=linear_head_init(dim, generator))
-
-
 def lr_scale(n_items: int, config) -> dict[str, float]:
     return {"item": float(n_items) * config.pfedrec_eta, "w": 1.0, "b": 1.0}
-
-
-FUSION_PLUG = "input"
-
-
-def item_input(ctx: RowContext) -> torch.Tensor:
-    """[R, d] q~_{u,i}, the client's fine-tuned copy (FedMR's e_i)."""
-    return ctx.table("item")
-
-
-def score(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:
-    return linear_head(ctx, item)
-
-
-def logits(ctx: RowContext) -> torch.Tensor:
-    return score(ctx, item_input(ctx))

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
 from pipeline.data.datasets import NAMED, DatasetConfig, load_raw, open_dataset
@@ -77,7 +78,7 @@ def cmd_data_stats(args) -> int:
         "interactions": int(data.train_indptr[-1]) + 2 * data.n_users,
         "split": {"train": int(data.train_indptr[-1]), "valid": data.n_users, "test": data.n_users},
         "density": (int(data.train_indptr[-1]) + 2 * data.n_users) / (data.n_users * data.n_items),
-        "train_items_per_user": {"min": int(data.train_counts.min()), "median": float(_median(data.train_counts)),
+        "train_items_per_user": {"min": int(data.train_counts.min()), "median": float(np.median(data.train_counts)),
                                  "max": int(data.train_counts.max())},
         "cold_test_items": int((data.item_popularity()[data.test_item] == 0).sum()),
         "features": {name: list(matrix.shape) for name, matrix in data.features.items()},
@@ -96,11 +97,6 @@ def cmd_data_stats(args) -> int:
             print(f"{key:32s} {value}")
     return 0
 
-
-def _median(values):
-    import numpy as np
-
-    return np.median(values)
 
 
 def cmd_data_prepare(args) -> int:
@@ -127,7 +123,6 @@ def cmd_data_synth(args) -> int:
 
 def cmd_baselines(args) -> int:
     from pipeline.eval.baselines import evaluate_baselines
-    from pipeline.eval.tables import markdown_table, metric_columns
 
     names = args.dataset or ["synthetic"]
     rows, described = [], []

@@ -20,7 +20,7 @@ from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, fea
                                           participants, round_lrs, server_lr, shard_users)
 from pipeline.federated.oracle import initial_dense_state, oracle_round, oracle_scores_fedmr
 from pipeline.federated.shard import Shard
-from test_equivalence import engine_dense, max_diffs, moved, synthetic
+from test_equivalence import engine_dense, engine_scores, max_diffs, moved, synthetic
 
 ATOL = 1e-8
 
@@ -109,13 +109,6 @@ def run_engine(cfg, data, rounds, n_shards, dtype=torch.float64):
         if fusion.fusion_agg == "grad_adam":
             g, adam = apply_fusion_grads(g, ups, adam, lr=server_lr(cfg), clip=fusion.server_clip)
     return shards, g
-
-
-def engine_scores(shards, g, n_users, n_items):
-    out = torch.empty(n_users, n_items, dtype=torch.float64)
-    for shard in shards:
-        out[torch.as_tensor(shard.users)] = shard.scores(g, torch.as_tensor(shard.users)).double()
-    return out
 
 
 def run_oracle(cfg, data, rounds, logs=None):

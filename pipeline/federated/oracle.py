@@ -206,6 +206,31 @@ def _loss(config: ExperimentConfig, model: nn.Module, items: torch.Tensor, label
     return loss
 
 
+def _local_epochs(config: ExperimentConfig, data: PreparedDataset, user: int, round_: int, dtype,
+                  train_step) -> ClientLog:
+    """The textbook local loop of one client: fresh rows every epoch (the shared sampler),
+    mini-batches in order, early stop on the relative change of the mean batch loss.
+    train_step(epoch, batch, items, labels) runs one mini-batch and returns its loss before
+    the update."""
+    train = config.train
+    cd = client_data(data, np.array([user]), neg_pool=train.neg_pool, neg_exclude_heldout=train.neg_exclude_heldout)
+    rows_processed, epoch_losses = 0, []
+    for epoch in range(train.local_epochs):
+        rows = epoch_rows(cd, neg_ratio=train.neg_ratio, rows_per_batch=train.rows_per_batch(), seed=train.seed,
+                          round_=round_, epoch=epoch)
+        batch_losses = []
+        for batch in range(int(rows.batch.max()) + 1 if len(rows.batch) else 0):
+            mask = rows.batch == batch
+            items = torch.as_tensor(rows.item[mask], dtype=torch.int64)
+            labels = torch.as_tensor(rows.label[mask], dtype=dtype)
+            batch_losses.append(train_step(epoch, batch, items, labels))
+            rows_processed += int(mask.sum())
+        epoch_losses.append(float(np.mean(batch_losses)))
+        if epoch >= 1 and abs(epoch_losses[-1] - epoch_losses[-2]) / (abs(epoch_losses[-1]) + 1e-6) < train.tol:
+            break
+    return ClientLog(rows_processed, len(epoch_losses), epoch_losses)
+
+
 def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, params: dict[str, torch.Tensor],
                  round_: int) -> tuple[dict[str, torch.Tensor], ClientLog]:
     """Local training of one client from `params` (its download + its personal state, dense).
@@ -222,46 +247,32 @@ def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, par
                               weight_decay=train.weight_decay)
     dtype = next(model.parameters()).dtype
 
-    cd = client_data(data, np.array([user]), neg_pool=train.neg_pool, neg_exclude_heldout=train.neg_exclude_heldout)
-    rows_processed, epoch_losses = 0, []
-    for epoch in range(train.local_epochs):
-        rows = epoch_rows(cd, neg_ratio=train.neg_ratio, rows_per_batch=train.rows_per_batch(), seed=train.seed,
-                          round_=round_, epoch=epoch)
-        batch_losses = []
-        for batch in range(int(rows.batch.max()) + 1 if len(rows.batch) else 0):
-            mask = rows.batch == batch
-            items = torch.as_tensor(rows.item[mask], dtype=torch.int64)
-            labels = torch.as_tensor(rows.label[mask], dtype=dtype)
-            if two_step:
-                # (a) head only, item copy frozen
-                model.item.requires_grad_(False)
-                head_opt.zero_grad()
-                loss = _loss(config, model, items, labels, round_)
-                batch_losses.append(loss.item())
-                loss.backward()
-                head_opt.step()
-                model.item.requires_grad_(True)
-                # (b) loss recomputed with the updated head; item copy only
-                model.w.requires_grad_(False)
-                model.b.requires_grad_(False)
-                item_opt.zero_grad()
-                _loss(config, model, items, labels, round_).backward()
-                item_opt.step()
-                model.w.requires_grad_(True)
-                model.b.requires_grad_(True)
-            else:
-                opt.zero_grad()
-                loss = _loss(config, model, items, labels, round_)
-                batch_losses.append(loss.item())
-                loss.backward()
-                opt.step()
-            rows_processed += int(mask.sum())
-        epoch_losses.append(float(np.mean(batch_losses)))
-        if epoch >= 1:
-            now, before = epoch_losses[-1], epoch_losses[-2]
-            if abs(now - before) / (abs(now) + 1e-6) < train.tol:
-                break
-    return _model_params(backbone, model), ClientLog(rows_processed, len(epoch_losses), epoch_losses)
+    def train_step(epoch, batch, items, labels) -> float:
+        if two_step:
+            # (a) head only, item copy frozen
+            model.item.requires_grad_(False)
+            head_opt.zero_grad()
+            loss = _loss(config, model, items, labels, round_)
+            loss.backward()
+            head_opt.step()
+            model.item.requires_grad_(True)
+            # (b) loss recomputed with the updated head; item copy only
+            model.w.requires_grad_(False)
+            model.b.requires_grad_(False)
+            item_opt.zero_grad()
+            _loss(config, model, items, labels, round_).backward()
+            item_opt.step()
+            model.w.requires_grad_(True)
+            model.b.requires_grad_(True)
+        else:
+            opt.zero_grad()
+            loss = _loss(config, model, items, labels, round_)
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    log = _local_epochs(config, data, user, round_, dtype, train_step)
+    return _model_params(backbone, model), log
 
 
 # --- one round ---------------------------------------------------------------------------------------
@@ -547,7 +558,7 @@ def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: in
                        round_: int) -> tuple[dict[str, torch.Tensor], ClientLog, dict[str, torch.Tensor]]:
     """Local training of one FedMR client. Returns (trained params, log, last-batch gradients
     of the global fusion parameters)."""
-    backbone, train, fcfg = config.model.backbone, config.train, config.model.fusion
+    backbone, train = config.model.backbone, config.train
     dtype = next(iter(params.values())).dtype
     feats = _features(data, config, dtype)
     dims = {m: f.shape[1] for m, f in feats.items()}
@@ -577,50 +588,38 @@ def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: in
             loss = loss - lam * F.mse_loss(p_b, c_b) + mu * reg
         return loss
 
-    cd = client_data(data, np.array([user]), neg_pool=train.neg_pool, neg_exclude_heldout=train.neg_exclude_heldout)
-    rows_processed, epoch_losses = 0, []
-    for epoch in range(train.local_epochs):
-        rows = epoch_rows(cd, neg_ratio=train.neg_ratio, rows_per_batch=train.rows_per_batch(), seed=train.seed,
-                          round_=round_, epoch=epoch)
-        batch_losses = []
-        for batch in range(int(rows.batch.max()) + 1 if len(rows.batch) else 0):
-            mask = rows.batch == batch
-            items = torch.as_tensor(rows.item[mask], dtype=torch.int64)
-            labels = torch.as_tensor(rows.label[mask], dtype=dtype)
-            mix = _mixing_rows(config, data, user, items)
-            model.fedmr.drop_key = (train.seed, round_, epoch, batch, user)
-            if two_step:
-                for p in tables:
-                    p.requires_grad_(False)
-                opt_a.zero_grad()
-                loss = loss_of(items, labels, mix)
-                batch_losses.append(loss.item())
-                loss.backward()
-                opt_a.step()
-                for p in tables:
-                    p.requires_grad_(True)
-                for p in rest:
-                    p.requires_grad_(False)
-                opt_b.zero_grad()
-                loss_of(items, labels, mix).backward()  # same masks: same step
-                opt_b.step()
-                for p in rest:
-                    p.requires_grad_(True)
-            else:
-                opt.zero_grad()
-                loss = loss_of(items, labels, mix)
-                batch_losses.append(loss.item())
-                loss.backward()
-                opt.step()
-            rows_processed += int(mask.sum())
-        epoch_losses.append(float(np.mean(batch_losses)))
-        if epoch >= 1 and abs(epoch_losses[-1] - epoch_losses[-2]) / (abs(epoch_losses[-1]) + 1e-6) < train.tol:
-            break
+    def train_step(epoch, batch, items, labels) -> float:
+        mix = _mixing_rows(config, data, user, items)
+        model.fedmr.drop_key = (train.seed, round_, epoch, batch, user)
+        if two_step:
+            for p in tables:
+                p.requires_grad_(False)
+            opt_a.zero_grad()
+            loss = loss_of(items, labels, mix)
+            loss.backward()
+            opt_a.step()
+            for p in tables:
+                p.requires_grad_(True)
+            for p in rest:
+                p.requires_grad_(False)
+            opt_b.zero_grad()
+            loss_of(items, labels, mix).backward()  # same masks: same step
+            opt_b.step()
+            for p in rest:
+                p.requires_grad_(True)
+        else:
+            opt.zero_grad()
+            loss = loss_of(items, labels, mix)
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    log = _local_epochs(config, data, user, round_, dtype, train_step)
     model.fedmr.drop_key = None
     trained = {k: p.detach().clone() for k, p in model.named_parameters()}
     grads = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
              for k, p in model.named_parameters() if k.startswith("fedmr.") and not _fedmr_is_personal(config, k)}
-    return trained, ClientLog(rows_processed, len(epoch_losses), epoch_losses), grads
+    return trained, log, grads
 
 
 def oracle_round_fedmr(config: ExperimentConfig, data: PreparedDataset, state: DenseState, round_: int,

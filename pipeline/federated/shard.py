@@ -81,7 +81,7 @@ class EvalRows:
         self._plan = None
 
     def table(self, name: str) -> torch.Tensor:
-        store, model = self.shard.store, self.shard.model
+        store = self.shard.store
         if name in store.tables:
             if self.base_only:
                 return store.table_base[name][self.item]

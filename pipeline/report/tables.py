@@ -286,7 +286,7 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
         parts.append(f"- **Seeds:** {len(planned_seeds)} ({', '.join(map(str, planned_seeds))}); "
                      f"seed s sets train.seed = train.model_seed = s"
                      + ("" if done_counts == [len(planned_seeds)] else
-                        f" — **some runs did not finish**: rows show how many seeds they average"))
+                        " — **some runs did not finish**: rows show how many seeds they average"))
         parts.append(f"- **Schedule:** rounds cap {_uniform([t.rounds for t in train])}, patience "
                      f"{_uniform([t.patience for t in train])}, participation {_uniform([t.participation for t in train])}, "
                      f"local epochs {_uniform([t.local_epochs for t in train])}, neg_ratio "

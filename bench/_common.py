@@ -152,22 +152,44 @@ def gb(n_bytes: float | None) -> float | None:
 # --- GEMM peak ---------------------------------------------------------------------------------
 
 
-def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> dict:
+def gemm_peak_gflops(n: int = 2048, repeats: int = 5, device: str = "cpu") -> dict:
     """Best-of-`repeats` GFLOP/s of torch.mm on two n x n float32 matrices (2 n^3 FLOPs),
-    at the current torch thread count: the attainable dense-compute peak of this machine."""
+    at the current torch thread count (on `device`; cuda with torch's default float32
+    matmul precision): the attainable dense-compute peak of this machine."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator)
-    b = torch.randn(n, n, generator=generator)
-    out = torch.empty(n, n)
+    a = torch.randn(n, n, generator=generator).to(device)
+    b = torch.randn(n, n, generator=generator).to(device)
+    out = torch.empty(n, n, device=device)
     torch.mm(a, b, out=out)  # warm-up (allocations, kernel selection)
+    synchronize(device)
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
         torch.mm(a, b, out=out)
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
-    return {"n": n, "repeats": repeats, "best_seconds": best, "gflops": 2.0 * n ** 3 / best / 1e9}
+    return {"n": n, "repeats": repeats, "best_seconds": best, "gflops": 2.0 * n ** 3 / best / 1e9,
+            "device": str(device)}
+
+
+def synchronize(device) -> None:
+    """Wait for the queued kernels of a CUDA device (no-op on the CPU): timings need it."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_line(device: str) -> str:
+    """What the device is, for the printout."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return "device: cpu"
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return f"device: {props.name}, {props.total_memory / GB:.0f} GB, torch {torch.__version__}, CUDA {torch.version.cuda}"
 
 
 # --- output ------------------------------------------------------------------------------------

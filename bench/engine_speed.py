@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from bench._common import (emit_json, fmt_s, gemm_peak_gflops, loadavg_1min, machine_line, peak_rss_bytes,
-                           set_threads, timed, Span, GB)
+                           set_threads, synchronize, timed, device_line, Span, GB)
 
 BACKBONES = ("pfedrec", "fedrap")
 TARGET_SPEEDUP = 20.0
@@ -98,7 +98,7 @@ class LocalTrainingLog:
 
 
 @contextmanager
-def capture_local_training(log: LocalTrainingLog):
+def capture_local_training(log: LocalTrainingLog, device: str = "cpu"):
     """Wrap pipeline.federated.shard.train_clients (the engine's local training) to time it."""
     from pipeline.federated import shard as shard_module
 
@@ -107,6 +107,7 @@ def capture_local_training(log: LocalTrainingLog):
     def wrapped(model, params, working_set, epochs, **kwargs):
         with timed() as span:
             result = original(model, params, working_set, epochs, **kwargs)
+            synchronize(device)
         log.record(span, epochs, result)
         return result
 
@@ -132,6 +133,15 @@ def oracle_participants_subset(subset_of_round):
         yield
     finally:
         oracle_module.participants = original
+
+
+def to_host(state):
+    """An oracle DenseState with every tensor in host memory (for the comparison)."""
+    from pipeline.federated.oracle import DenseState
+
+    return DenseState(globals={k: v.cpu() for k, v in state.globals.items()},
+                      personal={u: {k: v.cpu() for k, v in mine.items()} for u, mine in state.personal.items()},
+                      server=state.server)
 
 
 # --- the equality check ------------------------------------------------------------------------
@@ -220,7 +230,8 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
     with timed() as setup_engine:
         init = initial_state(cfg, data.n_users, data.n_items)
         groups = shard_users(data.train_counts, args.shards)
-        shards = [Shard(cfg, data, negatives, users, init, dtype=torch.float32) for users in groups]
+        shards = [Shard(cfg, data, negatives, users, init, dtype=torch.float32, device=args.device)
+                  for users in groups]
         g = {k: v.to(torch.float32) for k, v in init.global_params.items()}
     with timed() as setup_oracle:
         state = initial_dense_state(cfg, data.n_users, data.n_items)
@@ -229,9 +240,12 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
 
     with timed() as warm:  # first calls pay one-off costs (lazy imports, allocator): not part of a round
         warm_users = participants(data.n_users, t.participation, t.seed, 0)[:WARMUP_CLIENTS]
-        Shard(cfg, data, negatives, warm_users, init).train(0, g, warm_users, round_lrs(cfg, data.n_items, 0))
+        Shard(cfg, data, negatives, warm_users, init, device=args.device).train(
+            0, g, warm_users, round_lrs(cfg, data.n_items, 0))
         with oracle_participants_subset(lambda users, round_: users[:WARMUP_CLIENTS]):
-            oracle_round(cfg, data, state, 0, dtype=torch.float32)  # result discarded; state is not modified
+            # result discarded; state is not modified
+            oracle_round(cfg, data, state, 0, dtype=torch.float32, device=args.device)
+        synchronize(args.device)
     print(f"warm-up ({WARMUP_CLIENTS} clients each side, discarded): {fmt_s(warm.wall)}")
 
     subset_k = args.oracle_users
@@ -251,7 +265,7 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
 
         def engine_round():
             nonlocal g
-            with capture_local_training(local_log), timed() as span:
+            with capture_local_training(local_log, args.device), timed() as span:
                 uploads = [s.train(r, g, users[np.isin(users, s.users)], lrs) for s in shards]
                 g = apply_uploads(g, uploads)
             return span, sum(u.rows for u in uploads)
@@ -260,10 +274,12 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
             nonlocal state
             if subset_k and subset_k < len(users):
                 with oracle_participants_subset(subset_of_round), timed() as span:
-                    state = oracle_round(cfg, data, state, r, dtype=torch.float32)
+                    state = oracle_round(cfg, data, state, r, dtype=torch.float32, device=args.device)
+                    synchronize(args.device)
                 return span, len(subsets[r])
             with timed() as span:
-                state = oracle_round(cfg, data, state, r, dtype=torch.float32)
+                state = oracle_round(cfg, data, state, r, dtype=torch.float32, device=args.device)
+                synchronize(args.device)
             return span, len(users)
 
         local_before = Span(local_log.span.wall, local_log.span.cpu)
@@ -324,6 +340,7 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
         print("equal-metrics check: skipped (the oracle trained only a subset of the participants)")
         result["check"] = None
         return result
+    state = to_host(state)
     with timed() as span:
         check = compare_states(cfg, data, negatives, shards, g, state)
     result["check"] = check
@@ -388,6 +405,7 @@ def parse_args(argv):
     p.add_argument("--profile", action="store_true",
                    help="after the check, profile one more engine round per backbone (cProfile + torch profiler)")
     p.add_argument("--seed", type=int, default=0, help="seed of the oracle timing subset")
+    p.add_argument("--device", default="cpu", help="torch device of both sides' local training (cpu, cuda)")
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 2
@@ -403,6 +421,7 @@ def main(argv=None) -> dict:
     threads = set_threads(args.threads)
     print("bench.engine_speed: vectorised engine (Shard.train + apply_uploads) vs sequential oracle (oracle_round)")
     print(machine_line(threads))
+    print(device_line(args.device))
     if args.dataset == "movielens":
         dataset_overrides = ["data.name=movielens"]
     else:
@@ -419,13 +438,13 @@ def main(argv=None) -> dict:
     participation = min(1.0, users / data.n_users)
     print(f"participants per round: {users} (participation {participation:.4f}); rounds {args.rounds}; engine layout: "
           f"{args.shards} Shard(s) driven sequentially in this process (no Ray)")
-    peak = gemm_peak_gflops(args.gemm_n, args.gemm_repeats)
-    print(f"GEMM peak: torch.mm {peak['n']}x{peak['n']} float32, best of {peak['repeats']}: "
+    peak = gemm_peak_gflops(args.gemm_n, args.gemm_repeats, args.device)
+    print(f"GEMM peak: torch.mm {peak['n']}x{peak['n']} float32 on {args.device}, best of {peak['repeats']}: "
           f"{peak['best_seconds']:.4f} s = {peak['gflops']:.1f} GFLOP/s at {threads} thread(s)")
 
     figures = {"bench": "engine_speed", "quick": bool(args.quick), "threads": threads, "dataset": args.dataset,
                "n_users": data.n_users, "n_items": data.n_items, "train_positives": int(counts.sum()),
-               "users_per_round": users, "rounds": args.rounds, "shards": args.shards,
+               "users_per_round": users, "rounds": args.rounds, "shards": args.shards, "device": args.device,
                "engine_layout": f"{args.shards} in-process Shard(s), sequential, no Ray",
                "gemm_peak_gflops": peak["gflops"], "gemm_n": peak["n"], "target_speedup": TARGET_SPEEDUP,
                "backbones": {}}

@@ -192,6 +192,12 @@ class RuntimeConfig(BaseModel):
     pools: int | None = Field(None, ge=1, description="ClientPool actors; None = one per available CPU")
     cpus_per_pool: float = Field(1.0, gt=0)
     gpus_per_pool: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where pools run local training: auto = cuda when the pool was given a GPU "
+                            "(gpus_per_pool > 0), else cpu; cuda without a visible GPU is an error")
+    block_rows: int | None = Field(1 << 15, ge=1, description="rows of one local epoch per block of clients "
+                                                              "trained together on a CPU (None: all at once; "
+                                                              "a GPU always trains all at once)")
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0 = never)")
     out: Path = Field(Path("runs/train"), description="run directory")
     progress: bool = True

@@ -21,21 +21,36 @@ from pipeline.federated.grouped import PaddedLayout, gather_rows, grouped_linear
 from pipeline.federated.sampling import EpochRows, dropout_keep
 
 
+_BITMAP_KEYS = 1 << 25  # WorkingSet.of dedupes keys with a bitmap (and int32 ranks) up to this key space
+
+
 @dataclass(frozen=True)
 class WorkingSet:
-    """Distinct (client, item) pairs of a round, sorted. client, item: [W] int64."""
+    """Distinct (client, item) pairs of a round, sorted. client, item: [W] int64.
+    rank: optional [B * I] int64, key -> position (filled at members), for a fast locate."""
 
     client: np.ndarray
     item: np.ndarray
     n_items: int
+    rank: np.ndarray | None = None
 
     @staticmethod
     def of(epochs: list[EpochRows], n_items: int) -> "WorkingSet":
-        keys = np.unique(np.concatenate([rows.client * n_items + rows.item for rows in epochs]))
-        return WorkingSet(client=keys // n_items, item=keys % n_items, n_items=n_items)
+        keys = np.concatenate([rows.client * n_items + rows.item for rows in epochs])
+        space = (int(keys.max()) + 1) if len(keys) else 0
+        if space > _BITMAP_KEYS:
+            keys = np.unique(keys)
+            return WorkingSet(client=keys // n_items, item=keys % n_items, n_items=n_items)
+        seen = np.zeros(space, dtype=bool)  # a bitmap over every (client, item) pair: no sort
+        seen[keys] = True
+        rank = np.cumsum(seen, dtype=np.int32) - 1
+        keys = np.flatnonzero(seen)
+        return WorkingSet(client=keys // n_items, item=keys % n_items, n_items=n_items, rank=rank)
 
     def locate(self, client: np.ndarray, item: np.ndarray) -> np.ndarray:
         """[R] positions of (client, item) pairs in the working set (all must be members)."""
+        if self.rank is not None:
+            return self.rank[client * self.n_items + item].astype(np.int64)
         return np.searchsorted(self.client * self.n_items + self.item, client * self.n_items + item)
 
     def offsets(self, n_clients: int) -> np.ndarray:
@@ -134,7 +149,8 @@ class FusionRows:
 class StepRows:
     """RowContext for the rows of one step: each row reads its own client's parameters.
 
-    client: [R] client positions (sorted), ws: [R] working-set positions.
+    client: [R] client positions (sorted), ws: [R] working-set positions (None: every table
+    holds exactly the step's rows, in order).
     fusion: FusionInputs when the model has a fusion module (see fusion_rows).
     """
 
@@ -145,10 +161,12 @@ class StepRows:
         self._groups = None
 
     def table(self, name: str) -> torch.Tensor:
-        return self.params[name][self.ws]
+        if self.ws is None:  # the tables hold the step's rows already
+            return self.params[name]
+        return self.params[name].index_select(0, self.ws)  # (index_select: a far faster gather than [])
 
     def vector(self, name: str) -> torch.Tensor:
-        return self.params[name][self.client]
+        return self.params[name].index_select(0, self.client)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """Per-client Linear: rows are grouped by client (see grouped.py)."""
@@ -312,15 +330,116 @@ def client_losses(model, params: dict[str, torch.Tensor], client: torch.Tensor, 
     per_row = F.binary_cross_entropy_with_logits(model.logits(ctx), label, reduction="none")
     if hasattr(model, "row_regulariser"):
         per_row = per_row + model.row_regulariser(ctx, round_, model_config)
-    sums = torch.zeros(n_clients, dtype=per_row.dtype).index_add_(0, client, per_row)
+    sums = torch.zeros(n_clients, dtype=per_row.dtype, device=per_row.device).index_add_(0, client, per_row)
     counts = torch.bincount(client, minlength=n_clients).clamp(min=1)
     return sums / counts
 
 
+CHUNK_ROWS = 1 << 15  # rows of one local epoch per block of clients (see train_clients)
+
+
 def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows], *,
                   lrs: dict[str, float], tol: float, round_: int, model_config,
-                  update: str = "joint", fusion: FusionInputs | None = None) -> LocalResult:
+                  update: str = "joint", fusion: FusionInputs | None = None,
+                  chunk_rows: int | None = CHUNK_ROWS) -> LocalResult:
     """Run local training of all clients in `params` (B of them) over the pre-sampled epochs.
+
+    Clients are independent, so they are trained in blocks of consecutive clients of about
+    `chunk_rows` rows per epoch (None: one block): a step's tensors then stay in the CPU's
+    caches, which on a memory-bound step is worth more than one call for everyone. Results
+    are the same for any blocking. (Models with a fusion module train as one block: their
+    per-client layers are already batched by size.)
+    """
+    n_clients = len(next(iter(params.vectors.values())))
+    if fusion is not None or not epochs or chunk_rows is None:
+        return _train_block(model, params, working_set, epochs, lrs=lrs, tol=tol, round_=round_,
+                            model_config=model_config, update=update, fusion=fusion)
+    per_client = np.bincount(epochs[0].client, minlength=n_clients)
+    ends = np.cumsum(per_client)
+    cuts = np.searchsorted(ends, np.arange(chunk_rows, ends[-1], chunk_rows), side="left") + 1
+    bounds = np.unique(np.concatenate([[0], cuts, [n_clients]]))
+    if len(bounds) <= 2:
+        return _train_block(model, params, working_set, epochs, lrs=lrs, tol=tol, round_=round_,
+                            model_config=model_config, update=update)
+    ws_offsets = working_set.offsets(n_clients)
+    tables = {k: torch.empty_like(v) for k, v in params.tables.items()}
+    vectors = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in params.vectors.items()}
+    last_grads = {n: torch.zeros_like(params.all()[n]) for n in getattr(model, "UPLOAD_GRADS", ())}
+    rows_done, epochs_run, loss = (np.zeros(n_clients, dtype=np.int64), np.zeros(n_clients, dtype=np.int64),
+                                   np.full(n_clients, np.nan))
+    for c0, c1 in zip(bounds[:-1], bounds[1:]):
+        w0, w1 = ws_offsets[c0], ws_offsets[c1]
+        rank = None if working_set.rank is None else (
+            working_set.rank[c0 * working_set.n_items:c1 * working_set.n_items] - w0)
+        block_ws = WorkingSet(client=working_set.client[w0:w1] - c0, item=working_set.item[w0:w1],
+                              n_items=working_set.n_items, rank=rank)
+        block_epochs = [_block_rows(rows, c0, c1) for rows in epochs]
+        block_params = ClientParams({k: v[w0:w1] for k, v in params.tables.items()},
+                                    {k: v[c0:c1] for k, v in params.vectors.items()})
+        result = _train_block(model, block_params, block_ws, block_epochs, lrs=lrs, tol=tol, round_=round_,
+                              model_config=model_config, update=update)
+        for k in tables:
+            tables[k][w0:w1] = result.params.tables[k]
+        for k in vectors:
+            vectors[k][c0:c1] = result.params.vectors[k]
+        for k in last_grads:
+            last_grads[k][c0:c1] = result.last_grads[k]
+        rows_done[c0:c1], epochs_run[c0:c1], loss[c0:c1] = result.rows, result.epochs, result.loss
+    return LocalResult(params=ClientParams(tables, vectors), rows=rows_done, epochs=epochs_run, loss=loss,
+                       last_grads=last_grads)
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique of an already sorted array, without sorting it again."""
+    if len(values) == 0:
+        return values
+    return values[np.concatenate([[True], values[1:] != values[:-1]])]
+
+
+def _sparse_step(model, current: dict[str, torch.Tensor], table_names: set[str], group: tuple[str, ...],
+                 client: np.ndarray, ws: torch.Tensor, label: torch.Tensor, present: np.ndarray,
+                 lrs: dict[str, float], last_grads: dict[str, torch.Tensor], round_: int,
+                 model_config) -> np.ndarray:
+    """One SGD step of the parameters `group` for the clients `present` on the step's R rows,
+    touching only what the step reads: every table as its R gathered rows, every per-client
+    tensor as its P present clients. Updates `current` in place (scatter-add of -lr * grad;
+    a row met twice in the step gets both contributions, as in the dense gradient).
+    client: [R] client of each row (sorted), ws: [R] working-set rows.  Returns [P] losses."""
+    device = ws.device
+    present_t = torch.as_tensor(present).to(device)
+    starts = np.empty(len(client), dtype=np.int64)  # [R] the row's client's position in present
+    starts[:1] = 0
+    np.not_equal(client[1:], client[:-1], out=starts[1:])
+    slot = torch.as_tensor(np.cumsum(starts)).to(device)
+    gathered = {name: value.index_select(0, ws if name in table_names else present_t)
+                for name, value in current.items()}
+    leaves = [name for name in group if name in gathered]
+    for name in leaves:
+        gathered[name].requires_grad_(True)
+    losses = client_losses(model, gathered, slot, None, label, len(present), round_, model_config)
+    grads = torch.autograd.grad(losses.sum(), [gathered[name] for name in leaves], allow_unused=True)
+    with torch.no_grad():
+        for name, grad in zip(leaves, grads):
+            if grad is None:
+                continue
+            at = ws if name in table_names else present_t
+            if name in last_grads:
+                last_grads[name].index_copy_(0, at, grad)
+            current[name].index_add_(0, at, grad.mul_(-lrs[name]))  # (alpha= is several times slower)
+    return losses.detach().cpu().numpy()
+
+
+def _block_rows(rows: EpochRows, c0: int, c1: int) -> EpochRows:
+    """The rows of clients c0..c1-1 (rows are grouped by client), clients renumbered from 0."""
+    a, b = np.searchsorted(rows.client, [c0, c1])
+    return EpochRows(client=rows.client[a:b] - c0, item=rows.item[a:b], label=rows.label[a:b],
+                     batch=rows.batch[a:b], n_batches=rows.n_batches[c0:c1])
+
+
+def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows], *,
+                 lrs: dict[str, float], tol: float, round_: int, model_config,
+                 update: str = "joint", fusion: FusionInputs | None = None) -> LocalResult:
+    """train_clients on one block of clients (all of `params`).
 
     lrs: the lr of every parameter name this round (decay and item multipliers applied).
     update: 'joint' (one SGD step on everything per mini-batch) or 'two_step' (PFedRec:
@@ -334,6 +453,9 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
     """
     n_clients = len(next(iter(params.vectors.values())))
     current = {name: tensor.detach().clone() for name, tensor in params.all().items()}
+    device, dtype = next(iter(current.values())).device, next(iter(current.values())).dtype
+    if fusion is not None and device.type != "cpu":
+        raise NotImplementedError("a fusion module trains on the CPU only (runtime.device=cpu)")
     if fusion is not None and epochs:  # every epoch holds every positive once
         first = epochs[0]
         fusion.history = np.sort(working_set.locate(first.client[first.label == 1], first.item[first.label == 1]))
@@ -354,16 +476,25 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
         ws_index = working_set.locate(rows.client, rows.item)
         loss_sum = np.zeros(n_clients)
         n_batches = np.zeros(n_clients, dtype=np.int64)
-        row_active = active[rows.client]
+        # the active rows, step by step (rows of a step stay in client order)
+        by_step = np.argsort(rows.batch, kind="stable")
+        by_step = by_step[active[rows.client[by_step]]]
+        step_bounds = np.searchsorted(rows.batch[by_step], np.arange(int(rows.n_batches.max(initial=0)) + 1))
         for step in range(int(rows.n_batches[active].max(initial=0))):
-            chosen = np.flatnonzero(row_active & (rows.batch == step))
-            client = torch.as_tensor(rows.client[chosen])
-            ws = torch.as_tensor(ws_index[chosen])
-            label = torch.as_tensor(rows.label[chosen], dtype=next(iter(current.values())).dtype)
-            present = np.unique(rows.client[chosen])
+            chosen = by_step[step_bounds[step]:step_bounds[step + 1]]
+            client = torch.as_tensor(rows.client[chosen]).to(device)
+            ws = torch.as_tensor(ws_index[chosen]).to(device)
+            label = torch.as_tensor(rows.label[chosen]).to(device=device, dtype=dtype)
+            present = _sorted_unique(rows.client[chosen])
             if fusion is not None:
                 fusion.key = (fusion.seed, round_, epoch, step)
             for index, group in enumerate(groups):
+                if fusion is None:
+                    losses = _sparse_step(model, current, set(params.tables), group, rows.client[chosen], ws,
+                                          label, present, lrs, last_grads, round_, model_config)
+                    if index == 0:
+                        loss_sum[present] += losses
+                    continue
                 leaves = {name: current[name].requires_grad_(True) for name in group}
                 losses = client_losses(model, current, client, ws, label, n_clients, round_, model_config, fusion)
                 if index == 0:  # the epoch loss is the batch loss before any update
@@ -376,10 +507,7 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
                             if name in last_grads:  # per client, or per working-set row of a span
                                 at = np.isin(row_owner[name], present) if name in row_owner else present
                                 last_grads[name][at] = grad[at]
-                            if fusion is None:
-                                leaf.sub_(lrs[name] * grad)
-                            else:  # no temporary (the per-client fusion weights are large)
-                                leaf.sub_(grad, alpha=lrs[name])
+                            leaf.sub_(grad, alpha=lrs[name])  # no temporary (per-client fusion weights are large)
             n_batches[present] += 1
         rows_done[active] += np.bincount(rows.client, minlength=n_clients)[active]
         epochs_run[active] += 1

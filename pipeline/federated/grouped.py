@@ -20,16 +20,17 @@ class GroupPlan:
 
     def __init__(self, counts: torch.Tensor):
         self.n_rows = int(counts.sum())
+        device = counts.device
         starts = torch.cumsum(counts, 0) - counts
-        group = torch.repeat_interleave(torch.arange(len(counts)), counts)
-        position = torch.arange(self.n_rows) - starts[group]
+        group = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+        position = torch.arange(self.n_rows, device=device) - starts[group]
         bucket = torch.ceil(torch.log2(counts.clamp(min=1).to(torch.float64))).to(torch.int64)
         self.buckets = []  # (members [g], width, rows [n], slot of row [n], position of row [n])
         order = []
         for b in torch.unique(bucket).tolist():
             members = torch.nonzero(bucket == b).squeeze(1)  # groups in this bucket
-            slot = torch.full((len(counts),), -1, dtype=torch.int64)
-            slot[members] = torch.arange(len(members))
+            slot = torch.full((len(counts),), -1, dtype=torch.int64, device=device)
+            slot[members] = torch.arange(len(members), device=device)
             rows = torch.nonzero(slot[group] >= 0).squeeze(1)
             width = int(counts[members].max())
             self.buckets.append((members, width, rows, slot[group[rows]], position[rows]))

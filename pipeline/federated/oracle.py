@@ -207,7 +207,7 @@ def _loss(config: ExperimentConfig, model: nn.Module, items: torch.Tensor, label
 
 
 def _local_epochs(config: ExperimentConfig, data: PreparedDataset, user: int, round_: int, dtype,
-                  train_step) -> ClientLog:
+                  train_step, device="cpu") -> ClientLog:
     """The textbook local loop of one client: fresh rows every epoch (the shared sampler),
     mini-batches in order, early stop on the relative change of the mean batch loss.
     train_step(epoch, batch, items, labels) runs one mini-batch and returns its loss before
@@ -221,8 +221,8 @@ def _local_epochs(config: ExperimentConfig, data: PreparedDataset, user: int, ro
         batch_losses = []
         for batch in range(int(rows.batch.max()) + 1 if len(rows.batch) else 0):
             mask = rows.batch == batch
-            items = torch.as_tensor(rows.item[mask], dtype=torch.int64)
-            labels = torch.as_tensor(rows.label[mask], dtype=dtype)
+            items = torch.as_tensor(rows.item[mask], dtype=torch.int64).to(device)
+            labels = torch.as_tensor(rows.label[mask]).to(device=device, dtype=dtype)
             batch_losses.append(train_step(epoch, batch, items, labels))
             rows_processed += int(mask.sum())
         epoch_losses.append(float(np.mean(batch_losses)))
@@ -271,7 +271,7 @@ def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, par
             opt.step()
         return loss.item()
 
-    log = _local_epochs(config, data, user, round_, dtype, train_step)
+    log = _local_epochs(config, data, user, round_, dtype, train_step, device=next(model.parameters()).device)
     return _model_params(backbone, model), log
 
 
@@ -279,20 +279,24 @@ def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, par
 
 
 def oracle_round(config: ExperimentConfig, data: PreparedDataset, state: DenseState, round_: int,
-                 dtype=torch.float64, logs: dict[int, ClientLog] | None = None) -> DenseState:
+                 dtype=torch.float64, logs: dict[int, ClientLog] | None = None, device="cpu") -> DenseState:
     """One federated round, clients trained one after the other. Returns a new DenseState
-    (the input is not modified). `logs`, if given, receives each participant's ClientLog."""
+    (the input is not modified). `logs`, if given, receives each participant's ClientLog.
+    device: where the clients train (the trained parameters stay there)."""
     if config.model.fusion is not None:
+        if torch.device(device).type != "cpu":
+            raise ValueError("the FedMR oracle runs on the CPU only")
         return oracle_round_fedmr(config, data, state, round_, dtype, logs)
     backbone = config.model.backbone
     global_names = GLOBAL_NAMES[backbone]
-    downloaded = {name: value.to(dtype) for name, value in state.globals.items()}
+    downloaded = {name: value.to(device=device, dtype=dtype) for name, value in state.globals.items()}
     users = participants(data.n_users, config.train.participation, config.train.seed, round_)
     new_personal = dict(state.personal)
     uploads, weights = [], []
     for user in users.tolist():
         params = copy.deepcopy(downloaded)
-        personal = {name: value.to(dtype).clone() for name, value in state.personal[user].items()}
+        personal = {name: value.to(device=device, dtype=dtype).clone()
+                    for name, value in state.personal[user].items()}
         if backbone == "pfedrec":
             personal.pop("item", None)  # Q~_u <- downloaded Q at the start of every round
         params.update(personal)

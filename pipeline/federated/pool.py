@@ -21,6 +21,18 @@ class StaleState(RuntimeError):
     """The pool's state is not at the round the server expects (it was restarted)."""
 
 
+def training_device(runtime) -> str:
+    """The torch device of a pool's local training under runtime.device (see RuntimeConfig)."""
+    wants_gpu = runtime.device == "cuda" or (runtime.device == "auto" and runtime.gpus_per_pool > 0)
+    if not wants_gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={runtime.device} with gpus_per_pool={runtime.gpus_per_pool}, but "
+                           f"torch sees no CUDA device here (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); set runtime.device=cpu")
+    return "cuda"
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ClientPool:
     def __init__(self, config_json: str, data, negatives, users: np.ndarray, initial, threads: int):
@@ -29,7 +41,8 @@ class ClientPool:
         torch.set_num_threads(max(1, threads))
         self.config = ExperimentConfig.model_validate_json(config_json)
         self._args = (data, negatives, np.asarray(users), initial)
-        self.shard = Shard(self.config, data, negatives, np.asarray(users), initial)
+        self.device = training_device(self.config.runtime)
+        self.shard = Shard(self.config, data, negatives, np.asarray(users), initial, device=self.device)
         self.state_round = -1  # rounds of training reflected in the state (-1: initial)
 
     def _expect(self, round_: int) -> None:
@@ -63,11 +76,11 @@ class ClientPool:
 
         if path is None:
             data, negatives, users, initial = self._args
-            self.shard = Shard(self.config, data, negatives, users, initial)
+            self.shard = Shard(self.config, data, negatives, users, initial, device=self.device)
         else:
             self.shard.store.load_state_dict(torch.load(path, weights_only=False))
         self.state_round = round_
 
     def info(self) -> dict:
-        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "device": self.device,
                 "users": len(self.shard.users), "state_round": self.state_round}

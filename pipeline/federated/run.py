@@ -31,8 +31,9 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # no address: always a new embedded cluster ("local"), never whichever cluster happens to run here
     kwargs = {"include_dashboard": False} if not address else {}
-    ray.init(address=address, log_to_driver=False, configure_logging=False, **kwargs)
+    ray.init(address=address or "local", log_to_driver=False, configure_logging=False, **kwargs)
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

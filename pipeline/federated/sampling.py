@@ -114,11 +114,25 @@ def epoch_rows(clients: ClientData, *, neg_ratio: int, rows_per_batch: int, seed
     item[is_pos] = clients.pos_items
     item[~is_pos] = negatives
     keys = stream_uniform(seed ^ _SHUFFLE_TAG, round_, epoch, clients.users[client], index_in_client)
-    order = np.lexsort((keys, client))
+    order = _shuffle_order(client, keys, b)
     position = np.arange(client.size) - np.repeat(row_start, n_rows)
     return EpochRows(client=client, item=item[order], label=is_pos[order].astype(np.float32),
                      batch=position // rows_per_batch,
                      n_batches=-(-n_rows // rows_per_batch))
+
+
+_SHUFFLE_KEY_BITS = 40  # a row's shuffle rank within its client: the top 40 of its 53 random bits
+
+
+def _shuffle_order(client: np.ndarray, keys: np.ndarray, n_clients: int) -> np.ndarray:
+    """Row order: by client, then by the top _SHUFFLE_KEY_BITS bits of the row's uniform key
+    (keys = k / 2^53 exactly), ties by position. One integer sort of (client, key) composites,
+    several times faster than np.lexsort; the order of a client's rows depends only on its
+    own keys, so it is the same alone and inside any batch of clients."""
+    rank = (keys * float(1 << 53)).astype(np.int64) >> (53 - _SHUFFLE_KEY_BITS)
+    if n_clients < 1 << (63 - _SHUFFLE_KEY_BITS):
+        return np.argsort((client.astype(np.int64) << _SHUFFLE_KEY_BITS) | rank, kind="stable")
+    return np.lexsort((np.arange(len(client)), rank, client))
 
 
 # --- dropout masks -------------------------------------------------------------------------------

@@ -84,17 +84,17 @@ class EvalRows:
         store = self.shard.store
         if name in store.tables:
             if self.base_only:
-                return store.table_base[name][self.item]
+                return store.table_base[name].index_select(0, self.item)
             return store.table_rows(name, self.local, self.item)
         if name in store.copies and self.shard.config.model.pfedrec_eval_table == "personal":
             return store.copy_rows(name, self.local, self.item, self.globals[name])
-        return self.globals[name][self.item]
+        return self.globals[name].index_select(0, self.item)
 
     def vector(self, name: str) -> torch.Tensor:
         dense = self.shard.store.dense
         if name not in dense:  # a global weight, the same for every row
             return self.globals[name]
-        return dense[name][self.user_local][self.row_user]
+        return dense[name].index_select(0, self.user_local).index_select(0, self.row_user)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         dense = self.shard.store.dense
@@ -113,7 +113,7 @@ class EvalRows:
         """The global projection of the frozen features, computed once per item."""
         features = self.shard.features[modality]
         projected = torch.nn.functional.linear(features, self.globals[f"{name}.weight"], self.globals[f"{name}.bias"])
-        return projected[self.item]
+        return projected.index_select(0, self.item)
 
     def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
         return x  # evaluation runs in eval mode
@@ -168,14 +168,28 @@ class EvalRows:
                           segment=ctx.row_user, n_segments=len(self.user_local))
 
 
+def _touched_items(ws_item: np.ndarray, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct items [K] sorted, position in them of every row [W]): torch.unique without its
+    sort when the catalogue is not much larger than the working set (a bincount instead)."""
+    if n_items > 4 * len(ws_item):
+        items, inverse = torch.unique(torch.as_tensor(ws_item), return_inverse=True)
+        return items, inverse
+    touched = np.bincount(ws_item, minlength=n_items) > 0
+    rank = np.cumsum(touched) - 1
+    return torch.as_tensor(np.flatnonzero(touched)), torch.as_tensor(rank[ws_item])
+
+
 class Shard:
     """The users `users` of a prepared dataset, with their personal state."""
 
     def __init__(self, config: ExperimentConfig, data: PreparedDataset, negatives: EvalNegatives | None,
-                 users: np.ndarray, initial: InitialState, dtype=torch.float32):
+                 users: np.ndarray, initial: InitialState, dtype=torch.float32, device: str = "cpu"):
         self.config, self.data, self.negatives = config, data, negatives
         self.model = model_for(config.model)
         self.dtype = dtype
+        self.device = torch.device(device)  # where local training runs; the state stays in host memory
+        if self.device.type != "cpu" and config.model.fusion is not None:
+            raise ValueError("a fusion module (model.fusion) trains on the CPU only: set runtime.device=cpu")
         self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype)
         self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)
         for modality in getattr(self.model, "MODALITIES", ()):
@@ -215,7 +229,7 @@ class Shard:
         ws_local = local[ws_client]
         globals_ = {name: value.to(self.dtype) for name, value in global_params.items()}
 
-        tables = {name: globals_[name][ws_item].clone() for name in model.GLOBAL_TABLES}
+        tables = {name: globals_[name].index_select(0, ws_item) for name in model.GLOBAL_TABLES}
         tables.update({name: self.store.table_rows(name, ws_local, ws_item) for name in model.PERSONAL_TABLES})
         vectors = {name: self.store.dense[name][local].clone() for name in model.PERSONAL_DENSE}
         spans = self._spans(globals_, ws, len(users))
@@ -231,9 +245,17 @@ class Shard:
             for span in spans.values():
                 tables[span.table] = globals_[span.weight].new_zeros(len(ws.client), globals_[span.weight].shape[0])
                 lrs = {**lrs, span.table: lrs[span.weight]}
-        result = train_clients(model, ClientParams(tables, vectors), ws, epochs, lrs=lrs, tol=train_cfg.tol,
-                               round_=round_, model_config=self.config.model, update=update, fusion=fusion)
+        on_device = ClientParams({k: v.to(self.device) for k, v in tables.items()},
+                                 {k: v.to(self.device) for k, v in vectors.items()})
+        result = train_clients(model, on_device, ws, epochs, lrs=lrs, tol=train_cfg.tol, round_=round_,
+                               model_config=self.config.model, update=update, fusion=fusion,
+                               # blocks keep a CPU step in cache; a GPU wants one launch for everyone
+                               chunk_rows=self.config.runtime.block_rows if self.device.type == "cpu" else None)
         trained = result.params
+        if self.device.type != "cpu":
+            trained = ClientParams({k: v.cpu() for k, v in trained.tables.items()},
+                                   {k: v.cpu() for k, v in trained.vectors.items()})
+            result.last_grads = {k: v.cpu() for k, v in result.last_grads.items()}
 
         for name in model.PERSONAL_DENSE:
             self.store.dense[name][local] = trained.vectors[name]
@@ -243,9 +265,10 @@ class Shard:
 
         weights = torch.as_tensor(result.rows if model.AGGREGATION == "weighted" else np.ones(len(users)),
                                   dtype=self.dtype)
-        items, inverse = torch.unique(ws_item, return_inverse=True)
+        if model.GLOBAL_TABLES:
+            items, inverse = _touched_items(ws.item, self.data.n_items)
         for name in model.GLOBAL_TABLES:
-            delta = (trained.tables[name] - tables[name]) * weights[ws_client][:, None]
+            delta = (trained.tables[name] - tables[name]).mul_(weights.index_select(0, ws_client)[:, None])
             upload.table_items[name] = items
             upload.table_sums[name] = torch.zeros(len(items), delta.shape[1], dtype=self.dtype).index_add_(0, inverse, delta)
         grads = getattr(model, "UPLOAD_GRADS", ())

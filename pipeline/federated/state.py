@@ -36,18 +36,34 @@ class SparseRows:
         """[R, d]: stored rows where present, `fallback` [R, d] elsewhere."""
         found, pos = self.lookup(keys)
         out = fallback.clone()
-        out[found] = self.values[pos[found]]
+        at = torch.nonzero(found).squeeze(1)
+        out[at] = self.values.index_select(0, pos.index_select(0, at))
         return out
 
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Insert or overwrite rows (keys unique)."""
-        all_keys = torch.cat([self.keys, keys])
-        all_values = torch.cat([self.values, values.to(self.values.dtype)])
-        order = torch.argsort(all_keys, stable=True)
-        sorted_keys = all_keys[order]
-        last = torch.ones(len(order), dtype=torch.bool)  # newest of equal keys comes last
-        last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
-        self.keys, self.values = sorted_keys[last], all_values[order][last]
+        """Insert or overwrite rows (keys unique). Costs O(stored + R log R): the new rows are
+        sorted and merged in, the stored ones are never re-sorted."""
+        values = values.to(self.values.dtype)
+        if len(keys) > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            order = torch.argsort(keys)
+            keys, values = keys[order], values[order]
+        if len(self.keys) == 0:  # the store takes the given tensors (callers pass fresh ones)
+            self.keys, self.values = keys, values
+            return
+        found, pos = self.lookup(keys)
+        self.values[pos[found]] = values[found]
+        new = ~found
+        if not bool(new.any()):
+            return
+        new_keys, new_values = (keys, values) if not bool(found.any()) else (keys[new], values[new])
+        # merged position: own rank + how many rows of the other side sort before it
+        old_at = torch.arange(len(self.keys)) + torch.searchsorted(new_keys, self.keys)
+        new_at = torch.arange(len(new_keys)) + torch.searchsorted(self.keys, new_keys)
+        merged_keys = self.keys.new_empty(len(self.keys) + len(new_keys))
+        merged_values = self.values.new_empty(len(merged_keys), self.values.shape[1])
+        merged_keys[old_at], merged_keys[new_at] = self.keys, new_keys
+        merged_values[old_at], merged_values[new_at] = self.values, new_values
+        self.keys, self.values = merged_keys, merged_values
 
     def drop_users(self, local_users: torch.Tensor) -> None:
         """Forget every row of these users."""
@@ -96,12 +112,12 @@ class PersonalStore:
 
     def table_rows(self, name: str, local: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """[R, d] personal table `name` at (local user, item) pairs."""
-        return self.tables[name].read(local * self.n_items + item, self.table_base[name][item])
+        return self.tables[name].read(local * self.n_items + item, self.table_base[name].index_select(0, item))
 
     def copy_rows(self, name: str, local: torch.Tensor, item: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """[R, d] the users' trained copies of global table `name`; `current` [I, d] is the
         table users who never trained fall back to."""
-        fallback = current[item].clone()
+        fallback = current.index_select(0, item)
         rounds = self.copy_round[local]
         for round_ in torch.unique(rounds[rounds >= 0]).tolist():
             at = rounds == round_

@@ -160,13 +160,15 @@ def compare_states(cfg, data, negatives, shards, g, oracle_state, block: int = 6
     score_diff, score_scale = 0.0, 0.0
     for shard in shards:
         store = shard.store
+        device = store.device  # the engine's private state lives there
+        items_d = items.to(device)
         for start in range(0, len(store.users), block):
-            local = torch.arange(start, min(start + block, len(store.users)))
-            users = store.users[local.numpy()].tolist()
-            rows_local, rows_item = local.repeat_interleave(n_items), items.repeat(len(local))
+            local = torch.arange(start, min(start + block, len(store.users)), device=device)
+            users = store.users[local.cpu().numpy()].tolist()
+            rows_local, rows_item = local.repeat_interleave(n_items), items_d.repeat(len(local))
 
             def diff(name, engine_values, oracle_values):
-                d = (engine_values.double() - oracle_values.double()).abs().max().item()
+                d = (engine_values.cpu().double() - oracle_values.double()).abs().max().item()
                 out["personal"][name] = max(out["personal"].get(name, 0.0), d)
 
             for name, tensor in store.dense.items():
@@ -175,14 +177,14 @@ def compare_states(cfg, data, negatives, shards, g, oracle_state, block: int = 6
                 engine_rows = store.table_rows(name, rows_local, rows_item).view(len(local), n_items, -1)
                 diff(name, engine_rows, torch.stack([oracle_state.personal[u][name] for u in users]))
             for name in store.copies:
-                trained = (store.copy_round[local] >= 0).numpy()
+                trained = (store.copy_round[local] >= 0).cpu().numpy()
                 in_oracle = np.array([name in oracle_state.personal[u] for u in users])
                 out["copies_presence_mismatch"] += int((trained != in_oracle).sum())
                 both = np.flatnonzero(trained & in_oracle)
                 if both.size:
-                    sel = local[torch.as_tensor(both)]
-                    engine_rows = store.copy_rows(name, sel.repeat_interleave(n_items), items.repeat(len(sel)),
-                                                  g[name]).view(len(sel), n_items, -1)
+                    sel = local[torch.as_tensor(both).to(device)]
+                    engine_rows = store.copy_rows(name, sel.repeat_interleave(n_items), items_d.repeat(len(sel)),
+                                                  g[name].to(device)).view(len(sel), n_items, -1)
                     diff(f"{name} (trained copy)", engine_rows,
                          torch.stack([oracle_state.personal[users[i]][name] for i in both]))
             engine_scores = shard.scores(g, torch.as_tensor(users))

@@ -147,7 +147,7 @@ def run_setting(label: str, data, per_round: int, args, abort_bytes: int) -> dic
                  "shard_seconds": [u.seconds for u in uploads], "peak_rss_bytes": phase_peak_rss_bytes(),
                  "rss_after_bytes": current_rss_bytes(), "store_bytes": sum(store.values()), "store_parts": store}
         rounds.append(entry)
-        copies = sum(len(s.store.copies[n].keys) for s in shards for n in s.store.copies)
+        copies = sum(s.store.copy_rows_stored() for s in shards)
         print(f"round {r}{' (warm-up)' if entry['warmup'] else ''}: {entry['clients']:,} clients, {entry['rows']:,} "
               f"rows, {span.wall:.2f} s wall ({span.cpu:.2f} s CPU) | round peak RSS "
               f"{entry['peak_rss_bytes'] / GB:.2f} GB, "

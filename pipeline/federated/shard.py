@@ -71,8 +71,8 @@ class EvalRows:
         self.grid = row_user is None  # every user against every item
         if row_user is None:
             n_items = shard.data.n_items
-            row_user = torch.arange(len(local)).repeat_interleave(n_items)
-            item = torch.arange(n_items).repeat(len(local))
+            row_user = torch.arange(len(local), device=local.device).repeat_interleave(n_items)
+            item = torch.arange(n_items, device=local.device).repeat(len(local))
         self.row_user, self.item = row_user, item
         self.local = local[row_user]
         self.user_local = local
@@ -123,14 +123,15 @@ class EvalRows:
         parts of a model that do not depend on the user (global weights and tables; personal
         tables read as their shared base, see personal_rows)."""
         items, of_row = torch.unique(self.item, return_inverse=True)
-        ctx = EvalRows(self.shard, self.globals, self.user_local[:1], torch.zeros(len(items), dtype=torch.int64), items)
+        ctx = EvalRows(self.shard, self.globals, self.user_local[:1],
+                       torch.zeros(len(items), dtype=torch.int64, device=items.device), items)
         ctx.base_only = True
         return ctx, of_row
 
     def personal_rows(self) -> torch.Tensor:
         """Rows whose user holds an own row of a personal item table (where it is not the base)."""
         store = self.shard.store
-        own = torch.zeros(len(self.item), dtype=torch.bool)
+        own = torch.zeros(len(self.item), dtype=torch.bool, device=self.item.device)
         for rows in store.tables.values():
             own |= rows.lookup(self.local * store.n_items + self.item)[0]
         return torch.nonzero(own).squeeze(1)
@@ -187,10 +188,10 @@ class Shard:
         self.config, self.data, self.negatives = config, data, negatives
         self.model = model_for(config.model)
         self.dtype = dtype
-        self.device = torch.device(device)  # where local training runs; the state stays in host memory
+        self.device = torch.device(device)  # where the private state lives and local training runs
         if self.device.type != "cpu" and config.model.fusion is not None:
             raise ValueError("a fusion module (model.fusion) trains on the CPU only: set runtime.device=cpu")
-        self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype)
+        self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype, self.device)
         self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)
         for modality in getattr(self.model, "MODALITIES", ()):
             if modality not in data.features:
@@ -219,19 +220,22 @@ class Shard:
             # contiguous range of similar clients (grouped.PaddedLayout). Clients are
             # independent, so the order changes nothing but the summation order of uploads.
             users = users[np.argsort(self.data.train_counts[users], kind="stable")]
-        local = torch.as_tensor(self.store.local_index(users))
+        device = self.device
+        local = torch.as_tensor(self.store.local_index(users)).to(device)
         clients = client_data(self.data, users, neg_pool=train_cfg.neg_pool,
                               neg_exclude_heldout=train_cfg.neg_exclude_heldout)
+        sort_device = device if device.type != "cpu" else None
         epochs = [epoch_rows(clients, neg_ratio=train_cfg.neg_ratio, rows_per_batch=train_cfg.rows_per_batch(),
-                             seed=train_cfg.seed, round_=round_, epoch=e) for e in range(train_cfg.local_epochs)]
+                             seed=train_cfg.seed, round_=round_, epoch=e, sort_device=sort_device)
+                  for e in range(train_cfg.local_epochs)]
         ws = WorkingSet.of(epochs, self.data.n_items)
-        ws_client, ws_item = torch.as_tensor(ws.client), torch.as_tensor(ws.item)
-        ws_local = local[ws_client]
-        globals_ = {name: value.to(self.dtype) for name, value in global_params.items()}
+        ws_client, ws_item = torch.as_tensor(ws.client).to(device), torch.as_tensor(ws.item).to(device)
+        ws_local = local.index_select(0, ws_client)
+        globals_ = {name: value.to(device=device, dtype=self.dtype) for name, value in global_params.items()}
 
         tables = {name: globals_[name].index_select(0, ws_item) for name in model.GLOBAL_TABLES}
         tables.update({name: self.store.table_rows(name, ws_local, ws_item) for name in model.PERSONAL_TABLES})
-        vectors = {name: self.store.dense[name][local].clone() for name in model.PERSONAL_DENSE}
+        vectors = {name: self.store.dense[name].index_select(0, local) for name in model.PERSONAL_DENSE}
         spans = self._spans(globals_, ws, len(users))
         # copies of global weights: broadcast views (train_clients copies what it trains)
         vectors.update({name: globals_[name].expand(len(users), *globals_[name].shape)
@@ -245,17 +249,11 @@ class Shard:
             for span in spans.values():
                 tables[span.table] = globals_[span.weight].new_zeros(len(ws.client), globals_[span.weight].shape[0])
                 lrs = {**lrs, span.table: lrs[span.weight]}
-        on_device = ClientParams({k: v.to(self.device) for k, v in tables.items()},
-                                 {k: v.to(self.device) for k, v in vectors.items()})
-        result = train_clients(model, on_device, ws, epochs, lrs=lrs, tol=train_cfg.tol, round_=round_,
-                               model_config=self.config.model, update=update, fusion=fusion,
+        result = train_clients(model, ClientParams(tables, vectors), ws, epochs, lrs=lrs, tol=train_cfg.tol,
+                               round_=round_, model_config=self.config.model, update=update, fusion=fusion,
                                # blocks keep a CPU step in cache; a GPU wants one launch for everyone
-                               chunk_rows=self.config.runtime.block_rows if self.device.type == "cpu" else None)
+                               chunk_rows=self.config.runtime.block_rows if device.type == "cpu" else None)
         trained = result.params
-        if self.device.type != "cpu":
-            trained = ClientParams({k: v.cpu() for k, v in trained.tables.items()},
-                                   {k: v.cpu() for k, v in trained.vectors.items()})
-            result.last_grads = {k: v.cpu() for k, v in result.last_grads.items()}
 
         for name in model.PERSONAL_DENSE:
             self.store.dense[name][local] = trained.vectors[name]
@@ -264,13 +262,14 @@ class Shard:
         self.store.save_copies(round_, global_params, local, ws_local, ws_item, trained.tables)
 
         weights = torch.as_tensor(result.rows if model.AGGREGATION == "weighted" else np.ones(len(users)),
-                                  dtype=self.dtype)
+                                  dtype=self.dtype).to(device)
         if model.GLOBAL_TABLES:
             items, inverse = _touched_items(ws.item, self.data.n_items)
+            inverse = inverse.to(device)
         for name in model.GLOBAL_TABLES:
             delta = (trained.tables[name] - tables[name]).mul_(weights.index_select(0, ws_client)[:, None])
             upload.table_items[name] = items
-            upload.table_sums[name] = torch.zeros(len(items), delta.shape[1], dtype=self.dtype).index_add_(0, inverse, delta)
+            upload.table_sums[name] = delta.new_zeros(len(items), delta.shape[1]).index_add_(0, inverse, delta).cpu()
         grads = getattr(model, "UPLOAD_GRADS", ())
         for name, span in spans.items():  # sum_c w_c dW_c = (w A)^T X[ws_item], summed per item first
             rows = result.last_grads[span.table] if name in grads else trained.tables[span.table]
@@ -283,10 +282,10 @@ class Shard:
                 continue
             if name in grads:  # grad_adam: the last-batch gradient, not the trained weights
                 grad = result.last_grads[name]
-                upload.grad_sums[name] = (grad * weights.view(-1, *[1] * (grad.dim() - 1))).sum(0)
+                upload.grad_sums[name] = (grad * weights.view(-1, *[1] * (grad.dim() - 1))).sum(0).cpu()
                 continue
             delta = trained.vectors[name] - vectors[name]
-            upload.dense_sums[name] = (delta * weights.view(-1, *[1] * (delta.dim() - 1))).sum(0)
+            upload.dense_sums[name] = (delta * weights.view(-1, *[1] * (delta.dim() - 1))).sum(0).cpu()
         upload.weight = float(weights.sum())
         upload.clients, upload.rows = len(users), int(result.rows.sum())
         upload.loss_sum = float(np.nansum(result.loss))
@@ -314,11 +313,11 @@ class Shard:
                candidates: torch.Tensor | None = None) -> torch.Tensor:
         """[B, I] logits of users (global ids of this shard) over all items. candidates [B, I]
         bool: the items that will be read (only FedMR's batch mixing depends on it)."""
-        local = torch.as_tensor(self.store.local_index(np.asarray(users)))
-        globals_ = {name: value.to(self.dtype) for name, value in global_params.items()}
+        local = torch.as_tensor(self.store.local_index(np.asarray(users))).to(self.device)
+        globals_ = {name: value.to(device=self.device, dtype=self.dtype) for name, value in global_params.items()}
         with torch.no_grad():
             ctx = EvalRows(self, globals_, local, candidates=candidates)
-            return self.model.logits(ctx).view(len(local), self.data.n_items)
+            return self.model.logits(ctx).view(len(local), self.data.n_items).cpu()
 
     def _needs_candidates(self, protocol: str) -> bool:
         """FedMR batch mixing under P1: the scored batch is the user's 100 candidates."""

@@ -20,15 +20,16 @@ class SparseRows:
     keys: [nnz] sorted int64.  values: [nnz, d].
     """
 
-    def __init__(self, n_items: int, dim: int, dtype=torch.float32):
+    def __init__(self, n_items: int, dim: int, dtype=torch.float32, device="cpu"):
         self.n_items = n_items
-        self.keys = torch.zeros(0, dtype=torch.int64)
-        self.values = torch.zeros(0, dim, dtype=dtype)
+        self.keys = torch.zeros(0, dtype=torch.int64, device=device)
+        self.values = torch.zeros(0, dim, dtype=dtype, device=device)
 
     def lookup(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(found [R] bool, positions [R]) of `keys` in the store."""
         if self.keys.numel() == 0:
-            return torch.zeros(len(keys), dtype=torch.bool), torch.zeros(len(keys), dtype=torch.int64)
+            return (torch.zeros(len(keys), dtype=torch.bool, device=keys.device),
+                    torch.zeros(len(keys), dtype=torch.int64, device=keys.device))
         pos = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
         return self.keys[pos] == keys, pos
 
@@ -57,8 +58,9 @@ class SparseRows:
             return
         new_keys, new_values = (keys, values) if not bool(found.any()) else (keys[new], values[new])
         # merged position: own rank + how many rows of the other side sort before it
-        old_at = torch.arange(len(self.keys)) + torch.searchsorted(new_keys, self.keys)
-        new_at = torch.arange(len(new_keys)) + torch.searchsorted(self.keys, new_keys)
+        device = self.keys.device
+        old_at = torch.arange(len(self.keys), device=device) + torch.searchsorted(new_keys, self.keys)
+        new_at = torch.arange(len(new_keys), device=device) + torch.searchsorted(self.keys, new_keys)
         merged_keys = self.keys.new_empty(len(self.keys) + len(new_keys))
         merged_values = self.values.new_empty(len(merged_keys), self.values.shape[1])
         merged_keys[old_at], merged_keys[new_at] = self.keys, new_keys
@@ -71,36 +73,45 @@ class SparseRows:
         self.keys, self.values = self.keys[keep], self.values[keep]
 
     def state_dict(self) -> dict:
-        return {"keys": self.keys, "values": self.values}
+        return {"keys": self.keys.cpu(), "values": self.values.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.keys, self.values = state["keys"], state["values"]
+        device = self.keys.device
+        self.keys, self.values = state["keys"].to(device), state["values"].to(device)
 
 
 class PersonalStore:
-    """Personal parameters of the users of one shard, stacked.
+    """Personal parameters of the users of one shard, stacked, on `device`.
 
     dense: name -> [U, ...] (heads, NCF user vectors).
     tables: name -> SparseRows over `table_base[name]` [I, d] (FedRAP P_u).
-    copies: name -> SparseRows of the last trained copy of global table `name` (PFedRec Q~_u),
-        whose untouched rows equal `snapshots[copy_round[u]][name]`; copy_round -1 = never trained.
+    copies: name -> {round r: SparseRows} the last trained copy of global table `name`
+        (PFedRec Q~_u) of every user who last trained in round r, whose untouched rows equal
+        `snapshots[r][name]`; copy_round[u] = r (-1 = never trained). A round's copies are one
+        segment, written once: a new round appends a segment (no merge of the whole store);
+        rows of users who trained again are dropped when they are over half of a segment.
     """
 
-    def __init__(self, model, initial: InitialState, users: np.ndarray, n_items: int, dtype=torch.float32):
+    def __init__(self, model, initial: InitialState, users: np.ndarray, n_items: int, dtype=torch.float32,
+                 device="cpu"):
         self.users = np.asarray(users, dtype=np.int64)
         self.n_items = n_items
+        self.device = torch.device(device)
         n = len(self.users)
         self.dense = {}
         for name, value in initial.personal_shared.items():
-            self.dense[name] = value.to(dtype).expand(n, *value.shape).clone()
+            self.dense[name] = value.to(device=device, dtype=dtype).expand(n, *value.shape).clone()
         for name, table in initial.personal_per_user.items():
-            self.dense[name] = table[torch.as_tensor(self.users)].to(dtype).clone()
-        self.table_base = {name: base.to(dtype) for name, base in initial.personal_table_base.items()}
-        self.tables = {name: SparseRows(n_items, base.shape[1], dtype) for name, base in self.table_base.items()}
-        copy_names = getattr(model, "KEEP_TRAINED_COPY", ())
-        dim = {name: initial.global_params[name].shape[1] for name in copy_names}
-        self.copies = {name: SparseRows(n_items, dim[name], dtype) for name in copy_names}
-        self.copy_round = torch.full((n,), -1, dtype=torch.int64)
+            self.dense[name] = table[torch.as_tensor(self.users)].to(device=device, dtype=dtype).clone()
+        self.table_base = {name: base.to(device=device, dtype=dtype) for name, base in initial.personal_table_base.items()}
+        self.tables = {name: SparseRows(n_items, base.shape[1], dtype, device)
+                       for name, base in self.table_base.items()}
+        self.copy_names = tuple(getattr(model, "KEEP_TRAINED_COPY", ()))
+        self.copy_dims = {name: initial.global_params[name].shape[1] for name in self.copy_names}
+        self.dtype = dtype
+        self.copies: dict[str, dict[int, SparseRows]] = {name: {} for name in self.copy_names}
+        self.copy_round = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.segment_users: dict[int, int] = {}  # round -> users its segment was written for
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
     def local_index(self, users: np.ndarray) -> np.ndarray:
@@ -117,39 +128,66 @@ class PersonalStore:
     def copy_rows(self, name: str, local: torch.Tensor, item: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """[R, d] the users' trained copies of global table `name`; `current` [I, d] is the
         table users who never trained fall back to."""
-        fallback = current.index_select(0, item)
+        out = current.index_select(0, item)
         rounds = self.copy_round[local]
         for round_ in torch.unique(rounds[rounds >= 0]).tolist():
-            at = rounds == round_
-            fallback[at] = self.snapshots[round_][name][item[at]].to(fallback.dtype)
-        return self.copies[name].read(local * self.n_items + item, fallback)
+            at = torch.nonzero(rounds == round_).squeeze(1)
+            items = item.index_select(0, at)
+            fallback = self.snapshots[round_][name].index_select(0, items).to(out.dtype)
+            out[at] = self.copies[name][round_].read(local.index_select(0, at) * self.n_items + items, fallback)
+        return out
 
     def save_copies(self, round_: int, global_tables: dict[str, torch.Tensor], local: torch.Tensor,
                     ws_local: torch.Tensor, ws_item: torch.Tensor, trained: dict[str, torch.Tensor]) -> None:
-        """Users `local` trained in `round_` from `global_tables`; keep their trained copies."""
-        if not self.copies:
+        """Users `local` trained in `round_` from `global_tables`; keep their trained copies
+        (trained: name -> [W, d] rows at (ws_local, ws_item); the store takes the tensors)."""
+        if not self.copy_names:
             return
-        self.snapshots[round_] = {name: global_tables[name] for name in self.copies}
-        for name, store in self.copies.items():
-            store.drop_users(local)
-            store.write(ws_local * self.n_items + ws_item, trained[name])
+        self.snapshots[round_] = {name: global_tables[name].to(device=self.device) for name in self.copy_names}
+        for name in self.copy_names:
+            segment = SparseRows(self.n_items, self.copy_dims[name], self.dtype, self.device)
+            segment.write(ws_local * self.n_items + ws_item, trained[name])
+            self.copies[name][round_] = segment
         self.copy_round[local] = round_
-        referenced = set(torch.unique(self.copy_round).tolist())
-        for old in [r for r in self.snapshots if r not in referenced]:
-            del self.snapshots[old]
+        self.segment_users[round_] = len(local)
+        live = torch.bincount(self.copy_round[self.copy_round >= 0], minlength=round_ + 1).tolist()
+        for old in list(self.segment_users):
+            if live[old] == 0:  # nobody's copy is in that segment any more
+                del self.segment_users[old], self.snapshots[old]
+                for name in self.copy_names:
+                    del self.copies[name][old]
+            elif 2 * live[old] < self.segment_users[old]:  # mostly rows of users who trained again
+                for name in self.copy_names:
+                    segment = self.copies[name][old]
+                    keep = self.copy_round.index_select(0, segment.keys // self.n_items) == old
+                    segment.keys, segment.values = segment.keys[keep], segment.values[keep]
+                self.segment_users[old] = live[old]
+
+    def copy_rows_stored(self) -> int:
+        """Rows held by the trained copies (all names, all segments)."""
+        return sum(len(segment.keys) for segments in self.copies.values() for segment in segments.values())
 
     def state_dict(self) -> dict:
-        return {"users": self.users, "dense": self.dense,
+        """Everything, in host memory."""
+        return {"users": self.users, "dense": {k: v.cpu() for k, v in self.dense.items()},
                 "tables": {k: v.state_dict() for k, v in self.tables.items()},
-                "copies": {k: v.state_dict() for k, v in self.copies.items()},
-                "copy_round": self.copy_round, "snapshots": self.snapshots}
+                "copies": {k: {r: seg.state_dict() for r, seg in segs.items()} for k, segs in self.copies.items()},
+                "copy_round": self.copy_round.cpu(), "segment_users": dict(self.segment_users),
+                "snapshots": {r: {k: v.cpu() for k, v in snap.items()} for r, snap in self.snapshots.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if not np.array_equal(state["users"], self.users):
             raise ValueError("checkpoint belongs to another shard of users")
-        self.dense = state["dense"]
+        device = self.device
+        self.dense = {k: v.to(device) for k, v in state["dense"].items()}
         for name, sub in state["tables"].items():
             self.tables[name].load_state_dict(sub)
-        for name, sub in state["copies"].items():
-            self.copies[name].load_state_dict(sub)
-        self.copy_round, self.snapshots = state["copy_round"], state["snapshots"]
+        self.copies = {name: {} for name in self.copy_names}
+        for name, segments in state["copies"].items():
+            for round_, sub in segments.items():
+                segment = SparseRows(self.n_items, self.copy_dims[name], self.dtype, device)
+                segment.load_state_dict(sub)
+                self.copies[name][round_] = segment
+        self.copy_round = state["copy_round"].to(device)
+        self.segment_users = dict(state["segment_users"])
+        self.snapshots = {r: {k: v.to(device) for k, v in snap.items()} for r, snap in state["snapshots"].items()}

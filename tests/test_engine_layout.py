@@ -1,0 +1,121 @@
+"""What makes the engine fast must not change its numbers: client blocks, the shuffle's sort
+on a torch device, merged (not re-sorted) personal rows, per-round segments of PFedRec's
+trained copies, and the device a pool trains on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.federated.pool import training_device
+from pipeline.federated.sampling import _shuffle_order, client_data, epoch_rows
+from pipeline.federated.state import PersonalStore, SparseRows
+from pipeline.models import model_for
+from pipeline.models.base import InitialState
+from tests.test_equivalence import VARIANTS, engine_dense, engine_scores, make_config, max_diffs, run_engine, synthetic
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(one_torch_thread):
+    """One torch thread (conftest.one_torch_thread)."""
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic()
+
+
+@pytest.mark.parametrize("variant", ["pfedrec-two_step", "fedrap-l1", "fedncf", "fedavg"])
+def test_blocks_of_clients_change_nothing(data, variant):
+    """Training in blocks of ~20 rows per epoch (many blocks, uneven clients) = one block."""
+    backbone, *extra = VARIANTS[variant]
+    one = make_config(backbone, "train.participation=0.7", "runtime.block_rows=null", *extra)
+    blocks = make_config(backbone, "train.participation=0.7", "runtime.block_rows=20", *extra)
+    s1, g1 = run_engine(one, data, 3, n_shards=2)
+    sb, gb = run_engine(blocks, data, 3, n_shards=2)
+    diffs = max_diffs(engine_dense(s1, g1, data.n_items), engine_dense(sb, gb, data.n_items))
+    assert max(diffs.values()) < 1e-10, diffs
+    assert (engine_scores(s1, g1, data.n_users, data.n_items)
+            - engine_scores(sb, gb, data.n_users, data.n_items)).abs().max().item() < 1e-10
+    _, g_first = run_engine(one, data, 1, n_shards=2)  # the comparison has teeth: rounds move the model
+    assert max((g1[k] - g_first[k]).abs().max().item() for k in g1) > 1e-3
+
+
+def test_shuffle_sorted_by_torch_is_the_numpy_order(data):
+    rng = np.random.default_rng(7)
+    counts = rng.integers(1, 60, 40)
+    counts[0] = 10  # rows 5, 6, 7 belong to client 0
+    client = np.repeat(np.arange(40), counts)
+    keys = rng.integers(0, 1 << 53, len(client)) / float(1 << 53)
+    keys[5] = keys[6] = keys[7]  # ties keep the row order
+    order = _shuffle_order(client, keys, 40)
+    assert np.array_equal(order, _shuffle_order(client, keys, 40, sort_device="cpu"))
+    assert np.array_equal(client[order], client)  # rows stay grouped by client
+    where = np.argsort(order)  # where each row went
+    assert where[6] == where[5] + 1 and where[7] == where[6] + 1
+    clients = client_data(data, np.arange(data.n_users))
+    a = epoch_rows(clients, neg_ratio=2, rows_per_batch=24, seed=3, round_=1, epoch=0)
+    b = epoch_rows(clients, neg_ratio=2, rows_per_batch=24, seed=3, round_=1, epoch=0, sort_device="cpu")
+    assert np.array_equal(a.item, b.item) and np.array_equal(a.label, b.label)
+
+
+def test_sparse_rows_write_merges_like_a_dict():
+    rng = np.random.default_rng(0)
+    rows = SparseRows(n_items=50, dim=3, dtype=torch.float64)
+    reference: dict[int, np.ndarray] = {}
+    for _ in range(30):
+        keys = rng.choice(2000, size=rng.integers(1, 80), replace=False)  # unsorted, unique
+        values = rng.normal(size=(len(keys), 3))
+        rows.write(torch.as_tensor(keys), torch.as_tensor(values))
+        reference.update({int(k): v for k, v in zip(keys, values)})
+    assert rows.keys.tolist() == sorted(reference)
+    assert np.allclose(rows.values.numpy(), np.stack([reference[k] for k in sorted(reference)]))
+
+
+def test_trained_copies_are_kept_per_round_and_compacted():
+    """PFedRec's copies: every user reads its own last copy; a round's segment goes once no
+    user's copy is in it, and is compacted once most of its users trained again."""
+    n_items, dim, n_users = 6, 2, 8
+    model = model_for(load_config(None, ["model.backbone=pfedrec"]).model)
+    initial = InitialState(global_params={"item": torch.zeros(n_items, dim, dtype=torch.float64)},
+                           personal_shared={"w": torch.zeros(dim), "b": torch.zeros(())})
+    store = PersonalStore(model, initial, np.arange(n_users), n_items, torch.float64)
+    last = {}
+    schedule = [[0, 1, 2, 3], [4, 5], [0, 1, 2], [4, 5, 6], [7]]
+    for round_, users in enumerate(schedule):
+        snapshot = torch.full((n_items, dim), float(round_), dtype=torch.float64)
+        local = torch.as_tensor(users)
+        ws_local = local.repeat_interleave(2)
+        ws_item = torch.as_tensor([x for u in users for x in sorted({u % n_items, (u + 3) % n_items})])
+        values = torch.randn(len(ws_local), dim, dtype=torch.float64)
+        store.save_copies(round_, {"item": snapshot}, local, ws_local, ws_item, {"item": values.clone()})
+        for u in users:  # untouched rows: the table the user downloaded in this round
+            last[u] = {j: torch.full((dim,), float(round_), dtype=torch.float64) for j in range(n_items)}
+        for u, i, v in zip(ws_local.tolist(), ws_item.tolist(), values):
+            last[u][i] = v
+        items = torch.arange(n_items)
+        for u in last:
+            got = store.copy_rows("item", torch.full((n_items,), u), items, torch.zeros(n_items, dim, dtype=torch.float64))
+            assert torch.allclose(got, torch.stack([last[u][j] for j in range(n_items)])), (round_, u)
+    # round 1's users (4, 5) all trained again: its segment is gone; round 0 keeps user 3 only
+    assert set(store.copies["item"]) == set(store.snapshots) == {0, 2, 3, 4}
+    assert store.segment_users[0] == 1 and len(store.copies["item"][0].keys) == 2
+    live = {r: int((store.copy_round == r).sum()) for r in store.segment_users}
+    assert all(2 * live[r] >= store.segment_users[r] for r in live)
+    assert store.copy_rows_stored() == 2 * sum(live.values())
+
+
+def test_training_device():
+    runtime = load_config(None, []).runtime
+    assert training_device(runtime) == "cpu"
+    gpu = load_config(None, ["runtime.gpus_per_pool=1"]).runtime
+    forced = load_config(None, ["runtime.device=cuda"]).runtime
+    assert training_device(load_config(None, ["runtime.gpus_per_pool=1", "runtime.device=cpu"]).runtime) == "cpu"
+    if torch.cuda.is_available():
+        assert training_device(gpu) == training_device(forced) == "cuda"
+    else:
+        for config in (gpu, forced):
+            with pytest.raises(RuntimeError, match="no CUDA device"):
+                training_device(config)

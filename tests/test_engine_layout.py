@@ -119,3 +119,21 @@ def test_training_device():
         for config in (gpu, forced):
             with pytest.raises(RuntimeError, match="no CUDA device"):
                 training_device(config)
+
+
+@pytest.mark.parametrize("bitmap_keys, rank_keys", [(1 << 28, 1 << 25), (1 << 28, 0), (0, 0)])
+def test_working_set_paths_agree(data, monkeypatch, bitmap_keys, rank_keys):
+    """Bitmap with ranks, bitmap with searchsorted, np.unique: the same working set and rows."""
+    from pipeline.federated import client as client_module
+
+    clients = client_data(data, np.arange(data.n_users))
+    epochs = [epoch_rows(clients, neg_ratio=2, rows_per_batch=24, seed=3, round_=0, epoch=e) for e in range(3)]
+    keys = np.concatenate([rows.client * data.n_items + rows.item for rows in epochs])
+    monkeypatch.setattr(client_module, "_BITMAP_KEYS", bitmap_keys)
+    monkeypatch.setattr(client_module, "_RANK_KEYS", rank_keys)
+    ws = client_module.WorkingSet.of(epochs, data.n_items)
+    assert (ws.rank is not None) == (rank_keys > 0)
+    assert np.array_equal(ws.client * data.n_items + ws.item, np.unique(keys))
+    for rows in epochs:
+        at = ws.locate(rows.client, rows.item)
+        assert np.array_equal(ws.client[at], rows.client) and np.array_equal(ws.item[at], rows.item)

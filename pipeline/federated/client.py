@@ -21,7 +21,8 @@ from pipeline.federated.grouped import PaddedLayout, gather_rows, grouped_linear
 from pipeline.federated.sampling import EpochRows, dropout_keep
 
 
-_BITMAP_KEYS = 1 << 25  # WorkingSet.of dedupes keys with a bitmap (and int32 ranks) up to this key space
+_BITMAP_KEYS = 1 << 28  # WorkingSet.of dedupes (client, item) keys with a bitmap up to this key space ...
+_RANK_KEYS = 1 << 25  # ... and keeps the bitmap's int32 ranks (a gather for locate) up to this one
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class WorkingSet:
             return WorkingSet(client=keys // n_items, item=keys % n_items, n_items=n_items)
         seen = np.zeros(space, dtype=bool)  # a bitmap over every (client, item) pair: no sort
         seen[keys] = True
-        rank = np.cumsum(seen, dtype=np.int32) - 1
+        rank = np.cumsum(seen, dtype=np.int32) - 1 if space <= _RANK_KEYS else None
         keys = np.flatnonzero(seen)
         return WorkingSet(client=keys // n_items, item=keys % n_items, n_items=n_items, rank=rank)
 

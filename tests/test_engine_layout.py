@@ -137,3 +137,11 @@ def test_working_set_paths_agree(data, monkeypatch, bitmap_keys, rank_keys):
     for rows in epochs:
         at = ws.locate(rows.client, rows.item)
         assert np.array_equal(ws.client[at], rows.client) and np.array_equal(ws.item[at], rows.item)
+
+
+def test_pfedrec_global_eval_table_keeps_no_copies(data):
+    """Evaluated on the current Q, PFedRec's fine-tuned copies are never read: none is kept."""
+    kept, _ = run_engine(make_config("pfedrec"), data, 2, n_shards=2)
+    dropped, _ = run_engine(make_config("pfedrec", "model.pfedrec_eval_table=global"), data, 2, n_shards=2)
+    assert sum(s.store.copy_rows_stored() for s in kept) > 0
+    assert sum(s.store.copy_rows_stored() for s in dropped) == 0

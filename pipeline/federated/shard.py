@@ -191,7 +191,8 @@ class Shard:
         self.device = torch.device(device)  # where the private state lives and local training runs
         if self.device.type != "cpu" and config.model.fusion is not None:
             raise ValueError("a fusion module (model.fusion) trains on the CPU only: set runtime.device=cpu")
-        self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype, self.device)
+        self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype, self.device,
+                                   keep_copies=config.model.pfedrec_eval_table == "personal")
         self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)
         for modality in getattr(self.model, "MODALITIES", ()):
             if modality not in data.features:

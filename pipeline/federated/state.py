@@ -93,7 +93,7 @@ class PersonalStore:
     """
 
     def __init__(self, model, initial: InitialState, users: np.ndarray, n_items: int, dtype=torch.float32,
-                 device="cpu"):
+                 device="cpu", keep_copies: bool = True):
         self.users = np.asarray(users, dtype=np.int64)
         self.n_items = n_items
         self.device = torch.device(device)
@@ -106,7 +106,8 @@ class PersonalStore:
         self.table_base = {name: base.to(device=device, dtype=dtype) for name, base in initial.personal_table_base.items()}
         self.tables = {name: SparseRows(n_items, base.shape[1], dtype, device)
                        for name, base in self.table_base.items()}
-        self.copy_names = tuple(getattr(model, "KEEP_TRAINED_COPY", ()))
+        # keep_copies=False: nothing reads the trained copies (PFedRec evaluated on the current Q)
+        self.copy_names = tuple(getattr(model, "KEEP_TRAINED_COPY", ())) if keep_copies else ()
         self.copy_dims = {name: initial.global_params[name].shape[1] for name in self.copy_names}
         self.dtype = dtype
         self.copies: dict[str, dict[int, SparseRows]] = {name: {} for name in self.copy_names}

@@ -39,6 +39,12 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="start no run: tabulate the finished runs, list the missing ones")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the Markdown")
+    parser.add_argument("--plot", type=Path, metavar="PATH",
+                        help="also draw validation curves (one line per config: mean over seeds, min..max band) "
+                             "to this PNG; the report links it")
+    parser.add_argument("--plot-metric", default=None, metavar="METRIC",
+                        help="metric of --plot, e.g. valid/hr@10 or hr@50 "
+                             "(default: the runs' selection metric, else valid/hr@10)")
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -47,6 +53,27 @@ def command_line(argv: list[str] | None = None) -> str:
     prog = "python -m pipeline.report.cli" if argv and argv[0].endswith(("report/cli.py", "report\\cli.py")) \
         else "python -m pipeline"
     return " ".join([prog, *(shlex.quote(arg) for arg in argv[1:])])
+
+
+def _plot(args, results) -> list[tuple[str, str]]:
+    """Draw --plot; the report's figure line (alt text, path relative to the report's folder)."""
+    import os
+
+    from pipeline.report import plots
+    from pipeline.report.tables import DEFAULT_TITLE
+
+    metric = plots.full_metric(getattr(args, "plot_metric", None) or plots.selection_metric(results))
+    curves = plots.curves_from_results(results)
+    drawn = plots.plot_validation(curves, args.plot, metric=metric, title=args.title or DEFAULT_TITLE)
+    for label, _ in curves:
+        if label not in drawn:
+            print(f"plot: {label}: no finished seed logged {metric}", file=sys.stderr)
+    if not drawn:
+        print(f"plot: nothing to draw; {args.plot} holds empty axes and the report does not link it", file=sys.stderr)
+        return []
+    report_dir = Path(args.out).resolve().parent if args.out else Path.cwd()
+    link = Path(os.path.relpath(Path(args.plot).resolve(), report_dir)).as_posix()
+    return [(f"validation {plots.metric_label(metric)} over rounds", link)]
 
 
 def cmd_experiments(args) -> int:
@@ -61,8 +88,9 @@ def cmd_experiments(args) -> int:
     if args.force and args.report_only:
         raise ValueError("--force and --report-only contradict each other")
     results = run_experiments(specs, force=args.force, report_only=args.report_only)
+    figures = _plot(args, results) if getattr(args, "plot", None) else []
     report = build_report(results, title=args.title, command=getattr(args, "command_line", None) or command_line(), overrides=args.set or [],
-                          seeds=args.seeds, extra_notes=args.note)
+                          seeds=args.seeds, extra_notes=args.note, figures=figures)
     markdown = report["markdown"]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +102,8 @@ def cmd_experiments(args) -> int:
     failed = [r for r in results if r.status == "failed"]
     print(f"{len(results)} runs: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
                                                 for s in ("ran", "resumed", "skipped", "missing", "failed"))
-          + f"; {time.perf_counter() - started:.0f} s" + (f"; report: {args.out}" if args.out else ""),
+          + f"; {time.perf_counter() - started:.0f} s" + (f"; report: {args.out}" if args.out else "")
+          + (f"; plot: {args.plot}" if getattr(args, "plot", None) else ""),
           file=sys.stderr)
     return 1 if failed else 0
 

@@ -230,13 +230,18 @@ def _override_changes(results: list[RunResult], overrides: list[str]) -> str:
     return (" Changed from the config files: " + "; ".join(changes) + ".") if changes else ""
 
 
+DEFAULT_TITLE = "Federated backbones: test metrics at the best-validation round"
+
+
 def build_report(results: list[RunResult], title: str | None = None, command: str = "",
-                 overrides: list[str] = (), seeds=(), extra_notes: list[str] = ()) -> dict:
-    """{'markdown': str, 'tables': [...], 'runs': [...]} for the finished and failed runs."""
+                 overrides: list[str] = (), seeds=(), extra_notes: list[str] = (),
+                 figures: list[tuple[str, str]] = ()) -> dict:
+    """{'markdown': str, 'tables': [...], 'runs': [...]} for the finished and failed runs.
+    `figures`: (alt text, path relative to the Markdown file) images shown after the notes."""
     parts = []
     if command:
         parts.append(f"<!-- made by: {command} -->")
-    parts += [f"# {title or 'Federated backbones: test metrics at the best-validation round'}", ""]
+    parts += [f"# {title or DEFAULT_TITLE}", ""]
     parts.append("Values in %, mean ± sample standard deviation over run seeds. Each run's test metrics are "
                  "taken at its best-validation round (selection on validation only, strictly-better rule, "
                  "early stopping on the same metric; spec/protocols.md §7). A seed s sets both "
@@ -248,6 +253,8 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                      + _override_changes(results, overrides))
     for note in extra_notes or ():
         parts += ["", f"**Note:** {note}"]
+    for alt, link in figures or ():
+        parts += ["", f"![{alt}]({link})"]
     tables_json, rows_json = [], []
     for (dataset, protocol, metric), row_runs in group_runs(results).items():
         all_runs = [run for runs in row_runs.values() for run in runs]

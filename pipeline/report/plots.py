@@ -1,0 +1,152 @@
+"""Validation curves of the `experiments` command: one line per config, metric in % over rounds.
+
+`plot_validation` is pure (labelled per-seed metric rows in, a PNG out); `curves_from_results`
+reads the rows from the finished runs' metrics.jsonl. matplotlib is imported inside the plotting
+function (Agg canvas, no pyplot state), so the rest of the package does not need it.
+
+Lines of configs whose names differ only by a `-fedmr` suffix (before an optional protocol
+suffix, e.g. `ku-fcf` / `ku-fcf-fedmr`, `x-fcf-p3` / `x-fcf-fedmr-p3`) share a colour: dashed
+for the ID-only config, solid for the one with FedMR. Unpaired configs are solid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+DEFAULT_METRIC = "valid/hr@10"
+FEDMR = re.compile(r"^(?P<base>.+)-fedmr(?P<protocol>-p[13])?$")
+
+
+def full_metric(metric: str) -> str:
+    """'hr@50' -> 'valid/hr@50'; a name with a split prefix is kept."""
+    return metric if "/" in metric else f"valid/{metric}"
+
+
+def metric_label(metric: str) -> str:
+    """'valid/hr@50' -> 'HR@50'."""
+    name, _, k = metric.split("/")[-1].partition("@")
+    return f"{name.upper()}@{k}" if k else name.upper()
+
+
+def seed_series(rows: list[dict], metric: str) -> dict[int, float]:
+    """round -> value of one seed's metrics rows (rows without the metric are left out; a
+    repeated round keeps its last row)."""
+    series = {}
+    for row in rows:
+        value = row.get(metric)
+        if "round" in row and isinstance(value, (int, float)) and not math.isnan(value):
+            series[int(row["round"])] = float(value)
+    return series
+
+
+def mean_series(rows_per_seed: list[list[dict]], metric: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """(rounds, mean, min, max) over the seeds that logged `metric` at each round: a seed that
+    stopped early (patience) leaves the mean from its last round on, so the line runs to the
+    longest seed. Values as logged (fractions)."""
+    per_seed = [seed_series(rows, metric) for rows in rows_per_seed]
+    if not per_seed:
+        return [], [], [], []
+    rounds = sorted(set().union(*(set(series) for series in per_seed)))
+    values = [[series[r] for series in per_seed if r in series] for r in rounds]
+    return (rounds, [sum(v) / len(v) for v in values], [min(v) for v in values], [max(v) for v in values])
+
+
+def pair_styles(labels: list[str]) -> dict[str, tuple[int, str]]:
+    """label -> (colour index, line style): a `-fedmr` config and its ID-only twin share a colour,
+    the twin dashed, the FedMR line solid."""
+    names = set(labels)
+    bases = {}
+    for label in labels:
+        match = FEDMR.match(label)
+        twin = f"{match['base']}{match['protocol'] or ''}" if match else None
+        bases[label] = twin if twin in names else label
+    colours, styles = {}, {}
+    for label in labels:
+        colour = colours.setdefault(bases[label], len(colours))
+        paired = any(bases[other] == bases[label] for other in labels if other != label)
+        styles[label] = (colour, "--" if paired and bases[label] == label else "-")
+    return styles
+
+
+def plot_validation(curves: list[tuple[str, list[list[dict]]]], path, metric: str = DEFAULT_METRIC,
+                    title: str = "", band: bool = True, figsize=(8, 5), dpi: int = 100) -> list[str]:
+    """Write a PNG of the metric (in %) over rounds: per label, the mean over its seeds (and a light
+    min..max band over seeds). Returns the labels drawn; labels with no common round are left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = full_metric(metric)
+    styles = pair_styles([label for label, _ in curves])
+    figure = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    palette = [f"C{i}" for i in range(10)]
+    drawn = []
+    for label, rows_per_seed in curves:
+        rounds, mean, low, high = mean_series(rows_per_seed, metric)
+        if not rounds:
+            continue
+        colour_index, style = styles[label]
+        colour = palette[colour_index % len(palette)]
+        axes.plot(rounds, [100 * v for v in mean], style, color=colour, linewidth=1.6, label=label,
+                  marker="o" if len(rounds) == 1 else None)
+        if band and len(rows_per_seed) > 1:
+            axes.fill_between(rounds, [100 * v for v in low], [100 * v for v in high], color=colour,
+                              alpha=0.12, linewidth=0)
+        drawn.append(label)
+    name = metric_label(metric)
+    axes.set_xlabel("round")
+    axes.set_ylabel(f"validation {name} (%)")
+    axes.set_title(title or f"validation {name} over rounds", fontsize=11)
+    axes.grid(True, alpha=0.3)
+    if drawn:
+        axes.legend(fontsize=8, loc="best")
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=dpi)
+    return drawn
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The rows of a run's metrics.jsonl (a torn last line is ignored)."""
+    rows = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def selection_metric(results) -> str:
+    """The metric the finished runs selected on (the first one found), else DEFAULT_METRIC."""
+    for result in results:
+        metric = ((result.summary or {}).get("selection") or {}).get("metric")
+        if metric:
+            return metric
+    return DEFAULT_METRIC
+
+
+def curves_from_results(results, log=None) -> list[tuple[str, list[list[dict]]]]:
+    """(config key, [metrics rows per finished seed]) in plan order; unfinished runs and runs
+    without a metrics.jsonl are skipped with a line on `log` (stderr)."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    curves: dict[str, list[list[dict]]] = {}
+    for result in results:
+        seeds = curves.setdefault(result.spec.key, [])
+        if result.summary is None:
+            log(f"plot: skipping {result.spec.key} seed {result.spec.seed} ({result.status})")
+            continue
+        try:
+            seeds.append(read_metrics(result.spec.run_dir))
+        except OSError as error:
+            log(f"plot: skipping {result.spec.key} seed {result.spec.seed} (no metrics.jsonl: {error})")
+    for key, seeds in curves.items():
+        if not seeds:
+            log(f"plot: no finished run of {key}")
+    return [(key, seeds) for key, seeds in curves.items() if seeds]

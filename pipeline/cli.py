@@ -252,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--backbone", default="fcf", choices=["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"])
     run.add_argument("--rounds", type=int, default=30)
+    run.add_argument("--fedmr", action=argparse.BooleanOptionalAction, default=True,
+                     help="also train the backbone with FedMR's fusion module on the encoded features (default on)")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 

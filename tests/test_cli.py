@@ -88,8 +88,11 @@ def test_main_job_prints_the_table(tmp_path):
     result = json.loads(done.stdout)
     methods = [row["method"] for row in result["rows"]]
     assert methods[0] == "popularity" and methods[1].startswith("fcf (federated")
+    assert methods[2].startswith("fcf + FedMR (federated")  # the same backbone with the fusion module
     assert all(0 <= row["hr@50"] <= 1 for row in result["rows"])
-    assert (tmp_path / "fcf" / "summary.json").is_file()
+    assert (tmp_path / "fcf" / "summary.json").is_file() and (tmp_path / "fcf_fedmr" / "summary.json").is_file()
+    fedmr = json.loads((tmp_path / "fcf_fedmr" / "summary.json").read_text())
+    assert fedmr["config"]["model"]["fusion"]["fusion"] == "moe"
     # the catalogue's real PNGs and texts went through the offline encoders into the store
     assert result["features"]["text"] == [result["summary"]["dataset"]["items"], 384]
     assert result["features"]["image"] == [result["summary"]["dataset"]["items"], 1280]

@@ -1,0 +1,24 @@
+"""Every shipped experiment config loads, names its dataset, and pairs an ID-only file with a
++FedMR twin that differs only by the fusion module (and the names that say so)."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BACKBONES = ("fedavg", "fcf", "fedncf", "pfedrec", "fedrap")
+
+
+@pytest.mark.parametrize("dataset", ["ku", "movielens", "synthetic"])
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_id_and_fedmr_configs_are_twins(dataset, backbone):
+    plain = load_config(CONFIGS / dataset / f"{backbone}.yaml")
+    fedmr = load_config(CONFIGS / dataset / f"{backbone}_fedmr.yaml")
+    assert plain.model.backbone == fedmr.model.backbone == backbone
+    assert plain.model.fusion is None and fedmr.model.fusion is not None
+    assert plain.data.name == fedmr.data.name == dataset
+    assert fedmr.name == f"{plain.name}-fedmr"
+    assert plain.train.protocol == fedmr.train.protocol
+    assert plain.runtime.out != fedmr.runtime.out

@@ -189,12 +189,15 @@ class RuntimeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    pools: int | None = Field(None, ge=1, description="ClientPool actors; None = one per available CPU")
-    cpus_per_pool: float = Field(1.0, gt=0)
-    gpus_per_pool: float = Field(0.0, ge=0)
+    pools: int | None = Field(None, ge=1, description="ClientPool actors; None = one per GPU on a cluster with "
+                                                       "GPUs (ID backbones), else one per cpus_per_pool CPUs")
+    cpus_per_pool: float | None = Field(None, gt=0, description="None = 1, or an equal share of the CPUs when "
+                                                                "pools hold GPUs")
+    gpus_per_pool: float | None = Field(None, ge=0, description="None = an equal share of the cluster's GPUs "
+                                                                "(0 without GPUs or with a fusion module)")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where pools run local training: auto = cuda when the pool was given a GPU "
-                            "(gpus_per_pool > 0), else cpu; cuda without a visible GPU is an error")
+        "auto", description="where pools run local training: auto = cuda when the pool holds a GPU, else "
+                            "cpu (cpu also keeps pools off GPUs); cuda without a visible GPU is an error")
     block_rows: int | None = Field(1 << 15, ge=1, description="rows of one local epoch per block of clients "
                                                               "trained together on a CPU (None: all at once; "
                                                               "a GPU always trains all at once)")

@@ -108,17 +108,39 @@ def test_trained_copies_are_kept_per_round_and_compacted():
 
 
 def test_training_device():
-    runtime = load_config(None, []).runtime
-    assert training_device(runtime) == "cpu"
-    gpu = load_config(None, ["runtime.gpus_per_pool=1"]).runtime
+    auto = load_config(None, []).runtime
     forced = load_config(None, ["runtime.device=cuda"]).runtime
-    assert training_device(load_config(None, ["runtime.gpus_per_pool=1", "runtime.device=cpu"]).runtime) == "cpu"
+    assert training_device(auto, 0.0) == "cpu"
+    assert training_device(load_config(None, ["runtime.device=cpu"]).runtime, 1.0) == "cpu"
     if torch.cuda.is_available():
-        assert training_device(gpu) == training_device(forced) == "cuda"
+        assert training_device(auto, 0.5) == training_device(forced, 0.0) == "cuda"
     else:
-        for config in (gpu, forced):
+        for runtime, gpus in ((auto, 0.5), (forced, 0.0)):
             with pytest.raises(RuntimeError, match="no CUDA device"):
-                training_device(config)
+                training_device(runtime, gpus)
+
+
+def runtime_of(*overrides):
+    return load_config(None, list(overrides)).runtime
+
+
+def test_pool_plan_from_cluster_resources():
+    from pipeline.federated.placement import PoolPlan, plan_pools
+
+    # CPU only: one pool per CPU, one thread each; cpus_per_pool / pools override
+    assert plan_pools({"CPU": 8.0}, runtime_of()) == PoolPlan(8, 1.0, 0.0)
+    assert plan_pools({"CPU": 8.0}, runtime_of("runtime.cpus_per_pool=2")) == PoolPlan(4, 2.0, 0.0)
+    assert plan_pools({"CPU": 8.0}, runtime_of("runtime.pools=3")).pools == 3
+    # GPUs and an ID backbone: one pool per GPU with a share of the CPUs
+    plan = plan_pools({"CPU": 16.0, "GPU": 2.0}, runtime_of())
+    assert plan == PoolPlan(2, 8.0, 1.0) and plan.threads == 8
+    assert plan_pools({"CPU": 16.0, "GPU": 1.0}, runtime_of("runtime.pools=4")) == PoolPlan(4, 4.0, 0.25)
+    assert plan_pools({"CPU": 16.0, "GPU": 4.0}, runtime_of("runtime.pools=2")).gpus_per_pool == 2.0
+    # a fusion module, device=cpu or gpus_per_pool=0 keep pools off the GPUs
+    for plan in (plan_pools({"CPU": 4.0, "GPU": 1.0}, runtime_of(), fusion=True),
+                 plan_pools({"CPU": 4.0, "GPU": 1.0}, runtime_of("runtime.device=cpu")),
+                 plan_pools({"CPU": 4.0, "GPU": 1.0}, runtime_of("runtime.gpus_per_pool=0"))):
+        assert plan == PoolPlan(4, 1.0, 0.0)
 
 
 @pytest.mark.parametrize("bitmap_keys, rank_keys", [(1 << 28, 1 << 25), (1 << 28, 0), (0, 0)])

@@ -21,13 +21,13 @@ class StaleState(RuntimeError):
     """The pool's state is not at the round the server expects (it was restarted)."""
 
 
-def training_device(runtime) -> str:
-    """The torch device of a pool's local training under runtime.device (see RuntimeConfig)."""
-    wants_gpu = runtime.device == "cuda" or (runtime.device == "auto" and runtime.gpus_per_pool > 0)
+def training_device(runtime, gpus: float) -> str:
+    """The torch device of a pool holding `gpus` GPUs under runtime.device (see RuntimeConfig)."""
+    wants_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
     if not wants_gpu:
         return "cpu"
     if not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={runtime.device} with gpus_per_pool={runtime.gpus_per_pool}, but "
+        raise RuntimeError(f"runtime.device={runtime.device} with {gpus} GPU(s) per pool, but "
                            f"torch sees no CUDA device here (CUDA_VISIBLE_DEVICES="
                            f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); set runtime.device=cpu")
     return "cuda"
@@ -35,13 +35,14 @@ def training_device(runtime) -> str:
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ClientPool:
-    def __init__(self, config_json: str, data, negatives, users: np.ndarray, initial, threads: int):
+    def __init__(self, config_json: str, data, negatives, users: np.ndarray, initial, threads: int,
+                 gpus: float = 0.0):
         from pipeline.federated.shard import Shard
 
         torch.set_num_threads(max(1, threads))
         self.config = ExperimentConfig.model_validate_json(config_json)
         self._args = (data, negatives, np.asarray(users), initial)
-        self.device = training_device(self.config.runtime)
+        self.device = training_device(self.config.runtime, gpus)
         self.shard = Shard(self.config, data, negatives, np.asarray(users), initial, device=self.device)
         self.state_round = -1  # rounds of training reflected in the state (-1: initial)
 

@@ -22,6 +22,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from pipeline.config import ExperimentConfig
 from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state, participants,
                                           round_lrs, server_lr, shard_users)
+from pipeline.federated.placement import plan_pools
 from pipeline.federated.pool import ClientPool, StaleState
 from pipeline.federated.selection import Selection
 
@@ -55,10 +56,6 @@ def _get_while_restarting(make_calls):
             time.sleep(0.5)
 
 
-def default_pool_count(cpus_per_pool: float) -> int:
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_pool))
-
-
 @ray.remote(num_cpus=0, max_restarts=0)
 class Server:
     def __init__(self, config_json: str, refs: list, run_dir: str):
@@ -71,16 +68,15 @@ class Server:
         self.globals = dict(self.initial.global_params)
         self.fusion_adam = None  # fusion_agg=grad_adam: the server's persistent Adam state
         runtime = self.config.runtime
-        n_pools = runtime.pools or default_pool_count(runtime.cpus_per_pool)
-        self.shards = shard_users(data.train_counts, n_pools)
+        plan = plan_pools(ray.cluster_resources(), runtime, fusion=self.config.model.fusion is not None)
+        self.plan = plan
+        self.shards = shard_users(data.train_counts, plan.pools)
         initial_ref = ray.put(self.initial)
         # held for the run: Ray re-runs a pool's constructor with these after a crash
         self._pool_args = (data_ref, negatives_ref, initial_ref)
-        threads = max(1, int(runtime.cpus_per_pool))
         self.pools = [
-            ClientPool.options(num_cpus=runtime.cpus_per_pool, num_gpus=runtime.gpus_per_pool,
-                               scheduling_strategy="SPREAD")
-            .remote(config_json, data_ref, negatives_ref, users, initial_ref, threads)
+            ClientPool.options(num_cpus=plan.cpus_per_pool, num_gpus=plan.gpus_per_pool, scheduling_strategy="SPREAD")
+            .remote(config_json, data_ref, negatives_ref, users, initial_ref, plan.threads, plan.gpus_per_pool)
             for users in self.shards
         ]
         self.round = 0

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from bench._common import (GB, MB, current_rss_bytes, emit_json, machine_line, mem_available_bytes,
+from bench._common import (GB, MB, current_rss_bytes, device_line, emit_json, machine_line, mem_available_bytes,
                            phase_peak_rss_bytes, process_peak_rss_bytes, release_memory, reset_phase_peak, set_threads,
                            timed)
 
@@ -115,7 +115,8 @@ def run_setting(label: str, data, per_round: int, args, abort_bytes: int) -> dic
           flush=True)
     with timed() as setup:
         init = initial_state(cfg, data.n_users, data.n_items)
-        shards = [Shard(cfg, data, None, users, init) for users in shard_users(data.train_counts, args.shards)]
+        shards = [Shard(cfg, data, None, users, init, device=args.device)
+                  for users in shard_users(data.train_counts, args.shards)]
         g = init.global_params
     setup_peak = phase_peak_rss_bytes()
     print(f"setup: initial model + {len(shards)} Shard(s) {setup.wall:.2f} s, phase peak RSS {setup_peak / GB:.2f} GB")
@@ -317,6 +318,8 @@ def parse_args(argv):
     p.add_argument("--ray", action="store_true", help="also train the main setting through Ray ClientPool actors")
     p.add_argument("--ray-pools", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of the shards (cuda: private state and local training on the GPU)")
     args = p.parse_args(argv)
     if args.population is None:
         args.population = 100_000 if args.quick else 1_000_000
@@ -334,6 +337,7 @@ def main(argv=None) -> dict:
     threads = set_threads(args.threads)
     print(f"bench.scale: {BACKBONE} engine rounds in-process (Shard.train + apply_uploads), no evaluation in the round")
     print(machine_line(threads))
+    print(device_line(args.device))
     available = mem_available_bytes()
     abort_bytes = int(args.abort_gb * GB)
     if available is not None:
@@ -398,6 +402,9 @@ def main(argv=None) -> dict:
               f"{', '.join(f'{p:.2f}' for p in pool_peaks)} GB (sum {sum(pool_peaks):.2f} GB, shared object-store "
               f"pages counted in each) -> {'PASS' if sum(pool_peaks) < args.rss_limit_gb else 'FAIL'} against "
               f"{args.rss_limit_gb:g} GB")
+    if args.device.startswith("cuda"):
+        figures["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated() / GB
+        print(f"  peak GPU memory allocated by torch: {figures['gpu_peak_allocated_gb']:.2f} GB")
     print(f"  peak RSS of this process (includes data generation, not Ray workers): "
           f"{figures['process_peak_rss_gb']:.2f} GB -> "
           f"{'PASS' if figures['rss_pass'] else 'FAIL'} against {args.rss_limit_gb:g} GB")

@@ -430,6 +430,29 @@ def _sparse_step(model, current: dict[str, torch.Tensor], table_names: set[str],
     return losses.detach().cpu().numpy()
 
 
+def _fusion_step(model, current: dict[str, torch.Tensor], group: tuple[str, ...], client: torch.Tensor,
+                 ws: torch.Tensor, label: torch.Tensor, present: np.ndarray, n_clients: int,
+                 lrs: dict[str, float], last_grads: dict[str, torch.Tensor], row_owner: dict[str, np.ndarray],
+                 round_: int, model_config, fusion: FusionInputs) -> np.ndarray:
+    """One SGD step of `group` for a model with a fusion module, on the whole round's tensors
+    (the module reads each client's training positives besides the step's rows, and its
+    per-client layers are batched by size over all clients). Returns the [P] losses of the
+    clients `present`."""
+    leaves = {name: current[name].requires_grad_(True) for name in group}
+    losses = client_losses(model, current, client, ws, label, n_clients, round_, model_config, fusion)
+    grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
+    with torch.no_grad():
+        for (name, leaf), grad in zip(leaves.items(), grads):
+            leaf.requires_grad_(False)
+            if grad is None:
+                continue
+            if name in last_grads:  # per client, or per working-set row of a span
+                at = np.isin(row_owner[name], present) if name in row_owner else present
+                last_grads[name][at] = grad[at]
+            leaf.sub_(grad, alpha=lrs[name])  # no temporary (the per-client fusion weights are large)
+    return losses.detach().numpy()[present]
+
+
 def _block_rows(rows: EpochRows, c0: int, c1: int) -> EpochRows:
     """The rows of clients c0..c1-1 (rows are grouped by client), clients renumbered from 0."""
     a, b = np.searchsorted(rows.client, [c0, c1])
@@ -493,22 +516,11 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
                 if fusion is None:
                     losses = _sparse_step(model, current, set(params.tables), group, rows.client[chosen], ws,
                                           label, present, lrs, last_grads, round_, model_config)
-                    if index == 0:
-                        loss_sum[present] += losses
-                    continue
-                leaves = {name: current[name].requires_grad_(True) for name in group}
-                losses = client_losses(model, current, client, ws, label, n_clients, round_, model_config, fusion)
+                else:
+                    losses = _fusion_step(model, current, group, client, ws, label, present, n_clients, lrs,
+                                          last_grads, row_owner, round_, model_config, fusion)
                 if index == 0:  # the epoch loss is the batch loss before any update
-                    loss_sum[present] += losses.detach().numpy()[present]
-                grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
-                with torch.no_grad():
-                    for (name, leaf), grad in zip(leaves.items(), grads):
-                        leaf.requires_grad_(False)
-                        if grad is not None:
-                            if name in last_grads:  # per client, or per working-set row of a span
-                                at = np.isin(row_owner[name], present) if name in row_owner else present
-                                last_grads[name][at] = grad[at]
-                            leaf.sub_(grad, alpha=lrs[name])  # no temporary (per-client fusion weights are large)
+                    loss_sum[present] += losses
             n_batches[present] += 1
         rows_done[active] += np.bincount(rows.client, minlength=n_clients)[active]
         epochs_run[active] += 1

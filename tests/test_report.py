@@ -96,10 +96,10 @@ def test_table_renders_mean_std_and_labels(first_run, workspace):
     assert cells[1] == tables.LEARNED
     assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d", c) for c in cells[2:9]), cells   # 6 test + valid
     assert cells[-1] == "2"
-    header = next(line for line in p3.splitlines() if line.startswith("| Backbone"))
+    header = next(line for line in p3.splitlines() if line.startswith("| Method"))
     assert "test HR@50" in header and "test NDCG@10" in header
     p1 = _section(markdown, "P1")
-    assert "**Protocol:** P1; K = 10" in p1 and "HR@50" not in p1.split("| Backbone")[1]
+    assert "**Protocol:** P1; K = 10" in p1 and "HR@50" not in p1.split("| Method")[1]
 
 
 def test_p1_and_p3_never_share_a_table(first_run):
@@ -185,6 +185,16 @@ def test_reported_ku_table_is_labelled():
     text = tables.render_reported_ku()
     assert text.count(tables.REPORTED) == 5 and "K≈50" in text
     assert "| FedAvg | reported (FedVLR poster, K≈50) | 11.27 | 5.62 |" in text
+    assert "+ FedMR" not in text
+    with_fedmr = tables.render_reported_ku(with_fedmr=True)
+    assert with_fedmr.count(tables.REPORTED) == 10
+    assert '| FCF + FedMR | reported (FedVLR poster, K≈50) ("+ ours") | 55.39 | 15.97 |' in with_fedmr
+
+
+def test_method_labels_name_the_fusion():
+    assert tables.method_label("fcf") == "FCF"
+    assert tables.method_label("fcf", "moe") == "FCF + FedMR"
+    assert tables.method_label("pfedrec", "mlp") == "PFedRec + FedMR (mlp)"
 
 
 def test_trivial_rows_are_labelled(first_run, workspace, monkeypatch):

@@ -39,6 +39,25 @@ REPORTED_KU = OrderedDict([
 ])
 
 
+# The same table's "+ ours" rows: the backbone + FedMR's Sum/MLP/Gate mixture with the router
+# (fusion=moe). FCF + ours (55.39 / 15.97) equals the ascending-item-id ranking (§8).
+REPORTED_KU_FEDMR = OrderedDict([
+    ("fedavg", (54.90, 16.04)),
+    ("fcf", (55.39, 15.97)),
+    ("fedncf", (43.63, 12.18)),
+    ("pfedrec", (45.59, 15.05)),
+    ("fedrap", (48.24, 13.05)),
+])
+
+
+def method_label(backbone: str, fusion: str | None = None) -> str:
+    """'FCF', 'FCF + FedMR' (fusion=moe), 'FCF + FedMR (mlp)' (another fusion)."""
+    name = BACKBONE_NAMES.get(backbone, backbone)
+    if fusion is None:
+        return name
+    return f"{name} + FedMR" if fusion == "moe" else f"{name} + FedMR ({fusion})"
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (ddof 1; None for a single value)."""
     values = [float(v) for v in values]
@@ -97,7 +116,9 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
     """One aggregated row: per-metric value lists (fractions) and the run facts."""
     done = [r for r in runs if r.summary is not None]
     config = runs[0].spec.config
+    fusion = config.model.fusion.fusion if config.model.fusion is not None else None
     row = {"key": runs[0].spec.key, "backbone": config.model.backbone, "source": LEARNED,
+           "label": method_label(config.model.backbone, fusion), "fusion": fusion,
            "seeds": [r.spec.seed for r in done], "seeds_planned": [r.spec.seed for r in runs],
            "failed": [(r.spec.seed, r.error) for r in runs if r.status == "failed"],
            "missing": [r.spec.seed for r in runs if r.status == "missing"],
@@ -151,7 +172,7 @@ def trivial_rows(data, negatives, protocol: str) -> list[dict]:
 
     rows = evaluate_baselines(data, negatives, names=TRIVIAL_RANKINGS, protocols=(protocol,),
                               ks=protocol_ks(protocol))
-    return [{"backbone": row["method"], "source": TRIVIAL,
+    return [{"backbone": row["method"], "label": row["method"], "source": TRIVIAL,
              "test": {k: [v] for k, v in row.items() if "@" in k}} for row in rows if row["split"] == "test"]
 
 
@@ -177,12 +198,12 @@ def _uniform(values, fmt=str) -> str:
 def render_table(rows: list[dict], protocol: str, metric: str) -> str:
     ks = protocol_ks(protocol)
     columns = [f"{name}@{k}" for k in ks for name in ("hr", "ndcg")]
-    header = ["Backbone", "Source", *(f"test {metric_label(c)}" for c in columns),
+    header = ["Method", "Source", *(f"test {metric_label(c)}" for c in columns),
               f"valid {metric_label(metric)}", "best round (mean)", "rounds run (mean)", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         learned = row["source"] == LEARNED
-        cells = [BACKBONE_NAMES.get(row["backbone"], row["backbone"]), row["source"]]
+        cells = [row["label"], row["source"]]
         cells += [format_cell(row["test"].get(c, [])) for c in columns]
         if learned:
             cells.append(format_cell(row["valid"].get(metric, [])))
@@ -196,10 +217,14 @@ def render_table(rows: list[dict], protocol: str, metric: str) -> str:
     return "\n".join(lines)
 
 
-def render_reported_ku() -> str:
-    lines = ["| Backbone | Source | HR (K≈50) | NDCG (K≈50) |", "|---|---|---|---|"]
+def render_reported_ku(with_fedmr: bool = False) -> str:
+    """The poster's KU rows: plain backbones, and their "+ ours" (FedMR) rows when asked."""
+    lines = ["| Method | Source | HR (K≈50) | NDCG (K≈50) |", "|---|---|---|---|"]
     for backbone, (hr, ndcg) in REPORTED_KU.items():
-        lines.append(f"| {BACKBONE_NAMES[backbone]} | {REPORTED} | {hr:.2f} | {ndcg:.2f} |")
+        lines.append(f"| {method_label(backbone)} | {REPORTED} | {hr:.2f} | {ndcg:.2f} |")
+        if with_fedmr:
+            hr, ndcg = REPORTED_KU_FEDMR[backbone]
+            lines.append(f"| {method_label(backbone, 'moe')} | {REPORTED} (\"+ ours\") | {hr:.2f} | {ndcg:.2f} |")
     return "\n".join(lines)
 
 
@@ -315,9 +340,9 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                                 f"rank {facts['cold_items']})." if protocol == "p3" else "."))
             for ranking in trivial:
                 value = ranking["test"][metric][0]
-                beaten = [BACKBONE_NAMES.get(r["backbone"], r["backbone"]) for r in learned
+                beaten = [r["label"] for r in learned
                           if statistics.fmean(r["test"][metric]) > value]
-                losing = [BACKBONE_NAMES.get(r["backbone"], r["backbone"]) for r in learned
+                losing = [r["label"] for r in learned
                           if statistics.fmean(r["test"][metric]) <= value]
                 notes.append(f"Against `{ranking['backbone']}` (test {metric_label(metric)} {100 * value:.2f}): "
                              f"learned rows above it (mean): {', '.join(beaten) or 'none'}; at or below it: "
@@ -325,7 +350,7 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
         per_seed = []
         for row in rows:
             if row["source"] == LEARNED and row["per_seed"]:
-                per_seed.append(f"{BACKBONE_NAMES.get(row['backbone'], row['backbone'])}: " + ", ".join(
+                per_seed.append(f"{row['label']}: " + ", ".join(
                     f"s{seed} {info['best_round']}/{info['rounds_run']} ({100 * info[f'test/{metric}']:.2f})"
                     for seed, info in row["per_seed"].items()))
         seconds = [x for r in rows if r["source"] == LEARNED for x in r["seconds"] if x is not None]
@@ -347,11 +372,12 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
         if dataset == "ku" and protocol == "p3":
             parts += ["", f"### {facts['name']} — {REPORTED} (transcribed, not re-run)", "",
                       "- Transcribed from spec/reference-results.md §2 (FedVLR AAAI-26 poster, Table 1, KU column, "
-                      "plain ID backbones). P3; K not stated in the poster (most likely 50); the authors' "
+                      "plain ID backbones and, beside runs with a fusion module, their \"+ ours\" rows = "
+                      "+ FedMR with fusion=moe). P3; K not stated in the poster (most likely 50); the authors' "
                       "hyper-parameters were chosen by test-upon-best-validation and their personal parameters are "
                       "never restored at evaluation (reference-results.md §6), so these are not targets to match.",
                       "- Compare them with the HR@50 / NDCG@50 columns above only with these labels in view.",
-                      "", render_reported_ku()]
+                      "", render_reported_ku(with_fedmr=any(r.get("fusion") for r in rows))]
         tables_json.append({"dataset": facts, "protocol": protocol, "selection_metric": metric, "ks": list(ks),
                             "encoder": _uniform(encoders), "seeds": planned_seeds,
                             "rows": [{k: v for k, v in r.items()} for r in rows]})

@@ -108,16 +108,22 @@ def reset_phase_peak() -> bool:
         return False
 
 
-def phase_peak_rss_bytes() -> int:
-    """Peak RSS since the last reset_phase_peak() (VmHWM), or since start where unsupported."""
+def _proc_kib_field(path: str, field: str) -> int | None:
+    """Bytes of a 'Field:  N kB' line of a /proc file, or None where unreadable."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return peak_rss_bytes()
+    return None
+
+
+def phase_peak_rss_bytes() -> int:
+    """Peak RSS since the last reset_phase_peak() (VmHWM), or since start where unsupported."""
+    peak = _proc_kib_field("/proc/self/status", "VmHWM")
+    return peak if peak is not None else peak_rss_bytes()
 
 
 def process_peak_rss_bytes() -> int:
@@ -126,14 +132,7 @@ def process_peak_rss_bytes() -> int:
 
 
 def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def release_memory() -> None:

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pipeline.config import load_config
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.schema import Interactions, RawDataset
-from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
+from pipeline.federated.aggregate import (apply_uploads, feature_dims, initial_state, participants, round_lrs,
+                                          shard_users)
 from pipeline.federated.oracle import (DenseState, _item_lr, _lr, initial_dense_state, oracle_round,
                                        oracle_scores)
 from pipeline.federated.sampling import client_data, epoch_rows
@@ -114,7 +115,7 @@ def engine_scores(shards, g, n_users, n_items):
 
 
 def run_oracle(cfg, data, rounds, logs=None):
-    state = initial_dense_state(cfg, data.n_users, data.n_items)
+    state = initial_dense_state(cfg, data.n_users, data.n_items, feature_dims(data))
     for r in range(rounds):
         round_logs = {}
         state = oracle_round(cfg, data, state, r, dtype=torch.float64, logs=round_logs)

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pipeline.config import load_config
 from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state,
                                           participants, round_lrs, server_lr, shard_users)
-from pipeline.federated.oracle import initial_dense_state, oracle_round, oracle_scores_fedmr
+from pipeline.federated.oracle import initial_dense_state, oracle_scores_fedmr
 from pipeline.federated.shard import Shard
-from test_equivalence import engine_dense, engine_scores, max_diffs, moved, synthetic
+from test_equivalence import engine_dense, engine_scores, max_diffs, moved, run_oracle, synthetic
 
 ATOL = 1e-8
 
@@ -109,16 +109,6 @@ def run_engine(cfg, data, rounds, n_shards, dtype=torch.float64):
         if fusion.fusion_agg == "grad_adam":
             g, adam = apply_fusion_grads(g, ups, adam, lr=server_lr(cfg), clip=fusion.server_clip)
     return shards, g
-
-
-def run_oracle(cfg, data, rounds, logs=None):
-    state = initial_dense_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    for r in range(rounds):
-        round_logs = {}
-        state = oracle_round(cfg, data, state, r, dtype=torch.float64, logs=round_logs)
-        if logs is not None:
-            logs.append(round_logs)
-    return state
 
 
 def check_against_oracle(data, variant, rounds=3):

@@ -492,6 +492,7 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
                        for group in model.TWO_STEP_GROUPS)
     else:
         groups = (tuple(current),)
+    table_names = set(params.tables)
     active = np.ones(n_clients, dtype=bool)
     rows_done = np.zeros(n_clients, dtype=np.int64)
     epochs_run = np.zeros(n_clients, dtype=np.int64)
@@ -506,7 +507,6 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
         step_bounds = np.searchsorted(rows.batch[by_step], np.arange(int(rows.n_batches.max(initial=0)) + 1))
         for step in range(int(rows.n_batches[active].max(initial=0))):
             chosen = by_step[step_bounds[step]:step_bounds[step + 1]]
-            client = torch.as_tensor(rows.client[chosen]).to(device)
             ws = torch.as_tensor(ws_index[chosen]).to(device)
             label = torch.as_tensor(rows.label[chosen]).to(device=device, dtype=dtype)
             present = _sorted_unique(rows.client[chosen])
@@ -514,9 +514,10 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
                 fusion.key = (fusion.seed, round_, epoch, step)
             for index, group in enumerate(groups):
                 if fusion is None:
-                    losses = _sparse_step(model, current, set(params.tables), group, rows.client[chosen], ws,
+                    losses = _sparse_step(model, current, table_names, group, rows.client[chosen], ws,
                                           label, present, lrs, last_grads, round_, model_config)
                 else:
+                    client = torch.as_tensor(rows.client[chosen])
                     losses = _fusion_step(model, current, group, client, ws, label, present, n_clients, lrs,
                                           last_grads, row_owner, round_, model_config, fusion)
                 if index == 0:  # the epoch loss is the batch loss before any update

@@ -197,13 +197,18 @@ def _loss(config: ExperimentConfig, model: nn.Module, items: torch.Tensor, label
           round_: int) -> torch.Tensor:
     """Mean BCE on logits + backbone extras (FedRAP: -lambda_t MSE(P_B, C_B) + mu_t R(C_B))."""
     loss = F.binary_cross_entropy_with_logits(model(items), labels)  # reduction='mean'
-    if config.model.backbone == "fedrap":
-        lam = math.tanh(round_ / 10.0) * config.model.fedrap_lambda
-        mu = math.tanh(round_ / 10.0) * config.model.fedrap_mu
-        p_b, c_b = model.item_personal[items], model.item_global[items]
-        reg = c_b.abs().mean() if config.model.fedrap_reg == "l1" else (c_b ** 2).mean()
-        loss = loss - lam * F.mse_loss(p_b, c_b) + mu * reg
-    return loss
+    return loss + _fedrap_terms(config, model, items, round_)
+
+
+def _fedrap_terms(config: ExperimentConfig, model: nn.Module, items: torch.Tensor, round_: int):
+    """-lambda_t MSE(P_B, C_B) + mu_t R(C_B) for FedRAP (0 for other backbones)."""
+    if config.model.backbone != "fedrap":
+        return 0.0
+    lam = math.tanh(round_ / 10.0) * config.model.fedrap_lambda
+    mu = math.tanh(round_ / 10.0) * config.model.fedrap_mu
+    p_b, c_b = model.item_personal[items], model.item_global[items]
+    reg = c_b.abs().mean() if config.model.fedrap_reg == "l1" else (c_b ** 2).mean()
+    return -lam * F.mse_loss(p_b, c_b) + mu * reg
 
 
 def _local_epochs(config: ExperimentConfig, data: PreparedDataset, user: int, round_: int, dtype,
@@ -584,13 +589,7 @@ def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: in
 
     def loss_of(items, labels, mix):
         loss = F.binary_cross_entropy_with_logits(model(items, mix, feats), labels)
-        if backbone == "fedrap":
-            lam = math.tanh(round_ / 10.0) * config.model.fedrap_lambda
-            mu = math.tanh(round_ / 10.0) * config.model.fedrap_mu
-            p_b, c_b = model.item_personal[items], model.item_global[items]
-            reg = c_b.abs().mean() if config.model.fedrap_reg == "l1" else (c_b ** 2).mean()
-            loss = loss - lam * F.mse_loss(p_b, c_b) + mu * reg
-        return loss
+        return loss + _fedrap_terms(config, model, items, round_)
 
     def train_step(epoch, batch, items, labels) -> float:
         mix = _mixing_rows(config, data, user, items)

@@ -171,6 +171,32 @@ def test_per_client_projection_weights_match_oracle(data, variant, form, monkeyp
     assert max(diffs.values()) < ATOL, diffs
 
 
+@pytest.mark.parametrize("variant", ["fedrap", "pfedrec-grad_adam", "fcf-global_router-grad_adam"])
+@pytest.mark.parametrize("spans", [True, False])
+def test_blocks_of_clients_match_oracle(data, variant, spans, monkeypatch):
+    """Local training in blocks of ~20 rows per epoch (runtime.block_rows, how a CPU pool
+    trains), with the projections as spans or as weight copies: the oracle's numbers."""
+    import pipeline.federated.client as client_module
+    import pipeline.federated.shard as shard_module
+
+    if not spans:
+        monkeypatch.setattr(shard_module, "SPAN_MAX_ITEMS", 0)
+    blocks = []
+    original = client_module._train_block
+    monkeypatch.setattr(client_module, "_train_block", lambda *a, **k: blocks.append(1) or original(*a, **k))
+    backbone, fusion, extra, _ = VARIANTS[variant]
+    cfg = make_config(backbone, fusion, "runtime.block_rows=20", *extra)
+    shards, g = run_engine(cfg, data, 2, n_shards=2)
+    assert len(blocks) >= 4 * 2 * 2  # several blocks per shard and round
+    assert bool(shards[0].grams) == spans
+    oracle = run_oracle(cfg, data, 2)
+    diffs = max_diffs(engine_dense(shards, g, data.n_items), oracle)
+    assert max(diffs.values()) < ATOL, diffs
+    s_engine = engine_scores(shards, g, data.n_users, data.n_items)
+    s_oracle = oracle_scores_fedmr(cfg, data, oracle, list(range(data.n_users)))
+    assert (s_engine - s_oracle).abs().max().item() < ATOL
+
+
 def test_batch_mixing_p1_candidates(data):
     """mixing_source=batch under P1: alpha_u from the user's 100 candidates only (engine:
     Shard.scores(candidates=...)), the same as the oracle scoring over those candidates."""

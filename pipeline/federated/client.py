@@ -11,7 +11,7 @@ Pure torch + numpy: no Ray here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -101,6 +101,13 @@ class FusionInputs:
     history: np.ndarray | None = None
     key: tuple[int, int, int, int] = (0, 0, 0, 0)
     span: dict[str, "FeatureSpan"] = field(default_factory=dict)
+
+    def block(self, c0: int, c1: int, w0: int, w1: int) -> "FusionInputs":
+        """The inputs of clients c0..c1-1 alone (working-set rows w0..w1-1), renumbered from 0."""
+        span = {m: replace(s, base=s.base[w0:w1], offsets=s.offsets[c0:c1 + 1] - w0) for m, s in self.span.items()}
+        return FusionInputs(features=self.features, ws_client=self.ws_client[w0:w1] - c0,
+                            ws_item=self.ws_item[w0:w1], users=self.users[c0:c1], seed=self.seed,
+                            dropout=self.dropout, n_clients=c1 - c0, span=span)
 
 
 @dataclass
@@ -230,6 +237,8 @@ class PaddedRows:
         return gather_rows(self.params[name], self.ws)
 
     def vector(self, name: str) -> torch.Tensor:
+        if self._moves is None:  # rows in the layout: a broadcast per bucket
+            return self.layout.broadcast(self.params[name])
         return gather_rows(self.params[name], self.client)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -347,25 +356,29 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
 
     Clients are independent, so they are trained in blocks of consecutive clients of about
     `chunk_rows` rows per epoch (None: one block): a step's tensors then stay in the CPU's
-    caches, which on a memory-bound step is worth more than one call for everyone. Results
-    are the same for any blocking. (Models with a fusion module train as one block: their
-    per-client layers are already batched by size.)
+    caches, which on a memory-bound step is worth more than one call for everyone (with a
+    fusion module too: its many [rows, d_f] intermediates are streamed through memory once per
+    layer). Results are the same for any blocking.
     """
     n_clients = len(next(iter(params.vectors.values())))
-    if fusion is not None or not epochs or chunk_rows is None:
-        return _train_block(model, params, working_set, epochs, lrs=lrs, tol=tol, round_=round_,
-                            model_config=model_config, update=update, fusion=fusion)
+    one_block = dict(lrs=lrs, tol=tol, round_=round_, model_config=model_config, update=update)
+    if not epochs or chunk_rows is None:
+        return _train_block(model, params, working_set, epochs, fusion=fusion, **one_block)
     per_client = np.bincount(epochs[0].client, minlength=n_clients)
     ends = np.cumsum(per_client)
     cuts = np.searchsorted(ends, np.arange(chunk_rows, ends[-1], chunk_rows), side="left") + 1
     bounds = np.unique(np.concatenate([[0], cuts, [n_clients]]))
     if len(bounds) <= 2:
-        return _train_block(model, params, working_set, epochs, lrs=lrs, tol=tol, round_=round_,
-                            model_config=model_config, update=update)
+        return _train_block(model, params, working_set, epochs, fusion=fusion, **one_block)
     ws_offsets = working_set.offsets(n_clients)
     tables = {k: torch.empty_like(v) for k, v in params.tables.items()}
     vectors = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in params.vectors.items()}
-    last_grads = {n: torch.zeros_like(params.all()[n]) for n in getattr(model, "UPLOAD_GRADS", ())}
+    rename = {span.weight: span.table for span in fusion.span.values()} if fusion is not None else {}
+    last_grads = {}  # per client ([B, ...]) or, for a span, per working-set row ([W, out])
+    for name in getattr(model, "UPLOAD_GRADS", ()):
+        name = rename.get(name, name)
+        last_grads[name] = torch.zeros(params.all()[name].shape, dtype=params.all()[name].dtype,
+                                       device=params.all()[name].device)
     rows_done, epochs_run, loss = (np.zeros(n_clients, dtype=np.int64), np.zeros(n_clients, dtype=np.int64),
                                    np.full(n_clients, np.nan))
     for c0, c1 in zip(bounds[:-1], bounds[1:]):
@@ -377,14 +390,14 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
         block_epochs = [_block_rows(rows, c0, c1) for rows in epochs]
         block_params = ClientParams({k: v[w0:w1] for k, v in params.tables.items()},
                                     {k: v[c0:c1] for k, v in params.vectors.items()})
-        result = _train_block(model, block_params, block_ws, block_epochs, lrs=lrs, tol=tol, round_=round_,
-                              model_config=model_config, update=update)
+        block_fusion = fusion.block(c0, c1, w0, w1) if fusion is not None else None
+        result = _train_block(model, block_params, block_ws, block_epochs, fusion=block_fusion, **one_block)
         for k in tables:
             tables[k][w0:w1] = result.params.tables[k]
         for k in vectors:
             vectors[k][c0:c1] = result.params.vectors[k]
         for k in last_grads:
-            last_grads[k][c0:c1] = result.last_grads[k]
+            last_grads[k][slice(w0, w1) if k in tables else slice(c0, c1)] = result.last_grads[k]
         rows_done[c0:c1], epochs_run[c0:c1], loss[c0:c1] = result.rows, result.epochs, result.loss
     return LocalResult(params=ClientParams(tables, vectors), rows=rows_done, epochs=epochs_run, loss=loss,
                        last_grads=last_grads)

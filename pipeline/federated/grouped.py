@@ -106,6 +106,11 @@ class PaddedLayout:
         """x [R', in] in this layout, weight [B, out, in] -> [R', out]."""
         return _PaddedLinear.apply(x, weight, self)
 
+    def broadcast(self, vector: torch.Tensor) -> torch.Tensor:
+        """vector [B, ...] -> [R', ...]: every row gets its client's entry (by views; the
+        backward is a sum over each client's rows, not a scatter)."""
+        return _Broadcast.apply(vector, self)
+
 
 class _PaddedLinear(torch.autograd.Function):
     @staticmethod
@@ -134,6 +139,25 @@ class _PaddedLinear(torch.autograd.Function):
             if need_x:
                 torch.bmm(go, weight[c0:c1], out=grad_x[span].view(c1 - c0, width, -1))
         return grad_x, grad_w, None
+
+
+class _Broadcast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vector, layout: PaddedLayout):
+        out = vector.new_empty(layout.n_rows, *vector.shape[1:])
+        for offset, c0, c1, width in layout.buckets:
+            view = out[offset:offset + (c1 - c0) * width].view(c1 - c0, width, *vector.shape[1:])
+            view.copy_(vector[c0:c1].unsqueeze(1).expand_as(view))
+        ctx.layout, ctx.n = layout, len(vector)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty(ctx.n, *grad.shape[1:])
+        for offset, c0, c1, width in ctx.layout.buckets:
+            torch.sum(grad[offset:offset + (c1 - c0) * width].view(c1 - c0, width, *grad.shape[1:]), 1,
+                      out=out[c0:c1])
+        return out, None
 
 
 class _Gather(torch.autograd.Function):

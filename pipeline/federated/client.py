@@ -247,7 +247,7 @@ class PaddedRows:
             out = self.layout.linear(x, weight)
         else:
             source, position = self._moves
-            out = self.layout.linear(x[source], weight)[position]
+            out = self.layout.linear(x.index_select(0, source), weight).index_select(0, position)
         return out + self.vector(f"{name}.bias")
 
     def feature_linear(self, modality: str, name: str) -> torch.Tensor:
@@ -256,11 +256,11 @@ class PaddedRows:
         span = self.fusion.span.get(modality)
         if span is None or span.weight != f"{name}.weight":
             items = torch.as_tensor(self.fusion.ws_item[self._ws])
-            return self.linear(self.fusion.features[modality][items], name)
+            return self.linear(self.fusion.features[modality].index_select(0, items), name)
         if self._moves is not None:
             raise ValueError("a FeatureSpan needs the native padded layout")
         moved = _SpanLinear.apply(self.params[span.table], self, span)
-        return span.base[self.ws] + moved + self.vector(f"{name}.bias")
+        return span.base.index_select(0, self.ws) + moved + self.vector(f"{name}.bias")
 
     def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
         """Inverted dropout on x [R, ...] with masks keyed by (key, user, item, site, unit)."""

@@ -22,6 +22,7 @@ from pipeline.eval.protocols import evaluate
 from pipeline.federated.client import (ClientParams, FeatureSpan, FusionInputs, FusionRows, WorkingSet,
                                       train_clients)
 from pipeline.federated.grouped import GroupPlan
+from pipeline.federated.memory import keep_freed_memory
 from pipeline.federated.sampling import client_data, epoch_rows
 from pipeline.federated.state import PersonalStore
 from pipeline.models import model_for
@@ -191,6 +192,8 @@ class Shard:
         self.device = torch.device(device)  # where the private state lives and local training runs
         if self.device.type != "cpu" and config.model.fusion is not None:
             raise ValueError("a fusion module (model.fusion) trains on the CPU only: set runtime.device=cpu")
+        if config.model.fusion is not None:
+            keep_freed_memory()  # its big per-step tensors then reuse warm pages (memory.py)
         self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype, self.device,
                                    keep_copies=config.model.pfedrec_eval_table == "personal")
         self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)

@@ -205,7 +205,7 @@ def mixing(rows, outputs: list[torch.Tensor], cfg, of_row: torch.Tensor | None =
     weight = rows.history.to(outputs[0].dtype) if cfg.mixing_source == "history" else rows.count
     chosen = torch.nonzero(weight > 0).squeeze(1)
     c = torch.cat(outputs, -1)
-    s = router(rows.ctx.subset(chosen), c[chosen] if of_row is None else c[of_row[chosen]])
+    s = router(rows.ctx.subset(chosen), c.index_select(0, chosen if of_row is None else of_row[chosen]))
     segment, w = rows.segment[chosen], weight[chosen]
     total = torch.zeros(rows.n_segments, dtype=s.dtype).index_add_(0, segment, w)
     a = torch.zeros(rows.n_segments, 3, dtype=s.dtype).index_add_(0, segment, s * w[:, None])
@@ -218,7 +218,7 @@ def fuse(rows, outputs: list[torch.Tensor], cfg, of_row: torch.Tensor | None = N
     or at shared item rows with `of_row` [F] (evaluation, when they do not depend on the user)."""
     if cfg.fusion != "moe":
         return outputs[0] if of_row is None else outputs[0][of_row]
-    alpha = mixing(rows, outputs, cfg, of_row)[rows.segment]
+    alpha = mixing(rows, outputs, cfg, of_row).index_select(0, rows.segment)
     if of_row is not None:
         outputs = [f[of_row] for f in outputs]
     return alpha[:, 0:1] * outputs[0] + alpha[:, 1:2] * outputs[1] + alpha[:, 2:3] * outputs[2]
@@ -324,7 +324,7 @@ class FedMR:
         outputs, of_row = self._experts(rows.ctx)
         z = fuse(rows, outputs, self.FUSION, of_row)
         if rows.index is not None:
-            z = z[rows.index]
+            z = z.index_select(0, rows.index)  # (index_select: a faster gather than [] on a CPU)
         if self.additive:
             return self.backbone.logits(ctx, extra=z)
         return self.backbone.score(ctx, z)

@@ -9,7 +9,7 @@ configs/ku/<backbone>_fedmr.yaml (project defaults: moe, local router, history m
 float32, in this process (no Ray). Per round: wall and process-CPU seconds of Shard.train (the
 engine's local training of all clients + the reduced upload) and of one P3 validation pass.
 
-GEMM efficiency: every torch.bmm call of the round is wrapped (the per-client layers of the
+GEMM efficiency: every torch.bmm / baddbmm call of the round is wrapped (the per-client layers of the
 module are bmm's on the padded client layout, grouped.PaddedLayout; the frozen-feature
 projections are bmm's of Gram blocks, client.FeatureSpan) and timed (wall); efficiency = their
 FLOPs / their seconds / the torch.mm peak at the same thread count (gemm_peak_gflops, measured
@@ -30,27 +30,29 @@ from bench._common import emit_json, gemm_peak_gflops, machine_line, set_threads
 
 
 class BmmMeter:
-    """Counts the FLOPs and wall seconds of every torch.bmm while installed."""
+    """Counts the FLOPs (2 b n k m) and wall seconds of every torch.bmm and torch.baddbmm
+    while installed."""
 
     def __init__(self):
         self.flops = self.wall = 0.0
         self.calls = 0
-        self._bmm = torch.bmm
+        self._bmm, self._baddbmm = torch.bmm, torch.baddbmm
+
+    def _timed(self, function, a, b, *args, **kwargs):
+        started = time.perf_counter()
+        out = function(*args, a, b, **kwargs)
+        self.wall += time.perf_counter() - started
+        self.flops += 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+        self.calls += 1
+        return out
 
     def __enter__(self):
-        def bmm(a, b, **kwargs):
-            started = time.perf_counter()
-            out = self._bmm(a, b, **kwargs)
-            self.wall += time.perf_counter() - started
-            self.flops += 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
-            self.calls += 1
-            return out
-
-        torch.bmm = bmm
+        torch.bmm = lambda a, b, **kwargs: self._timed(self._bmm, a, b, **kwargs)
+        torch.baddbmm = lambda input, a, b, **kwargs: self._timed(self._baddbmm, a, b, input, **kwargs)
         return self
 
     def __exit__(self, *exc):
-        torch.bmm = self._bmm
+        torch.bmm, torch.baddbmm = self._bmm, self._baddbmm
 
 
 def run(config_path: str, rounds: int, peak: float, overrides=()) -> list[dict]:

@@ -242,13 +242,11 @@ class PaddedRows:
         return gather_rows(self.params[name], self.client)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        weight = self.params[f"{name}.weight"]
+        weight, bias = self.params[f"{name}.weight"], self.params[f"{name}.bias"]
         if self._moves is None:
-            out = self.layout.linear(x, weight)
-        else:
-            source, position = self._moves
-            out = self.layout.linear(x.index_select(0, source), weight).index_select(0, position)
-        return out + self.vector(f"{name}.bias")
+            return self.layout.linear(x, weight, bias)
+        source, position = self._moves
+        return self.layout.linear(x.index_select(0, source), weight, bias).index_select(0, position)
 
     def feature_linear(self, modality: str, name: str) -> torch.Tensor:
         """[R, out]: the rows' frozen `modality` features through the client's Linear `name`
@@ -270,7 +268,7 @@ class PaddedRows:
         flat = x.reshape(len(x), -1)
         keep = dropout_keep(*self.fusion.key, site, self.fusion.users[self._client], self.fusion.ws_item[self._ws],
                             flat.shape[1], p)
-        return (flat * torch.from_numpy(keep).to(x.dtype) * (1.0 / (1.0 - p))).view_as(x)
+        return (flat * torch.from_numpy(keep).to(x.dtype).mul_(1.0 / (1.0 - p))).view_as(x)
 
     def subset(self, index: torch.Tensor) -> "PaddedRows":
         """The rows `index` of this context, in that order."""

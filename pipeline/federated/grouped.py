@@ -59,6 +59,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
 # --- padded layout: rows stored bucket-major, so per-client layers need no gathers -----------------
 
 
+CLASSES_PER_OCTAVE = 4  # size classes per doubling of a PaddedLayout's client row counts
+
+
 class PaddedLayout:
     """Rows of clients 0..B-1 laid out client after client, each client padded to the width of
     its bucket. Buckets are contiguous ranges of clients [c0, c1) whose row counts share a
@@ -77,7 +80,7 @@ class PaddedLayout:
     def __init__(self, client: np.ndarray, n_clients: int):
         client = np.asarray(client, dtype=np.int64)
         counts = np.bincount(client, minlength=n_clients)
-        klass = np.maximum.accumulate(np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64))
+        klass = np.maximum.accumulate(np.ceil(CLASSES_PER_OCTAVE * np.log2(np.maximum(counts, 1))).astype(np.int64))
         edges = np.flatnonzero(np.diff(klass)) + 1
         starts, stops = np.concatenate([[0], edges]), np.concatenate([edges, [n_clients]])
         width_of, base = np.zeros(n_clients, np.int64), np.zeros(n_clients, np.int64)
@@ -102,9 +105,9 @@ class PaddedLayout:
         self.real[self.position] = True
         self.row_client = np.repeat(np.arange(n_clients), width_of)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x [R', in] in this layout, weight [B, out, in] -> [R', out]."""
-        return _PaddedLinear.apply(x, weight, self)
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [R', in] in this layout, weight [B, out, in], bias [B, out] -> [R', out]."""
+        return _PaddedLinear.apply(x, weight, bias, self)
 
     def broadcast(self, vector: torch.Tensor) -> torch.Tensor:
         """vector [B, ...] -> [R', ...]: every row gets its client's entry (by views; the
@@ -114,13 +117,17 @@ class PaddedLayout:
 
 class _PaddedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, layout: PaddedLayout):
+    def forward(ctx, x, weight, bias, layout: PaddedLayout):
         out = x.new_empty(layout.n_rows, weight.shape[1])
         for offset, c0, c1, width in layout.buckets:
             rows = x[offset:offset + (c1 - c0) * width].view(c1 - c0, width, x.shape[1])
-            torch.bmm(rows, weight[c0:c1].transpose(1, 2), out=out[offset:offset + (c1 - c0) * width].view(
-                c1 - c0, width, -1))
+            target = out[offset:offset + (c1 - c0) * width].view(c1 - c0, width, -1)
+            if bias is None:
+                torch.bmm(rows, weight[c0:c1].transpose(1, 2), out=target)
+            else:  # the bias added by the GEMM: no pass over the output
+                torch.baddbmm(bias[c0:c1].unsqueeze(1), rows, weight[c0:c1].transpose(1, 2), out=target)
         ctx.layout = layout
+        ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight)
         return out
 
@@ -128,7 +135,9 @@ class _PaddedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
         grad_w = torch.empty_like(weight) if need_w else None  # every client is in one bucket
+        grad_b = weight.new_empty(weight.shape[:2]) if need_b else None
         grad_out = grad_out.contiguous()
         grad_x = x.new_empty(x.shape) if need_x else None
         for offset, c0, c1, width in ctx.layout.buckets:
@@ -136,9 +145,11 @@ class _PaddedLinear(torch.autograd.Function):
             go = grad_out[span].view(c1 - c0, width, grad_out.shape[1])
             if need_w:
                 torch.bmm(go.transpose(1, 2), x[span].view(c1 - c0, width, x.shape[1]), out=grad_w[c0:c1])
+            if need_b:  # padding rows carry zero gradient (no loss reads them)
+                torch.sum(go, 1, out=grad_b[c0:c1])
             if need_x:
                 torch.bmm(go, weight[c0:c1], out=grad_x[span].view(c1 - c0, width, -1))
-        return grad_x, grad_w, None
+        return grad_x, grad_w, grad_b, None
 
 
 class _Broadcast(torch.autograd.Function):

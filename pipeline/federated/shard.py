@@ -31,7 +31,7 @@ from pipeline.models.base import InitialState
 _EVAL_ROW_BUDGET = 1 << 21  # (user, item) rows scored at once
 _FUSION_EVAL_ROW_BUDGET = 1 << 17  # FedMR keeps several [rows, d_f] tensors per scored row
 SPAN_MAX_ITEMS = 4096  # FedMR feature projections held on the working set (K = X X^T is [I, I])
-SPAN_WIDTH_FACTOR = 1.5  # ... when 1.5 x the typical working set <= the feature width (see _spans)
+SPAN_WIDTH_FACTOR = 0.5  # ... when 1.5 x the typical working set <= the feature width (see _spans)
 
 
 @dataclass

@@ -1,0 +1,168 @@
+"""Where a model's hits come from: users whose held-out item never occurs in training ("cold")
+against the others ("warm"), beside the trivial rankings (spec/reference-results.md §8).
+
+    python -m pipeline.report.cold_items --configs configs/ku/fcf.yaml configs/ku/fcf_fedmr.yaml \
+        --seeds 0 --out results/ku_cold_items.md
+
+Each (config, seed) is trained in this process on one Shard holding every user (no Ray: the
+engine's numbers do not depend on how users are split into pools) with the config's schedule
+and the same selection as `train` (validation only, strictly better, patience). At every
+evaluated round the config's protocol is evaluated on all users and on the cold and warm users
+of the split; the table reports them at the best-validation round. The trivial rankings are
+evaluated on the same subsets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SUBSETS = ("all", "cold", "warm")
+
+
+def cold_users(data, split: str) -> np.ndarray:
+    """[U] bool: the user's held-out item of `split` never occurs in the training split."""
+    target = data.valid_item if split == "valid" else data.test_item
+    return data.item_popularity()[target] == 0
+
+
+def subset_metrics(scorer, data, negatives, protocol: str, split: str, ks, batch_users: int | None = None) -> dict:
+    """{subset: metrics} over all users, the cold and the warm users of `split` (empty subsets: {})."""
+    from pipeline.eval.protocols import evaluate
+
+    cold = cold_users(data, split)
+    out = {}
+    for name, users in (("all", np.arange(data.n_users)), ("cold", np.flatnonzero(cold)),
+                        ("warm", np.flatnonzero(~cold))):
+        kwargs = {} if batch_users is None else {"batch_users": batch_users}
+        out[name] = evaluate(scorer, data, protocol, split, negatives=negatives, ks=ks, users=users,
+                             **kwargs) if len(users) else {}
+    return out
+
+
+def train_and_break_down(config, data, negatives, log=print) -> dict:
+    """Train `config` in-process; returns {best_round, rounds_run, valid: {subset: m}, test: {...}}."""
+    from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs
+    from pipeline.federated.selection import Selection
+    from pipeline.federated.shard import Shard
+
+    train, fusion = config.train, config.model.fusion
+    if fusion is not None and fusion.fusion_agg == "grad_adam":
+        raise ValueError("cold_items trains fusion_agg=fedavg only (the server Adam step lives in the Ray server)")
+    init = initial_state(config, data.n_users, data.n_items, feature_dims(data) if config.model.fusion else None)
+    shard = Shard(config, data, negatives, np.arange(data.n_users), init)
+    g = dict(init.global_params)
+    selection = Selection(train.selection(), train.patience)
+    best, round_ = None, 0
+    for round_ in range(train.rounds):
+        users = participants(data.n_users, train.participation, train.seed, round_)
+        g = apply_uploads(g, [shard.train(round_, g, users, round_lrs(config, data.n_items, round_))])
+        if round_ % train.eval_every:
+            continue
+        scorer = _scorer(shard, g, train.protocol)
+        found = {split: subset_metrics(scorer(split), data, negatives, train.protocol, split, train.eval_ks)
+                 for split in ("valid", "test")}
+        flat = {f"{split}/{k}": v for split in found for k, v in found[split]["all"].items()}
+        if selection.update(round_, flat):
+            best = {"best_round": round_, **found}
+        log(f"  round {round_}: valid {train.selection()} {100 * flat[f'valid/{train.selection()}']:.2f}"
+            f"{' (best)' if best and best['best_round'] == round_ else ''}")
+        if selection.should_stop():
+            break
+    return {**best, "rounds_run": round_ + 1}
+
+
+def _scorer(shard, g, protocol: str):
+    """split -> scorer(users) with the shard's state (P1 passes each user's candidates)."""
+    def for_split(split):
+        if shard._needs_candidates(protocol):
+            return lambda users: shard.scores(g, users, shard.candidates(np.asarray(users), split))
+        return lambda users: shard.scores(g, users)
+    return for_split
+
+
+def baseline_rows(data, negatives, protocol: str, ks) -> dict:
+    """{baseline name: {split: {subset: metrics}}}."""
+    from pipeline.eval.baselines import BASELINES
+
+    return {name: {split: subset_metrics(make(data), data, negatives, protocol, split, ks)
+                   for split in ("valid", "test")}
+            for name, make in BASELINES.items()}
+
+
+def render(rows: list[dict], data, protocol: str, metric: str, command: str) -> str:
+    """Markdown: one line per method (mean over its seeds), columns test/valid x all/cold/warm."""
+    cold_test, cold_valid = cold_users(data, "test"), cold_users(data, "valid")
+    lines = [f"<!-- made by: {command} -->",
+             f"# {data.name}: hits on users whose held-out item is cold (never in training) or warm",
+             "",
+             f"Protocol {protocol.upper()}, {metric.upper()} in %, at each run's best-validation "
+             f"round (selection on all users' validation). Cold users: {int(cold_test.sum())} of {data.n_users} "
+             f"in test, {int(cold_valid.sum())} in validation; "
+             f"{int((data.item_popularity() == 0).sum())} of {data.n_items} items never occur in training.",
+             "",
+             "| Method | seeds | best round | test all | test cold | test warm | valid all | valid cold | valid warm |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = []
+        for split in ("test", "valid"):
+            for subset in SUBSETS:
+                values = [r[split][subset].get(metric) for r in row["runs"]]
+                cells.append("—" if any(v is None for v in values) else f"{100 * float(np.mean(values)):.2f}")
+        rounds = [r["best_round"] for r in row["runs"] if r.get("best_round") is not None]
+        lines.append(f"| {row['label']} | {len(row['runs'])} | {np.mean(rounds):.1f} | " + " | ".join(cells) + " |"
+                     if rounds else f"| {row['label']} | — | — | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import load_config
+    from pipeline.data.datasets import open_dataset
+    from pipeline.report.tables import method_label
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report.cold_items", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, help="write the Markdown table here")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m pipeline.report.cold_items " + " ".join(shlex.quote(a) for a in
+                                                                  (sys.argv[1:] if argv is None else argv))
+    configs = [load_config(path, list(args.set)) for path in args.configs]
+    protocols = {c.train.protocol for c in configs}
+    metrics = {f"hr@{max(c.train.eval_ks)}" for c in configs}
+    if len(protocols) != 1 or len(metrics) != 1:
+        raise SystemExit(f"--configs must share one protocol and K (got {sorted(protocols)}, {sorted(metrics)})")
+    protocol, metric = protocols.pop(), metrics.pop()
+    data, negatives = open_dataset(configs[0].data)
+    ks = configs[0].train.eval_ks
+    rows = [{"label": f"{name} (trivial)", "runs": [found]}
+            for name, found in baseline_rows(data, negatives, protocol, ks).items()]
+    for path, config in zip(args.configs, configs):
+        runs = []
+        for seed in args.seeds:
+            seeded = load_config(path, [*args.set, f"train.seed={seed}", f"train.model_seed={seed}"])
+            print(f"{path} seed {seed}:", flush=True)
+            with_features = seeded.model.fusion is not None
+            run_data = open_dataset(seeded.data)[0] if with_features else data
+            runs.append(train_and_break_down(seeded, run_data, negatives))
+        label = method_label(config.model.backbone, config.model.fusion.fusion if config.model.fusion else None)
+        rows.append({"label": label, "runs": runs})
+    text = render(rows, data, protocol, metric, command)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -217,3 +217,10 @@ def test_trivial_rows_are_labelled(first_run, workspace, monkeypatch):
         assert f"| {name} | {tables.TRIVIAL} |" in p3
     assert "exact (no seed)" in p3 and "Against `popularity` (test HR@50" in p3
     json.dumps(report["tables"], default=str)
+
+
+def test_recorded_command_drops_report_only():
+    from pipeline.report.cli import command_line
+
+    line = command_line(["pipeline", "experiments", "--configs", "a b.yaml", "--report-only", "--out", "r.md"])
+    assert line == "python -m pipeline experiments --configs 'a b.yaml' --out r.md"

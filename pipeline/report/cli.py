@@ -48,11 +48,12 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    """The command as typed, for the report's header."""
+    """The command as typed, for the report's header, less --report-only: the same command
+    without it makes the missing runs and writes the same report from finished ones."""
     argv = sys.argv if argv is None else argv
     prog = "python -m pipeline.report.cli" if argv and argv[0].endswith(("report/cli.py", "report\\cli.py")) \
         else "python -m pipeline"
-    return " ".join([prog, *(shlex.quote(arg) for arg in argv[1:])])
+    return " ".join([prog, *(shlex.quote(arg) for arg in argv[1:] if arg != "--report-only")])
 
 
 def _plot(args, results) -> list[tuple[str, str]]:

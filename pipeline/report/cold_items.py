@@ -104,7 +104,9 @@ def render(rows: list[dict], data, protocol: str, metric: str, command: str) -> 
              f"Protocol {protocol.upper()}, {metric.upper()} in %, at each run's best-validation "
              f"round (selection on all users' validation). Cold users: {int(cold_test.sum())} of {data.n_users} "
              f"in test, {int(cold_valid.sum())} in validation; "
-             f"{int((data.item_popularity() == 0).sum())} of {data.n_items} items never occur in training.",
+             f"{int((data.item_popularity() == 0).sum())} of {data.n_items} items never occur in training. "
+             "Runs train in this process in float32; rounding accumulates over rounds, so a seed's numbers "
+             "(and its best round) can differ from the same seed's Ray run in the results tables.",
              "",
              "| Method | seeds | best round | test all | test cold | test warm | valid all | valid cold | valid warm |",
              "|---|---|---|---|---|---|---|---|---|"]

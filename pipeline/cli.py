@@ -195,6 +195,27 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """A Ray Tune sweep of a search space (tune/sweep.py); prints the best point and config."""
+    from tune.sweep import run_sweep
+
+    results, point, export = run_sweep(args.space, samples=args.samples, concurrency=args.concurrency,
+                                       storage=args.storage, name=args.name, seed=args.seed, resume=args.resume,
+                                       export=args.export, grace_rounds=args.grace_rounds)
+    trials = [{"trial": r.path, "error": str(r.error) if r.error else None,
+               "rounds": int(r.metrics_dataframe["round"].max()) + 1 if r.metrics_dataframe is not None and
+               "round" in r.metrics_dataframe else 0} for r in results]
+    summary = {"storage": str(Path(args.storage).resolve() / args.name), "best_point": point,
+               "best_config": str(export), "trials": trials}
+    if args.json:  # one line, the last: Ray Tune writes its own tables to stdout before it
+        print(json.dumps(summary, default=str))
+    else:
+        print(f"{len(trials)} trials, {sum(t['error'] is not None for t in trials)} failed; best {point}")
+        print(f"best config: {export} (python -m pipeline train --config {export})")
+        print(f"TensorBoard: tensorboard --logdir {summary['storage']}")
+    return 0
+
+
 def cmd_run(args) -> int:
     """The main job on the embedded default: synthetic data, local Ray, baselines table."""
     from pipeline.main_job import run_main
@@ -244,6 +265,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)
+
+    sweep = commands.add_parser("sweep", help="Ray Tune + Optuna sweep of a search space (tune/spaces/*.yaml)")
+    sweep.add_argument("--space", type=Path, required=True, help="search space YAML (see tune/sweep.py)")
+    sweep.add_argument("--samples", type=int, default=16, help="trials")
+    sweep.add_argument("--concurrency", type=int, default=2, help="trials at once")
+    sweep.add_argument("--storage", type=Path, default=DEFAULT_WORKDIR / "sweeps", help="Tune storage path")
+    sweep.add_argument("--name", required=True, help="the sweep's folder under --storage")
+    sweep.add_argument("--seed", type=int, default=0, help="Optuna's seed")
+    sweep.add_argument("--grace-rounds", type=int, default=2, help="ASHA: rounds before a trial can be stopped")
+    sweep.add_argument("--resume", action="store_true", help="continue a stopped sweep (Tuner.restore)")
+    sweep.add_argument("--export", type=Path, help="where to write the best config (default <storage>/<name>/best.yaml)")
+    sweep.add_argument("--json", action="store_true")
+    sweep.set_defaults(func=cmd_sweep)
 
     run = commands.add_parser("run", help="the main job on the embedded default (synthetic, local Ray)")
     run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "main")

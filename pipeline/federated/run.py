@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import ray
 import yaml
@@ -42,9 +43,11 @@ def _scalars(metrics: dict) -> dict[str, float]:
 
 
 def train(config: ExperimentConfig, *, resume: bool = False, address: str | None = None,
-          data_cache: Path = DATA_CACHE, quiet: bool = False, fresh: bool = False) -> dict:
+          data_cache: Path = DATA_CACHE, quiet: bool = False, fresh: bool = False,
+          on_round: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) the federated job of `config`; returns the summary.
-    fresh: delete what an earlier run left in the run directory first."""
+    fresh: delete what an earlier run left in the run directory first.
+    on_round: called with every new round's metrics once they are written (a Tune trial reports them)."""
     from torch.utils.tensorboard import SummaryWriter
 
     from pipeline.federated.server import Server
@@ -85,6 +88,8 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
         shown = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k == f"valid/{config.train.selection()}"}
         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", **shown)
         bar.update()
+        if on_round is not None:
+            on_round(metrics)
         next_round, stopped = metrics["round"] + 1, metrics["stop"]
     bar.close()
     if writer:

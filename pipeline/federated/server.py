@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
@@ -56,6 +57,15 @@ def _get_while_restarting(make_calls):
             time.sleep(0.5)
 
 
+def _pool_strategy():
+    """Inside a placement group (a Ray Tune trial reserves one per trial, its pools included):
+    the pools go into it; otherwise they spread over the cluster's nodes."""
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return "SPREAD"
+    return PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+
+
 @ray.remote(num_cpus=0, max_restarts=0)
 class Server:
     def __init__(self, config_json: str, refs: list, run_dir: str):
@@ -75,7 +85,8 @@ class Server:
         # held for the run: Ray re-runs a pool's constructor with these after a crash
         self._pool_args = (data_ref, negatives_ref, initial_ref)
         self.pools = [
-            ClientPool.options(num_cpus=plan.cpus_per_pool, num_gpus=plan.gpus_per_pool, scheduling_strategy="SPREAD")
+            ClientPool.options(num_cpus=plan.cpus_per_pool, num_gpus=plan.gpus_per_pool,
+                               scheduling_strategy=_pool_strategy())
             .remote(config_json, data_ref, negatives_ref, users, initial_ref, plan.threads, plan.gpus_per_pool)
             for users in self.shards
         ]

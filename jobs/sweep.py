@@ -1,5 +1,5 @@
 """Ray job: a hyper-parameter sweep, for
-`ray job submit --working-dir . -- python jobs/sweep.py --space tune/spaces/... --name ...`.
+`ray job submit --working-dir . -- python jobs/sweep.py --space configs/sweeps/... --name ...`.
 
 A thin wrapper: exactly `python -m pipeline sweep ...`.
 """

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)
 
-    sweep = commands.add_parser("sweep", help="Ray Tune + Optuna sweep of a search space (tune/spaces/*.yaml)")
+    sweep = commands.add_parser("sweep", help="Ray Tune + Optuna sweep of a search space (configs/sweeps/*.yaml)")
     sweep.add_argument("--space", type=Path, required=True, help="search space YAML (see tune/sweep.py)")
     sweep.add_argument("--samples", type=int, default=16, help="trials")
     sweep.add_argument("--concurrency", type=int, default=2, help="trials at once")

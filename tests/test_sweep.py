@@ -42,6 +42,12 @@ def valid_hr(run_dir: Path) -> list[float]:
     return [json.loads(line)["valid/hr@50"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_spaces_load(path):
+    space = SearchSpace.load(path)  # every key builds a valid config
+    assert space.params and (REPO / space.base).is_file()
+
+
 def test_space_keys_are_checked_by_name(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": "configs/synthetic/fcf.yaml", "params": {"train.lrr": {"choice": [1]}}}))
@@ -49,6 +55,9 @@ def test_space_keys_are_checked_by_name(tmp_path):
         SearchSpace.load(bad)
     bad.write_text(yaml.safe_dump({"base": "configs/synthetic/fcf.yaml", "params": {"train.lr": {"normal": [0, 1]}}}))
     with pytest.raises(ValueError, match="train.lr"):
+        SearchSpace.load(bad)
+    bad.write_text(yaml.safe_dump({"base": "configs/synthetic/fcf.yaml", "params": {"model.dim": {"choice": [8, -1]}}}))
+    with pytest.raises(Exception, match="dim"):  # a later choice that makes no valid config
         SearchSpace.load(bad)
 
 

@@ -2,7 +2,7 @@
 a concurrency limit, ASHA early stopping on rounds, one report per round, TensorBoard files of
 every trial under the storage path, resumable with Tuner.restore, the best config exported.
 
-A search space is a YAML file (tune/spaces/*.yaml):
+A search space is a YAML file next to the experiment configs (configs/sweeps/*.yaml):
 
     base: configs/synthetic/fcf_fedmr.yaml      # the experiment config the trials start from
     set: [train.rounds=10]                      # fixed overrides (optional)
@@ -52,7 +52,11 @@ class SearchSpace:
                 raise ValueError(f"{path}: params.{key}: one of {DISTRIBUTIONS} with its arguments, got {spec!r}")
         space = SearchSpace(base=raw["base"], params=raw["params"], overrides=list(raw.get("set") or []),
                             metric=raw.get("metric"), pools=int(raw.get("pools", 1)))
-        space.config({key: _example(spec) for key, spec in space.params.items()})  # every key must exist
+        examples = {key: _example(spec) for key, spec in space.params.items()}
+        space.config(examples)  # every key must exist
+        for key, spec in space.params.items():  # and every choice must make a valid config
+            for value in spec.get("choice", ())[1:]:
+                space.config({**examples, key: value})
         return space
 
     def config(self, point: dict, extra: list[str] = ()):

@@ -171,6 +171,16 @@ def test_per_client_projection_weights_match_oracle(data, variant, form, monkeyp
     assert max(diffs.values()) < ATOL, diffs
 
 
+def assert_matches_oracle(cfg, data, shards, g, rounds):
+    """The engine's parameters and scores after `rounds` rounds equal the oracle's (ATOL)."""
+    oracle = run_oracle(cfg, data, rounds)
+    diffs = max_diffs(engine_dense(shards, g, data.n_items), oracle)
+    assert max(diffs.values()) < ATOL, diffs
+    s_engine = engine_scores(shards, g, data.n_users, data.n_items)
+    s_oracle = oracle_scores_fedmr(cfg, data, oracle, list(range(data.n_users)))
+    assert (s_engine - s_oracle).abs().max().item() < ATOL
+
+
 @pytest.mark.parametrize("variant", ["fedrap", "pfedrec-grad_adam", "fcf-global_router-grad_adam"])
 @pytest.mark.parametrize("spans", [True, False])
 def test_blocks_of_clients_match_oracle(data, variant, spans, monkeypatch):
@@ -189,12 +199,7 @@ def test_blocks_of_clients_match_oracle(data, variant, spans, monkeypatch):
     shards, g = run_engine(cfg, data, 2, n_shards=2)
     assert len(blocks) >= 4 * 2 * 2  # several blocks per shard and round
     assert bool(shards[0].grams) == spans
-    oracle = run_oracle(cfg, data, 2)
-    diffs = max_diffs(engine_dense(shards, g, data.n_items), oracle)
-    assert max(diffs.values()) < ATOL, diffs
-    s_engine = engine_scores(shards, g, data.n_users, data.n_items)
-    s_oracle = oracle_scores_fedmr(cfg, data, oracle, list(range(data.n_users)))
-    assert (s_engine - s_oracle).abs().max().item() < ATOL
+    assert_matches_oracle(cfg, data, shards, g, rounds=2)
 
 
 def test_batch_mixing_p1_candidates(data):
@@ -295,9 +300,4 @@ def test_engine_matches_oracle_random(case):
         shards, g = run_engine(cfg, data, 2, case["shards"])
     finally:
         shard_module.SPAN_MAX_ITEMS = before
-    oracle = run_oracle(cfg, data, 2)
-    diffs = max_diffs(engine_dense(shards, g, data.n_items), oracle)
-    assert max(diffs.values()) < ATOL, diffs
-    s_engine = engine_scores(shards, g, data.n_users, data.n_items)
-    s_oracle = oracle_scores_fedmr(cfg, data, oracle, list(range(data.n_users)))
-    assert (s_engine - s_oracle).abs().max().item() < ATOL
+    assert_matches_oracle(cfg, data, shards, g, rounds=2)

@@ -74,7 +74,8 @@ def test_metric_names():
 def _fake_result(runs_dir: Path, key: str, seed: int, values):
     """A finished run (run dir with metrics.jsonl + summary.json), or a missing one (values None)."""
     run_dir = runs_dir / key / f"seed-{seed}"
-    spec = SimpleNamespace(key=key, seed=seed, run_dir=run_dir)
+    train = SimpleNamespace(protocol="p3", selection=lambda: "hr@50")
+    spec = SimpleNamespace(key=key, seed=seed, run_dir=run_dir, config=SimpleNamespace(train=train))
     if values is None:
         return SimpleNamespace(spec=spec, status="missing", summary=None)
     run_dir.mkdir(parents=True)
@@ -129,3 +130,12 @@ def test_plot_option_reaches_the_parsers(capsys):
         main(["--help"])
     help_text = capsys.readouterr().out
     assert "--plot PATH" in help_text and "--plot-metric" in help_text
+
+
+def test_one_png_per_protocol():
+    from pathlib import Path
+
+    from pipeline.report.plots import protocol_paths
+
+    assert protocol_paths(Path("r/x.png"), ["p3"]) == {"p3": Path("r/x.png")}
+    assert protocol_paths(Path("r/x.png"), ["p1", "p3"]) == {"p1": Path("r/x_p1.png"), "p3": Path("r/x_p3.png")}

@@ -57,24 +57,37 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def _plot(args, results) -> list[tuple[str, str]]:
-    """Draw --plot; the report's figure line (alt text, path relative to the report's folder)."""
+    """Draw --plot; the report's figure lines (alt text, path relative to the report's folder).
+    Runs under several protocols get one PNG per protocol (<stem>_<protocol>.png), each on that
+    protocol's selection metric."""
     import os
 
     from pipeline.report import plots
     from pipeline.report.tables import DEFAULT_TITLE
 
-    metric = plots.full_metric(getattr(args, "plot_metric", None) or plots.selection_metric(results))
-    curves = plots.curves_from_results(results)
-    drawn = plots.plot_validation(curves, args.plot, metric=metric, title=args.title or DEFAULT_TITLE)
-    for label, _ in curves:
-        if label not in drawn:
-            print(f"plot: {label}: no finished seed logged {metric}", file=sys.stderr)
-    if not drawn:
-        print(f"plot: nothing to draw; {args.plot} holds empty axes and the report does not link it", file=sys.stderr)
-        return []
-    report_dir = Path(args.out).resolve().parent if args.out else Path.cwd()
-    link = Path(os.path.relpath(Path(args.plot).resolve(), report_dir)).as_posix()
-    return [(f"validation {plots.metric_label(metric)} over rounds", link)]
+    by_protocol: dict[str, list] = {}
+    for result in results:
+        by_protocol.setdefault(result.spec.config.train.protocol, []).append(result)
+    paths = plots.protocol_paths(Path(args.plot), sorted(by_protocol))
+    lines = []
+    for protocol, path in paths.items():
+        group = by_protocol[protocol]
+        chosen = getattr(args, "plot_metric", None) or group[0].spec.config.train.selection()
+        metric = plots.full_metric(chosen)
+        curves = plots.curves_from_results(group)
+        title = (args.title or DEFAULT_TITLE) + (f" ({protocol.upper()})" if len(paths) > 1 else "")
+        drawn = plots.plot_validation(curves, path, metric=metric, title=title)
+        for label, _ in curves:
+            if label not in drawn:
+                print(f"plot: {label}: no finished seed logged {metric}", file=sys.stderr)
+        if not drawn:
+            print(f"plot: nothing to draw; {path} holds empty axes and the report does not link it", file=sys.stderr)
+            continue
+        report_dir = Path(args.out).resolve().parent if args.out else Path.cwd()
+        link = Path(os.path.relpath(Path(path).resolve(), report_dir)).as_posix()
+        lines.append((f"validation {plots.metric_label(metric)} over rounds"
+                      + (f", {protocol.upper()}" if len(paths) > 1 else ""), link))
+    return lines
 
 
 def cmd_experiments(args) -> int:
@@ -104,7 +117,7 @@ def cmd_experiments(args) -> int:
     print(f"{len(results)} runs: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
                                                 for s in ("ran", "resumed", "skipped", "missing", "failed"))
           + f"; {time.perf_counter() - started:.0f} s" + (f"; report: {args.out}" if args.out else "")
-          + (f"; plot: {args.plot}" if getattr(args, "plot", None) else ""),
+          + (f"; plot: {', '.join(link for _, link in figures)}" if figures else ""),
           file=sys.stderr)
     return 1 if failed else 0
 

@@ -112,6 +112,13 @@ def plot_validation(curves: list[tuple[str, list[list[dict]]]], path, metric: st
     return drawn
 
 
+def protocol_paths(path: Path, protocols: list[str]) -> dict[str, Path]:
+    """protocol -> PNG path: `path` itself for one protocol, <stem>_<protocol><suffix> for several."""
+    if len(protocols) == 1:
+        return {protocols[0]: path}
+    return {protocol: path.with_name(f"{path.stem}_{protocol}{path.suffix}") for protocol in protocols}
+
+
 def read_metrics(run_dir) -> list[dict]:
     """The rows of a run's metrics.jsonl (a torn last line is ignored)."""
     rows = []

@@ -38,6 +38,8 @@ def head(tmp_path_factory):
     token_file.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    # as with an activated virtual environment: the job's `python` is this interpreter
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     gcs, dashboard = free_port(), free_port()
     # every port of the head its own: another Ray instance of the machine may hold the defaults
     ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",

@@ -39,14 +39,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from bench._common import (emit_json, fmt_s, gemm_peak_gflops, loadavg_1min, machine_line, peak_rss_bytes,
                            set_threads, synchronize, timed, device_line, Span, GB)
+from bench.fedmr_round import BmmMeter
 
 BACKBONES = ("pfedrec", "fedrap")
 TARGET_SPEEDUP = 20.0  # ID backbones: engine vs oracle
@@ -304,11 +305,10 @@ def make_config(backbone: str, participation: float, dataset_overrides: list[str
 
 
 def run_backbone(backbone: str, args, data, negatives, participation: float, dataset_overrides, peak) -> dict:
-    from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
+    from pipeline.federated.aggregate import (apply_uploads, feature_dims, initial_state, participants, round_lrs,
+                                              shard_users)
     from pipeline.federated.oracle import initial_dense_state, oracle_round
     from pipeline.federated.shard import Shard
-
-    from pipeline.federated.aggregate import feature_dims
 
     cfg = make_config(backbone, participation, dataset_overrides, args.features)
     t = cfg.train
@@ -357,8 +357,6 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
 
     local_log = LocalTrainingLog()
     fused_rows = FusedRowCount()
-    from bench.fedmr_round import BmmMeter
-
     bmm = BmmMeter()
     rounds = []
     for r in range(args.rounds):
@@ -432,8 +430,9 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
                                              if oracle_gflops else ""))
     fraction = gflops / peak["gflops"] if gflops else None
     if fusion is not None:
-        print(f"torch.bmm + baddbmm run by the engine: {bmm.calls} calls, {bmm.flops / 1e9:.1f} GFLOP in {bmm.wall:.2f} s = "
-              f"{bmm.flops / max(bmm.wall, 1e-9) / 1e9:.1f} GFLOP/s ({100 * bmm.flops / max(bmm.wall, 1e-9) / 1e9 / peak['gflops']:.0f}% "
+        bmm_rate = bmm.flops / max(bmm.wall, 1e-9) / 1e9
+        print(f"torch.bmm + baddbmm run by the engine: {bmm.calls} calls, {bmm.flops / 1e9:.1f} GFLOP in "
+              f"{bmm.wall:.2f} s = {bmm_rate:.1f} GFLOP/s ({100 * bmm_rate / peak['gflops']:.0f}% "
               f"of peak), {100 * bmm.wall / max(local_log.span.wall, 1e-9):.0f}% of train_clients' time; "
               f"layout rows {fused_rows.padded} for {fused_rows.fused} fused rows (padding "
               f"{100 * (fused_rows.padded / max(fused_rows.fused, 1) - 1):.1f}%)")

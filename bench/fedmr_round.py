@@ -1,10 +1,11 @@
-"""Benchmark: one round of local training with FedMR's fusion module on KU, all users.
+"""Benchmark: one round of local training with FedMR's fusion module on KU (or MovieLens), all users.
 
     python -m bench.fedmr_round                    # FedRAP+FedMR, all 204 KU users, 5 epochs, 3 rounds
     python -m bench.fedmr_round --backbone fcf --rounds 2 --threads 2
     python -m bench.fedmr_round --quick            # 1 round
+    python -m bench.fedmr_round --dataset movielens --quick --threads 2   # all 943 MovieLens users
 
-configs/ku/<backbone>_fedmr.yaml (project defaults: moe, local router, history mixing, dropout
+configs/<dataset>/<backbone>_fedmr.yaml (project defaults: moe, local router, history mixing, dropout
 0.1, d_f 64; CLIP ViT-B/32 text and cover features, 512-d) on one Shard holding every user, in
 float32, in this process (no Ray). Per round: wall and process-CPU seconds of Shard.train (the
 engine's local training of all clients + the reduced upload) and of one P3 validation pass.
@@ -90,6 +91,8 @@ def run(config_path: str, rounds: int, peak: float, overrides=()) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="fedrap", choices=["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"])
+    parser.add_argument("--dataset", default="ku", choices=["ku", "movielens"],
+                        help="configs/<dataset>/<backbone>[_fedmr].yaml (movielens reads runs/features/movielens-100k-mm)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="one round")
@@ -99,13 +102,13 @@ def main() -> None:
     print(machine_line(threads))
     peak = gemm_peak_gflops()["gflops"]
     print(f"torch.mm peak: {peak:.1f} GFLOP/s")
-    print(f"{args.backbone} + FedMR (configs/ku/{args.backbone}_fedmr.yaml):")
-    fused = run(f"configs/ku/{args.backbone}_fedmr.yaml", rounds, peak)
-    print(f"{args.backbone} ID only (configs/ku/{args.backbone}.yaml):")
-    plain = run(f"configs/ku/{args.backbone}.yaml", rounds, peak)
+    print(f"{args.backbone} + FedMR (configs/{args.dataset}/{args.backbone}_fedmr.yaml):")
+    fused = run(f"configs/{args.dataset}/{args.backbone}_fedmr.yaml", rounds, peak)
+    print(f"{args.backbone} ID only (configs/{args.dataset}/{args.backbone}.yaml):")
+    plain = run(f"configs/{args.dataset}/{args.backbone}.yaml", rounds, peak)
     steady = fused[1:] or fused  # round 0 pays one-off allocations
     figures = {
-        "benchmark": "fedmr_round", "dataset": "ku", "backbone": args.backbone, "threads": threads,
+        "benchmark": "fedmr_round", "dataset": args.dataset, "backbone": args.backbone, "threads": threads,
         "rounds": rounds, "gemm_peak_gflops": peak,
         "fedmr_train_cpu_s_per_round": float(np.mean([r["train_cpu_s"] for r in steady])),
         "fedmr_train_wall_s_per_round": float(np.mean([r["train_wall_s"] for r in steady])),

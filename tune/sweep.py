@@ -52,7 +52,7 @@ class SearchSpace:
                 raise ValueError(f"{path}: params.{key}: one of {DISTRIBUTIONS} with its arguments, got {spec!r}")
         space = SearchSpace(base=raw["base"], params=raw["params"], overrides=list(raw.get("set") or []),
                             metric=raw.get("metric"), pools=int(raw.get("pools", 1)))
-        examples = {key: _example(spec) for key, spec in space.params.items()}
+        examples = space.example()
         space.config(examples)  # every key must exist
         for key, spec in space.params.items():  # and every choice must make a valid config
             for value in spec.get("choice", ())[1:]:
@@ -63,8 +63,13 @@ class SearchSpace:
         """The ExperimentConfig of one point of the space (refused by name if a key is wrong)."""
         from pipeline.config import load_config
 
-        return load_config(self.base, [*self.overrides, *extra, *(f"{k}={_yaml(v)}" for k, v in point.items()),
+        # a JSON value is a YAML value: strings quoted, booleans true/false, numbers as they are
+        return load_config(self.base, [*self.overrides, *extra, *(f"{k}={json.dumps(v)}" for k, v in point.items()),
                                        f"runtime.pools={self.pools}", "runtime.cpus_per_pool=1"])
+
+    def example(self) -> dict:
+        """One point of the space: the first argument of every distribution."""
+        return {key: next(iter(spec.values()))[0] for key, spec in self.params.items()}
 
     def tune_space(self) -> dict:
         from ray import tune
@@ -72,16 +77,6 @@ class SearchSpace:
         make = {"choice": lambda a: tune.choice(list(a)), "uniform": lambda a: tune.uniform(*a),
                 "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
         return {key: make[name](args) for key, spec in self.params.items() for name, args in spec.items()}
-
-
-def _example(spec: dict):
-    name, args = next(iter(spec.items()))
-    return args[0]
-
-
-def _yaml(value) -> str:
-    """A value as a --set right-hand side."""
-    return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _trial(point: dict, space: SearchSpace, cwd: str) -> None:
@@ -114,7 +109,7 @@ def run_sweep(space_path: str | Path, *, samples: int, concurrency: int, storage
     from pipeline.federated.run import ensure_ray
 
     space = SearchSpace.load(space_path)
-    base = space.config({key: _example(spec) for key, spec in space.params.items()})
+    base = space.config(space.example())
     metric = space.metric or f"valid/{base.train.selection()}"
     storage = Path(storage).resolve()
     ensure_ray()

@@ -102,6 +102,11 @@ class FusionInputs:
     key: tuple[int, int, int, int] = (0, 0, 0, 0)
     span: dict[str, "FeatureSpan"] = field(default_factory=dict)
 
+    def span_tables(self) -> dict[str, str]:
+        """weight name -> the round table that stands for it (the frozen-feature projections held
+        as working-set spans)."""
+        return {span.weight: span.table for span in self.span.values()}
+
     def block(self, c0: int, c1: int, w0: int, w1: int) -> "FusionInputs":
         """The inputs of clients c0..c1-1 alone (working-set rows w0..w1-1), renumbered from 0."""
         span = {m: replace(s, base=s.base[w0:w1], offsets=s.offsets[c0:c1 + 1] - w0) for m, s in self.span.items()}
@@ -371,12 +376,12 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
     ws_offsets = working_set.offsets(n_clients)
     tables = {k: torch.empty_like(v) for k, v in params.tables.items()}
     vectors = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in params.vectors.items()}
-    rename = {span.weight: span.table for span in fusion.span.values()} if fusion is not None else {}
+    rename = fusion.span_tables() if fusion is not None else {}
+    everything = params.all()
     last_grads = {}  # per client ([B, ...]) or, for a span, per working-set row ([W, out])
     for name in getattr(model, "UPLOAD_GRADS", ()):
-        name = rename.get(name, name)
-        last_grads[name] = torch.zeros(params.all()[name].shape, dtype=params.all()[name].dtype,
-                                       device=params.all()[name].device)
+        value = everything[rename.get(name, name)]
+        last_grads[rename.get(name, name)] = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
     rows_done, epochs_run, loss = (np.zeros(n_clients, dtype=np.int64), np.zeros(n_clients, dtype=np.int64),
                                    np.full(n_clients, np.nan))
     for c0, c1 in zip(bounds[:-1], bounds[1:]):
@@ -445,9 +450,9 @@ def _fusion_step(model, current: dict[str, torch.Tensor], group: tuple[str, ...]
                  ws: torch.Tensor, label: torch.Tensor, present: np.ndarray, n_clients: int,
                  lrs: dict[str, float], last_grads: dict[str, torch.Tensor], row_owner: dict[str, np.ndarray],
                  round_: int, model_config, fusion: FusionInputs) -> np.ndarray:
-    """One SGD step of `group` for a model with a fusion module, on the whole round's tensors
-    (the module reads each client's training positives besides the step's rows, and its
-    per-client layers are batched by size over all clients). Returns the [P] losses of the
+    """One SGD step of `group` for a model with a fusion module, on the block's tensors (the
+    module reads each client's training positives besides the step's rows, and its per-client
+    layers are batched by size over the block's clients). Returns the [P] losses of the
     clients `present`."""
     leaves = {name: current[name].requires_grad_(True) for name in group}
     losses = client_losses(model, current, client, ws, label, n_clients, round_, model_config, fusion)
@@ -494,7 +499,7 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
     if fusion is not None and epochs:  # every epoch holds every positive once
         first = epochs[0]
         fusion.history = np.sort(working_set.locate(first.client[first.label == 1], first.item[first.label == 1]))
-    rename = {span.weight: span.table for span in fusion.span.values()} if fusion is not None else {}
+    rename = fusion.span_tables() if fusion is not None else {}
     last_grads = {rename.get(n, n): torch.zeros_like(current[rename.get(n, n)])
                   for n in getattr(model, "UPLOAD_GRADS", ())}
     row_owner = {name: fusion.ws_client for name in rename.values()}  # span rows belong to clients

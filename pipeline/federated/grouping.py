@@ -79,10 +79,10 @@ def assign_ids(labels: np.ndarray, users: np.ndarray, previous: np.ndarray | Non
     if len(raw) > n_groups:
         raise ValueError(f"{len(raw)} clusters for {n_groups} group ids")
     before = np.full(len(users), UNGROUPED) if previous is None else np.asarray(previous)[users]
+    known = before != UNGROUPED
     mapping: dict[int, int] = {}
-    if (before != UNGROUPED).any():
+    if known.any():
         overlap = np.zeros((len(raw), n_groups), dtype=np.int64)
-        known = before != UNGROUPED
         np.add.at(overlap, (np.searchsorted(raw, labels[known]), before[known]), 1)
         for c, p in zip(*linear_sum_assignment(-overlap)):
             if overlap[c, p] > 0:
@@ -95,7 +95,8 @@ def assign_ids(labels: np.ndarray, users: np.ndarray, previous: np.ndarray | Non
         first_member = {int(label): int(users[labels == label].min()) for label in raw}
         for new_id, label in enumerate(sorted(first_member, key=first_member.get)):
             mapping[label] = new_id
-    return np.array([mapping[int(label)] for label in labels], dtype=np.int64)
+    new_id = np.array([mapping[int(label)] for label in raw], dtype=np.int64)
+    return new_id[np.searchsorted(raw, labels)]
 
 
 def group_users(vectors: np.ndarray, users: np.ndarray, n_groups: int, *, method: str = "spectral",

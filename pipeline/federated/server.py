@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.config import ExperimentConfig
 from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state, participants,

@@ -347,12 +347,13 @@ class Shard:
         """Mean metrics over this shard's users and their count (for a weighted reduce)."""
         budget = _EVAL_ROW_BUDGET if self.config.model.fusion is None else _FUSION_EVAL_ROW_BUDGET
         batch = max(1, budget // self.data.n_items)
-        if self._needs_candidates(protocol):
-            def scorer(users):
-                return self.scores(global_params, users, self.candidates(np.asarray(users), split))
-        else:
-            def scorer(users):
-                return self.scores(global_params, users)
-        metrics = evaluate(scorer, self.data, protocol, split, negatives=self.negatives, ks=ks,
-                           batch_users=batch, users=self.users)
+        metrics = evaluate(self.scorer(global_params, protocol, split), self.data, protocol, split,
+                           negatives=self.negatives, ks=ks, batch_users=batch, users=self.users)
         return metrics, len(self.users)
+
+    def scorer(self, global_params: dict[str, torch.Tensor], protocol: str, split: str):
+        """users -> [B, I] logits with these globals, for the evaluator (under P1 a FedMR model
+        with batch mixing is passed each user's candidates of `split`)."""
+        if self._needs_candidates(protocol):
+            return lambda users: self.scores(global_params, users, self.candidates(np.asarray(users), split))
+        return lambda users: self.scores(global_params, users)

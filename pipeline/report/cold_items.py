@@ -31,7 +31,7 @@ def cold_users(data, split: str) -> np.ndarray:
     return data.item_popularity()[target] == 0
 
 
-def subset_metrics(scorer, data, negatives, protocol: str, split: str, ks, batch_users: int | None = None) -> dict:
+def subset_metrics(scorer, data, negatives, protocol: str, split: str, ks) -> dict:
     """{subset: metrics} over all users, the cold and the warm users of `split` (empty subsets: {})."""
     from pipeline.eval.protocols import evaluate
 
@@ -39,9 +39,7 @@ def subset_metrics(scorer, data, negatives, protocol: str, split: str, ks, batch
     out = {}
     for name, users in (("all", np.arange(data.n_users)), ("cold", np.flatnonzero(cold)),
                         ("warm", np.flatnonzero(~cold))):
-        kwargs = {} if batch_users is None else {"batch_users": batch_users}
-        out[name] = evaluate(scorer, data, protocol, split, negatives=negatives, ks=ks, users=users,
-                             **kwargs) if len(users) else {}
+        out[name] = evaluate(scorer, data, protocol, split, negatives=negatives, ks=ks, users=users) if len(users) else {}
     return out
 
 
@@ -54,7 +52,7 @@ def train_and_break_down(config, data, negatives, log=print) -> dict:
     train, fusion = config.train, config.model.fusion
     if fusion is not None and fusion.fusion_agg == "grad_adam":
         raise ValueError("cold_items trains fusion_agg=fedavg only (the server Adam step lives in the Ray server)")
-    init = initial_state(config, data.n_users, data.n_items, feature_dims(data) if config.model.fusion else None)
+    init = initial_state(config, data.n_users, data.n_items, feature_dims(data) if fusion is not None else None)
     shard = Shard(config, data, negatives, np.arange(data.n_users), init)
     g = dict(init.global_params)
     selection = Selection(train.selection(), train.patience)
@@ -64,8 +62,8 @@ def train_and_break_down(config, data, negatives, log=print) -> dict:
         g = apply_uploads(g, [shard.train(round_, g, users, round_lrs(config, data.n_items, round_))])
         if round_ % train.eval_every:
             continue
-        scorer = _scorer(shard, g, train.protocol)
-        found = {split: subset_metrics(scorer(split), data, negatives, train.protocol, split, train.eval_ks)
+        found = {split: subset_metrics(shard.scorer(g, train.protocol, split), data, negatives, train.protocol,
+                                       split, train.eval_ks)
                  for split in ("valid", "test")}
         flat = {f"{split}/{k}": v for split in found for k, v in found[split]["all"].items()}
         if selection.update(round_, flat):
@@ -75,15 +73,6 @@ def train_and_break_down(config, data, negatives, log=print) -> dict:
         if selection.should_stop():
             break
     return {**best, "rounds_run": round_ + 1}
-
-
-def _scorer(shard, g, protocol: str):
-    """split -> scorer(users) with the shard's state (P1 passes each user's candidates)."""
-    def for_split(split):
-        if shard._needs_candidates(protocol):
-            return lambda users: shard.scores(g, users, shard.candidates(np.asarray(users), split))
-        return lambda users: shard.scores(g, users)
-    return for_split
 
 
 def baseline_rows(data, negatives, protocol: str, ks) -> dict:

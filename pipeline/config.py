@@ -103,6 +103,39 @@ class FusionConfig(BaseModel):
         return self
 
 
+class GfmfrConfig(BaseModel):
+    """GFMFR's group-wise fusion with preference distillation (spec/gfmfr.md §10);
+    `model.gfmfr: null` = off. The server groups each round's participants, regresses every
+    group's mean item table from content, and the clients distil the group's teacher scores."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    group_num: int = Field(5, ge=1, description="G, the number of groups")
+    group_method: Literal["spectral", "kmeans"] = Field(
+        "spectral", description="spectral: RBF affinity with the median-heuristic gamma; kmeans")
+    use_pca: bool = Field(False, description="PCA keeping 95% of the variance before clustering (one default: "
+                                             "off, G9)")
+    group_fusion: Literal["mlp", "sum"] = Field("mlp", description="Fuse of the server's group fusion model")
+    group_emb_dim: int = Field(512, ge=1, description="D_g, width of the learned group embeddings")
+    server_epochs: int = Field(50, ge=1, description="epochs of the group fusion model per round")
+    server_lr: float = Field(0.01, gt=0, description="its SGD lr (never decayed)")
+    server_weight_decay: float = Field(1e-4, ge=0, description="its SGD weight decay")
+    server_batch: int = Field(256, ge=1, description="its (group, item) pairs per batch")
+    kd_schedule: Literal["cosine", "linear_increase", "exponential_increase", "constant"] = Field(
+        "cosine", description="a(t) of the distillation weight kappa = rho * a(t)")
+    ema_scope: Literal["client", "shared_round"] = Field(
+        "client", description="rho: each client's own loss-ratio EMA (persisted), or one value per round "
+                              "(clients start from the mean of the previous round's final values); the "
+                              "reference's sequential shared EMA is not parallel and is refused")
+    rho_max: float | None = Field(
+        1.0, gt=0, description="project default: cap the loss-ratio EMA rho, so kappa <= rho_max * a(t); null "
+                               "= the spec (only rho >= 0). kappa * L_KD matches L_BCE in value, so uncapped its "
+                               "gradient grows as student and teacher agree and runs diverge (README, GFMFR)")
+    group_membership: Literal["last_round", "last_known"] = Field(
+        "last_round", description="who distils in round t: last_round = only participants of round t-1 "
+                                  "(reference); last_known = anyone ever grouped, with its latest id")
+
+
 class ModelConfig(BaseModel):
     """The backbone and its hyper-parameters."""
 
@@ -117,6 +150,7 @@ class ModelConfig(BaseModel):
     fedrap_mu: float = Field(0.1, ge=0, description="base weight of the regulariser R(C)")
     fedrap_reg: Literal["l1", "l2"] = "l1"
     fusion: FusionConfig | None = Field(None, description="FedMR fusion module; null = ID only")
+    gfmfr: GfmfrConfig | None = Field(None, description="GFMFR group-wise fusion and distillation; null = off")
 
     @model_validator(mode="after")
     def _ncf_dim(self):
@@ -133,6 +167,9 @@ class ModelConfig(BaseModel):
                                  f"model.dim={self.dim}) to FedMR; set model.dim instead")
             if "id" not in fusion.modalities and self.backbone == "fedncf" and fusion.d_id is not None:
                 raise ValueError("fusion.d_id has no effect when fusion.modalities drops id")
+            if self.gfmfr is not None and "id" not in fusion.modalities:
+                raise ValueError("gfmfr with fusion.modalities without id: GFMFR's teacher feeds its group "
+                                 "embedding z into the module's ID input (spec/gfmfr.md §9); keep id")
         return self
 
     def id_width(self) -> int:

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.models.group_fusion import (GroupFusion, group_targets, kd_per_row, kd_schedule, teacher_scores,
+from pipeline.federated.group_server import group_means
+from pipeline.models.base import linear_head_teacher
+from pipeline.models.group_fusion import (GroupFusion, group_targets, kd_per_row, kd_schedule,
                                           train_group_fusion, update_ratio_ema)
 
 
@@ -68,12 +70,37 @@ def test_teacher_scores_use_the_group_mean_head():
     z = torch.randn(3, 5, 4, generator=rng, dtype=torch.float64)
     head_w = torch.randn(4, 4, generator=rng, dtype=torch.float64)
     head_b = torch.randn(4, generator=rng, dtype=torch.float64)
-    client_group = torch.tensor([2, 0, 2, -1])
-    s = teacher_scores(z, head_w, head_b, client_group, 3)
+    ids = np.array([2, 0, 2, 1])
+    head = {"w": group_means(head_w, ids, 3), "b": group_means(head_b, ids, 3)}
+    s = torch.sigmoid(linear_head_teacher(head, z))
     w2, b2 = (head_w[0] + head_w[2]) / 2, (head_b[0] + head_b[2]) / 2
     assert torch.allclose(s[2], torch.sigmoid(z[2] @ w2 + b2))
     assert torch.allclose(s[0], torch.sigmoid(z[0] @ head_w[1] + head_b[1]))
-    assert torch.isnan(s[1]).all()  # no member, no teacher
+
+
+def test_fedncf_teacher_zeroes_the_user_vectors():
+    """sigma(head_g([tower_g([0; z]); 0])): the same as FedNCF's own logits with both user
+    vectors 0 and z in the MLP item slot."""
+    from pipeline.models import fedncf
+
+    generator = torch.Generator().manual_seed(1)
+    init = fedncf.init(3, 6, 8, generator)
+    params = {k: v.double() for k, v in init.global_params.items()}
+    z = torch.randn(1, 6, 8, generator=generator, dtype=torch.float64)
+    head = {name: params[name][None] for name in fedncf.GROUP_VECTOR}
+    got = fedncf.teacher_logits(head, z)[0]
+
+    class Ctx:
+        def table(self, name):
+            return z[0] if name == "item_mlp" else torch.zeros(6, 8, dtype=torch.float64)
+
+        def vector(self, name):
+            return torch.zeros(6, 8, dtype=torch.float64)
+
+        def linear(self, x, name):
+            return torch.nn.functional.linear(x, params[f"{name}.weight"], params[f"{name}.bias"])
+
+    assert torch.allclose(got, fedncf.logits(Ctx()))
 
 
 def test_distillation_term_is_zero_when_teacher_and_student_agree():

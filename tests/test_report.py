@@ -195,6 +195,8 @@ def test_method_labels_name_the_fusion():
     assert tables.method_label("fcf") == "FCF"
     assert tables.method_label("fcf", "moe") == "FCF + FedMR"
     assert tables.method_label("pfedrec", "mlp") == "PFedRec + FedMR (mlp)"
+    assert tables.method_label("fcf", None, gfmfr=True) == "FCF + GFMFR"
+    assert tables.method_label("fedrap", "moe", gfmfr=True) == "FedRAP + FedMR + GFMFR"
 
 
 def test_trivial_rows_are_labelled(first_run, workspace, monkeypatch):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.federated.grouped import PaddedLayout, gather_rows, grouped_linear
 from pipeline.federated.sampling import EpochRows, dropout_keep
+from pipeline.models.group_fusion import kd_per_row, update_ratio_ema
 
 
 _BITMAP_KEYS = 1 << 28  # WorkingSet.of dedupes (client, item) keys with a bitmap up to this key space ...
@@ -113,6 +114,42 @@ class FusionInputs:
         return FusionInputs(features=self.features, ws_client=self.ws_client[w0:w1] - c0,
                             ws_item=self.ws_item[w0:w1], users=self.users[c0:c1], seed=self.seed,
                             dropout=self.dropout, n_clients=c1 - c0, span=span)
+
+
+@dataclass
+class Distillation:
+    """GFMFR's distillation term for B clients in a round (spec/gfmfr.md §6).
+
+    teacher: [W] the client's teacher score s_{g(u)}[i] at every working-set row (NaN: the
+    client has no group and trains on its own loss only).  rho: [B] float64 loss-ratio EMA of
+    every client (NaN: unset), updated in place once per mini-batch.  weight: a(t) this round.
+    A client's loss is L_rec + rho_u a(t) L_KD, with rho_u updated from the batch's detached
+    L_BCE / L_KD before the backward pass (PFedRec's second sub-step reuses it).
+    """
+
+    teacher: torch.Tensor
+    rho: np.ndarray
+    weight: float
+    rho_max: float | None = None
+
+    def block(self, c0: int, c1: int, w0: int, w1: int) -> "Distillation":
+        """Clients c0..c1-1 alone; rho is a view (their updates land in this one)."""
+        return Distillation(teacher=self.teacher[w0:w1], rho=self.rho[c0:c1], weight=self.weight,
+                            rho_max=self.rho_max)
+
+    def kappa(self, clients: np.ndarray, bce: torch.Tensor, kd: torch.Tensor, grouped: torch.Tensor,
+              update: bool) -> torch.Tensor:
+        """[P] kappa of `clients` (block positions) for this batch: rho * a(t), 0 without a group
+        or with rho unset. update: first take the batch's ratio into rho (bce, kd: [P] detached
+        means; grouped: [P] bool)."""
+        if update:
+            at = clients[grouped.cpu().numpy()]
+            take = grouped.cpu().numpy()
+            self.rho[at] = update_ratio_ema(self.rho[at], bce.cpu().double().numpy()[take],
+                                            kd.cpu().double().numpy()[take], self.rho_max)
+        rho = np.nan_to_num(self.rho[clients], nan=0.0)
+        kappa = torch.as_tensor(rho * self.weight, dtype=bce.dtype, device=bce.device)
+        return torch.where(grouped, kappa, torch.zeros_like(kappa))
 
 
 @dataclass
@@ -337,15 +374,30 @@ class LocalResult:
 
 def client_losses(model, params: dict[str, torch.Tensor], client: torch.Tensor, ws: torch.Tensor,
                   label: torch.Tensor, n_clients: int, round_: int, model_config,
-                  fusion: FusionInputs | None = None) -> torch.Tensor:
-    """[B] mean loss of each client over its rows of this step (0 for clients without rows)."""
+                  fusion: FusionInputs | None = None, distil=None) -> torch.Tensor:
+    """[B] mean loss of each client over its rows of this step (0 for clients without rows).
+    distil: (teacher [R] of the step's rows, NaN = no group; kappa(bce [B], kd [B], grouped [B])
+    -> [B]): adds GFMFR's kappa_u * L_KD (spec/gfmfr.md §6)."""
     ctx = StepRows(params, client, ws, fusion)
-    per_row = F.binary_cross_entropy_with_logits(model.logits(ctx), label, reduction="none")
+    logit = model.logits(ctx)
+    bce = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
+    per_row = bce
     if hasattr(model, "row_regulariser"):
         per_row = per_row + model.row_regulariser(ctx, round_, model_config)
-    sums = torch.zeros(n_clients, dtype=per_row.dtype, device=per_row.device).index_add_(0, client, per_row)
     counts = torch.bincount(client, minlength=n_clients).clamp(min=1)
-    return sums / counts
+
+    def mean(rows: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_clients, dtype=rows.dtype, device=rows.device).index_add_(0, client, rows) / counts
+
+    losses = mean(per_row)
+    if distil is None:
+        return losses
+    teacher, kappa = distil
+    has = ~torch.isnan(teacher)
+    # a safe teacher where there is none: its rows are masked, and a NaN would reach the gradient
+    kd = mean(kd_per_row(torch.sigmoid(logit), torch.where(has, teacher, 0.5)) * has)
+    grouped = torch.zeros(n_clients, dtype=torch.int64, device=has.device).index_add_(0, client, has.long()) > 0
+    return losses + kappa(mean(bce).detach(), kd.detach(), grouped) * kd
 
 
 CHUNK_ROWS = 1 << 15  # rows of one local epoch per block of clients (see train_clients)
@@ -354,7 +406,7 @@ CHUNK_ROWS = 1 << 15  # rows of one local epoch per block of clients (see train_
 def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows], *,
                   lrs: dict[str, float], tol: float, round_: int, model_config,
                   update: str = "joint", fusion: FusionInputs | None = None,
-                  chunk_rows: int | None = CHUNK_ROWS) -> LocalResult:
+                  distil: Distillation | None = None, chunk_rows: int | None = CHUNK_ROWS) -> LocalResult:
     """Run local training of all clients in `params` (B of them) over the pre-sampled epochs.
 
     Clients are independent, so they are trained in blocks of consecutive clients of about
@@ -362,17 +414,18 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
     caches, which on a memory-bound step is worth more than one call for everyone (with a
     fusion module too: its many [rows, d_f] intermediates are streamed through memory once per
     layer). Results are the same for any blocking.
+    distil: GFMFR's distillation term (its rho is updated in place).
     """
     n_clients = len(next(iter(params.vectors.values())))
     one_block = dict(lrs=lrs, tol=tol, round_=round_, model_config=model_config, update=update)
     if not epochs or chunk_rows is None:
-        return _train_block(model, params, working_set, epochs, fusion=fusion, **one_block)
+        return _train_block(model, params, working_set, epochs, fusion=fusion, distil=distil, **one_block)
     per_client = np.bincount(epochs[0].client, minlength=n_clients)
     ends = np.cumsum(per_client)
     cuts = np.searchsorted(ends, np.arange(chunk_rows, ends[-1], chunk_rows), side="left") + 1
     bounds = np.unique(np.concatenate([[0], cuts, [n_clients]]))
     if len(bounds) <= 2:
-        return _train_block(model, params, working_set, epochs, fusion=fusion, **one_block)
+        return _train_block(model, params, working_set, epochs, fusion=fusion, distil=distil, **one_block)
     ws_offsets = working_set.offsets(n_clients)
     tables = {k: torch.empty_like(v) for k, v in params.tables.items()}
     vectors = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in params.vectors.items()}
@@ -394,7 +447,9 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
         block_params = ClientParams({k: v[w0:w1] for k, v in params.tables.items()},
                                     {k: v[c0:c1] for k, v in params.vectors.items()})
         block_fusion = fusion.block(c0, c1, w0, w1) if fusion is not None else None
-        result = _train_block(model, block_params, block_ws, block_epochs, fusion=block_fusion, **one_block)
+        block_distil = distil.block(c0, c1, w0, w1) if distil is not None else None
+        result = _train_block(model, block_params, block_ws, block_epochs, fusion=block_fusion,
+                              distil=block_distil, **one_block)
         for k in tables:
             tables[k][w0:w1] = result.params.tables[k]
         for k in vectors:
@@ -404,6 +459,18 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
         rows_done[c0:c1], epochs_run[c0:c1], loss[c0:c1] = result.rows, result.epochs, result.loss
     return LocalResult(params=ClientParams(tables, vectors), rows=rows_done, epochs=epochs_run, loss=loss,
                        last_grads=last_grads)
+
+
+def client_mixing(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows],
+                  fusion: FusionInputs) -> torch.Tensor:
+    """[B, 3] every client's FedMR mixing weights alpha_u over its training positives H_u, in
+    evaluation mode, with its trained parameters (GFMFR's upload, spec/gfmfr.md §8)."""
+    first = epochs[0]
+    history = np.sort(working_set.locate(first.client[first.label == 1], first.item[first.label == 1]))
+    inputs = replace(fusion, dropout=0.0, history=history)
+    ctx = StepRows(params.all(), torch.as_tensor(fusion.ws_client[history]), torch.as_tensor(history), inputs)
+    with torch.no_grad():
+        return model.mixing_weights(ctx)
 
 
 def _sorted_unique(values: np.ndarray) -> np.ndarray:
@@ -416,7 +483,7 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
 def _sparse_step(model, current: dict[str, torch.Tensor], table_names: set[str], group: tuple[str, ...],
                  client: np.ndarray, ws: torch.Tensor, label: torch.Tensor, present: np.ndarray,
                  lrs: dict[str, float], last_grads: dict[str, torch.Tensor], round_: int,
-                 model_config) -> np.ndarray:
+                 model_config, distil: Distillation | None = None, update_rho: bool = True) -> np.ndarray:
     """One SGD step of the parameters `group` for the clients `present` on the step's R rows,
     touching only what the step reads: every table as its R gathered rows, every per-client
     tensor as its P present clients. Updates `current` in place (scatter-add of -lr * grad;
@@ -433,7 +500,11 @@ def _sparse_step(model, current: dict[str, torch.Tensor], table_names: set[str],
     leaves = [name for name in group if name in gathered]
     for name in leaves:
         gathered[name].requires_grad_(True)
-    losses = client_losses(model, gathered, slot, None, label, len(present), round_, model_config)
+    kd = None
+    if distil is not None:
+        kd = (distil.teacher.index_select(0, ws),
+              lambda bce, value, grouped: distil.kappa(present, bce, value, grouped, update_rho))
+    losses = client_losses(model, gathered, slot, None, label, len(present), round_, model_config, distil=kd)
     grads = torch.autograd.grad(losses.sum(), [gathered[name] for name in leaves], allow_unused=True)
     with torch.no_grad():
         for name, grad in zip(leaves, grads):
@@ -449,13 +520,19 @@ def _sparse_step(model, current: dict[str, torch.Tensor], table_names: set[str],
 def _fusion_step(model, current: dict[str, torch.Tensor], group: tuple[str, ...], client: torch.Tensor,
                  ws: torch.Tensor, label: torch.Tensor, present: np.ndarray, n_clients: int,
                  lrs: dict[str, float], last_grads: dict[str, torch.Tensor], row_owner: dict[str, np.ndarray],
-                 round_: int, model_config, fusion: FusionInputs) -> np.ndarray:
+                 round_: int, model_config, fusion: FusionInputs, distil: Distillation | None = None,
+                 update_rho: bool = True) -> np.ndarray:
     """One SGD step of `group` for a model with a fusion module, on the block's tensors (the
     module reads each client's training positives besides the step's rows, and its per-client
     layers are batched by size over the block's clients). Returns the [P] losses of the
     clients `present`."""
     leaves = {name: current[name].requires_grad_(True) for name in group}
-    losses = client_losses(model, current, client, ws, label, n_clients, round_, model_config, fusion)
+    kd = None
+    if distil is not None:
+        every = np.arange(n_clients)  # (clients without rows in this step have no group in it)
+        kd = (distil.teacher.index_select(0, ws),
+              lambda bce, value, grouped: distil.kappa(every, bce, value, grouped, update_rho))
+    losses = client_losses(model, current, client, ws, label, n_clients, round_, model_config, fusion, kd)
     grads = torch.autograd.grad(losses.sum(), list(leaves.values()), allow_unused=True)
     with torch.no_grad():
         for (name, leaf), grad in zip(leaves.items(), grads):
@@ -478,7 +555,8 @@ def _block_rows(rows: EpochRows, c0: int, c1: int) -> EpochRows:
 
 def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows], *,
                  lrs: dict[str, float], tol: float, round_: int, model_config,
-                 update: str = "joint", fusion: FusionInputs | None = None) -> LocalResult:
+                 update: str = "joint", fusion: FusionInputs | None = None,
+                 distil: Distillation | None = None) -> LocalResult:
     """train_clients on one block of clients (all of `params`).
 
     lrs: the lr of every parameter name this round (decay and item multipliers applied).
@@ -531,11 +609,13 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
             for index, group in enumerate(groups):
                 if fusion is None:
                     losses = _sparse_step(model, current, table_names, group, rows.client[chosen], ws,
-                                          label, present, lrs, last_grads, round_, model_config)
+                                          label, present, lrs, last_grads, round_, model_config,
+                                          distil=distil, update_rho=index == 0)
                 else:
                     client = torch.as_tensor(rows.client[chosen])
                     losses = _fusion_step(model, current, group, client, ws, label, present, n_clients, lrs,
-                                          last_grads, row_owner, round_, model_config, fusion)
+                                          last_grads, row_owner, round_, model_config, fusion,
+                                          distil=distil, update_rho=index == 0)
                 if index == 0:  # the epoch loss is the batch loss before any update
                     loss_sum[present] += losses
             n_batches[present] += 1

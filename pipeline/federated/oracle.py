@@ -194,10 +194,39 @@ def _param_groups(backbone: str, model: nn.Module, lr: float, item_lr: float) ->
 
 
 def _loss(config: ExperimentConfig, model: nn.Module, items: torch.Tensor, labels: torch.Tensor,
-          round_: int) -> torch.Tensor:
-    """Mean BCE on logits + backbone extras (FedRAP: -lambda_t MSE(P_B, C_B) + mu_t R(C_B))."""
-    loss = F.binary_cross_entropy_with_logits(model(items), labels)  # reduction='mean'
-    return loss + _fedrap_terms(config, model, items, round_)
+          round_: int, kd: "OracleKD | None" = None, update: bool = True) -> torch.Tensor:
+    """Mean BCE on logits + backbone extras (FedRAP: -lambda_t MSE(P_B, C_B) + mu_t R(C_B))
+    + GFMFR's kappa * KL(teacher || student) when the client distils."""
+    logits = model(items)
+    bce = F.binary_cross_entropy_with_logits(logits, labels)  # reduction='mean'
+    loss = bce + _fedrap_terms(config, model, items, round_)
+    if kd is not None:
+        loss = loss + kd.term(logits, items, bce, update)
+    return loss
+
+
+@dataclass
+class OracleKD:
+    """One client's GFMFR distillation (spec/gfmfr.md §6), written from the spec: its group's
+    teacher scores [N], its loss-ratio EMA rho (NaN: unset) and a(t)."""
+
+    teacher: torch.Tensor
+    rho: float
+    weight: float
+    rho_max: float | None = None
+
+    def term(self, logits: torch.Tensor, items: torch.Tensor, bce: torch.Tensor, update: bool) -> torch.Tensor:
+        q1 = self.teacher[items].clamp(1e-7, 1.0)
+        q0 = (1 - self.teacher[items]).clamp(1e-7, 1.0)
+        p1 = torch.sigmoid(logits).clamp(1e-7, 1.0)
+        p0 = (1 - torch.sigmoid(logits)).clamp(1e-7, 1.0)
+        kd = (q1 * (q1.log() - p1.log()) + q0 * (q0.log() - p0.log())).mean()
+        if update and kd.item() > 1e-8:  # before the backward pass, from detached scalars
+            ratio = bce.item() / (kd.item() + 1e-8)
+            self.rho = ratio if math.isnan(self.rho) else 0.9 * self.rho + 0.1 * ratio
+            self.rho = max(self.rho, 0.0) if self.rho_max is None else min(max(self.rho, 0.0), self.rho_max)
+        kappa = 0.0 if math.isnan(self.rho) else self.rho * self.weight
+        return kappa * kd
 
 
 def _fedrap_terms(config: ExperimentConfig, model: nn.Module, items: torch.Tensor, round_: int):
@@ -237,9 +266,10 @@ def _local_epochs(config: ExperimentConfig, data: PreparedDataset, user: int, ro
 
 
 def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, params: dict[str, torch.Tensor],
-                 round_: int) -> tuple[dict[str, torch.Tensor], ClientLog]:
-    """Local training of one client from `params` (its download + its personal state, dense).
-    Returns the trained parameters (same names) and a log."""
+                 round_: int, kd: OracleKD | None = None) -> tuple[dict[str, torch.Tensor], ClientLog]:
+    """Local training of one client from `params` (its download + its personal state, dense);
+    kd: its GFMFR distillation (rho updated in place). Returns the trained parameters (same
+    names) and a log."""
     backbone, train = config.model.backbone, config.train
     lr, item_lr = _lr(config, round_), _item_lr(config, round_, data.n_items)
     model = _build_model(backbone, params, config.model.dim)
@@ -257,7 +287,7 @@ def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, par
             # (a) head only, item copy frozen
             model.item.requires_grad_(False)
             head_opt.zero_grad()
-            loss = _loss(config, model, items, labels, round_)
+            loss = _loss(config, model, items, labels, round_, kd)
             loss.backward()
             head_opt.step()
             model.item.requires_grad_(True)
@@ -265,13 +295,13 @@ def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, par
             model.w.requires_grad_(False)
             model.b.requires_grad_(False)
             item_opt.zero_grad()
-            _loss(config, model, items, labels, round_).backward()
+            _loss(config, model, items, labels, round_, kd, update=False).backward()
             item_opt.step()
             model.w.requires_grad_(True)
             model.b.requires_grad_(True)
         else:
             opt.zero_grad()
-            loss = _loss(config, model, items, labels, round_)
+            loss = _loss(config, model, items, labels, round_, kd)
             loss.backward()
             opt.step()
         return loss.item()
@@ -298,6 +328,11 @@ def oracle_round(config: ExperimentConfig, data: PreparedDataset, state: DenseSt
     users = participants(data.n_users, config.train.participation, config.train.seed, round_)
     new_personal = dict(state.personal)
     uploads, weights = [], []
+    gfmfr = config.model.gfmfr
+    server = dict(state.server)
+    rhos = _start_rhos(config, server, data.n_users) if gfmfr is not None else {}
+    finals = []
+    trained_by_user = {}
     for user in users.tolist():
         params = copy.deepcopy(downloaded)
         personal = {name: value.to(device=device, dtype=dtype).clone()
@@ -305,7 +340,13 @@ def oracle_round(config: ExperimentConfig, data: PreparedDataset, state: DenseSt
         if backbone == "pfedrec":
             personal.pop("item", None)  # Q~_u <- downloaded Q at the start of every round
         params.update(personal)
-        trained, log = train_client(config, data, user, params, round_)
+        kd = _oracle_kd(config, server, rhos, user, round_) if gfmfr is not None else None
+        trained, log = train_client(config, data, user, params, round_, kd)
+        if kd is not None:
+            rhos[user] = kd.rho
+            if not math.isnan(kd.rho):
+                finals.append(kd.rho)
+        trained_by_user[user] = trained
         if logs is not None:
             logs[user] = log
         uploads.append({name: trained[name] for name in global_names})
@@ -315,12 +356,108 @@ def oracle_round(config: ExperimentConfig, data: PreparedDataset, state: DenseSt
             mine["item"] = trained["item"]  # the fine-tuned copy, the user's evaluation table
         new_personal[user] = mine
     if not uploads:
-        return DenseState(globals=downloaded, personal=new_personal)
+        return DenseState(globals=downloaded, personal=new_personal, server=server)
     total = sum(weights)
     new_globals = dict(downloaded)
     for name in global_names:
         new_globals[name] = sum(w / total * up[name] for w, up in zip(weights, uploads))
-    return DenseState(globals=new_globals, personal=new_personal)
+    if gfmfr is not None:
+        _end_rhos(config, server, rhos, finals)
+        _oracle_group_step(config, data, server, round_, users.tolist(), trained_by_user, dtype)
+    return DenseState(globals=new_globals, personal=new_personal, server=server)
+
+
+# === GFMFR's server step (spec/gfmfr.md §2-§5, §7), ID backbones ================================
+# Shared with the engine: the clustering (grouping.group_users) and the group fusion model
+# (GroupFusion, train_group_fusion, initialised by group_server.new_group_fusion); written
+# again here: grouping vectors, group targets (dense means), group heads, the teacher.
+
+GROUP_TABLES = {"fedavg": "item", "fcf": "item", "pfedrec": "item", "fedrap": "item_global", "fedncf": "item_mlp"}
+GROUP_VECTORS = {"fedncf": ("tower.0.weight", "tower.0.bias", "tower.1.weight", "tower.1.bias",
+                            "tower.2.weight", "tower.2.bias", "head.weight", "head.bias")}
+
+
+def _teacher_weight(config: ExperimentConfig, round_: int) -> float:
+    """a(t) of spec/gfmfr.md §6."""
+    t, rounds = round_, config.train.rounds
+    return {"cosine": math.cos(math.pi * t / (2 * rounds)), "constant": 1.0, "linear_increase": t / rounds,
+            "exponential_increase": 1 - math.exp(-t / 10)}[config.model.gfmfr.kd_schedule]
+
+
+def _oracle_kd(config: ExperimentConfig, server: dict, rhos: dict, user: int, round_: int) -> OracleKD | None:
+    """The client's distillation this round: None without a (non-empty) group."""
+    teacher = server.get("teacher")
+    if teacher is None or teacher[1].get(user, -1) < 0 or bool(torch.isnan(teacher[0][teacher[1][user]]).any()):
+        return None
+    return OracleKD(teacher[0][teacher[1][user]], rhos.get(user, math.nan), _teacher_weight(config, round_),
+                    config.model.gfmfr.rho_max)
+
+
+def _start_rhos(config: ExperimentConfig, server: dict, n_users: int) -> dict:
+    if config.model.gfmfr.ema_scope == "shared_round":  # every client starts from the shared value
+        return {user: server.get("shared_rho", math.nan) for user in range(n_users)}
+    return dict(server.get("rho", {}))
+
+
+def _end_rhos(config: ExperimentConfig, server: dict, rhos: dict, finals: list[float]) -> None:
+    server["rho"] = rhos
+    if config.model.gfmfr.ema_scope == "shared_round" and finals:
+        server["shared_rho"] = sum(finals) / len(finals)
+
+
+def _oracle_group_step(config: ExperimentConfig, data: PreparedDataset, server: dict, round_: int,
+                       users: list[int], trained: dict[int, dict[str, torch.Tensor]], dtype,
+                       table: str | None = None, fuse=None) -> None:
+    """fuse(z [N, d_id], members' trained params) -> [N, d]: FedMR's teacher input (§9)."""
+    from pipeline.federated.grouping import cluster_seed, group_users
+    from pipeline.federated.group_server import new_group_fusion
+    from pipeline.models.group_fusion import train_group_fusion
+
+    gfmfr, backbone = config.model.gfmfr, config.model.backbone
+    n_groups = gfmfr.group_num
+    names = GROUP_VECTORS.get(backbone, ("w", "b"))
+    vectors = torch.stack([torch.cat([trained[u][n].reshape(-1) for n in names]) for u in users])
+    known = server.setdefault("known", {})
+    previous = np.full(data.n_users, -1)
+    for user, group in known.items():
+        previous[user] = group
+    ids = group_users(vectors.numpy(), np.asarray(users), n_groups, method=gfmfr.group_method,
+                      use_pca=gfmfr.use_pca, seed=config.train.seed, round_=round_, previous=previous).tolist()
+    table = table or GROUP_TABLES[backbone]
+    features = {m: torch.as_tensor(np.asarray(x)).to(dtype) for m, x in data.features.items() if m in ("text", "image")}
+    if "fusion" not in server:
+        width = trained[users[0]][table].shape[1]
+        server["fusion"] = new_group_fusion(config, width, {m: x.shape[1] for m, x in features.items()}, dtype)
+    members = torch.tensor([ids.count(g) for g in range(n_groups)])
+    targets = torch.stack([
+        torch.stack([trained[u][table] for u, g in zip(users, ids) if g == group]).mean(0) if members[group]
+        else torch.zeros_like(trained[users[0]][table]) for group in range(n_groups)])
+    fusion = server["fusion"]
+    train_group_fusion(fusion, targets, members, features, epochs=gfmfr.server_epochs, lr=gfmfr.server_lr,
+                       weight_decay=gfmfr.server_weight_decay, batch=gfmfr.server_batch,
+                       seed=cluster_seed(config.train.seed, round_))
+    scores = torch.full((n_groups, data.n_items), math.nan, dtype=dtype)
+    all_items = torch.arange(data.n_items)
+    with torch.no_grad():
+        for group in range(n_groups):
+            if not members[group]:
+                continue
+            z = fusion.table(group, features, data.n_items)
+            mine = [trained[u] for u, g in zip(users, ids) if g == group]
+            if fuse is not None:
+                z = fuse(z, mine)
+            head = {n: torch.stack([t[n] for t in mine]).mean(0) for n in names}
+            if backbone == "fedncf":  # both user vectors 0: the GMF part vanishes
+                dim = z.shape[1]
+                params = {**head, "item_mlp": z, "item_mf": torch.zeros_like(z),
+                          "user_mlp": torch.zeros(dim, dtype=dtype), "user_mf": torch.zeros(dim, dtype=dtype)}
+                scores[group] = torch.sigmoid(NCFModel(params, dim)(all_items))
+            else:
+                scores[group] = torch.sigmoid(z @ head["w"] + head["b"])
+    for user, group in zip(users, ids):
+        known[user] = group
+    of = dict(known) if gfmfr.group_membership == "last_known" else dict(zip(users, ids))
+    server["teacher"] = (scores, of)
 
 
 def oracle_scores(config: ExperimentConfig, state: DenseState, users: list[int], n_items: int) -> torch.Tensor:
@@ -564,9 +701,10 @@ def _mixing_rows(config, data, user: int, batch_items: torch.Tensor) -> torch.Te
 
 
 def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: int, params: dict[str, torch.Tensor],
-                       round_: int) -> tuple[dict[str, torch.Tensor], ClientLog, dict[str, torch.Tensor]]:
-    """Local training of one FedMR client. Returns (trained params, log, last-batch gradients
-    of the global fusion parameters)."""
+                       round_: int, kd: OracleKD | None = None
+                       ) -> tuple[dict[str, torch.Tensor], ClientLog, dict[str, torch.Tensor]]:
+    """Local training of one FedMR client (kd: its GFMFR distillation). Returns (trained
+    params, log, last-batch gradients of the global fusion parameters)."""
     backbone, train = config.model.backbone, config.train
     dtype = next(iter(params.values())).dtype
     feats = _features(data, config, dtype)
@@ -587,9 +725,11 @@ def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: in
     else:
         opt = torch.optim.SGD([{"params": rest, "lr": lr}, {"params": tables, "lr": item_lr}], lr=lr, momentum=0.0)
 
-    def loss_of(items, labels, mix):
-        loss = F.binary_cross_entropy_with_logits(model(items, mix, feats), labels)
-        return loss + _fedrap_terms(config, model, items, round_)
+    def loss_of(items, labels, mix, update=True):
+        logits = model(items, mix, feats)
+        bce = F.binary_cross_entropy_with_logits(logits, labels)
+        loss = bce + _fedrap_terms(config, model, items, round_)
+        return loss if kd is None else loss + kd.term(logits, items, bce, update)
 
     def train_step(epoch, batch, items, labels) -> float:
         mix = _mixing_rows(config, data, user, items)
@@ -606,7 +746,7 @@ def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: in
             for p in rest:
                 p.requires_grad_(False)
             opt_b.zero_grad()
-            loss_of(items, labels, mix).backward()  # same masks: same step
+            loss_of(items, labels, mix, update=False).backward()  # same masks: same step
             opt_b.step()
             for p in rest:
                 p.requires_grad_(True)
@@ -620,6 +760,13 @@ def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: in
     log = _local_epochs(config, data, user, round_, dtype, train_step)
     model.fedmr.drop_key = None
     trained = {k: p.detach().clone() for k, p in model.named_parameters()}
+    if config.model.gfmfr is not None and config.model.fusion.fusion == "moe":
+        with torch.no_grad():  # GFMFR's upload: alpha_u over H_u in eval mode (spec/gfmfr.md §8)
+            history = torch.as_tensor(data.train_items[data.train_indptr[user]:data.train_indptr[user + 1]],
+                                      dtype=torch.int64)
+            s = model.fedmr.route(model.fedmr.experts(model.id_input(history), {m: f[history] for m, f in feats.items()},
+                                                      history), history).mean(0)
+            trained["gfmfr.alpha"] = torch.softmax(s, 0) if config.model.fusion.mixing_softmax == "double" else s
     grads = {k: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
              for k, p in model.named_parameters() if k.startswith("fedmr.") and not _fedmr_is_personal(config, k)}
     return trained, log, grads
@@ -634,23 +781,33 @@ def oracle_round_fedmr(config: ExperimentConfig, data: PreparedDataset, state: D
     users = participants(data.n_users, config.train.participation, config.train.seed, round_)
     new_personal = dict(state.personal)
     uploads, weights, grads = [], [], []
+    gfmfr = config.model.gfmfr
+    server = dict(state.server)
+    rhos = _start_rhos(config, server, data.n_users) if gfmfr is not None else {}
+    finals, trained_by_user = [], {}
     for user in users.tolist():
         params = copy.deepcopy(downloaded)
         personal = {name: value.to(dtype).clone() for name, value in state.personal[user].items()}
         if backbone == "pfedrec":
             personal.pop("item", None)
         params.update(personal)
-        trained, log, last = train_client_fedmr(config, data, user, params, round_)
+        kd = _oracle_kd(config, server, rhos, user, round_) if gfmfr is not None else None
+        trained, log, last = train_client_fedmr(config, data, user, params, round_, kd)
+        if kd is not None:
+            rhos[user] = kd.rho
+            if not math.isnan(kd.rho):
+                finals.append(kd.rho)
+        trained_by_user[user] = trained
         if logs is not None:
             logs[user] = log
         uploads.append({name: trained[name] for name in downloaded})
         grads.append(last)
         weights.append(float(log.rows) if backbone == "fedavg" else 1.0)
         mine = {name: trained[name] for name in trained if _fedmr_is_personal(config, name)}
+        mine.pop("gfmfr.alpha", None)
         if backbone == "pfedrec":
             mine["item"] = trained["item"]
         new_personal[user] = mine
-    server = dict(state.server)
     if not uploads:
         return DenseState(globals=downloaded, personal=new_personal, server=server)
     total = sum(weights)
@@ -671,7 +828,34 @@ def oracle_round_fedmr(config: ExperimentConfig, data: PreparedDataset, state: D
         adam.step()
         for name in names:
             new_globals[name] = held[name].detach().clone()
+    if gfmfr is not None:
+        _end_rhos(config, server, rhos, finals)
+        fuse = _fedmr_teacher_input(config, data, new_globals, dtype)
+        _oracle_group_step(config, data, server, round_, users.tolist(), trained_by_user, dtype,
+                           table="fedmr_item" if backbone == "fedncf" else None, fuse=fuse)
     return DenseState(globals=new_globals, personal=new_personal, server=server)
+
+
+def _fedmr_teacher_input(config: ExperimentConfig, data: PreparedDataset, new_globals: dict, dtype):
+    """z_{g,i} through the aggregated module in eval mode, mixed by the group's mean alpha (§9)."""
+    fcfg = config.model.fusion
+    feats = _features(data, config, dtype)
+    d_id = new_globals["fedmr.proj.id.weight"].shape[1]
+    module = OracleFusion(fcfg, d_id, {m: f.shape[1] for m, f in feats.items()}, dtype)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if f"fedmr.{name}" in new_globals:  # a local router stays out: the teacher mixes by alpha
+                param.copy_(new_globals[f"fedmr.{name}"])
+
+    def fuse(z: torch.Tensor, members: list[dict]) -> torch.Tensor:
+        items = torch.arange(len(z))
+        ex = module.experts(z, feats, items)
+        if fcfg.fusion != "moe":
+            return ex[fcfg.fusion]
+        alpha = torch.stack([m["gfmfr.alpha"] for m in members]).mean(0)
+        return alpha[0] * ex["sum"] + alpha[1] * ex["mlp"] + alpha[2] * ex["gate"]
+
+    return fuse
 
 
 def oracle_scores_fedmr(config: ExperimentConfig, data: PreparedDataset, state: DenseState, users: list[int],

@@ -50,12 +50,18 @@ class ClientPool:
         if self.state_round != round_:
             raise StaleState(f"pool state is at round {self.state_round}, expected {round_}")
 
-    def train(self, round_: int, global_params: dict, users: np.ndarray, lrs: dict):
-        """Train `users` in round `round_` from global_params; returns the reduced Upload."""
+    def train(self, round_: int, global_params: dict, users: np.ndarray, lrs: dict, teacher=None):
+        """Train `users` in round `round_` from global_params (GFMFR: distilling `teacher`);
+        returns the reduced Upload."""
         self._expect(round_ - 1)
-        upload = self.shard.train(round_, global_params, users, lrs)
+        upload = self.shard.train(round_, global_params, users, lrs, teacher)
         self.state_round = round_
         return upload
+
+    def group_sums(self, round_: int, ids: np.ndarray, n_groups: int):
+        """GFMFR: the per-group sums of round `round_`'s clients' table changes (Shard.group_sums)."""
+        self._expect(round_)
+        return self.shard.group_sums(ids, n_groups)
 
     def evaluate(self, global_params: dict, protocol: str, split: str, ks: tuple[int, ...]):
         return self.shard.evaluate(global_params, protocol, split, ks)

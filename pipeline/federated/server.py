@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pipeline.config import ExperimentConfig
 from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state, participants,
                                           round_lrs, server_lr, shard_users)
+from pipeline.federated.group_server import GroupServer
 from pipeline.federated.placement import plan_pools
 from pipeline.federated.pool import ClientPool, StaleState
 from pipeline.federated.selection import Selection
@@ -77,6 +78,8 @@ class Server:
         self.initial = initial_state(self.config, self.n_users, self.n_items, feature_dims(data))
         self.globals = dict(self.initial.global_params)
         self.fusion_adam = None  # fusion_agg=grad_adam: the server's persistent Adam state
+        self._data_features = {m: torch.as_tensor(np.asarray(x)) for m, x in data.features.items()}
+        self.groups = self._new_groups()  # GFMFR's server state (None when off)
         runtime = self.config.runtime
         plan = plan_pools(ray.cluster_resources(), runtime, fusion=self.config.model.fusion is not None)
         self.plan = plan
@@ -94,6 +97,14 @@ class Server:
         self.selection = Selection(self.config.train.selection(), self.config.train.patience)
         self.history: list[dict] = []
         self.recoveries = 0
+
+    def _new_groups(self) -> GroupServer | None:
+        if self.config.model.gfmfr is None:
+            return None
+        from pipeline.models import model_for
+
+        return GroupServer(self.config, model_for(self.config.model), self.initial, self._data_features,
+                           self.n_users, self.n_items)
 
     # -- one round --------------------------------------------------------------------------
 
@@ -116,15 +127,19 @@ class Server:
         users = participants(self.n_users, self.config.train.participation, self.config.train.seed, round_)
         lrs = round_lrs(self.config, self.n_items, round_)
         global_ref = ray.put(self.globals)
-        calls = [pool.train.remote(round_, global_ref, users[np.isin(users, shard)], lrs)
+        teacher = self.groups.download(round_) if self.groups is not None else None
+        teacher_ref = ray.put(teacher)
+        calls = [pool.train.remote(round_, global_ref, users[np.isin(users, shard)], lrs, teacher_ref)
                  for pool, shard in zip(self.pools, self.shards)]
         uploads = ray.get(calls)
+        downloaded = self.globals
         self.globals = apply_uploads(self.globals, uploads)
         fusion = self.config.model.fusion
         if fusion is not None and fusion.fusion_agg == "grad_adam":
             self.globals, self.fusion_adam = apply_fusion_grads(self.globals, uploads, self.fusion_adam,
                                                                 lr=server_lr(self.config), clip=fusion.server_clip)
         train_seconds = time.perf_counter() - started
+        group_metrics = self._group_step(round_, uploads, downloaded) if self.groups is not None else {}
         clients = sum(u.clients for u in uploads)
         metrics = {
             "round": round_,
@@ -137,6 +152,7 @@ class Server:
             "comm/bytes_down": _nbytes(self.globals) * len(self.pools),
             "comm/bytes_up": sum(u.nbytes() for u in uploads),
             "lr": self.config.lr() * self.config.lr_decay() ** round_,
+            **group_metrics,
         }
         if round_ % self.config.train.eval_every == 0:
             for split in ("valid", "test"):
@@ -150,6 +166,32 @@ class Server:
         if every and ((round_ + 1) % every == 0 or metrics["stop"]):
             self._checkpoint(round_)
         return metrics
+
+    def _group_step(self, round_: int, uploads: list, downloaded: dict) -> dict:
+        """GFMFR's server step after aggregation (group_server.py): group the participants, have
+        the pools reduce their members' tables per group, fit the group fusion model and the
+        next round's teacher. Returns its metrics (costs, against the clients' training time)."""
+        started = time.perf_counter()
+        users = np.concatenate([u.group_users for u in uploads if u.group_users is not None])
+        vectors = torch.cat([u.group_vectors for u in uploads if u.group_vectors is not None])
+        alphas = [u.group_alpha for u in uploads if u.group_alpha is not None]
+        ids = self.groups.assign(round_, users, vectors)
+        grouped = time.perf_counter()
+        bounds = np.cumsum([0] + [len(u.group_users) if u.group_users is not None else 0 for u in uploads])
+        G = self.config.model.gfmfr.group_num
+        parts = ray.get([pool.group_sums.remote(round_, ids[a:b], G)
+                         for pool, a, b in zip(self.pools, bounds[:-1], bounds[1:])])
+        sums, members = sum(p[0] for p in parts), sum(p[1] for p in parts)
+        reduced = time.perf_counter()
+        rho = (sum(u.rho[0] for u in uploads), sum(u.rho[1] for u in uploads))
+        table = downloaded[self.groups.model.GROUP_TABLE]
+        metrics = self.groups.fit(round_, users, ids, sums, members, table, vectors,
+                                  torch.cat(alphas) if alphas else None, self.globals, rho)
+        distilled = sum(u.distilled for u in uploads)
+        return {**metrics, "time/grouping_seconds": grouped - started, "time/group_reduce_seconds": reduced - grouped,
+                "time/group_step_seconds": time.perf_counter() - started, "group/distilled_clients": distilled,
+                "comm/teacher_bytes_down": distilled * self.n_items * 4,
+                "comm/group_bytes_up": int(sum(t.numel() * t.element_size() for t in (vectors, *alphas)))}
 
     def _evaluate(self, split: str) -> dict[str, float]:
         """Pools score their own users; the means are reduced weighted by user counts."""
@@ -170,7 +212,8 @@ class Server:
         tmp.mkdir(parents=True)
         sizes = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
         torch.save({"globals": self.globals, "selection": self.selection.state_dict(), "history": self.history,
-                    "fusion_adam": self.fusion_adam}, tmp / "global.pt")
+                    "fusion_adam": self.fusion_adam,
+                    "groups": self.groups.state_dict() if self.groups is not None else None}, tmp / "global.pt")
         manifest = {"round": round_, "pools": len(self.pools), "pool_bytes": sizes,
                     "users_per_pool": [len(s) for s in self.shards]}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
@@ -188,6 +231,7 @@ class Server:
         if checkpoint is None:
             self.globals = dict(self.initial.global_params)
             self.fusion_adam = None
+            self.groups = self._new_groups()
             self.selection = Selection(self.config.train.selection(), self.config.train.patience)
             self.history = []
             _get_while_restarting(lambda: [pool.load.remote(None, -1) for pool in self.pools])
@@ -199,6 +243,9 @@ class Server:
         state = torch.load(checkpoint / "global.pt", weights_only=False)
         self.globals, self.history = state["globals"], state["history"]
         self.fusion_adam = state.get("fusion_adam")
+        self.groups = self._new_groups()
+        if self.groups is not None:
+            self.groups.load_state_dict(state["groups"])
         self.selection.load_state_dict(state["selection"])
         round_ = manifest["round"]
         _get_while_restarting(lambda: [pool.load.remote(str(checkpoint / f"pool-{i}.pt"), round_)

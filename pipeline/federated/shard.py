@@ -9,6 +9,7 @@ Shapes: B = clients trained now, W = working-set rows, K = distinct items touche
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -19,15 +20,18 @@ from pipeline.config import ExperimentConfig
 from pipeline.data.negatives import EvalNegatives
 from pipeline.data.prepare import PreparedDataset
 from pipeline.eval.protocols import evaluate
-from pipeline.federated.client import (ClientParams, FeatureSpan, FusionInputs, FusionRows, WorkingSet,
-                                      train_clients)
+from pipeline.federated.client import (ClientParams, Distillation, FeatureSpan, FusionInputs, FusionRows, WorkingSet,
+                                      client_mixing, train_clients)
+from pipeline.federated.group_server import TeacherDownload, flatten_vectors
 from pipeline.federated.grouped import GroupPlan
 from pipeline.federated.memory import keep_freed_memory
 from pipeline.federated.sampling import client_data, epoch_rows
 from pipeline.federated.state import PersonalStore
 from pipeline.models import model_for
 from pipeline.models.base import InitialState
+from pipeline.models.group_fusion import group_delta_sums
 
+RHO = "gfmfr.rho"  # the store's entry of the clients' distillation-weight EMA (not a parameter)
 _EVAL_ROW_BUDGET = 1 << 21  # (user, item) rows scored at once
 _FUSION_EVAL_ROW_BUDGET = 1 << 17  # FedMR keeps several [rows, d_f] tensors per scored row
 SPAN_MAX_ITEMS = 4096  # FedMR feature projections held on the working set (K = X X^T is [I, I])
@@ -53,10 +57,17 @@ class Upload:
     rows: int = 0
     loss_sum: float = 0.0
     seconds: float = 0.0
+    # GFMFR (spec/gfmfr.md §8): the clients in upload order, their grouping vectors [B, F], their
+    # FedMR mixing weights [B, 3] (moe), and the (sum, count) of their final rho (shared_round)
+    group_users: np.ndarray | None = None
+    group_vectors: torch.Tensor | None = None
+    group_alpha: torch.Tensor | None = None
+    rho: tuple[float, int] = (0.0, 0)
+    distilled: int = 0  # clients that trained with a teacher
 
     def nbytes(self) -> int:
         tensors = [*self.table_items.values(), *self.table_sums.values(), *self.dense_sums.values(),
-                   *self.grad_sums.values()]
+                   *self.grad_sums.values(), *(t for t in (self.group_vectors, self.group_alpha) if t is not None)]
         return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
@@ -205,16 +216,24 @@ class Shard:
         # Gram matrices of the frozen features: client projections live on the working set
         # (client.FeatureSpan); above SPAN_MAX_ITEMS each client holds its own projection weights
         self.grams = {m: x @ x.T for m, x in self.features.items()} if data.n_items <= SPAN_MAX_ITEMS else {}
+        if config.model.gfmfr is not None:  # GFMFR: every client's loss-ratio EMA (NaN: unset), persisted
+            self.store.dense[RHO] = torch.full((len(self.store.users),), math.nan, dtype=torch.float64,
+                                               device=self.device)
+        self._for_groups = None  # GFMFR: this round's clients and their changes to model.GROUP_TABLE
+        self._grouped = np.zeros(0, dtype=bool)  # ... and which of them distilled
+        self.group_width = initial.global_params[self.model.GROUP_TABLE].shape[1] if config.model.gfmfr else 0
 
     @property
     def users(self) -> np.ndarray:
         return self.store.users
 
     def train(self, round_: int, global_params: dict[str, torch.Tensor], users: np.ndarray,
-              lrs: dict[str, float]) -> Upload:
-        """Local training of `users` (global ids of this shard) in round `round_`."""
+              lrs: dict[str, float], teacher: TeacherDownload | None = None) -> Upload:
+        """Local training of `users` (global ids of this shard) in round `round_`; with GFMFR,
+        clients with a group in `teacher` distil its scores."""
         started = time.perf_counter()
         upload = Upload()
+        self._for_groups = None
         if len(users) == 0:
             return upload
         model, train_cfg = self.model, self.config.train
@@ -253,11 +272,19 @@ class Shard:
             for span in spans.values():
                 tables[span.table] = globals_[span.weight].new_zeros(len(ws.client), globals_[span.weight].shape[0])
                 lrs = {**lrs, span.table: lrs[span.weight]}
+        distil = self._distillation(teacher, users, local, ws) if teacher is not None else None
         result = train_clients(model, ClientParams(tables, vectors), ws, epochs, lrs=lrs, tol=train_cfg.tol,
                                round_=round_, model_config=self.config.model, update=update, fusion=fusion,
+                               distil=distil,
                                # blocks keep a CPU step in cache; a GPU wants one launch for everyone
                                chunk_rows=self.config.runtime.block_rows if device.type == "cpu" else None)
         trained = result.params
+        diverged = ~np.isfinite(result.loss) & (result.epochs > 0)
+        if diverged.any():  # a hard failure, never a skipped batch (spec/gfmfr.md G3)
+            raise FloatingPointError(
+                f"round {round_}: the training loss of {int(diverged.sum())} client(s) is not finite (users "
+                f"{users[diverged][:5].tolist()}...); lower train.lr (GFMFR: the loss-ratio weight of the "
+                f"distillation term grows as student and teacher agree)")
 
         for name in model.PERSONAL_DENSE:
             self.store.dense[name][local] = trained.vectors[name]
@@ -290,11 +317,63 @@ class Shard:
                 continue
             delta = trained.vectors[name] - vectors[name]
             upload.dense_sums[name] = (delta * weights.view(-1, *[1] * (delta.dim() - 1))).sum(0).cpu()
+        gfmfr = self.config.model.gfmfr
+        if gfmfr is not None:
+            if distil is not None:
+                upload.distilled = int(self._grouped.sum())
+                if gfmfr.ema_scope == "client":
+                    self.store.dense[RHO][local] = torch.as_tensor(distil.rho).to(self.store.dense[RHO].device)
+                else:
+                    final = distil.rho[~np.isnan(distil.rho)]
+                    upload.rho = (float(final.sum()), len(final))
+            upload.group_users = users
+            upload.group_vectors = flatten_vectors(model, trained.vectors, len(users)).cpu()
+            if self.config.model.fusion is not None and self.config.model.fusion.fusion == "moe":
+                upload.group_alpha = client_mixing(model, trained, ws, epochs, fusion).cpu()
+            name = model.GROUP_TABLE
+            self._for_groups = (ws_client, ws_item, trained.tables[name] - tables[name])
         upload.weight = float(weights.sum())
         upload.clients, upload.rows = len(users), int(result.rows.sum())
         upload.loss_sum = float(np.nansum(result.loss))
         upload.seconds = time.perf_counter() - started
         return upload
+
+    def _distillation(self, teacher: TeacherDownload, users: np.ndarray, local: torch.Tensor,
+                      ws: WorkingSet) -> Distillation:
+        """The round's distillation inputs of `users`: each client's teacher at its own
+        working-set rows (what it receives: s_{g(u)} at its items), and its rho."""
+        group = torch.as_tensor(teacher.group_of[users])
+        empty = torch.isnan(teacher.scores[:, 0])  # groups without members this round
+        self._grouped = ((group >= 0) & ~empty[group.clamp(min=0)]).numpy()
+        rows = self.teacher_rows(teacher.scores, group, torch.as_tensor(ws.client), torch.as_tensor(ws.item))
+        if self.config.model.gfmfr.ema_scope == "client":
+            rho = self.store.dense[RHO][local].cpu().numpy().copy()
+        else:
+            rho = np.where(self._grouped, teacher.shared_rho, math.nan)
+        return Distillation(teacher=rows.to(device=self.device, dtype=self.dtype), rho=rho, weight=teacher.weight,
+                            rho_max=self.config.model.gfmfr.rho_max)
+
+    @staticmethod
+    def teacher_rows(scores: torch.Tensor, group: torch.Tensor, row_client: torch.Tensor,
+                     row_item: torch.Tensor) -> torch.Tensor:
+        """[W] s_{g(c)}[i] at rows (row_client [W], row_item [W]) of clients with groups group [B]
+        (UNGROUPED, or a group without members this round: NaN, no teacher)."""
+        row_group = group.index_select(0, row_client)
+        values = scores[row_group.clamp(min=0), row_item]
+        return torch.where(row_group >= 0, values, torch.full_like(values, math.nan))
+
+    def group_sums(self, ids: np.ndarray, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums [G, N, d], members [G]) of this round's clients' changes to model.GROUP_TABLE
+        per group; ids [B]: the group of every client of the last upload, in its order."""
+        if self._for_groups is None:
+            if len(ids):
+                raise RuntimeError("group_sums before this round's training (the pool was restarted)")
+            return (torch.zeros(n_groups, self.data.n_items, self.group_width, dtype=self.dtype),
+                    torch.zeros(n_groups, dtype=torch.int64))
+        ws_client, ws_item, delta = self._for_groups
+        sums, members = group_delta_sums(delta, ws_client, ws_item, torch.as_tensor(ids).to(ws_client.device),
+                                         n_groups, self.data.n_items)
+        return sums.cpu(), members.cpu()
 
     def _spans(self, globals_: dict[str, torch.Tensor], ws: WorkingSet, n_clients: int) -> dict[str, FeatureSpan]:
         """weight name -> FeatureSpan of the module's frozen-feature projections this round.

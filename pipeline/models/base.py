@@ -89,3 +89,9 @@ def linear_head_init(dim: int, generator: torch.Generator) -> dict[str, torch.Te
 def linear_head(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:
     """w_u . q + b_u per row: [R, d] -> [R] logits."""
     return (item * ctx.vector("w")).sum(-1) + ctx.vector("b")
+
+
+def linear_head_teacher(head: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """GFMFR's group teacher of a linear head (spec/gfmfr.md §5): [G, N] logits
+    w̄_g . z_{g,i} + b̄_g from the groups' mean heads (w [G, d], b [G]) and z [G, N, d]."""
+    return torch.einsum("gnd,gd->gn", z, head["w"]) + head["b"][:, None]

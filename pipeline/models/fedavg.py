@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, xavier
+from pipeline.models.base import (InitialState, RowContext, linear_head, linear_head_init, linear_head_teacher,  # noqa: F401
+                                  xavier)
 
 GLOBAL_TABLES = ("item",)
 GLOBAL_DENSE: tuple[str, ...] = ()
 PERSONAL_DENSE = ("w", "b")
 PERSONAL_TABLES: tuple[str, ...] = ()
 AGGREGATION = "weighted"
+# GFMFR (spec/gfmfr.md): the table a group's target averages, and the grouping vector x_u
+GROUP_TABLE = "item"
+GROUP_VECTOR = ("w", "b")
+teacher_logits = linear_head_teacher
 
 
 def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:

@@ -19,6 +19,10 @@ PERSONAL_DENSE = ("user_mf", "user_mlp")
 PERSONAL_TABLES: tuple[str, ...] = ()
 AGGREGATION = "uniform"
 LAYERS = ("tower.0", "tower.1", "tower.2")
+# GFMFR: the teacher feeds z into the MLP item slot, and clients are grouped by their trained
+# tower and head (spec/gfmfr.md §2-§5)
+GROUP_TABLE = "item_mlp"
+GROUP_VECTOR = GLOBAL_DENSE
 
 
 def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:
@@ -38,6 +42,17 @@ def lr_scale(n_items: int, config) -> dict[str, float]:
 
 
 FUSION_PLUG = "additive"  # FedMR adds z_i [R, d] to both item embeddings (spec/fedmr.md §4)
+
+
+def teacher_logits(head: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """[G, N] logits head_g([tower_g([0; z_{g,i}]); 0]) with the groups' mean tower and head
+    (each [G, ...]) and z [G, N, d]: both user vectors are 0, so the GMF part vanishes."""
+    hidden = torch.cat([torch.zeros_like(z), z], dim=-1)
+    for layer in LAYERS:
+        hidden = torch.relu(torch.einsum("gni,goi->gno", hidden, head[f"{layer}.weight"])
+                            + head[f"{layer}.bias"][:, None, :])
+    hidden = torch.cat([hidden, torch.zeros_like(z)], dim=-1)
+    return torch.einsum("gni,gi->gn", hidden, head["head.weight"][:, 0]) + head["head.bias"][:, 0, None]
 
 
 def logits(ctx: RowContext, extra: torch.Tensor | None = None) -> torch.Tensor:

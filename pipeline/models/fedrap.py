@@ -12,13 +12,16 @@ import math
 
 import torch
 
-from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, xavier
+from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, linear_head_teacher, xavier
 
 GLOBAL_TABLES = ("item_global",)
 GLOBAL_DENSE: tuple[str, ...] = ()
 PERSONAL_DENSE = ("w", "b")
 PERSONAL_TABLES = ("item_personal",)
 AGGREGATION = "uniform"
+GROUP_TABLE = "item_global"  # GFMFR: groups regress the mean of their members' C_u
+GROUP_VECTOR = ("w", "b")
+teacher_logits = linear_head_teacher
 
 
 def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:

@@ -224,6 +224,29 @@ def fuse(rows, outputs: list[torch.Tensor], cfg, of_row: torch.Tensor | None = N
     return alpha[:, 0:1] * outputs[0] + alpha[:, 1:2] * outputs[1] + alpha[:, 2:3] * outputs[2]
 
 
+class GlobalItems:
+    """A FusionContext over rows that are items, read with the global weights in evaluation
+    mode (GFMFR's teacher on the server, spec/gfmfr.md §9). items: [R] item of every row."""
+
+    def __init__(self, params: dict[str, torch.Tensor], features: dict[str, torch.Tensor], items: torch.Tensor):
+        self.params, self.features, self.items = params, features, items
+
+    def vector(self, name: str) -> torch.Tensor:
+        return self.params[name]
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.params[f"{name}.weight"], self.params[f"{name}.bias"])
+
+    def feature_linear(self, modality: str, name: str) -> torch.Tensor:
+        return self.linear(self.features[modality], name).index_select(0, self.items)
+
+    def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
+        return x
+
+    def subset(self, index: torch.Tensor) -> "GlobalItems":
+        return GlobalItems(self.params, self.features, self.items[index])
+
+
 # --- composition with a backbone ----------------------------------------------------------------
 
 
@@ -268,6 +291,12 @@ class FedMR:
             self.TWO_STEP_GROUPS = ((*head, *names), *rest)
         if hasattr(backbone, "row_regulariser"):  # FedRAP's terms on the batch rows, unchanged
             self.row_regulariser = backbone.row_regulariser
+        # GFMFR (spec/gfmfr.md §9): groups regress the ID table that feeds the module, are formed
+        # from the personal head on z_i (FedNCF: its tower and head), and the teacher passes
+        # z_{g,i} through the global module (fuse_teacher) before the backbone's teacher head
+        self.GROUP_TABLE = ID_TABLE if self.additive else backbone.GROUP_TABLE
+        self.GROUP_VECTOR = backbone.GROUP_VECTOR
+        self.teacher_logits = backbone.teacher_logits
 
     def init(self, n_users: int, n_items: int, dim: int, generator: torch.Generator,
              feature_dims: dict[str, int]) -> InitialState:
@@ -317,6 +346,25 @@ class FedMR:
             for f, g in zip(outputs, experts(mine, self.id_input(mine), self.FUSION)):
                 f[own] = g
         return outputs, None
+
+    def mixing_weights(self, ctx) -> torch.Tensor:
+        """[n_segments, 3] alpha_u of the clients of ctx over their training positives (the
+        history rows), whatever mixing_source says (GFMFR's upload, spec/gfmfr.md §8)."""
+        rows = ctx.fusion_rows(history=True)
+        outputs, _ = self._experts(rows.ctx)
+        return mixing(rows, outputs, self.FUSION.model_copy(update={"mixing_source": "history"}))
+
+    def fuse_teacher(self, z: torch.Tensor, params: dict[str, torch.Tensor], features: dict[str, torch.Tensor],
+                     alpha: torch.Tensor | None) -> torch.Tensor:
+        """[G, N, d_f] MFFM_theta(z_{g,i}, t_i, v_i; alpha_g): the groups' ID inputs z [G, N, d_id]
+        through the global module (params, evaluation mode), mixed with the groups' mean mixing
+        weights alpha [G, 3] (moe) or the single expert's output."""
+        n_groups, n_items = z.shape[:2]
+        ctx = GlobalItems(params, features, torch.arange(n_items).repeat(n_groups))
+        outputs = [f.view(n_groups, n_items, -1) for f in experts(ctx, z.reshape(n_groups * n_items, -1), self.FUSION)]
+        if self.FUSION.fusion != "moe":
+            return outputs[0]
+        return sum(alpha[:, k, None, None] * f for k, f in enumerate(outputs))
 
     def logits(self, ctx) -> torch.Tensor:
         """[R] logits of the scored rows of ctx."""

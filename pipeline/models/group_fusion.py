@@ -23,23 +23,34 @@ EMA_DECAY = 0.9
 # --- §3 group targets ------------------------------------------------------------------------------
 
 
-def group_targets(global_table: torch.Tensor, delta: torch.Tensor, row_client: torch.Tensor,
-                  row_item: torch.Tensor, client_group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C̄ [G, N, d], members [G]): each group's mean of its members' locally trained tables.
-
-    A client's trained table is the downloaded `global_table` [N, d] plus its `delta` on the
-    rows it touched (delta [W, d] at (row_client [W], row_item [W])); untouched rows are the
-    global ones. client_group [P]: group id of each client (-1: none, ignored). Empty groups
-    get the global table.
-    """
-    n_items = len(global_table)
+def group_delta_sums(delta: torch.Tensor, row_client: torch.Tensor, row_item: torch.Tensor,
+                     client_group: torch.Tensor, n_groups: int, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums [G, N, d], members [G]): each group's sum of its members' changes to a table
+    (delta [W, d] at (row_client [W], row_item [W]); client_group [P] group id of each client,
+    -1: none, ignored). What a pool reduces its clients' uploads to; sums over pools add up."""
     grouped = client_group >= 0
     members = torch.bincount(client_group[grouped], minlength=n_groups)
     rows = grouped[row_client]
     keys = client_group[row_client[rows]] * n_items + row_item[rows]
     sums = delta.new_zeros(n_groups * n_items, delta.shape[1]).index_add_(0, keys, delta[rows])
-    scale = 1.0 / members.clamp(min=1).to(delta.dtype)
-    return global_table[None] + sums.view(n_groups, n_items, -1) * scale[:, None, None], members
+    return sums.view(n_groups, n_items, -1), members
+
+
+def group_targets(global_table: torch.Tensor, delta: torch.Tensor, row_client: torch.Tensor,
+                  row_item: torch.Tensor, client_group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C̄ [G, N, d], members [G]): each group's mean of its members' locally trained tables.
+
+    A client's trained table is the downloaded `global_table` [N, d] plus its `delta` on the
+    rows it touched (see group_delta_sums); untouched rows are the global ones. Empty groups
+    get the global table.
+    """
+    sums, members = group_delta_sums(delta, row_client, row_item, client_group, n_groups, len(global_table))
+    return targets_from_sums(global_table, sums, members), members
+
+
+def targets_from_sums(global_table: torch.Tensor, sums: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """C̄ [G, N, d] = global_table + sums / members (empty groups: the global table)."""
+    return global_table[None] + sums / members.clamp(min=1).to(sums.dtype)[:, None, None]
 
 
 # --- §4 group fusion model ------------------------------------------------------------------------
@@ -121,23 +132,6 @@ def train_group_fusion(model: GroupFusion, targets: torch.Tensor, members: torch
     return losses
 
 
-# --- §5 teacher scores ----------------------------------------------------------------------------
-
-
-def teacher_scores(z: torch.Tensor, head_w: torch.Tensor, head_b: torch.Tensor, client_group: torch.Tensor,
-                   n_groups: int) -> torch.Tensor:
-    """s [G, N] = sigmoid(w̄_g . z_{g,i} + b̄_g) for linear-head backbones: z [G, N, d_c], the
-    members' uploaded heads head_w [P, d_c], head_b [P], client_group [P] (-1: none). Rows of
-    empty groups are NaN (no member: no teacher)."""
-    grouped = client_group >= 0
-    members = torch.bincount(client_group[grouped], minlength=n_groups).to(z.dtype)
-    w = z.new_zeros(n_groups, z.shape[2]).index_add_(0, client_group[grouped], head_w[grouped])
-    b = z.new_zeros(n_groups).index_add_(0, client_group[grouped], head_b[grouped])
-    w, b = w / members.clamp(min=1)[:, None], b / members.clamp(min=1)
-    scores = torch.sigmoid(torch.einsum("gnd,gd->gn", z, w) + b[:, None])
-    return torch.where((members > 0)[:, None], scores, torch.full_like(scores, math.nan))
-
-
 # --- §6 client distillation -----------------------------------------------------------------------
 
 
@@ -163,9 +157,11 @@ def kd_schedule(kind: str, round_: int, rounds: int) -> float:
     raise ValueError(f"kd_schedule {kind!r}: expected one of {KD_SCHEDULES}")
 
 
-def update_ratio_ema(rho: np.ndarray, bce: np.ndarray, kd: np.ndarray) -> np.ndarray:
+def update_ratio_ema(rho: np.ndarray, bce: np.ndarray, kd: np.ndarray, rho_max: float | None = None) -> np.ndarray:
     """Per-client EMA of r = L_BCE / (L_KD + 1e-8) (detached scalars of one mini-batch; arrays [B]):
-    rho unset (NaN) takes r, else 0.9 rho + 0.1 r; no update where L_KD <= 1e-8; rho >= 0."""
+    rho unset (NaN) takes r, else 0.9 rho + 0.1 r; no update where L_KD <= 1e-8; rho >= 0 (and
+    <= rho_max, a project option)."""
     ratio = bce / (kd + 1e-8)
     updated = np.where(np.isnan(rho), ratio, EMA_DECAY * rho + (1 - EMA_DECAY) * ratio)
-    return np.where(kd > 1e-8, np.maximum(updated, 0.0), rho)
+    updated = np.maximum(updated, 0.0) if rho_max is None else np.clip(updated, 0.0, rho_max)
+    return np.where(kd > 1e-8, updated, rho)

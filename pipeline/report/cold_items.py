@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             with_features = seeded.model.fusion is not None
             run_data = open_dataset(seeded.data)[0] if with_features else data
             runs.append(train_and_break_down(seeded, run_data, negatives))
-        label = method_label(config.model.backbone, config.model.fusion.fusion if config.model.fusion else None)
+        label = method_label(config.model.backbone, config.model.fusion.fusion if config.model.fusion else None,
+                             config.model.gfmfr is not None)
         rows.append({"label": label, "runs": runs})
     text = render(rows, data, protocol, metric, command)
     print(text)

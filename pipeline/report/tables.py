@@ -50,12 +50,13 @@ REPORTED_KU_FEDMR = OrderedDict([
 ])
 
 
-def method_label(backbone: str, fusion: str | None = None) -> str:
-    """'FCF', 'FCF + FedMR' (fusion=moe), 'FCF + FedMR (mlp)' (another fusion)."""
+def method_label(backbone: str, fusion: str | None = None, gfmfr: bool = False) -> str:
+    """'FCF', 'FCF + FedMR' (fusion=moe), 'FCF + FedMR (mlp)' (another fusion), and ' + GFMFR'
+    after either when group-wise fusion is on."""
     name = BACKBONE_NAMES.get(backbone, backbone)
-    if fusion is None:
-        return name
-    return f"{name} + FedMR" if fusion == "moe" else f"{name} + FedMR ({fusion})"
+    if fusion is not None:
+        name = f"{name} + FedMR" if fusion == "moe" else f"{name} + FedMR ({fusion})"
+    return f"{name} + GFMFR" if gfmfr else name
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -118,7 +119,7 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
     config = runs[0].spec.config
     fusion = config.model.fusion.fusion if config.model.fusion is not None else None
     row = {"key": runs[0].spec.key, "backbone": config.model.backbone, "source": LEARNED,
-           "label": method_label(config.model.backbone, fusion), "fusion": fusion,
+           "label": method_label(config.model.backbone, fusion, config.model.gfmfr is not None), "fusion": fusion,
            "seeds": [r.spec.seed for r in done], "seeds_planned": [r.spec.seed for r in runs],
            "failed": [(r.spec.seed, r.error) for r in runs if r.status == "failed"],
            "missing": [r.spec.seed for r in runs if r.status == "missing"],

@@ -1,0 +1,166 @@
+"""GFMFR on the server (spec/gfmfr.md §1-§7): its state across rounds and its group step.
+Pure (no Ray): the Server actor feeds it the pools' uploads, the equivalence tests feed it
+Shards directly.
+
+Round t: the pools train (participants with a group distil TeacherDownload.scores), upload
+their grouping vectors; `assign` groups this round's participants; the pools reduce their
+members' trained tables per group (Shard.group_sums); `fit` trains the group fusion model on
+the group means and computes the teacher scores the next round downloads.
+
+Shapes: U = users, P = participants, F = grouping-vector width, G = groups, N = items.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.federated.grouping import UNGROUPED, cluster_seed, group_users
+from pipeline.models.base import InitialState
+from pipeline.models.group_fusion import GroupFusion, kd_schedule, targets_from_sums, train_group_fusion
+
+_FUSION_SEED_TAG = 0x6F5  # the group fusion model's initialisation stream (from train.model_seed)
+
+
+@dataclass
+class TeacherDownload:
+    """What a round's pools receive for distillation.
+
+    scores: [G, N] s_g of every group (NaN rows: empty groups).  group_of: [U] the group each
+    user distils in this round (UNGROUPED: none, it trains on its own loss).  weight: a(t).
+    shared_rho: ema_scope=shared_round, the rho every client starts from (NaN: unset).
+    A client reads only s_{g(u)} at its own rows' items (Shard.teacher_rows).
+    """
+
+    scores: torch.Tensor
+    group_of: np.ndarray
+    weight: float
+    shared_rho: float = math.nan
+
+
+def new_group_fusion(config, width: int, feature_dims: dict[str, int], dtype=torch.float32) -> GroupFusion:
+    """The seeded initial group fusion model f_phi of a run (from train.model_seed)."""
+    cfg = config.model.gfmfr
+    generator = torch.Generator().manual_seed(config.train.model_seed * 7919 + _FUSION_SEED_TAG)
+    return GroupFusion(cfg.group_num, width, feature_dims, group_dim=cfg.group_emb_dim, fusion=cfg.group_fusion,
+                       generator=generator).to(dtype)
+
+
+def vector_shapes(model, initial: InitialState) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every part of the model's grouping vector (model.GROUP_VECTOR)."""
+    known = {**initial.personal_shared, **initial.global_params}
+    return {name: tuple(known[name].shape) for name in model.GROUP_VECTOR}
+
+
+def flatten_vectors(model, vectors: dict[str, torch.Tensor], n_clients: int) -> torch.Tensor:
+    """[B, F]: the clients' grouping vectors from their trained parameters (name -> [B, ...])."""
+    return torch.cat([vectors[name].reshape(n_clients, -1) for name in model.GROUP_VECTOR], 1)
+
+
+def group_means(values: torch.Tensor, ids: np.ndarray, n_groups: int) -> torch.Tensor:
+    """[G, ...] mean of values [P, ...] over each group's members (ids [P]); empty groups 0."""
+    index = torch.as_tensor(ids)
+    sums = values.new_zeros(n_groups, *values.shape[1:]).index_add_(0, index, values)
+    counts = torch.bincount(index, minlength=n_groups).clamp(min=1).to(values.dtype)
+    return sums / counts.view(-1, *[1] * (values.dim() - 1))
+
+
+class GroupServer:
+    """The server's GFMFR state: memberships, the group fusion model f_phi, the teacher scores."""
+
+    def __init__(self, config, model, initial: InitialState, features: dict[str, torch.Tensor],
+                 n_users: int, n_items: int, dtype=torch.float32):
+        self.config, self.model, self.cfg = config, model, config.model.gfmfr
+        self.features = {m: x.to(dtype) for m, x in features.items() if m in ("text", "image")}
+        if not self.features:
+            raise ValueError("model.gfmfr needs text or image item features (the group fusion model maps content "
+                             "to each group's item table): encode them, see `python -m pipeline encode --help`")
+        self.shapes = vector_shapes(model, initial)
+        self.n_items = n_items
+        width = initial.global_params[model.GROUP_TABLE].shape[1]
+        self.fusion = new_group_fusion(config, width, {m: x.shape[1] for m, x in self.features.items()}, dtype)
+        self.known = np.full(n_users, UNGROUPED, dtype=np.int64)  # latest aligned id of every user
+        self.group_of = np.full(n_users, UNGROUPED, dtype=np.int64)  # who distils next round, in which group
+        self.scores: torch.Tensor | None = None  # [G, N] for the next round
+        self.shared_rho = math.nan
+
+    # -- what a round's pools receive -------------------------------------------------------
+
+    def download(self, round_: int) -> TeacherDownload | None:
+        """The teacher of round `round_` (None in round 0, before any group step)."""
+        if self.scores is None:
+            return None
+        weight = kd_schedule(self.cfg.kd_schedule, round_, self.config.train.rounds)
+        return TeacherDownload(scores=self.scores, group_of=self.group_of.copy(), weight=weight,
+                               shared_rho=self.shared_rho)
+
+    # -- the group step -----------------------------------------------------------------------
+
+    def assign(self, round_: int, users: np.ndarray, vectors: torch.Tensor) -> np.ndarray:
+        """[P] aligned group ids of this round's participants from their grouping vectors."""
+        return group_users(vectors.double().numpy(), users, self.cfg.group_num, method=self.cfg.group_method,
+                           use_pca=self.cfg.use_pca, seed=self.config.train.seed, round_=round_,
+                           previous=self.known)
+
+    def fit(self, round_: int, users: np.ndarray, ids: np.ndarray, sums: torch.Tensor, members: torch.Tensor,
+            downloaded_table: torch.Tensor, vectors: torch.Tensor, alpha: torch.Tensor | None,
+            global_params: dict[str, torch.Tensor], rho: tuple[float, int] = (0.0, 0)) -> dict[str, float]:
+        """Train f_phi on the group targets (the downloaded table + the groups' mean changes,
+        sums [G, N, d] / members [G]), compute the teacher scores for the next round from the
+        groups' mean heads (vectors [P, F]) and, with FedMR, the groups' mean mixing weights
+        (alpha [P, 3]) through the aggregated module (global_params); update memberships.
+        rho: (sum, count) of the clients' final rho (ema_scope=shared_round)."""
+        started = time.perf_counter()
+        dtype = self.fusion.group.dtype
+        targets = targets_from_sums(downloaded_table.to(dtype), sums.to(dtype), members)
+        losses = train_group_fusion(self.fusion, targets, members, self.features, epochs=self.cfg.server_epochs,
+                                    lr=self.cfg.server_lr, weight_decay=self.cfg.server_weight_decay,
+                                    batch=self.cfg.server_batch, seed=cluster_seed(self.config.train.seed, round_))
+        if not math.isfinite(losses[-1]):  # a hard failure, like a client's (spec/gfmfr.md G3)
+            raise FloatingPointError(f"round {round_}: the group fusion model's loss is {losses[-1]} (the group "
+                                     f"targets, the members' trained tables, have diverged)")
+        fitted = time.perf_counter()
+        n_groups = self.cfg.group_num
+        with torch.no_grad():
+            z = torch.stack([self.fusion.table(g, self.features, self.n_items) for g in range(n_groups)])
+            means = group_means(vectors.to(dtype), ids, n_groups)
+            head, at = {}, 0
+            for name, shape in self.shapes.items():
+                size = int(np.prod(shape))
+                head[name] = means[:, at:at + size].reshape(n_groups, *shape)
+                at += size
+            if hasattr(self.model, "fuse_teacher"):
+                mean_alpha = group_means(alpha.to(dtype), ids, n_groups) if alpha is not None else None
+                params = {k: v.to(dtype) for k, v in global_params.items()}
+                z = self.model.fuse_teacher(z, params, self.features, mean_alpha)
+            scores = torch.sigmoid(self.model.teacher_logits(head, z))
+            scores[members == 0] = math.nan
+        self.scores = scores
+        self.known[users] = ids
+        if self.cfg.group_membership == "last_round":
+            self.group_of = np.full_like(self.known, UNGROUPED)
+            self.group_of[users] = ids
+        else:
+            self.group_of = self.known.copy()
+        if self.cfg.ema_scope == "shared_round" and rho[1] > 0:
+            self.shared_rho = rho[0] / rho[1]
+        return {"time/group_fusion_seconds": fitted - started,
+                "time/teacher_seconds": time.perf_counter() - fitted,
+                "group/fusion_loss": losses[-1],
+                "group/nonempty": int((members > 0).sum()),
+                "group/largest": int(members.max())}
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"fusion": self.fusion.state_dict(), "known": self.known, "group_of": self.group_of,
+                "scores": self.scores, "shared_rho": self.shared_rho}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.fusion.load_state_dict(state["fusion"])
+        self.known, self.group_of = state["known"].copy(), state["group_of"].copy()
+        self.scores, self.shared_rho = state["scores"], state["shared_rho"]

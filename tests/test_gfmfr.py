@@ -1,0 +1,152 @@
+"""GFMFR's behaviour on the engine (spec/gfmfr.md): grouping recovers the generator's planted
+taste groups from real client uploads, a client receives exactly its group's scores at its
+own items, a diverging loss is a hard failure (G3), and configs that cannot work are refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from pipeline.config import load_config
+from pipeline.data.prepare import PrepareConfig, prepare
+from pipeline.data.synthetic import SyntheticConfig, generate
+from pipeline.federated.aggregate import initial_state, participants, round_lrs
+from pipeline.federated.group_server import GroupServer, TeacherDownload
+from pipeline.federated.grouping import UNGROUPED
+from pipeline.federated.shard import Shard
+from pipeline.models import model_for
+from test_equivalence import synthetic
+from test_fedmr_equivalence import with_features
+from test_gfmfr_equivalence import make_config, run_engine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(one_torch_thread):
+    """Every test of this module runs on one torch thread (conftest.one_torch_thread)."""
+
+
+def planted(n_groups: int, seed: int = 0):
+    """A clean generator setting: the taste groups alone decide what users pick (content signal
+    1, fully group-specific profiles, no popularity, no content noise); content features are
+    the items' true attributes per modality, one-hot (what a perfect encoder would give)."""
+    syn = generate(SyntheticConfig(n_users=300, n_items=200, n_groups=n_groups, group_strength=1.0,
+                                   content_signal=1.0, mean_interactions=40, affinity_beta=4.0,
+                                   popularity_alpha=0.0, noise=0.0, images=False, seed=seed), progress=False)
+    data = prepare(syn.dataset, PrepareConfig(min_user=0, min_item=0))
+    truth = syn.truth
+    assert np.array_equal(data.user_ids, np.arange(data.n_users)) and np.array_equal(data.item_ids, np.arange(200))
+    features = {}
+    for modality in ("image", "text"):
+        parts = [np.eye(len(truth.vocabularies[name]), dtype=np.float32)[truth.item_attributes[name]]
+                 for name, m in truth.attribute_modality.items() if m == modality]
+        x = np.concatenate(parts, 1)
+        features[modality] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return dataclasses.replace(data, features=features), truth.user_group
+
+
+@pytest.mark.parametrize("n_groups", [2, 4])
+def test_grouping_recovers_planted_taste_groups(n_groups, monkeypatch):
+    """FedAvg's personal heads, uploaded after local training, grouped by the spec's default
+    (standardise, spectral clustering with the median-heuristic RBF): ARI >= 0.8 against the
+    generator's taste groups in every round, distillation on from round 1 (rho capped, the
+    project default: with the spec's uncapped loss-ratio weight a few heads explode once
+    distillation starts, and spectral clustering then isolates them; README, GFMFR)."""
+    data, truth = planted(n_groups)
+    cfg = load_config(None, ["model.backbone=fedavg", "model.dim=32", "train.lr=0.1", "train.neg_ratio=4",
+                             "train.rounds=8", f"model.gfmfr={{group_num: {n_groups}, server_epochs: 5}}"])
+    scores = []
+    fit = GroupServer.fit
+
+    def spy(self, round_, users, ids, *args, **kwargs):
+        scores.append(adjusted_rand_score(truth[users], ids))
+        return fit(self, round_, users, ids, *args, **kwargs)
+
+    monkeypatch.setattr(GroupServer, "fit", spy)
+    shards, _, groups, distilled = run_engine(cfg, data, 8, n_shards=2, dtype=torch.float32)
+    assert min(distilled[1:]) == data.n_users  # everyone distilled from round 1 on
+    assert len(scores) == 8 and min(scores) >= 0.8, scores
+    assert set(groups.known.tolist()) == set(range(n_groups))
+
+
+def test_client_receives_exactly_its_groups_scores_at_its_items():
+    data = with_features(synthetic())
+    cfg = make_config("fcf", "train.lr=0.01")
+    init = initial_state(cfg, data.n_users, data.n_items, {m: x.shape[1] for m, x in data.features.items()})
+    shard = Shard(cfg, data, None, np.arange(data.n_users), init, dtype=torch.float64)
+    n_groups = cfg.model.gfmfr.group_num
+    scores = torch.rand(n_groups, data.n_items, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    scores[2] = math.nan  # a group without members this round
+    group_of = np.full(data.n_users, UNGROUPED)
+    group_of[::3], group_of[1::3] = 0, 1
+    group_of[5] = 2
+    teacher = TeacherDownload(scores=scores, group_of=group_of, weight=0.5)
+    received = {}
+    original = Shard._distillation
+
+    def spy(self, teacher, users, local, ws):
+        distil = original(self, teacher, users, local, ws)
+        for b, user in enumerate(users.tolist()):
+            mine = ws.client == b
+            received[user] = (ws.item[mine], distil.teacher[torch.as_tensor(mine)])
+        return distil
+
+    Shard._distillation = spy
+    try:
+        users = participants(data.n_users, 1.0, 0, 1)
+        upload = shard.train(1, init.global_params, users, round_lrs(cfg, data.n_items, 1), teacher)
+    finally:
+        Shard._distillation = original
+    assert upload.distilled == int(np.isin(group_of, [0, 1]).sum())  # not user 5: its group is empty
+    for user, (items, values) in received.items():
+        trained_items = set(data.train_items[data.train_indptr[user]:data.train_indptr[user + 1]].tolist())
+        assert trained_items <= set(items.tolist())  # every positive, plus its sampled negatives
+        if group_of[user] in (0, 1):
+            assert torch.equal(values, scores[group_of[user]][torch.as_tensor(items)])
+        else:  # no group, or an empty one: nothing to distil
+            assert torch.isnan(values).all()
+
+
+def test_ungrouped_clients_train_on_their_own_loss():
+    """G2: a client without a group trains exactly as without GFMFR."""
+    data = with_features(synthetic())
+    cfg = make_config("fedavg", "train.lr=0.2")
+    plain = load_config(None, [f"{k}={v}" for k, v in (("model.backbone", "fedavg"), ("model.dim", 8),
+                                                          ("train.local_epochs", 3), ("train.batch_rows", 24),
+                                                          ("train.neg_ratio", 2), ("train.seed", 3),
+                                                          ("train.model_seed", 5), ("train.lr", 0.2))])
+    init = initial_state(cfg, data.n_users, data.n_items, {m: x.shape[1] for m, x in data.features.items()})
+    nobody = TeacherDownload(scores=torch.full((3, data.n_items), 0.5, dtype=torch.float64),
+                             group_of=np.full(data.n_users, UNGROUPED), weight=1.0)
+    users = np.arange(data.n_users)
+    results = []
+    for config, teacher in ((cfg, nobody), (plain, None)):
+        shard = Shard(config, data, None, users, init, dtype=torch.float64)
+        shard.train(1, {k: v.double() for k, v in init.global_params.items()}, users,
+                    round_lrs(config, data.n_items, 1), teacher)
+        results.append(shard.store.dense["w"])
+    assert torch.equal(results[0], results[1])
+
+
+def test_diverging_loss_is_a_hard_failure():
+    """G3: a non-finite loss stops the run with the round and the users; nothing is skipped."""
+    data = with_features(synthetic())
+    cfg = make_config("fedncf", "train.lr=0.3", "train.tol=0.0")
+    assert cfg.model.gfmfr.rho_max is None  # the spec's uncapped weight
+    with pytest.raises(FloatingPointError, match="not finite"):
+        run_engine(cfg, data, 4, n_shards=1)
+
+
+def test_configs_that_cannot_work_are_refused():
+    with pytest.raises(ValueError, match="ema_scope"):
+        load_config(None, ["model.gfmfr={ema_scope: shared_sequential}"])
+    with pytest.raises(ValueError, match="keep id"):
+        load_config(None, ["model.fusion={modalities: [text, image]}", "model.gfmfr={}"])
+    cfg = load_config(None, ["model.gfmfr={}"])
+    init = initial_state(cfg, 5, 7)
+    with pytest.raises(ValueError, match="text or image"):
+        GroupServer(cfg, model_for(cfg.model), init, {}, 5, 7)

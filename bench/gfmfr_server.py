@@ -80,7 +80,7 @@ def mean(rows: list[dict], key: str) -> float:
     return float(np.mean([r[key] for r in rows]))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="fcf", choices=["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"])
     parser.add_argument("--dataset", default="ku", choices=["ku", "movielens"],
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="2 rounds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rounds = 2 if args.quick else max(2, args.rounds)
     threads = set_threads(args.threads)
     print(machine_line(threads))
@@ -116,7 +116,9 @@ def main() -> None:
     print(f"server step {figures['server_step_wall_s']:.2f} s per round = {figures['server_over_clients']:.2f}x the "
           f"clients' training ({figures['clients_train_wall_s']:.2f} s); distillation makes client training "
           f"{figures['distillation_client_overhead']:.2f}x the ID-only time")
-    emit_json({**figures, "gfmfr_rounds": with_groups, "baseline_rounds": plain})
+    figures = {**figures, "gfmfr_rounds": with_groups, "baseline_rounds": plain}
+    emit_json(figures)
+    return figures
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from bench import engine_speed, scale
+from bench import engine_speed, gfmfr_server, scale
+from pipeline.data.datasets import data_root
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +70,16 @@ def test_scale_smoke(capsys):
         for key in ("population", "per_round", "s_per_round", "round_seconds", "peak_rss_gb", "store_mb", "stopped"):
             assert key in setting, (name, key)
         assert setting["rounds_run"] == 2  # one warm-up + one timed
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not (data_root() / "ku").is_dir(), reason="KU data not available")
+def test_gfmfr_server_smoke(capsys):
+    returned = gfmfr_server.main(["--quick"])
+    figures = last_json_line(capsys.readouterr().out)
+    assert figures["benchmark"] == "gfmfr_server" == returned["benchmark"]
+    for key in ("clients_train_wall_s", "id_only_clients_train_wall_s", "server_step_wall_s", "grouping_wall_s",
+                "reduce_wall_s", "group_fusion_wall_s", "teacher_wall_s", "server_over_clients",
+                "distillation_client_overhead"):
+        assert figures[key] > 0, key
+    assert [r["distilled"] for r in figures["gfmfr_rounds"]] == [0, 204]  # KU: every user from round 1

@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, default=30)
     run.add_argument("--fedmr", action=argparse.BooleanOptionalAction, default=True,
                      help="also train the backbone with FedMR's fusion module on the encoded features (default on)")
+    run.add_argument("--gfmfr", action=argparse.BooleanOptionalAction, default=False,
+                     help="also train the backbone with GFMFR's group-wise fusion and distillation (default off)")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 

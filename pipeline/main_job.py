@@ -3,7 +3,7 @@ multimodal dataset. Today: generate (real PNGs and texts) → encode the catalog
 Ray Data stage with the offline encoders → prepare (split + persisted P1 negatives, features
 from the store) → train an ID backbone federatedly on Ray → print it beside the popularity
 baseline and the same backbone with FedMR's fusion module on the encoded features (--no-fedmr:
-ID only). GFMFR will plug in at the same step.
+ID only) and, with --gfmfr, with GFMFR's group-wise fusion and distillation.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def run_main(args) -> int:
         fedmr = load_config(None, [*overrides, f"data.features={manifest['path']}", "model.fusion={}",
                                    f"runtime.out={workdir / (args.backbone + '_fedmr')}"])
         summaries[f"{args.backbone} + FedMR"] = train(fedmr, resume=False, data_cache=workdir / "prepared",
+                                                      quiet=args.json, fresh=True)
+    if getattr(args, "gfmfr", False):  # GFMFR's group-wise fusion and distillation (spec/gfmfr.md defaults)
+        gfmfr = load_config(None, [*overrides, f"data.features={manifest['path']}", "model.gfmfr={}",
+                                   f"runtime.out={workdir / (args.backbone + '_gfmfr')}"])
+        summaries[f"{args.backbone} + GFMFR"] = train(gfmfr, resume=False, data_cache=workdir / "prepared",
                                                       quiet=args.json, fresh=True)
     baseline = evaluate_baselines(data, negatives, names=("popularity",), protocols=("p3",), ks=KS)
     rows = [{"method": "popularity", **row} for row in baseline if row["split"] == "test"]

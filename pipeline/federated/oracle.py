@@ -13,6 +13,12 @@ the server's grad_adam step as torch.optim.Adam. Shared with the engine besides 
 the dropout mask function (sampling.dropout_keep: masks keyed by user and item, so the same
 item in the same mini-batch gets the same mask) and the parameter names.
 
+GFMFR (spec/gfmfr.md, `model.gfmfr` set): the clients' distillation term and its rho (OracleKD),
+the grouping vectors, group targets, group heads and teacher scores are written here again;
+the server's clustering (grouping.group_users) and group fusion model (GroupFusion,
+train_group_fusion) are shared with the engine: they run on the server alone, and their own
+tests pin them.
+
 Shapes: I = items, d = dim, U = users, R = rows of a mini-batch.
 """
 
@@ -31,7 +37,10 @@ from torch.nn.utils import skip_init
 from pipeline.config import ExperimentConfig
 from pipeline.data.prepare import PreparedDataset
 from pipeline.federated.aggregate import initial_state, participants
+from pipeline.federated.group_server import new_group_fusion
+from pipeline.federated.grouping import cluster_seed, group_users
 from pipeline.federated.sampling import client_data, dropout_keep, epoch_rows
+from pipeline.models.group_fusion import train_group_fusion
 
 # --- what each backbone downloads/uploads and keeps (spec/backbones.md §6) ----------------------
 
@@ -409,10 +418,6 @@ def _oracle_group_step(config: ExperimentConfig, data: PreparedDataset, server: 
                        users: list[int], trained: dict[int, dict[str, torch.Tensor]], dtype,
                        table: str | None = None, fuse=None) -> None:
     """fuse(z [N, d_id], members' trained params) -> [N, d]: FedMR's teacher input (§9)."""
-    from pipeline.federated.grouping import cluster_seed, group_users
-    from pipeline.federated.group_server import new_group_fusion
-    from pipeline.models.group_fusion import train_group_fusion
-
     gfmfr, backbone = config.model.gfmfr, config.model.backbone
     n_groups = gfmfr.group_num
     names = GROUP_VECTORS.get(backbone, ("w", "b"))

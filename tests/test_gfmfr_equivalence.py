@@ -84,18 +84,9 @@ def run_engine(cfg, data, rounds, n_shards, dtype=torch.float64):
         teacher = groups.download(r)
         ups = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r), teacher) for s in shards]
         downloaded, g = g, apply_uploads(g, ups)
-        distilled.append(sum(u.distilled for u in ups))
-        with_users = [(s, u) for s, u in zip(shards, ups) if u.group_users is not None]
-        order = np.concatenate([u.group_users for _, u in with_users])
-        vectors = torch.cat([u.group_vectors for _, u in with_users])
-        ids = groups.assign(r, order, vectors)
-        bounds = np.cumsum([0] + [len(u.group_users) for _, u in with_users])
-        parts = [s.group_sums(ids[a:b], cfg.model.gfmfr.group_num)
-                 for (s, _), a, b in zip(with_users, bounds[:-1], bounds[1:])]
-        rho = (sum(u.rho[0] for u in ups), sum(u.rho[1] for u in ups))
-        alphas = [u.group_alpha for _, u in with_users if u.group_alpha is not None]
-        groups.fit(r, order, ids, sum(p[0] for p in parts), sum(p[1] for p in parts),
-                   downloaded[model.GROUP_TABLE], vectors, torch.cat(alphas) if alphas else None, g, rho)
+        metrics = groups.step(r, ups, lambda ids: [s.group_sums(mine, cfg.model.gfmfr.group_num)
+                                                   for s, mine in zip(shards, ids)], downloaded, g)
+        distilled.append(metrics["group/distilled_clients"])
     return shards, g, groups, distilled
 
 

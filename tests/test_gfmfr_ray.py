@@ -45,14 +45,8 @@ def reference(cfg, rounds):
         uploads = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r), teacher)
                    for s in shards]
         downloaded, g = g, apply_uploads(g, uploads)
-        order = np.concatenate([u.group_users for u in uploads])
-        vectors = torch.cat([u.group_vectors for u in uploads])
-        alphas = [u.group_alpha for u in uploads if u.group_alpha is not None]
-        ids = groups.assign(r, order, vectors)
-        bounds = np.cumsum([0] + [len(u.group_users) for u in uploads])
-        parts = [s.group_sums(ids[a:b], cfg.model.gfmfr.group_num) for s, a, b in zip(shards, bounds[:-1], bounds[1:])]
-        groups.fit(r, order, ids, sum(p[0] for p in parts), sum(p[1] for p in parts), downloaded[model.GROUP_TABLE],
-                   vectors, torch.cat(alphas) if alphas else None, g)
+        groups.step(r, uploads, lambda ids: [s.group_sums(mine, cfg.model.gfmfr.group_num)
+                                             for s, mine in zip(shards, ids)], downloaded, g)
         results = [s.evaluate(g, "p3", "valid", (10, 50)) for s in shards]
         out.append({k: sum(m[k] * n for m, n in results) / data.n_users for k in results[0][0]})
     return out, groups

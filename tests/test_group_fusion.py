@@ -10,7 +10,7 @@ import torch
 
 from pipeline.federated.group_server import group_means
 from pipeline.models.base import linear_head_teacher
-from pipeline.models.group_fusion import (GroupFusion, group_targets, kd_per_row, kd_schedule,
+from pipeline.models.group_fusion import (GroupFusion, group_delta_sums, kd_per_row, kd_schedule, targets_from_sums,
                                           train_group_fusion, update_ratio_ema)
 
 
@@ -22,7 +22,9 @@ def test_group_targets_are_the_members_mean_trained_tables():
     row_client = torch.tensor([0, 0, 1, 2, 2, 2, 3])
     row_item = torch.tensor([1, 4, 4, 0, 1, 6, 2])
     delta = torch.randn(len(row_client), d, generator=rng, dtype=torch.float64)
-    targets, members = group_targets(table, delta, row_client, row_item, client_group, n_groups)
+    # what the pools reduce (per-group sums of their clients' changes), then the server's mean
+    sums, members = group_delta_sums(delta, row_client, row_item, client_group, n_groups, n_items)
+    targets = targets_from_sums(table, sums, members)
     full = table.repeat(4, 1, 1)
     full[row_client, row_item] += delta  # each client's trained table
     assert members.tolist() == [2, 1, 0]

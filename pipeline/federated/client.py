@@ -121,21 +121,23 @@ class Distillation:
     """GFMFR's distillation term for B clients in a round (spec/gfmfr.md §6).
 
     teacher: [W] the client's teacher score s_{g(u)}[i] at every working-set row (NaN: the
-    client has no group and trains on its own loss only).  rho: [B] float64 loss-ratio EMA of
-    every client (NaN: unset), updated in place once per mini-batch.  weight: a(t) this round.
+    client has no group and trains on its own loss only).  grouped: [B] bool, the client has a
+    teacher.  rho: [B] float64 loss-ratio EMA of every client (NaN: unset), updated in place
+    once per mini-batch.  weight: a(t) this round.
     A client's loss is L_rec + rho_u a(t) L_KD, with rho_u updated from the batch's detached
     L_BCE / L_KD before the backward pass (PFedRec's second sub-step reuses it).
     """
 
     teacher: torch.Tensor
+    grouped: np.ndarray
     rho: np.ndarray
     weight: float
     rho_max: float | None = None
 
     def block(self, c0: int, c1: int, w0: int, w1: int) -> "Distillation":
         """Clients c0..c1-1 alone; rho is a view (their updates land in this one)."""
-        return Distillation(teacher=self.teacher[w0:w1], rho=self.rho[c0:c1], weight=self.weight,
-                            rho_max=self.rho_max)
+        return Distillation(teacher=self.teacher[w0:w1], grouped=self.grouped[c0:c1], rho=self.rho[c0:c1],
+                            weight=self.weight, rho_max=self.rho_max)
 
     def kappa(self, clients: np.ndarray, bce: torch.Tensor, kd: torch.Tensor, grouped: torch.Tensor,
               update: bool) -> torch.Tensor:
@@ -143,8 +145,8 @@ class Distillation:
         or with rho unset. update: first take the batch's ratio into rho (bce, kd: [P] detached
         means; grouped: [P] bool)."""
         if update:
-            at = clients[grouped.cpu().numpy()]
             take = grouped.cpu().numpy()
+            at = clients[take]
             self.rho[at] = update_ratio_ema(self.rho[at], bce.cpu().double().numpy()[take],
                                             kd.cpu().double().numpy()[take], self.rho_max)
         rho = np.nan_to_num(self.rho[clients], nan=0.0)
@@ -461,12 +463,18 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
                        last_grads=last_grads)
 
 
+def history_rows(working_set: WorkingSet, epochs: list[EpochRows]) -> np.ndarray:
+    """Sorted working-set positions of the clients' training positives (every epoch holds
+    every positive once, so the first epoch's are all of them)."""
+    first = epochs[0]
+    return np.sort(working_set.locate(first.client[first.label == 1], first.item[first.label == 1]))
+
+
 def client_mixing(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows],
                   fusion: FusionInputs) -> torch.Tensor:
     """[B, 3] every client's FedMR mixing weights alpha_u over its training positives H_u, in
     evaluation mode, with its trained parameters (GFMFR's upload, spec/gfmfr.md §8)."""
-    first = epochs[0]
-    history = np.sort(working_set.locate(first.client[first.label == 1], first.item[first.label == 1]))
+    history = history_rows(working_set, epochs)
     inputs = replace(fusion, dropout=0.0, history=history)
     ctx = StepRows(params.all(), torch.as_tensor(fusion.ws_client[history]), torch.as_tensor(history), inputs)
     with torch.no_grad():
@@ -574,9 +582,8 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
     device, dtype = next(iter(current.values())).device, next(iter(current.values())).dtype
     if fusion is not None and device.type != "cpu":
         raise NotImplementedError("a fusion module trains on the CPU only (runtime.device=cpu)")
-    if fusion is not None and epochs:  # every epoch holds every positive once
-        first = epochs[0]
-        fusion.history = np.sort(working_set.locate(first.client[first.label == 1], first.item[first.label == 1]))
+    if fusion is not None and epochs:
+        fusion.history = history_rows(working_set, epochs)
     rename = fusion.span_tables() if fusion is not None else {}
     last_grads = {rename.get(n, n): torch.zeros_like(current[rename.get(n, n)])
                   for n in getattr(model, "UPLOAD_GRADS", ())}

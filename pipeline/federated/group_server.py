@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -99,6 +100,33 @@ class GroupServer:
                                shared_rho=self.shared_rho)
 
     # -- the group step -----------------------------------------------------------------------
+
+    def step(self, round_: int, uploads: list, reduce: Callable[[list[np.ndarray]], list],
+             downloaded: dict[str, torch.Tensor], global_params: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The whole group step of round `round_` after aggregation, from the pools' Uploads (one
+        per pool, in pool order): `assign`, then reduce(ids) -> [(sums [G, N, d], members [G])]
+        with ids[k] the group ids of upload k's clients (the pools' group_sums: remote calls on
+        the Server, Shard.group_sums in process), then `fit` from the round's downloaded globals
+        and the aggregated ones. Returns its metrics: costs, groups, what crossed the network."""
+        started = time.perf_counter()
+        sent = [u for u in uploads if u.group_users is not None]
+        users = np.concatenate([u.group_users for u in sent])
+        vectors = torch.cat([u.group_vectors for u in sent])
+        alphas = [u.group_alpha for u in sent if u.group_alpha is not None]
+        ids = self.assign(round_, users, vectors)
+        grouped = time.perf_counter()
+        bounds = np.cumsum([0] + [len(u.group_users) if u.group_users is not None else 0 for u in uploads])
+        parts = reduce([ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])])
+        reduced = time.perf_counter()
+        rho = (sum(u.rho[0] for u in uploads), sum(u.rho[1] for u in uploads))
+        metrics = self.fit(round_, users, ids, sum(p[0] for p in parts), sum(p[1] for p in parts),
+                           downloaded[self.model.GROUP_TABLE], vectors, torch.cat(alphas) if alphas else None,
+                           global_params, rho)
+        distilled = sum(u.distilled for u in uploads)
+        return {**metrics, "time/grouping_seconds": grouped - started, "time/group_reduce_seconds": reduced - grouped,
+                "time/group_step_seconds": time.perf_counter() - started, "group/distilled_clients": distilled,
+                "comm/teacher_bytes_down": distilled * self.n_items * self.scores.element_size(),
+                "comm/group_bytes_up": int(sum(t.numel() * t.element_size() for t in (vectors, *alphas)))}
 
     def assign(self, round_: int, users: np.ndarray, vectors: torch.Tensor) -> np.ndarray:
         """[P] aligned group ids of this round's participants from their grouping vectors."""

@@ -168,30 +168,14 @@ class Server:
         return metrics
 
     def _group_step(self, round_: int, uploads: list, downloaded: dict) -> dict:
-        """GFMFR's server step after aggregation (group_server.py): group the participants, have
-        the pools reduce their members' tables per group, fit the group fusion model and the
-        next round's teacher. Returns its metrics (costs, against the clients' training time)."""
-        started = time.perf_counter()
-        users = np.concatenate([u.group_users for u in uploads if u.group_users is not None])
-        vectors = torch.cat([u.group_vectors for u in uploads if u.group_vectors is not None])
-        alphas = [u.group_alpha for u in uploads if u.group_alpha is not None]
-        ids = self.groups.assign(round_, users, vectors)
-        grouped = time.perf_counter()
-        bounds = np.cumsum([0] + [len(u.group_users) if u.group_users is not None else 0 for u in uploads])
-        G = self.config.model.gfmfr.group_num
-        parts = ray.get([pool.group_sums.remote(round_, ids[a:b], G)
-                         for pool, a, b in zip(self.pools, bounds[:-1], bounds[1:])])
-        sums, members = sum(p[0] for p in parts), sum(p[1] for p in parts)
-        reduced = time.perf_counter()
-        rho = (sum(u.rho[0] for u in uploads), sum(u.rho[1] for u in uploads))
-        table = downloaded[self.groups.model.GROUP_TABLE]
-        metrics = self.groups.fit(round_, users, ids, sums, members, table, vectors,
-                                  torch.cat(alphas) if alphas else None, self.globals, rho)
-        distilled = sum(u.distilled for u in uploads)
-        return {**metrics, "time/grouping_seconds": grouped - started, "time/group_reduce_seconds": reduced - grouped,
-                "time/group_step_seconds": time.perf_counter() - started, "group/distilled_clients": distilled,
-                "comm/teacher_bytes_down": distilled * self.n_items * 4,
-                "comm/group_bytes_up": int(sum(t.numel() * t.element_size() for t in (vectors, *alphas)))}
+        """GFMFR's server step after aggregation (group_server.GroupServer.step); the pools reduce
+        their members' tables per group where the members' state lives."""
+        n_groups = self.config.model.gfmfr.group_num
+
+        def reduce(ids: list[np.ndarray]) -> list:
+            return ray.get([pool.group_sums.remote(round_, mine, n_groups) for pool, mine in zip(self.pools, ids)])
+
+        return self.groups.step(round_, uploads, reduce, downloaded, self.globals)
 
     def _evaluate(self, split: str) -> dict[str, float]:
         """Pools score their own users; the means are reduced weighted by user counts."""

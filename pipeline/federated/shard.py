@@ -220,7 +220,6 @@ class Shard:
             self.store.dense[RHO] = torch.full((len(self.store.users),), math.nan, dtype=torch.float64,
                                                device=self.device)
         self._for_groups = None  # GFMFR: this round's clients and their changes to model.GROUP_TABLE
-        self._grouped = np.zeros(0, dtype=bool)  # ... and which of them distilled
         self.group_width = initial.global_params[self.model.GROUP_TABLE].shape[1] if config.model.gfmfr else 0
 
     @property
@@ -320,7 +319,7 @@ class Shard:
         gfmfr = self.config.model.gfmfr
         if gfmfr is not None:
             if distil is not None:
-                upload.distilled = int(self._grouped.sum())
+                upload.distilled = int(distil.grouped.sum())
                 if gfmfr.ema_scope == "client":
                     self.store.dense[RHO][local] = torch.as_tensor(distil.rho).to(self.store.dense[RHO].device)
                 else:
@@ -344,14 +343,14 @@ class Shard:
         working-set rows (what it receives: s_{g(u)} at its items), and its rho."""
         group = torch.as_tensor(teacher.group_of[users])
         empty = torch.isnan(teacher.scores[:, 0])  # groups without members this round
-        self._grouped = ((group >= 0) & ~empty[group.clamp(min=0)]).numpy()
+        grouped = ((group >= 0) & ~empty[group.clamp(min=0)]).numpy()
         rows = self.teacher_rows(teacher.scores, group, torch.as_tensor(ws.client), torch.as_tensor(ws.item))
         if self.config.model.gfmfr.ema_scope == "client":
             rho = self.store.dense[RHO][local].cpu().numpy().copy()
         else:
-            rho = np.where(self._grouped, teacher.shared_rho, math.nan)
-        return Distillation(teacher=rows.to(device=self.device, dtype=self.dtype), rho=rho, weight=teacher.weight,
-                            rho_max=self.config.model.gfmfr.rho_max)
+            rho = np.where(grouped, teacher.shared_rho, math.nan)
+        return Distillation(teacher=rows.to(device=self.device, dtype=self.dtype), grouped=grouped, rho=rho,
+                            weight=teacher.weight, rho_max=self.config.model.gfmfr.rho_max)
 
     @staticmethod
     def teacher_rows(scores: torch.Tensor, group: torch.Tensor, row_client: torch.Tensor,

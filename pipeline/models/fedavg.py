@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.base import (InitialState, RowContext, linear_head, linear_head_init, linear_head_teacher,  # noqa: F401
-                                  xavier)
+from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, linear_head_teacher, xavier
 
 GLOBAL_TABLES = ("item",)
 GLOBAL_DENSE: tuple[str, ...] = ()

@@ -1,6 +1,6 @@
-"""GFMFR's server-side math (spec/gfmfr.md §3-§6), pure torch: group targets, the group fusion
-model f_phi trained to regress them, group teacher scores, and the clients' distillation term
-with its adaptive weight.
+"""GFMFR's math (spec/gfmfr.md §3-§6), pure torch: group targets (the pools' per-group sums, the
+server's means), the group fusion model f_phi trained to regress them, and the clients'
+distillation term with its adaptive weight (teacher heads: each backbone's teacher_logits).
 
 Shapes: G = groups, N = items, d_c = target width, P = participants, W = uploaded table rows.
 """
@@ -34,18 +34,6 @@ def group_delta_sums(delta: torch.Tensor, row_client: torch.Tensor, row_item: to
     keys = client_group[row_client[rows]] * n_items + row_item[rows]
     sums = delta.new_zeros(n_groups * n_items, delta.shape[1]).index_add_(0, keys, delta[rows])
     return sums.view(n_groups, n_items, -1), members
-
-
-def group_targets(global_table: torch.Tensor, delta: torch.Tensor, row_client: torch.Tensor,
-                  row_item: torch.Tensor, client_group: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C̄ [G, N, d], members [G]): each group's mean of its members' locally trained tables.
-
-    A client's trained table is the downloaded `global_table` [N, d] plus its `delta` on the
-    rows it touched (see group_delta_sums); untouched rows are the global ones. Empty groups
-    get the global table.
-    """
-    sums, members = group_delta_sums(delta, row_client, row_item, client_group, n_groups, len(global_table))
-    return targets_from_sums(global_table, sums, members), members
 
 
 def targets_from_sums(global_table: torch.Tensor, sums: torch.Tensor, members: torch.Tensor) -> torch.Tensor:

@@ -201,6 +201,13 @@ class TrainConfig(BaseModel):
     patience: int = Field(20, ge=0)
     eval_every: int = Field(1, ge=1)
     eval_ks: tuple[int, ...] = (10, 20, 50)
+    dropout: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client drops out of a round "
+                                                         "(its upload never arrives; it keeps its state)")
+    deadline: float | None = Field(None, gt=0, description="round deadline as a multiple of the round's median "
+                                                           "simulated client time: slower clients are stragglers, "
+                                                           "dropped like dropouts (None: no deadline)")
+    speed_spread: float = Field(0.5, ge=0, description="sigma of a client's log device speed, drawn per round; "
+                                                       "simulated time = training rows x local epochs / speed")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -219,6 +226,18 @@ class TrainConfig(BaseModel):
 
     def selection(self) -> str:
         return self.selection_metric or ("hr@10" if self.protocol == "p1" else "hr@50")
+
+
+class PrivacyConfig(BaseModel):
+    """Client-level differential privacy on the aggregate (DP-FedAvg): every client's update is
+    clipped to L2 norm `clip`, the server adds N(0, (noise_multiplier * clip)^2) to every
+    coordinate of the sum, and (epsilon, delta) is tracked with Opacus' RDP accountant."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clip: float = Field(..., gt=0, description="L2 norm bound of one client's update (all its uploads together)")
+    noise_multiplier: float = Field(..., ge=0, description="noise std / clip (0: clipping only, epsilon infinite)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the reported (epsilon, delta)")
 
 
 class RuntimeConfig(BaseModel):
@@ -251,7 +270,18 @@ class ExperimentConfig(BaseModel):
     data: DatasetConfig = Field(default_factory=DatasetConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    privacy: PrivacyConfig | None = Field(None, description="client-level differential privacy (None: off)")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _privacy_scope(self):
+        if self.privacy is None:
+            return self
+        if self.model.gfmfr is not None:
+            raise ValueError("privacy with model.gfmfr: GFMFR uploads each client's grouping vector and per-group "
+                             "table sums, which noise on the aggregate cannot protect; client-level DP covers the "
+                             "backbone's and FedMR's aggregated uploads only (see README, Privacy)")
+        return self
 
     def lr(self) -> float:
         if self.train.lr is not None:

@@ -15,8 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from pipeline.config import load_config
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.schema import Interactions, RawDataset
-from pipeline.federated.aggregate import (apply_uploads, feature_dims, initial_state, participants, round_lrs,
-                                          shard_users)
+from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
 from pipeline.federated.oracle import (DenseState, _item_lr, _lr, initial_dense_state, oracle_round,
                                        oracle_scores)
 from pipeline.federated.sampling import client_data, epoch_rows
@@ -83,9 +82,9 @@ def run_engine(cfg, data, rounds, n_shards, dtype=torch.float64):
               for users in shard_users(data.train_counts, n_shards)]
     g = {k: v.to(dtype) for k, v in init.global_params.items()}
     for r in range(rounds):
-        users = participants(data.n_users, cfg.train.participation, cfg.train.seed, r)
+        users = round_users(cfg, data.train_counts, r).arrived
         ups = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r)) for s in shards]
-        g = apply_uploads(g, ups)
+        g, _ = aggregate(cfg, g, ups, None, r)
     return shards, g
 
 

@@ -16,8 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state,
-                                          participants, round_lrs, server_lr, shard_users)
+from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
 from pipeline.federated.oracle import initial_dense_state, oracle_scores_fedmr
 from pipeline.federated.shard import Shard
 from test_equivalence import engine_dense, engine_scores, max_diffs, moved, run_oracle, synthetic
@@ -101,13 +100,10 @@ def run_engine(cfg, data, rounds, n_shards, dtype=torch.float64):
     shards = [Shard(cfg, data, None, users, init, dtype=dtype) for users in shard_users(data.train_counts, n_shards)]
     g = {k: v.to(dtype) for k, v in init.global_params.items()}
     adam = None
-    fusion = cfg.model.fusion
     for r in range(rounds):
-        users = participants(data.n_users, cfg.train.participation, cfg.train.seed, r)
+        users = round_users(cfg, data.train_counts, r).arrived
         ups = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r)) for s in shards]
-        g = apply_uploads(g, ups)
-        if fusion.fusion_agg == "grad_adam":
-            g, adam = apply_fusion_grads(g, ups, adam, lr=server_lr(cfg), clip=fusion.server_clip)
+        g, adam = aggregate(cfg, g, ups, adam, r)
     return shards, g
 
 

@@ -50,6 +50,32 @@ def participants(n_users: int, participation: float, seed: int, round_: int) -> 
     return np.sort(rng.choice(n_users, size=count, replace=False)).astype(np.int64)
 
 
+def round_users(config: ExperimentConfig, train_counts: np.ndarray, round_: int):
+    """The round's sampled users split into arrived, dropped and late (arrivals.Arrivals)."""
+    from pipeline.federated.arrivals import arrivals
+
+    train = config.train
+    return arrivals(participants(len(train_counts), train.participation, train.seed, round_), train_counts, train,
+                    round_)
+
+
+def aggregate(config: ExperimentConfig, global_params: dict[str, torch.Tensor], uploads: list, adam_state: dict | None,
+              round_: int) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The server's update from the pools' uploads: the mean of the arrived clients' updates
+    (with privacy: clipped sums plus noise, privacy.privatize), then FedMR grad_adam's Adam step.
+    Returns (new globals, new Adam state)."""
+    from pipeline.federated.privacy import privatize
+
+    if config.privacy is not None:
+        uploads = [privatize(uploads, global_params, model_for(config.model), config.privacy, config.train.seed,
+                             round_)]
+    new = apply_uploads(global_params, uploads)
+    fusion = config.model.fusion
+    if fusion is not None and fusion.fusion_agg == "grad_adam":
+        new, adam_state = apply_fusion_grads(new, uploads, adam_state, lr=server_lr(config), clip=fusion.server_clip)
+    return new, adam_state
+
+
 def shard_users(train_counts: np.ndarray, n_shards: int) -> list[np.ndarray]:
     """Contiguous user ranges with about equal training rows each (results do not depend on it)."""
     n_shards = max(1, min(n_shards, len(train_counts)))

@@ -36,9 +36,10 @@ from torch.nn.utils import skip_init
 
 from pipeline.config import ExperimentConfig
 from pipeline.data.prepare import PreparedDataset
-from pipeline.federated.aggregate import initial_state, participants
+from pipeline.federated.aggregate import initial_state, round_users
 from pipeline.federated.group_server import new_group_fusion
 from pipeline.federated.grouping import cluster_seed, group_users
+from pipeline.federated.privacy import gaussian_noise
 from pipeline.federated.sampling import client_data, dropout_keep, epoch_rows
 from pipeline.models.group_fusion import train_group_fusion
 
@@ -334,7 +335,7 @@ def oracle_round(config: ExperimentConfig, data: PreparedDataset, state: DenseSt
     backbone = config.model.backbone
     global_names = GLOBAL_NAMES[backbone]
     downloaded = {name: value.to(device=device, dtype=dtype) for name, value in state.globals.items()}
-    users = participants(data.n_users, config.train.participation, config.train.seed, round_)
+    users = round_users(config, data.train_counts, round_).arrived
     new_personal = dict(state.personal)
     uploads, weights = [], []
     gfmfr = config.model.gfmfr
@@ -368,8 +369,12 @@ def oracle_round(config: ExperimentConfig, data: PreparedDataset, state: DenseSt
         return DenseState(globals=downloaded, personal=new_personal, server=server)
     total = sum(weights)
     new_globals = dict(downloaded)
-    for name in global_names:
-        new_globals[name] = sum(w / total * up[name] for w, up in zip(weights, uploads))
+    if config.privacy is not None:
+        mean = _private_mean(config, downloaded, uploads, [{} for _ in uploads], round_)
+        new_globals = {name: downloaded[name] + mean[name] for name in downloaded}
+    else:
+        for name in global_names:
+            new_globals[name] = sum(w / total * up[name] for w, up in zip(weights, uploads))
     if gfmfr is not None:
         _end_rhos(config, server, rhos, finals)
         _oracle_group_step(config, data, server, round_, users.tolist(), trained_by_user, dtype)
@@ -783,7 +788,7 @@ def oracle_round_fedmr(config: ExperimentConfig, data: PreparedDataset, state: D
     takes one torch.optim.Adam step on the averaged last-batch gradients (grad_adam)."""
     backbone, fcfg = config.model.backbone, config.model.fusion
     downloaded = {name: value.to(dtype) for name, value in state.globals.items()}
-    users = participants(data.n_users, config.train.participation, config.train.seed, round_)
+    users = round_users(config, data.train_counts, round_).arrived
     new_personal = dict(state.personal)
     uploads, weights, grads = [], [], []
     gfmfr = config.model.gfmfr
@@ -817,6 +822,10 @@ def oracle_round_fedmr(config: ExperimentConfig, data: PreparedDataset, state: D
         return DenseState(globals=downloaded, personal=new_personal, server=server)
     total = sum(weights)
     new_globals = {name: sum(w / total * up[name] for w, up in zip(weights, uploads)) for name in downloaded}
+    if config.privacy is not None:
+        sent = grads if fcfg.fusion_agg == "grad_adam" else [{} for _ in grads]
+        mean = _private_mean(config, downloaded, uploads, sent, round_)
+        new_globals = {name: downloaded[name] + mean[name] for name in downloaded}
     if fcfg.fusion_agg == "grad_adam":
         names = sorted(grads[0])
         if "adam" not in server:
@@ -827,7 +836,8 @@ def oracle_round_fedmr(config: ExperimentConfig, data: PreparedDataset, state: D
         with torch.no_grad():
             for name in names:
                 held[name].copy_(downloaded[name])
-                held[name].grad = sum(w / total * g[name] for w, g in zip(weights, grads))
+                held[name].grad = (mean[name] if config.privacy is not None
+                                   else sum(w / total * g[name] for w, g in zip(weights, grads)))
         if fcfg.server_clip is not None:
             torch.nn.utils.clip_grad_norm_([held[name] for name in names], fcfg.server_clip)
         adam.step()
@@ -839,6 +849,26 @@ def oracle_round_fedmr(config: ExperimentConfig, data: PreparedDataset, state: D
         _oracle_group_step(config, data, server, round_, users.tolist(), trained_by_user, dtype,
                            table="fedmr_item" if backbone == "fedncf" else None, fuse=fuse)
     return DenseState(globals=new_globals, personal=new_personal, server=server)
+
+
+def _private_mean(config: ExperimentConfig, downloaded: dict, trained: list[dict], grads: list[dict],
+                  round_: int) -> dict:
+    """DP-FedAvg: name -> (sum over clients of min(1, C / ||u_c||) u_c + noise) / n, where u_c is
+    client c's update as one vector: trained - downloaded for every global, or its last-batch
+    gradient for the names in grads[c]; the noise is the server's, N(0, (sigma C)^2)."""
+    privacy = config.privacy
+    updates = [{name: g[name] if name in g else up[name] - downloaded[name] for name in downloaded}
+               for up, g in zip(trained, grads)]
+    noise = gaussian_noise({name: tuple(v.shape) for name, v in downloaded.items()},
+                           privacy.noise_multiplier * privacy.clip, config.train.seed, round_,
+                           next(iter(downloaded.values())).dtype)
+    total = {name: noise[name].clone() for name in downloaded}
+    for update in updates:
+        norm = math.sqrt(sum(float(v.double().square().sum()) for v in update.values()))
+        factor = min(1.0, privacy.clip / norm) if norm > 0 else 1.0
+        for name in downloaded:
+            total[name] += factor * update[name]
+    return {name: value / len(updates) for name, value in total.items()}
 
 
 def _fedmr_teacher_input(config: ExperimentConfig, data: PreparedDataset, new_globals: dict, dtype):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state, participants,
-                                          round_lrs, server_lr, shard_users)
+from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
+from pipeline.federated.checkpoints import newest_intact, sha256_of
 from pipeline.federated.group_server import GroupServer
 from pipeline.federated.placement import plan_pools
 from pipeline.federated.pool import ClientPool, StaleState
+from pipeline.federated.privacy import epsilon_after
 from pipeline.federated.selection import Selection
 
 KEEP_CHECKPOINTS = 2
@@ -74,6 +76,7 @@ class Server:
         data_ref, negatives_ref = refs
         data = ray.get(data_ref)
         self.n_users, self.n_items = data.n_users, data.n_items
+        self.train_counts = np.asarray(data.train_counts)
         self.run_dir = Path(run_dir)
         self.initial = initial_state(self.config, self.n_users, self.n_items, feature_dims(data))
         self.globals = dict(self.initial.global_params)
@@ -97,6 +100,7 @@ class Server:
         self.selection = Selection(self.config.train.selection(), self.config.train.patience)
         self.history: list[dict] = []
         self.recoveries = 0
+        self.damaged_checkpoints: list[str] = []
 
     def _new_groups(self) -> GroupServer | None:
         if self.config.model.gfmfr is None:
@@ -124,7 +128,8 @@ class Server:
 
     def _round(self, round_: int) -> dict:
         started = time.perf_counter()
-        users = participants(self.n_users, self.config.train.participation, self.config.train.seed, round_)
+        arrived = round_users(self.config, self.train_counts, round_)
+        users = arrived.arrived
         lrs = round_lrs(self.config, self.n_items, round_)
         global_ref = ray.put(self.globals)
         teacher = self.groups.download(round_) if self.groups is not None else None
@@ -133,11 +138,7 @@ class Server:
                  for pool, shard in zip(self.pools, self.shards)]
         uploads = ray.get(calls)
         downloaded = self.globals
-        self.globals = apply_uploads(self.globals, uploads)
-        fusion = self.config.model.fusion
-        if fusion is not None and fusion.fusion_agg == "grad_adam":
-            self.globals, self.fusion_adam = apply_fusion_grads(self.globals, uploads, self.fusion_adam,
-                                                                lr=server_lr(self.config), clip=fusion.server_clip)
+        self.globals, self.fusion_adam = aggregate(self.config, self.globals, uploads, self.fusion_adam, round_)
         train_seconds = time.perf_counter() - started
         group_metrics = self._group_step(round_, uploads, downloaded) if self.groups is not None else {}
         clients = sum(u.clients for u in uploads)
@@ -146,6 +147,9 @@ class Server:
             "train/loss": sum(u.loss_sum for u in uploads) / max(clients, 1),
             "train/clients": clients,
             "train/rows": sum(u.rows for u in uploads),
+            "train/sampled": arrived.sampled,
+            "train/dropped": len(arrived.dropped),
+            "train/stragglers": len(arrived.late),
             "time/train_seconds": train_seconds,
             "time/clients_per_second": clients / train_seconds,
             "time/pool_seconds_max": max(u.seconds for u in uploads),
@@ -153,6 +157,7 @@ class Server:
             "comm/bytes_up": sum(u.nbytes() for u in uploads),
             "lr": self.config.lr() * self.config.lr_decay() ** round_,
             **group_metrics,
+            **(self._privacy_metrics(round_, uploads) if self.config.privacy is not None else {}),
         }
         if round_ % self.config.train.eval_every == 0:
             for split in ("valid", "test"):
@@ -166,6 +171,15 @@ class Server:
         if every and ((round_ + 1) % every == 0 or metrics["stop"]):
             self._checkpoint(round_)
         return metrics
+
+    def _privacy_metrics(self, round_: int, uploads: list) -> dict:
+        """(epsilon, delta) after this round (Opacus RDP; q = participation) and how many clients
+        were clipped."""
+        privacy, clients = self.config.privacy, sum(u.clients for u in uploads)
+        return {"privacy/epsilon": epsilon_after(round_ + 1, privacy.noise_multiplier,
+                                                 self.config.train.participation, privacy.delta),
+                "privacy/delta": privacy.delta,
+                "privacy/clipped_fraction": sum(u.clipped for u in uploads) / max(clients, 1)}
 
     def _group_step(self, round_: int, uploads: list, downloaded: dict) -> dict:
         """GFMFR's server step after aggregation (group_server.GroupServer.step); the pools reduce
@@ -194,12 +208,14 @@ class Server:
         tmp = folder / f".round-{round_:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        sizes = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
+        saved = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
         torch.save({"globals": self.globals, "selection": self.selection.state_dict(), "history": self.history,
                     "fusion_adam": self.fusion_adam,
                     "groups": self.groups.state_dict() if self.groups is not None else None}, tmp / "global.pt")
-        manifest = {"round": round_, "pools": len(self.pools), "pool_bytes": sizes,
-                    "users_per_pool": [len(s) for s in self.shards]}
+        digests = {f"pool-{i}.pt": digest for i, (_, digest) in enumerate(saved)}
+        digests["global.pt"] = sha256_of(tmp / "global.pt")
+        manifest = {"round": round_, "pools": len(self.pools), "pool_bytes": [size for size, _ in saved],
+                    "users_per_pool": [len(s) for s in self.shards], "sha256": digests}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -207,8 +223,15 @@ class Server:
             shutil.rmtree(old, ignore_errors=True)
 
     def latest_checkpoint(self) -> Path | None:
-        complete = sorted(p for p in (self.run_dir / "checkpoints").glob("round-*") if (p / "manifest.json").is_file())
-        return complete[-1] if complete else None
+        """The newest intact checkpoint; newer damaged ones are skipped and reported in the summary
+        (a damaged file is never loaded)."""
+        folder, skipped = newest_intact(self.run_dir / "checkpoints")
+        for path, reason in skipped:
+            note = f"{path.name}: {reason}"
+            if note not in self.damaged_checkpoints:
+                self.damaged_checkpoints.append(note)
+                print(f"checkpoint {path} skipped: {reason}", file=sys.stderr, flush=True)
+        return folder
 
     def _load(self, checkpoint: Path | None) -> int:
         """Restore globals, selection, history and every pool; returns the next round."""
@@ -254,8 +277,15 @@ class Server:
         return self.history
 
     def summary(self) -> dict:
-        return {"selection": self.selection.report(), "rounds_run": len(self.history),
-                "recoveries": self.recoveries, "pools": len(self.pools),
+        privacy = self.config.privacy
+        if privacy is not None:
+            privacy = {"epsilon": epsilon_after(len(self.history), privacy.noise_multiplier,
+                                                self.config.train.participation, privacy.delta),
+                       "delta": privacy.delta, "clip": privacy.clip, "noise_multiplier": privacy.noise_multiplier,
+                       "rounds": len(self.history), "sample_rate": self.config.train.participation,
+                       "accountant": "opacus RDPAccountant"}
+        return {"selection": self.selection.report(), "rounds_run": len(self.history), "privacy": privacy,
+                "recoveries": self.recoveries, "damaged_checkpoints": self.damaged_checkpoints, "pools": len(self.pools),
                 "users_per_pool": [len(s) for s in self.shards]}
 
     def pool_info(self) -> list[dict]:

@@ -25,6 +25,7 @@ from pipeline.federated.client import (ClientParams, Distillation, FeatureSpan, 
 from pipeline.federated.group_server import TeacherDownload, flatten_vectors
 from pipeline.federated.grouped import GroupPlan
 from pipeline.federated.memory import keep_freed_memory
+from pipeline.federated.privacy import clip_factors
 from pipeline.federated.sampling import client_data, epoch_rows
 from pipeline.federated.state import PersonalStore
 from pipeline.models import model_for
@@ -64,6 +65,7 @@ class Upload:
     group_alpha: torch.Tensor | None = None
     rho: tuple[float, int] = (0.0, 0)
     distilled: int = 0  # clients that trained with a teacher
+    clipped: int = 0  # privacy: clients whose update was scaled down to the clip norm
 
     def nbytes(self) -> int:
         tensors = [*self.table_items.values(), *self.table_sums.values(), *self.dense_sums.values(),
@@ -293,6 +295,11 @@ class Shard:
 
         weights = torch.as_tensor(result.rows if model.AGGREGATION == "weighted" else np.ones(len(users)),
                                   dtype=self.dtype).to(device)
+        privacy = self.config.privacy
+        if privacy is not None:  # uniform weights, each client's update scaled to norm <= clip
+            squared = self._update_norms(trained, tables, vectors, result.last_grads, ws_client, len(users))
+            weights = clip_factors(squared, privacy.clip)
+            upload.clipped = int((weights < 1).sum())
         if model.GLOBAL_TABLES:
             items, inverse = _touched_items(ws.item, self.data.n_items)
             inverse = inverse.to(device)
@@ -331,11 +338,26 @@ class Shard:
                 upload.group_alpha = client_mixing(model, trained, ws, epochs, fusion).cpu()
             name = model.GROUP_TABLE
             self._for_groups = (ws_client, ws_item, trained.tables[name] - tables[name])
-        upload.weight = float(weights.sum())
+        upload.weight = float(weights.sum()) if privacy is None else float(len(users))
         upload.clients, upload.rows = len(users), int(result.rows.sum())
         upload.loss_sum = float(np.nansum(result.loss))
         upload.seconds = time.perf_counter() - started
         return upload
+
+    def _update_norms(self, trained, tables: dict, vectors: dict, last_grads: dict, ws_client: torch.Tensor,
+                      n_clients: int) -> torch.Tensor:
+        """[B] squared L2 norm of each client's whole update (privacy.py): its changes to the global
+        tables' rows it touched and to the global dense weights, or its last-batch gradients."""
+        model = self.model
+        grads = getattr(model, "UPLOAD_GRADS", ())
+        squared = torch.zeros(n_clients, dtype=torch.float64, device=ws_client.device)
+        for name in model.GLOBAL_TABLES:
+            rows = (trained.tables[name] - tables[name]).double().square().sum(1)
+            squared.index_add_(0, ws_client, rows)
+        for name in model.GLOBAL_DENSE:
+            change = last_grads[name] if name in grads else trained.vectors[name] - vectors[name]
+            squared += change.double().square().reshape(n_clients, -1).sum(1)
+        return squared.to(self.dtype)
 
     def _distillation(self, teacher: TeacherDownload, users: np.ndarray, local: torch.Tensor,
                       ws: WorkingSet) -> Distillation:
@@ -381,6 +403,8 @@ class Shard:
         the clients' working sets (size-weighted mean) are under 2/3 of its width: KU's (~305
         rows, 512-d CLIP) are; MovieLens' (~1,200 rows; 384-d text, 1,280-d images) are not."""
         spans = {}
+        if self.config.privacy is not None:  # clipping needs each client's weight change
+            return spans
         sizes = np.diff(ws.offsets(n_clients)).astype(np.float64)
         typical = float((sizes ** 2).sum() / max(sizes.sum(), 1.0))
         for modality, gram in self.grams.items():

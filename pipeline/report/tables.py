@@ -59,6 +59,14 @@ def method_label(backbone: str, fusion: str | None = None, gfmfr: bool = False) 
     return f"{name} + GFMFR" if gfmfr else name
 
 
+def privacy_label(privacy, reports: list[dict | None]) -> str:
+    """' (DP: clip 1, sigma 2, epsilon 3.21 at delta 1e-04)': the runs' epsilon after the rounds
+    they ran (mean over seeds; 'inf' without noise)."""
+    eps = [r["epsilon"] for r in reports if r]
+    shown = "inf" if any(math.isinf(e) for e in eps) else (f"{statistics.fmean(eps):.2f}" if eps else "?")
+    return (f" (DP: clip {privacy.clip:g}, σ {privacy.noise_multiplier:g}, ε {shown} at δ {privacy.delta:g})")
+
+
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (ddof 1; None for a single value)."""
     values = [float(v) for v in values]
@@ -124,6 +132,8 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
            "failed": [(r.spec.seed, r.error) for r in runs if r.status == "failed"],
            "missing": [r.spec.seed for r in runs if r.status == "missing"],
            "test": {}, "valid": {}, "best_round": [], "rounds_run": [], "seconds": []}
+    if config.privacy is not None:
+        row["label"] += privacy_label(config.privacy, [r.summary.get("privacy") for r in done])
     metric = config.train.selection()
     for run in done:
         selection = run.summary["selection"]

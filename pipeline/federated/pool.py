@@ -69,13 +69,16 @@ class ClientPool:
     def scores(self, global_params: dict, users: np.ndarray) -> torch.Tensor:
         return self.shard.scores(global_params, torch.as_tensor(users))
 
-    def save(self, path: str, round_: int) -> int:
-        """Write this shard's private state for checkpoint `round_` atomically; returns bytes."""
+    def save(self, path: str, round_: int) -> tuple[int, str]:
+        """Write this shard's private state for checkpoint `round_` atomically; returns (bytes,
+        sha256 of the file)."""
+        from pipeline.federated.checkpoints import sha256_of
+
         self._expect(round_)
         tmp = f"{path}.tmp"
         torch.save(self.shard.store.state_dict(), tmp)
         os.replace(tmp, path)
-        return Path(path).stat().st_size
+        return Path(path).stat().st_size, sha256_of(Path(path))
 
     def load(self, path: str | None, round_: int) -> None:
         """Restore the state of checkpoint `round_` (None: the initial state, round -1)."""

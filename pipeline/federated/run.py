@@ -19,6 +19,7 @@ from typing import Callable
 
 import ray
 import yaml
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
@@ -65,7 +66,9 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
     data, negatives = open_dataset(config.data, cache=data_cache)
     ensure_ray(address)
     refs = [ray.put(data), ray.put(negatives)]
-    server = Server.remote(config.model_dump_json(), refs, str(run_dir))
+    # the server lives on the driver's node: losing another node costs pools, which recover
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    server = Server.options(scheduling_strategy=here).remote(config.model_dump_json(), refs, str(run_dir))
     next_round = ray.get(server.resume.remote()) if resume else 0
     history = ray.get(server.history_so_far.remote())
     with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new rounds

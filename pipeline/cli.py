@@ -191,6 +191,13 @@ def cmd_train(args) -> int:
         for split in ("valid", "test"):
             cells = "  ".join(f"{k} {100 * v:.2f}" for k, v in selection[split].items())
             print(f"  {split:5s} {cells}")
+        privacy = summary.get("privacy")
+        if privacy:
+            print(f"client-level DP: ({privacy['epsilon']:.3g}, {privacy['delta']:g})-DP after {privacy['rounds']} "
+                  f"rounds (clip {privacy['clip']:g}, noise multiplier {privacy['noise_multiplier']:g}, sampling "
+                  f"rate {privacy['sample_rate']:g}; {privacy['accountant']})")
+        if summary.get("damaged_checkpoints"):
+            print(f"damaged checkpoints skipped: {'; '.join(summary['damaged_checkpoints'])}")
         print(f"run directory: {summary['run_dir']} (TensorBoard: tensorboard --logdir {summary['run_dir']}/tb)")
     return 0
 

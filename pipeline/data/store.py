@@ -28,24 +28,53 @@ _SPLIT_ARRAYS = ("train_indptr", "train_items", "train_time", "valid_item", "tes
                  "valid_time", "test_time")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text_atomically(path: Path, text: str) -> Path:
+    """Write a text file through a temporary sibling and a rename: readers see the old file or
+    the new one, never half of one, and a failure leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_atomically(directory: Path, fill) -> Path:
-    """Call fill(tmp_dir) then move tmp_dir into place: readers see all files or none."""
+    """Call fill(tmp_dir) then move tmp_dir into place: readers see all files or none.
+
+    A failure at any step (fill, moving the old version aside, moving the new one in) leaves
+    `directory` as it was and no temporary folder behind.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output is as any folder mkdir makes
+    aside = None  # holds the previous version while the new one moves in
     try:
         fill(tmp)
         if directory.exists():
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+            aside = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, aside / directory.name)
+        os.replace(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            if not directory.exists() and (aside / directory.name).exists():
+                os.replace(aside / directory.name, directory)  # put the previous version back
+            shutil.rmtree(aside, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     return directory
 
 

@@ -34,9 +34,7 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shutil
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +49,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from pipeline.data.schema import Catalogue, Interactions, RawDataset
+from pipeline.data.store import write_atomically
 
 # --------------------------------------------------------------------------------------------
 # Vocabularies (immutable)
@@ -621,21 +620,14 @@ def write(data: SyntheticData, directory: Path, *, progress: bool = True) -> Pat
     temporary sibling directory that replaces `directory` at the end, so a crash leaves
     either the old directory or the new one, never a half-written one.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the dataset is not
+    def fill(staging: Path) -> None:
         _write_interactions(data.dataset.interactions, staging / "interactions.parquet")
         paths = _write_images(data, staging, progress) if data.config.images else [""] * data.config.n_items
         _write_catalogue(data.dataset.catalogue, paths, staging / "catalogue.csv")
         _save_truth(data.truth, staging / "truth.npz")
         (staging / "synthetic.json").write_text(data.config.model_dump_json(indent=2) + "\n")
-        _replace_directory(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return directory
+
+    return write_atomically(Path(directory), fill)
 
 
 def _write_interactions(interactions: Interactions, path: Path) -> None:
@@ -660,18 +652,6 @@ def _write_images(data: SyntheticData, directory: Path, progress: bool) -> list[
 def _write_catalogue(catalogue: Catalogue, image_paths: list[str], path: Path) -> None:
     pd.DataFrame({"item_id": catalogue.item_id, "text": catalogue.text,
                   "image_path": image_paths}).to_csv(path, index=False)
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Move `staging` to `directory`, replacing an existing directory."""
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    # os.replace cannot replace a non-empty directory: move the old one aside first
-    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-    os.replace(directory, old / directory.name)
-    os.replace(staging, directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_truth(truth: SyntheticTruth, path: Path) -> None:

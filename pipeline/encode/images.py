@@ -16,10 +16,19 @@ from PIL import Image, ImageOps
 OK, MISSING, CORRUPT = "ok", "missing", "corrupt"
 
 
+def is_file(path: str) -> bool:
+    """Whether `path` names a regular file; False for '' and for paths no file system accepts
+    (a name too long, a NUL character), on which Path.is_file may raise."""
+    try:
+        return bool(path) and Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def load_image(path: str, size: int) -> tuple[np.ndarray | None, str]:
     """(uint8 [S, S, 3] or None, status): MISSING for '' or no such file, CORRUPT when the file
     cannot be decoded (truncated, not an image, ...)."""
-    if not path or not Path(path).is_file():
+    if not is_file(path):
         return None, MISSING
     try:
         with warnings.catch_warnings():

@@ -11,7 +11,6 @@ import json
 import logging
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 
@@ -20,7 +19,7 @@ from pipeline.encode.assemble import fill_with_mean, join_on_item_id
 from pipeline.encode.catalogue import ItemTable, content_hash, from_catalogue, read_catalogue
 from pipeline.encode.config import EncodeConfig
 from pipeline.encode.encoders import IMAGE, TEXT, describe
-from pipeline.encode.images import CORRUPT, MISSING, OK
+from pipeline.encode.images import CORRUPT, MISSING, OK, is_file
 from pipeline.encode import store
 
 log = logging.getLogger("pipeline.encode")
@@ -52,7 +51,7 @@ def encode_items(catalogue, out, config: EncodeConfig | None = None, *, force: b
 
     texts = config.prompted_texts(table.text) if TEXT in specs else None
     empty_text = table.text == ""
-    has_file = np.array([bool(p) and Path(p).is_file() for p in table.image], dtype=bool)
+    has_file = np.array([is_file(p) for p in table.image], dtype=bool)
     _check_inputs(table, config, specs, empty_text, has_file)
 
     from pipeline.encode import stage

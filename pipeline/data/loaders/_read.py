@@ -198,6 +198,8 @@ def _read_fast(t: Table) -> pd.DataFrame:
     """pyarrow CSV reader, every column as string; raises on any irregularity."""
     with open(t.path, newline="", encoding=t.encoding) as f:
         first = next(r for r in csv.reader(f, delimiter=t.sep, quoting=t.quoting) if r or t.header)
+    if t.header and not first:
+        raise DataError(t.path, "line 1 is blank; expected the header (column names) there", row=1)
     if t.header and len(set(first)) != len(first):
         repeated = sorted({c for c in first if first.count(c) > 1})
         raise DataError(t.path, f"duplicate column name(s) {', '.join(repeated)}", row=1)
@@ -253,11 +255,14 @@ def read_parquet_table(path, columns: Sequence[str] | None = None) -> Table:
     """
     path = require_file(path)
     try:
-        schema = pq.read_schema(path)
-        wanted = None if columns is None else [c for c in columns if c in schema.names]
-        arrow = pq.read_table(path, columns=wanted)
+        names = pq.read_schema(path).names
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        wanted = None if columns is None else [c for c in columns if c in names]
+        arrow = None if repeated else pq.read_table(path, columns=wanted)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise DataError(path, f"not a readable parquet file: {_short(e)}") from None
+    if repeated:
+        raise DataError(path, f"duplicate column name(s) {', '.join(repeated)}")
     frame = pd.DataFrame({name: _arrow_to_series(path, name, arrow[name]) for name in arrow.column_names})
     if frame.empty:
         raise DataError(path, "no data rows")
@@ -396,7 +401,7 @@ def parse_ids(s: pd.Series, where: Where, column: str, *, strings: bool = False)
     where.fail(negative, column, lambda v: f"negative id {v}", s)
     if strings:
         if not is_text(s):
-            where.fail(~ints, column, lambda v: f"id {show(v)} is not an integer", s)
+            where.fail(~ints, column, _bad_int_reason, s)
             return s.astype(np.int64).astype(str).to_numpy(dtype=object)
         return s.to_numpy(dtype=object)
     where.fail(~ints, column, _bad_int_reason, s)
@@ -404,9 +409,11 @@ def parse_ids(s: pd.Series, where: Where, column: str, *, strings: bool = False)
 
 
 def _bad_int_reason(v) -> str:
-    if isinstance(v, str) and re.fullmatch(_INT_RE, v):
-        return f"id {v} does not fit in int64"
-    return f"id {show(v)} is not an integer"
+    if isinstance(v, str):
+        integral = re.fullmatch(_INT_RE, v) is not None
+    else:  # parquet: uint64 above int64, or an integral float as large
+        integral = isinstance(v, (int, np.integer)) or float(v).is_integer()
+    return f"id {show(v)} does not fit in int64" if integral else f"id {show(v)} is not an integer"
 
 
 def parse_numbers(s: pd.Series, where: Where, column: str, *, what: str) -> np.ndarray:
@@ -432,7 +439,11 @@ def parse_numbers(s: pd.Series, where: Where, column: str, *, what: str) -> np.n
 
 def parse_ratings(s: pd.Series, where: Where, column: str) -> np.ndarray:
     """[n] float32 finite ratings."""
-    return parse_numbers(s, where, column, what="rating").astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, reported below
+        rating = parse_numbers(s, where, column, what="rating").astype(np.float32)
+    where.fail(~np.isfinite(rating), column,
+               lambda v: f"rating {show(v)} is out of range; expected a number within +-3.4e38 (float32)", s)
+    return rating
 
 
 def parse_split(s: pd.Series, where: Where, column: str) -> np.ndarray:

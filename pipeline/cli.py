@@ -19,6 +19,7 @@ from pipeline.data.datasets import NAMED, DatasetConfig, load_raw, open_dataset
 from pipeline.data.loaders import FORMATS
 from pipeline.data.prepare import PrepareConfig
 from pipeline.data.schema import DataError
+from pipeline.data.store import write_text_atomically
 
 DEFAULT_WORKDIR = Path("runs")
 
@@ -139,7 +140,7 @@ def cmd_baselines(args) -> int:
         print(text)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(text + "\n")
+            write_text_atomically(Path(args.out), text + "\n")
     return 0
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.data.store import write_text_atomically
 from pipeline.report.experiments import DEFAULT_RUNS_DIR, DEFAULT_SEEDS, expand_configs, plan_runs, run_experiments
 
 
@@ -108,7 +109,7 @@ def cmd_experiments(args) -> int:
     markdown = report["markdown"]
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(markdown + "\n")
+        write_text_atomically(Path(args.out), markdown + "\n")
     if args.json:
         print(json.dumps({key: value for key, value in report.items() if key != "markdown"}, indent=2, default=str))
     else:

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.data.store import write_text_atomically
+
 SUBSETS = ("all", "cold", "warm")
 
 
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_text_atomically(args.out, text)
     return 0
 
 

@@ -19,19 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.store import write_text_atomically
+from pipeline.federated.checkpoints import newest_intact
+
 
 def run_grouping(run_dir: Path) -> tuple[int, np.ndarray] | None:
     """(round, [U] latest group id of every user, -1 never grouped) of a run's latest complete
     checkpoint, or None without one."""
     import torch
 
-    checkpoints = sorted(p for p in (run_dir / "checkpoints").glob("round-*") if (p / "manifest.json").is_file())
-    if not checkpoints:
+    checkpoint, _ = newest_intact(run_dir / "checkpoints")
+    if checkpoint is None:
         return None
-    state = torch.load(checkpoints[-1] / "global.pt", weights_only=False)
+    state = torch.load(checkpoint / "global.pt", weights_only=False)
     if state.get("groups") is None:
-        raise ValueError(f"{checkpoints[-1]}: not a GFMFR run (no group state)")
-    return int(checkpoints[-1].name.split("-")[1]), np.asarray(state["groups"]["known"])
+        raise ValueError(f"{checkpoint}: not a GFMFR run (no group state)")
+    return int(checkpoint.name.split("-")[1]), np.asarray(state["groups"]["known"])
 
 
 def planted_groups(config) -> np.ndarray:
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(grouping_rows(specs), command)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_text_atomically(args.out, text)
     print(text)
     return 0
 

@@ -196,18 +196,21 @@ def capture_local_training(log: LocalTrainingLog, device: str = "cpu"):
 @contextmanager
 def oracle_participants_subset(subset_of_round):
     """Make oracle_round train only subset_of_round(round_) (timing on a subset of users)."""
+    import dataclasses
+
     from pipeline.federated import oracle as oracle_module
 
-    original = oracle_module.participants
+    original = oracle_module.round_users
 
-    def subset(n_users, participation, seed, round_):
-        return subset_of_round(original(n_users, participation, seed, round_), round_)
+    def subset(config, train_counts, round_):
+        split = original(config, train_counts, round_)
+        return dataclasses.replace(split, arrived=subset_of_round(split.arrived, round_))
 
-    oracle_module.participants = subset
+    oracle_module.round_users = subset
     try:
         yield
     finally:
-        oracle_module.participants = original
+        oracle_module.round_users = original
 
 
 def to_host(state):

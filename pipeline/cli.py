@@ -231,6 +231,39 @@ def cmd_run(args) -> int:
     return run_main(args)
 
 
+def cmd_recommend(args) -> int:
+    """A user's top-K items from a trained run (its own personal state + the globals)."""
+    from pipeline.trained import TrainedRun
+
+    run = TrainedRun.open(args.run, checkpoint=args.checkpoint, data_cache=args.data_cache)
+    recs = run.recommend(args.user, args.k)
+    if args.json:
+        print(json.dumps({"run": str(args.run), "checkpoint": str(run.source), "round": run.round, "user": str(args.user),
+                          "k": args.k, "items": [vars(r) for r in recs]}, indent=2))
+        return 0
+    print(f"top {args.k} for user {args.user} ({run.model_card()['method']}, round {run.round}; training items "
+          f"excluded):")
+    for r in recs:
+        image = f"  [{r.image}]" if r.image else ""
+        print(f"{r.rank:3d}. {r.item_id:>8s}  {r.score:8.3f}  {r.title}{image}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """A trained run's model as safetensors + a JSON model card."""
+    from pipeline.trained import TrainedRun
+
+    run = TrainedRun.open(args.run, checkpoint=args.checkpoint, data_cache=args.data_cache)
+    out = run.export(args.out)
+    card = run.model_card()
+    if args.json:
+        print(json.dumps({"export": str(out), **{k: card[k] for k in ("method", "round", "metrics_at_best_round")}},
+                         indent=2, default=str))
+    else:
+        print(f"exported {card['method']} (round {run.round}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -300,6 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also train the backbone with GFMFR's group-wise fusion and distillation (default off)")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
+
+    for name, func, help_text in (("recommend", cmd_recommend, "a user's top-K items from a trained run"),
+                                  ("export", cmd_export, "a trained run's model as safetensors + model card")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--run", type=Path, required=True, help="a run directory (runtime.out of a train job)")
+        command.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                             help="best: the best validation round (default); last: the newest checkpoint")
+        command.add_argument("--data-cache", type=Path, help="prepared-data cache of the run (default runs/prepared)")
+        command.add_argument("--json", action="store_true")
+        if name == "recommend":
+            command.add_argument("--user", required=True, help="the user's id as in the dataset's files")
+            command.add_argument("--k", type=int, default=10)
+        else:
+            command.add_argument("--out", type=Path, required=True, help="the export folder (replaced atomically)")
+        command.set_defaults(func=func)
 
     from pipeline.encode.cli import register as register_encode
     from pipeline.report.cli import register as register_report

@@ -258,6 +258,8 @@ class RuntimeConfig(BaseModel):
                                                               "trained together on a CPU (None: all at once; "
                                                               "a GPU always trains all at once)")
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0 = never)")
+    keep_best: bool = Field(True, description="also keep the state of the best validation round "
+                                              "(checkpoints/best: what recommend and export use)")
     out: Path = Field(Path("runs/train"), description="run directory")
     progress: bool = True
     tensorboard: bool = True

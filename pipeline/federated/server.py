@@ -4,6 +4,7 @@ aggregate.py and selection.py.
 
 Checkpoint layout (one folder per round, renamed into place when complete):
   <run>/checkpoints/round-000007/{global.pt, pool-0.pt, ..., manifest.json}
+  <run>/checkpoints/best/...   the same, at the best validation round so far
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.federated.privacy import epsilon_after
 from pipeline.federated.selection import Selection
 
 KEEP_CHECKPOINTS = 2
+BEST = "best"  # checkpoints/best: the state at the best validation round (runtime.keep_best)
 
 
 def _nbytes(tensors: dict) -> int:
@@ -164,6 +166,8 @@ class Server:
                 for name, value in self._evaluate(split).items():
                     metrics[f"{split}/{name}"] = value
             metrics["improved"] = self.selection.update(round_, metrics)
+            if metrics["improved"] and self.config.runtime.keep_best:
+                self._checkpoint(round_, name=BEST)
         metrics["stop"] = self.selection.should_stop() or round_ + 1 >= self.config.train.rounds
         metrics["time/round_seconds"] = time.perf_counter() - started
         self.history.append(metrics)
@@ -202,10 +206,11 @@ class Server:
 
     # -- checkpoints and recovery -----------------------------------------------------------
 
-    def _checkpoint(self, round_: int) -> None:
+    def _checkpoint(self, round_: int, name: str | None = None) -> None:
+        """Write round `round_`'s checkpoint folder (round-NNNNNN, or `name`) atomically."""
         folder = self.run_dir / "checkpoints"
-        final = folder / f"round-{round_:06d}"
-        tmp = folder / f".round-{round_:06d}.tmp"
+        final = folder / (name or f"round-{round_:06d}")
+        tmp = folder / f".{final.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         saved = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
@@ -217,8 +222,12 @@ class Server:
         manifest = {"round": round_, "pools": len(self.pools), "pool_bytes": [size for size, _ in saved],
                     "users_per_pool": [len(s) for s in self.shards], "sha256": digests}
         (tmp / "manifest.json").write_text(json.dumps(manifest))
-        shutil.rmtree(final, ignore_errors=True)
+        aside = folder / f".{final.name}.old"
+        shutil.rmtree(aside, ignore_errors=True)
+        if final.exists():
+            os.replace(final, aside)
         os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
         for old in sorted(folder.glob("round-*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 

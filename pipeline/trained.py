@@ -1,0 +1,238 @@
+"""A trained run, opened for use: its model at the best validation round (or the last
+checkpoint), every user's personal state, recommendations, and an export to safetensors.
+
+    run = TrainedRun.open("runs/train")                 # checkpoints/best, else the newest
+    run.recommend("196", k=10)                          # the user's top-K, training items excluded
+    run.export("exports/fcf")                           # model.safetensors + model_card.json
+    TrainedRun.open_export("exports/fcf").scores(...)   # the same scores, bit for bit
+
+Scores come from the engine's own scorer (Shard.scores, what the evaluator ranks), so a
+recommendation is exactly the evaluator's ranking of that user minus the training items.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.config import ExperimentConfig
+
+EXPORT_TENSORS = "model.safetensors"
+MODEL_CARD = "model_card.json"
+
+
+class RunError(ValueError):
+    """A run directory, checkpoint, export or user that cannot be used, and why."""
+
+
+@dataclass
+class Recommendation:
+    rank: int
+    item_id: str
+    score: float
+    title: str
+    image: str
+
+
+class TrainedRun:
+    """config, data (the prepared split), globals, and one Shard per pool holding its users' state."""
+
+    def __init__(self, config: ExperimentConfig, data, negatives, globals_: dict, pool_states: list[dict],
+                 round_: int, source: Path, summary: dict | None = None):
+        from pipeline.federated.aggregate import feature_dims, initial_state
+        from pipeline.federated.shard import Shard
+
+        self.config, self.data, self.negatives, self.round, self.source = config, data, negatives, round_, source
+        self.summary = summary or {}
+        self.globals = globals_
+        init = initial_state(config, data.n_users, data.n_items, feature_dims(data))
+        self.shards = []
+        for state in pool_states:
+            shard = Shard(config, data, negatives, np.asarray(state["users"]), init)
+            shard.store.load_state_dict(state)
+            self.shards.append(shard)
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, run_dir, checkpoint: str = "best", data_cache: Path | None = None) -> "TrainedRun":
+        """The run in `run_dir` at checkpoint 'best' (the best validation round; the newest
+        checkpoint when the run kept none) or 'last' (the newest intact checkpoint)."""
+        from pipeline.federated.checkpoints import damage, newest_intact
+
+        run_dir = Path(run_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise RunError(f"{run_dir}: not a run directory (no config.yaml); pass the folder a train job wrote")
+        folder = run_dir / "checkpoints" / "best"
+        if checkpoint == "last" or not (folder / "manifest.json").is_file():
+            folder, skipped = newest_intact(run_dir / "checkpoints")
+            if folder is None:
+                why = f" ({'; '.join(f'{p.name}: {r}' for p, r in skipped)})" if skipped else ""
+                raise RunError(f"{run_dir}: no intact checkpoint to load{why}")
+        elif (reason := damage(folder)) is not None:
+            raise RunError(f"{folder}: {reason}")
+        config = ExperimentConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        data, negatives = _prepared(config, data_cache)
+        summary_file = run_dir / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+        if summary and summary["dataset"]["fingerprint"] != data.fingerprint():
+            raise RunError(f"{run_dir} was trained on another preparation of {data.name!r} (fingerprint "
+                           f"{summary['dataset']['fingerprint']}, now {data.fingerprint()})")
+        manifest = json.loads((folder / "manifest.json").read_text())
+        state = torch.load(folder / "global.pt", weights_only=False)
+        pools = [torch.load(folder / f"pool-{i}.pt", weights_only=False) for i in range(manifest["pools"])]
+        return cls(config, data, negatives, state["globals"], pools, manifest["round"], folder, summary)
+
+    @classmethod
+    def open_export(cls, export_dir, data_cache: Path | None = None) -> "TrainedRun":
+        """A model written by export(): the same scores as the run it came from."""
+        from safetensors.torch import load_file
+
+        export_dir = Path(export_dir)
+        if not (export_dir / MODEL_CARD).is_file() or not (export_dir / EXPORT_TENSORS).is_file():
+            raise RunError(f"{export_dir}: not an export (expected {EXPORT_TENSORS} and {MODEL_CARD})")
+        card = json.loads((export_dir / MODEL_CARD).read_text())
+        config = ExperimentConfig.model_validate(card["config"])
+        data, negatives = _prepared(config, data_cache)
+        if card["dataset"]["fingerprint"] != data.fingerprint():
+            raise RunError(f"{export_dir} was trained on another preparation of {data.name!r}")
+        tensors = load_file(export_dir / EXPORT_TENSORS)
+        globals_ = {name[len("globals/"):]: t for name, t in tensors.items() if name.startswith("globals/")}
+        pools = [_unflatten({k: v for k, v in tensors.items() if k.startswith(f"pool{i}/")}, f"pool{i}/",
+                            card["pool_meta"][i]) for i in range(len(card["pool_meta"]))]
+        return cls(config, data, negatives, globals_, pools, card["round"], export_dir, card)
+
+    # -- use ---------------------------------------------------------------------------------------
+
+    def user_index(self, user) -> int:
+        """The dataset's user id (as in its files) -> the model's user index."""
+        ids = np.asarray(self.data.user_ids)
+        wanted = str(user)
+        found = np.flatnonzero(ids.astype(str) == wanted)
+        if len(found) == 0:
+            raise RunError(f"user {user!r} is not in {self.data.name!r} (its {len(ids)} users have ids like "
+                           f"{', '.join(map(str, ids[:3]))}, ...)")
+        return int(found[0])
+
+    def scores(self, users: np.ndarray) -> torch.Tensor:
+        """[B, I] the model's logits of users (indices) over all items, each with its own state."""
+        users = np.asarray(users, dtype=np.int64)
+        out = torch.empty(len(users), self.data.n_items)
+        for shard in self.shards:
+            mine = np.isin(users, shard.users)
+            if mine.any():
+                out[torch.as_tensor(np.flatnonzero(mine))] = shard.scores(self.globals, torch.as_tensor(users[mine])).float()
+        return out
+
+    def recommend(self, user, k: int = 10) -> list[Recommendation]:
+        """The user's top-k items by score, its training items excluded."""
+        index = self.user_index(user)
+        scores = self.scores(np.array([index]))[0].double()
+        trained = self.data.train_items[self.data.train_indptr[index]:self.data.train_indptr[index + 1]]
+        scores[torch.as_tensor(trained, dtype=torch.int64)] = -torch.inf
+        top = torch.topk(scores, min(k, self.data.n_items - len(trained))).indices.tolist()
+        catalogue = self.data.catalogue
+        return [Recommendation(rank=r + 1, item_id=str(self.data.item_ids[i]), score=float(scores[i]),
+                               title=_title(catalogue.text[i]) if catalogue is not None else "",
+                               image=str(catalogue.image[i]) if catalogue is not None and catalogue.image is not None
+                               else "")
+                for r, i in enumerate(top)]
+
+    def model_card(self) -> dict:
+        selection = self.summary.get("selection", {})
+        return {"method": _method(self.config), "backbone": self.config.model.backbone,
+                "dataset": {"name": self.data.name, "users": self.data.n_users, "items": self.data.n_items,
+                            "fingerprint": self.data.fingerprint()},
+                "encoder": _encoder(self.config), "round": self.round,
+                "metrics_at_best_round": {"round": selection.get("best_round"), "valid": selection.get("valid"),
+                                          "test": selection.get("test")},
+                "privacy": self.summary.get("privacy"), "config": json.loads(self.config.model_dump_json())}
+
+    def export(self, out_dir) -> Path:
+        """model.safetensors (globals and every pool's personal state) + model_card.json, written
+        atomically."""
+        from safetensors.torch import save_file
+
+        from pipeline.data.store import write_atomically
+
+        tensors = {f"globals/{name}": t.contiguous() for name, t in self.globals.items()}
+        pool_meta = []
+        for i, shard in enumerate(self.shards):
+            flat, meta = _flatten(shard.store.state_dict(), f"pool{i}/")
+            tensors.update(flat)
+            pool_meta.append(meta)
+        card = {**self.model_card(), "pool_meta": pool_meta, "format": "fedmm-pipeline export 1"}
+
+        def fill(tmp: Path) -> None:
+            save_file(tensors, str(tmp / EXPORT_TENSORS), metadata={"format": card["format"]})
+            (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2, default=str) + "\n")
+
+        return write_atomically(Path(out_dir), fill)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _prepared(config: ExperimentConfig, data_cache: Path | None):
+    from pipeline.data.datasets import open_dataset
+    from pipeline.federated.run import DATA_CACHE
+
+    return open_dataset(config.data, cache=data_cache or DATA_CACHE)
+
+
+def _title(text) -> str:
+    text = str(text).strip()
+    first = text.splitlines()[0] if text else ""
+    return first if len(first) <= 80 else first[:77] + "..."
+
+
+def _method(config: ExperimentConfig) -> str:
+    from pipeline.report.tables import method_label
+
+    fusion = config.model.fusion.fusion if config.model.fusion is not None else None
+    return method_label(config.model.backbone, fusion, config.model.gfmfr is not None)
+
+
+def _encoder(config: ExperimentConfig) -> dict | None:
+    features = config.data.features
+    if features is None:
+        return None
+    manifest = Path(features) / "manifest.json"
+    return json.loads(manifest.read_text()).get("modalities") if manifest.is_file() else {"store": str(features)}
+
+
+def _flatten(tree: dict, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (and numpy arrays) of a nested dict under '/'-joined names; everything else in
+    the returned meta, with the key types needed to rebuild it (int keys are rounds)."""
+    tensors, meta = {}, {}
+    for key, value in tree.items():
+        name = f"{prefix}{'i:' if isinstance(key, int) else ''}{key}"
+        if isinstance(value, dict):
+            sub, sub_meta = _flatten(value, name + "/")
+            tensors.update(sub)
+            meta[name] = {"dict": sub_meta}
+        elif isinstance(value, (torch.Tensor, np.ndarray)):
+            tensors[name] = torch.as_tensor(value).contiguous().clone()
+            meta[name] = {"numpy": isinstance(value, np.ndarray)}
+        else:
+            meta[name] = {"value": value}
+    return tensors, meta
+
+
+def _unflatten(tensors: dict[str, torch.Tensor], prefix: str, meta: dict) -> dict:
+    out = {}
+    for name, kind in meta.items():
+        raw = name[len(prefix):]
+        key = int(raw[2:]) if raw.startswith("i:") else raw
+        if "dict" in kind:
+            out[key] = _unflatten(tensors, name + "/", kind["dict"])
+        elif "value" in kind:
+            out[key] = kind["value"]
+        else:
+            out[key] = tensors[name].numpy() if kind["numpy"] else tensors[name]
+    return out

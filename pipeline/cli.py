@@ -264,6 +264,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """A Markdown report (table + PNG plots) of trained runs."""
+    from pipeline.report.runs import report_runs
+
+    command = "python -m pipeline report " + " ".join(shlex.quote(str(d)) for d in args.runs) + f" --out {args.out}"
+    report = report_runs(args.runs, args.out, title=args.title, command=command)
+    if args.json:
+        print(json.dumps({k: report[k] for k in ("path", "figures", "tables")}, indent=2, default=str))
+    else:
+        print(f"report: {report['path']}" + "".join(f"\nfigure: {f}" for f in report["figures"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -348,6 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             command.add_argument("--out", type=Path, required=True, help="the export folder (replaced atomically)")
         command.set_defaults(func=func)
+
+    report = commands.add_parser("report", help="a Markdown report (results table, PNG plots) of trained runs")
+    report.add_argument("runs", nargs="+", type=Path, help="run directories (a run's seeds group into one row)")
+    report.add_argument("--out", type=Path, required=True, help="folder for report.md and its PNGs")
+    report.add_argument("--title")
+    report.add_argument("--json", action="store_true")
+    report.set_defaults(func=cmd_report)
 
     from pipeline.encode.cli import register as register_encode
     from pipeline.report.cli import register as register_report

@@ -90,3 +90,26 @@ def test_bad_runs_and_users_are_clear_errors(runs, tmp_path):
         TrainedRun.open(run_dir, data_cache=cache).recommend("no-such-user")
     with pytest.raises(RunError, match="not an export"):
         TrainedRun.open_export(tmp_path, data_cache=cache)
+
+
+def test_report_renders_a_table_and_plots_that_open(runs, tmp_path):
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.report.runs import NotARun, report_runs
+
+    dirs = [runs[b][0] for b in ("fcf", "fedrap", "pfedrec")]
+    report = report_runs(dirs, tmp_path / "one", title="one run")  # one run
+    assert "| FCF |" in (tmp_path / "one" / "report.md").read_text() and len(report["figures"]) == 2
+    assert main(["report", *map(str, dirs), "--out", str(tmp_path / "all")]) == 0  # a comparison, by the CLI
+    text = (tmp_path / "all" / "report.md").read_text()
+    for label in ("| FCF |", "| FedRAP |", "| PFedRec |", "| popularity |"):
+        assert label in text, label
+    assert "![validation HR@50 over rounds](validation.png)" in text and "(costs.png)" in text
+    for name in ("validation.png", "costs.png"):
+        with Image.open(tmp_path / "all" / name) as image:
+            image.verify()
+        with Image.open(tmp_path / "all" / name) as image:
+            assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 300
+    with pytest.raises(NotARun, match="not a run directory"):
+        report_runs([tmp_path], tmp_path / "none")

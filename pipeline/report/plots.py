@@ -157,3 +157,42 @@ def curves_from_results(results, log=None) -> list[tuple[str, list[list[dict]]]]
         if not seeds:
             log(f"plot: no finished run of {key}")
     return [(key, seeds) for key, seeds in curves.items() if seeds]
+
+
+COST_PANELS = (("time/round_seconds", "round time (s)", 1.0),
+               ("time/clients_per_second", "clients / s", 1.0),
+               ("comm/bytes_up", "MB up per round", 1e-6),
+               ("comm/bytes_down", "MB down per round", 1e-6))
+
+
+def plot_costs(curves: list[tuple[str, list[list[dict]]]], path, title: str = "", dpi: int = 100) -> list[str]:
+    """Write a PNG of what a round costs, one panel per COST_PANELS metric: per label, the mean
+    over its seeds. Returns the labels drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 7), dpi=dpi)
+    FigureCanvasAgg(figure)
+    styles = pair_styles([label for label, _ in curves])
+    drawn = set()
+    for index, (metric, label, scale) in enumerate(COST_PANELS):
+        axes = figure.add_subplot(2, 2, index + 1)
+        for name, rows_per_seed in curves:
+            rounds, mean, _, _ = mean_series(rows_per_seed, metric)
+            if not rounds:
+                continue
+            colour, style = styles[name]
+            axes.plot(rounds, [scale * v for v in mean], style, color=f"C{colour % 10}", linewidth=1.4, label=name,
+                      marker="o" if len(rounds) == 1 else None)
+            drawn.add(name)
+        axes.set_xlabel("round")
+        axes.set_ylabel(label)
+        axes.grid(True, alpha=0.3)
+        if index == 0 and drawn:
+            axes.legend(fontsize=7, loc="best")
+    figure.suptitle(title or "cost per round", fontsize=11)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=dpi)
+    return [name for name, _ in curves if name in drawn]

@@ -1,0 +1,66 @@
+"""`python -m pipeline report <run dirs...> --out DIR`: a Markdown report of trained runs.
+
+For one run or a comparison of several (runs of one config with different seeds form one row,
+mean ± std): the results table of the `experiments` command (protocol, K, seeds, encoder, the
+dataset's facts and its trivial rankings beside the learned rows), validation curves
+(validation.png) and what a round costs (costs.png: round time, clients/s, bytes up and down).
+Writes DIR/report.md (atomically) and the PNGs. A run is labelled by its folder's name (the
+experiments command's <config>/seed-<s> folders by <config>, so its seeds form one row).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ExperimentConfig
+from pipeline.report.experiments import RunResult, RunSpec
+
+
+class NotARun(ValueError):
+    """A folder that holds no trained run."""
+
+
+def read_run(run_dir: Path) -> RunResult:
+    """A run directory as the experiments command's RunResult (unfinished runs: status missing)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise NotARun(f"{run_dir}: not a run directory (no config.yaml); pass folders a train job wrote")
+    config = ExperimentConfig.model_validate(yaml.safe_load(config_file.read_text()))
+    key = run_dir.resolve().parent.name if run_dir.name.startswith("seed-") else run_dir.resolve().name
+    spec = RunSpec(source=config_file, key=key, seed=config.train.seed,
+                   config=config.model_copy(update={"runtime": config.runtime.model_copy(update={"out": run_dir})}),
+                   overrides=())
+    summary_file = run_dir / "summary.json"
+    if not summary_file.is_file():
+        return RunResult(spec=spec, status="missing", error="no summary.json: the run has not finished")
+    return RunResult(spec=spec, status="skipped", summary=json.loads(summary_file.read_text()))
+
+
+def report_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None, command: str = "") -> dict:
+    """Write out_dir/report.md, validation.png and costs.png; returns the report dict."""
+    from pipeline.data.store import write_text_atomically
+    from pipeline.report import plots
+    from pipeline.report.tables import build_report
+
+    results = [read_run(Path(d)) for d in run_dirs]
+    keys = {}
+    for result in results:  # one row per config: seeds of one config are grouped, distinct configs kept apart
+        seen = keys.setdefault((result.spec.key, result.spec.seed), result.spec.run_dir)
+        if seen != result.spec.run_dir:
+            raise NotARun(f"{seen} and {result.spec.run_dir} are the same config and seed: pass one of them")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = plots.curves_from_results(results, log=lambda message: None)
+    figures = []
+    metric = plots.full_metric(plots.selection_metric(results))
+    if plots.plot_validation(curves, out_dir / "validation.png", metric=metric, title=title or ""):
+        figures.append((f"validation {plots.metric_label(metric)} over rounds", "validation.png"))
+    if plots.plot_costs(curves, out_dir / "costs.png", title="what a round costs"):
+        figures.append(("round time, clients per second and bytes per round", "costs.png"))
+    report = build_report(results, title=title or "Report of trained runs", command=command, figures=figures)
+    write_text_atomically(out_dir / "report.md", report["markdown"] + "\n")
+    return {**report, "path": str(out_dir / "report.md"), "figures": [str(out_dir / link) for _, link in figures]}

@@ -233,9 +233,12 @@ def cmd_run(args) -> int:
 
 def cmd_recommend(args) -> int:
     """A user's top-K items from a trained run (its own personal state + the globals)."""
-    from pipeline.trained import TrainedRun
+    from pipeline.trained import MODEL_CARD, TrainedRun
 
-    run = TrainedRun.open(args.run, checkpoint=args.checkpoint, data_cache=args.data_cache)
+    if (args.run / MODEL_CARD).is_file():  # an export folder
+        run = TrainedRun.open_export(args.run, data_cache=args.data_cache)
+    else:
+        run = TrainedRun.open(args.run, checkpoint=args.checkpoint, data_cache=args.data_cache)
     recs = run.recommend(args.user, args.k)
     if args.json:
         print(json.dumps({"run": str(args.run), "checkpoint": str(run.source), "round": run.round, "user": str(args.user),
@@ -342,15 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rounds", type=int, default=30)
     run.add_argument("--fedmr", action=argparse.BooleanOptionalAction, default=True,
                      help="also train the backbone with FedMR's fusion module on the encoded features (default on)")
-    run.add_argument("--gfmfr", action=argparse.BooleanOptionalAction, default=False,
-                     help="also train the backbone with GFMFR's group-wise fusion and distillation (default off)")
+    run.add_argument("--gfmfr", action=argparse.BooleanOptionalAction, default=True,
+                     help="also train the backbone + FedMR + GFMFR's group-wise fusion and distillation (default on)")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=cmd_run)
 
     for name, func, help_text in (("recommend", cmd_recommend, "a user's top-K items from a trained run"),
                                   ("export", cmd_export, "a trained run's model as safetensors + model card")):
         command = commands.add_parser(name, help=help_text)
-        command.add_argument("--run", type=Path, required=True, help="a run directory (runtime.out of a train job)")
+        command.add_argument("--run", type=Path, required=True,
+                             help="a run directory (runtime.out of a train job)" + (" or an export folder" if name == "recommend" else ""))
         command.add_argument("--checkpoint", choices=["best", "last"], default="best",
                              help="best: the best validation round (default); last: the newest checkpoint")
         command.add_argument("--data-cache", type=Path, help="prepared-data cache of the run (default runs/prepared)")

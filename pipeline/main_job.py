@@ -1,9 +1,10 @@
-"""The README's main job on the embedded default: a local Ray instance and the synthetic
-multimodal dataset. Today: generate (real PNGs and texts) → encode the catalogue through the
-Ray Data stage with the offline encoders → prepare (split + persisted P1 negatives, features
-from the store) → train an ID backbone federatedly on Ray → print it beside the popularity
-baseline and the same backbone with FedMR's fusion module on the encoded features (--no-fedmr:
-ID only) and, with --gfmfr, with GFMFR's group-wise fusion and distillation.
+"""The README's main job on the embedded default, the whole pipeline: a local Ray instance and
+the synthetic multimodal dataset. Generate (real PNGs and texts) → encode the catalogue through
+the Ray Data stage with the offline encoders → prepare (split + persisted P1 negatives, features
+from the store) → train an ID backbone, the backbone + FedMR and + FedMR + GFMFR federatedly on
+Ray (--no-fedmr: ID only; --no-gfmfr: without the GFMFR row) → print the comparison beside the
+popularity baseline, where the TensorBoard logs and the report are, and one user's top-10 from
+the best run by validation.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from pipeline.encode.job import encode_items
 from pipeline.eval.baselines import evaluate_baselines
 from pipeline.eval.tables import markdown_table, metric_columns
 from pipeline.federated.run import train
+from pipeline.report.runs import report_runs
+from pipeline.trained import TrainedRun
 
 KS = (10, 20, 50)
+METRIC = "hr@50"  # P3's selection metric
 
 
 def run_main(args) -> int:
@@ -52,25 +56,36 @@ def run_main(args) -> int:
                                    f"runtime.out={workdir / (args.backbone + '_fedmr')}"])
         summaries[f"{args.backbone} + FedMR"] = train(fedmr, resume=False, data_cache=workdir / "prepared",
                                                       quiet=args.json, fresh=True)
-    if getattr(args, "gfmfr", False):  # GFMFR's group-wise fusion and distillation (spec/gfmfr.md defaults)
-        gfmfr = load_config(None, [*overrides, f"data.features={manifest['path']}", "model.gfmfr={}",
-                                   f"runtime.out={workdir / (args.backbone + '_gfmfr')}"])
-        summaries[f"{args.backbone} + GFMFR"] = train(gfmfr, resume=False, data_cache=workdir / "prepared",
-                                                      quiet=args.json, fresh=True)
+    if args.fedmr and args.gfmfr:  # + FedMR + GFMFR: group-wise fusion and distillation (spec/gfmfr.md defaults)
+        gfmfr = load_config(None, [*overrides, f"data.features={manifest['path']}", "model.fusion={}",
+                                   "model.gfmfr={}", f"runtime.out={workdir / (args.backbone + '_fedmr_gfmfr')}"])
+        summaries[f"{args.backbone} + FedMR + GFMFR"] = train(gfmfr, resume=False, data_cache=workdir / "prepared",
+                                                              quiet=args.json, fresh=True)
     baseline = evaluate_baselines(data, negatives, names=("popularity",), protocols=("p3",), ks=KS)
     rows = [{"method": "popularity", **row} for row in baseline if row["split"] == "test"]
     for label, run in summaries.items():
         selection = run["selection"]
         rows.append({"method": f"{label} (federated, best round {selection['best_round']})", **selection["test"]})
+    run_dirs = [Path(run["run_dir"]) for run in summaries.values()]
+    report = report_runs(run_dirs, workdir / "report", title="Main job: the embedded synthetic default")
+    best_label, best = max(summaries.items(), key=lambda item: item[1]["selection"]["valid"][METRIC])
+    user = str(data.user_ids[0])
+    recommendations = TrainedRun.open(best["run_dir"], data_cache=workdir / "prepared").recommend(user, k=10)
     seconds = time.perf_counter() - started
     if args.json:
         print(json.dumps({"rows": rows, "summary": summary, "summaries": summaries, "features": {k: list(v.shape) for k, v in data.features.items()},
-                          "encoder": manifest["modalities"],
+                          "encoder": manifest["modalities"], "report": report["path"], "tensorboard": str(workdir),
+                          "recommendations": {"run": best_label, "user": user, "items": [vars(r) for r in recommendations]},
                           "seconds": round(seconds, 2)}, indent=2, default=str))
         return 0
     print("\nP3 (full ranking, training items masked), test split at the best validation round, %:\n")
     print(markdown_table(rows, metric_columns(KS), ["method"]))
     for run in summaries.values():
-        print(f"run directory: {run['run_dir']}  (tensorboard --logdir {run['run_dir']}/tb)")
+        print(f"run directory: {run['run_dir']}")
+    print(f"TensorBoard logs: tensorboard --logdir {workdir}")
+    print(f"report: {report['path']} (plots: {', '.join(Path(f).name for f in report['figures'])})")
+    print(f"\ntop 10 for user {user} from {best_label} (best validation {METRIC}), training items excluded:")
+    for r in recommendations:
+        print(f"{r.rank:3d}. item {r.item_id:>5s}  {r.score:7.3f}  {r.title}  [{Path(r.image).name if r.image else 'no image'}]")
     print(f"done in {seconds:.1f} s")
     return 0

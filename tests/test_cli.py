@@ -83,20 +83,24 @@ def test_train_job_files_and_tensorboard_events(tmp_path):
 
 
 def test_main_job_prints_the_table(tmp_path):
-    done = run_cli("run", "--workdir", str(tmp_path), "--users", "80", "--items", "60", "--rounds", "2", "--gfmfr",
-                   "--json")
+    done = run_cli("run", "--workdir", str(tmp_path), "--users", "80", "--items", "60", "--rounds", "2", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     methods = [row["method"] for row in result["rows"]]
     assert methods[0] == "popularity" and methods[1].startswith("fcf (federated")
     assert methods[2].startswith("fcf + FedMR (federated")  # the same backbone with the fusion module
-    assert methods[3].startswith("fcf + GFMFR (federated")  # ... and with group-wise fusion
-    gfmfr = json.loads((tmp_path / "fcf_gfmfr" / "summary.json").read_text())
-    assert gfmfr["config"]["model"]["gfmfr"]["group_num"] == 5
+    assert methods[3].startswith("fcf + FedMR + GFMFR (federated")  # ... and with group-wise fusion
+    gfmfr = json.loads((tmp_path / "fcf_fedmr_gfmfr" / "summary.json").read_text())
+    assert gfmfr["config"]["model"]["gfmfr"]["group_num"] == 5 and gfmfr["config"]["model"]["fusion"]["fusion"] == "moe"
     assert all(0 <= row["hr@50"] <= 1 for row in result["rows"])
     assert (tmp_path / "fcf" / "summary.json").is_file() and (tmp_path / "fcf_fedmr" / "summary.json").is_file()
     fedmr = json.loads((tmp_path / "fcf_fedmr" / "summary.json").read_text())
     assert fedmr["config"]["model"]["fusion"]["fusion"] == "moe"
+    # the report, the TensorBoard logs and one user's top-10 (its training items excluded)
+    assert Path(result["report"]).is_file() and (tmp_path / "report" / "costs.png").is_file()
+    assert result["tensorboard"] == str(tmp_path.resolve()) and any((tmp_path / "fcf" / "tb").iterdir())
+    recs = result["recommendations"]
+    assert len(recs["items"]) == 10 and recs["run"] in [m.split(" (")[0] for m in methods[1:]]
     # the catalogue's real PNGs and texts went through the offline encoders into the store
     assert result["features"]["text"] == [result["summary"]["dataset"]["items"], 384]
     assert result["features"]["image"] == [result["summary"]["dataset"]["items"], 1280]

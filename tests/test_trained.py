@@ -113,3 +113,19 @@ def test_report_renders_a_table_and_plots_that_open(runs, tmp_path):
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 300
     with pytest.raises(NotARun, match="not a run directory"):
         report_runs([tmp_path], tmp_path / "none")
+
+
+def test_recommend_and_export_commands(runs, tmp_path, capsys):
+    from pipeline.cli import main
+
+    run_dir, cache = runs["fcf"]
+    user = str(TrainedRun.open(run_dir, data_cache=cache).data.user_ids[2])
+    assert main(["export", "--run", str(run_dir), "--data-cache", str(cache), "--out", str(tmp_path / "x")]) == 0
+    capsys.readouterr()
+    for source in (run_dir, tmp_path / "x"):  # a run directory or an export folder
+        assert main(["recommend", "--run", str(source), "--data-cache", str(cache), "--user", user, "--k", "7",
+                     "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["user"] == user and [r["rank"] for r in out["items"]] == list(range(1, 8))
+    assert main(["recommend", "--run", str(tmp_path), "--user", user]) == 2
+    assert "not a run directory" in capsys.readouterr().err

@@ -66,8 +66,10 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
     data, negatives = open_dataset(config.data, cache=data_cache)
     ensure_ray(address)
     refs = [ray.put(data), ray.put(negatives)]
-    # the server lives on the driver's node: losing another node costs pools, which recover
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    # the server lives on the driver's node (losing another node costs pools, which recover);
+    # inside a Tune trial it stays in the trial's placement group, where its pools go too
+    in_trial = ray.util.get_current_placement_group() is not None
+    here = None if in_trial else NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     server = Server.options(scheduling_strategy=here).remote(config.model_dump_json(), refs, str(run_dir))
     next_round = ray.get(server.resume.remote()) if resume else 0
     history = ray.get(server.history_so_far.remote())

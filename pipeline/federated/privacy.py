@@ -8,7 +8,9 @@ noise of std sigma * C to every coordinate of the sum of every uploaded paramete
 the item tables included (which items a client touched is private too), and divides by the
 number of clients that arrived (aggregation is uniform under DP: a row-weighted mean would let
 one client's weight grow without bound). The privacy loss is tracked by Opacus' RDP accountant
-(epsilon_after): sampling rate q = train.participation, one step per round.
+(epsilon_after): sampling rate q = train.participation, one step per round (the analysis
+assumes Poisson sampling; rounds sample a fixed number of clients uniformly without
+replacement, the usual approximation of DP-FedAvg).
 
 What the server sees is the noisy sum only if the pools are trusted aggregators (in a
 deployment: secure aggregation); GFMFR's per-client grouping vectors and per-group sums are

@@ -1,7 +1,8 @@
 """Fault report: every fault scenario run several times, each trial against the fault-free run.
 
     python -m bench.faults             # 3 trials per scenario (a few minutes on 2 cores)
-    python -m bench.faults --quick     # 1 trial per scenario
+    python -m bench.faults --quick     # 1 trial per scenario, smaller runs (about 2 min: starting the
+                                       # cluster, a node and two driver processes dominates)
     python -m bench.faults --trials 5 --out results/faults.md
 
 One local Ray cluster of three nodes on this machine (ray.cluster_utils.Cluster: a head (no CPUs) with
@@ -40,17 +41,21 @@ import torch
 from bench._common import emit_json
 
 REPO = Path(__file__).resolve().parents[1]
-SYNTHETIC = "data.synthetic={n_users: 300, n_items: 200, images: false, seed: 5}"
-BASE = [SYNTHETIC, "model.backbone=fedrap", "train.local_epochs=5", "train.batch_rows=32", "train.neg_ratio=2",
+USERS, ITEMS = 300, 200  # --quick: 120, 100
+BASE = ["model.backbone=fedrap", "train.local_epochs=5", "train.batch_rows=32", "train.neg_ratio=2",
         "train.participation=0.8", "train.patience=100", "runtime.pools=2", "runtime.checkpoint_every=1",
         "runtime.progress=false", "runtime.tensorboard=false"]
 TOL = 1e-9
 
 
-def make_config(out: Path, rounds: int, *extra: str):
+def base_overrides(users: int, items: int) -> list[str]:
+    return [f"data.synthetic={{n_users: {users}, n_items: {items}, images: false, seed: 5}}", *BASE]
+
+
+def make_config(ctx, out: Path, *extra: str):
     from pipeline.config import load_config
 
-    return load_config(None, [*BASE, f"train.rounds={rounds}", f"runtime.out={out}", *extra])
+    return load_config(None, [*ctx.base, f"train.rounds={ctx.rounds}", f"runtime.out={out}", *extra])
 
 
 # --- the cluster and one run -----------------------------------------------------------------------
@@ -151,7 +156,7 @@ def metrics_equal(got: list[dict], want: list[dict]) -> bool:
 def scenario_pool_killed(ctx, trial: int, out: Path):
     import ray
 
-    config = make_config(out, ctx.rounds)
+    config = make_config(ctx, out)
     notes = {}
     server = new_server(config, ctx.refs)
     pools = ray.get(server.pool_handles.remote())  # asked now: the server answers nothing during a round
@@ -171,7 +176,7 @@ def scenario_pool_killed(ctx, trial: int, out: Path):
 def scenario_node_removed(ctx, trial: int, out: Path):
     import ray
 
-    config = make_config(out, ctx.rounds)
+    config = make_config(ctx, out)
     notes = {}
     server = new_server(config, ctx.refs)
     node_id = ray.get(server.pool_info.remote())[trial % 2]["node"]  # asked now: not during a round
@@ -195,7 +200,7 @@ def scenario_node_removed(ctx, trial: int, out: Path):
 def _train_cli(ctx, out: Path, resume: bool) -> subprocess.Popen:
     env = {**os.environ, "RAY_ADDRESS": ctx.cluster.address}
     args = [sys.executable, "-m", "pipeline", "train", "--out", str(out), "--json", *(["--resume"] if resume else []),
-            "--set", *BASE, f"train.rounds={ctx.rounds}"]
+            "--set", *ctx.base, f"train.rounds={ctx.rounds}"]
     return subprocess.Popen(args, cwd=ctx.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -224,7 +229,7 @@ def scenario_driver_killed(ctx, trial: int, out: Path):
 def scenario_dropout(ctx, trial: int, out: Path):
     import ray
 
-    config = make_config(out, ctx.rounds, "train.dropout=0.3", f"train.seed={trial}")
+    config = make_config(ctx, out, "train.dropout=0.3", f"train.seed={trial}")
     server = new_server(config, ctx.refs)
     history = run_rounds(server, range(ctx.rounds))
     ray.kill(server)
@@ -238,7 +243,7 @@ def scenario_dropout(ctx, trial: int, out: Path):
 def scenario_corrupt_checkpoint(ctx, trial: int, out: Path):
     import ray
 
-    config = make_config(out, ctx.rounds)
+    config = make_config(ctx, out)
     server = new_server(config, ctx.refs)
     first = run_rounds(server, range(ctx.fault_round + 1))
     ray.kill(server)
@@ -296,15 +301,16 @@ SCENARIOS = {
 class Context:
     """What every trial shares: the cluster, the prepared data, the fault-free run."""
 
-    def __init__(self, cluster, rounds: int, workdir: Path, seed: int):
+    def __init__(self, cluster, rounds: int, workdir: Path, seed: int, users: int, items: int):
         import ray
 
         from pipeline.data.datasets import open_dataset
 
         self.cluster, self.rounds, self.workdir = cluster, rounds, workdir
+        self.base, self.users, self.items = base_overrides(users, items), users, items
         self.fault_round = max(1, rounds // 2)
         self.rng = np.random.default_rng(seed)
-        config = make_config(workdir / "clean", rounds)
+        config = make_config(self, workdir / "clean")
         self.data, self.negatives = open_dataset(config.data)
         self.refs = [ray.put(self.data), ray.put(self.negatives)]
         server = new_server(config, self.refs)
@@ -315,8 +321,8 @@ class Context:
         self.clean_state = checkpoint_state(workdir / "clean", self.data.n_items)
 
 
-def report(rows: list[dict], rounds: int, trials: int, seconds: float) -> str:
-    lines = [f"Fault report: FedRAP on the synthetic generator (300 users, 200 items), {rounds} rounds, 2 pools on a "
+def report(rows: list[dict], rounds: int, trials: int, seconds: float, users: int, items: int) -> str:
+    lines = [f"Fault report: FedRAP on the synthetic generator ({users} users, {items} items), {rounds} rounds, 2 pools on a "
              f"3-node local Ray cluster, checkpoints every round; {trials} trial(s) per scenario; {seconds:.0f} s.",
              "", "| scenario | trials | runs completed | client state lost | metrics equal to the fault-free run |",
              "|---|---|---|---|---|"]
@@ -334,12 +340,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--quick", action="store_true", help="1 trial per scenario, 5 rounds")
+    parser.add_argument("--quick", action="store_true", help="1 trial per scenario, 4 rounds, 120 users")
     parser.add_argument("--scenarios", nargs="*", choices=list(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--out", type=Path, help="also write the table (Markdown) here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    trials, rounds = (1, 5) if args.quick else (args.trials, args.rounds)
+    trials, rounds = (1, 4) if args.quick else (args.trials, args.rounds)
 
     import ray
 
@@ -351,7 +357,8 @@ def main(argv=None) -> int:
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
-            ctx = Context(cluster, rounds, Path(tmp), args.seed)
+            users, items = (120, 100) if args.quick else (USERS, ITEMS)
+            ctx = Context(cluster, rounds, Path(tmp), args.seed, users, items)
             print(f"fault-free run: {rounds} rounds, clients' training {ctx.train_seconds:.2f} s per round", flush=True)
             for name in args.scenarios:
                 row = {"scenario": name, "trials": trials, "completed": 0, "state_lost": 0, "metrics_equal": 0,
@@ -375,7 +382,7 @@ def main(argv=None) -> int:
         ray.shutdown()
         cluster.shutdown()
     seconds = time.perf_counter() - started
-    table = report(rows, rounds, trials, seconds)
+    table = report(rows, rounds, trials, seconds, ctx.users, ctx.items)
     print(table)
     if args.out:
         command = "python -m bench.faults" + (" --quick" if args.quick else f" --trials {trials} --rounds {rounds}")

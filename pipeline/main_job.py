@@ -23,7 +23,6 @@ from pipeline.report.runs import report_runs
 from pipeline.trained import TrainedRun
 
 KS = (10, 20, 50)
-METRIC = "hr@50"  # P3's selection metric
 
 
 def run_main(args) -> int:
@@ -68,7 +67,8 @@ def run_main(args) -> int:
         rows.append({"method": f"{label} (federated, best round {selection['best_round']})", **selection["test"]})
     run_dirs = [Path(run["run_dir"]) for run in summaries.values()]
     report = report_runs(run_dirs, workdir / "report", title="Main job: the embedded synthetic default")
-    best_label, best = max(summaries.items(), key=lambda item: item[1]["selection"]["valid"][METRIC])
+    metric = config.train.selection()
+    best_label, best = max(summaries.items(), key=lambda item: item[1]["selection"]["valid"][metric])
     user = str(data.user_ids[0])
     recommendations = TrainedRun.open(best["run_dir"], data_cache=workdir / "prepared").recommend(user, k=10)
     seconds = time.perf_counter() - started
@@ -84,7 +84,7 @@ def run_main(args) -> int:
         print(f"run directory: {run['run_dir']}")
     print(f"TensorBoard logs: tensorboard --logdir {workdir}")
     print(f"report: {report['path']} (plots: {', '.join(Path(f).name for f in report['figures'])})")
-    print(f"\ntop 10 for user {user} from {best_label} (best validation {METRIC}), training items excluded:")
+    print(f"\ntop 10 for user {user} from {best_label} (best validation {metric}), training items excluded:")
     for r in recommendations:
         print(f"{r.rank:3d}. item {r.item_id:>5s}  {r.score:7.3f}  {r.title}  [{Path(r.image).name if r.image else 'no image'}]")
     print(f"done in {seconds:.1f} s")

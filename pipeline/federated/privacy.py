@@ -92,3 +92,10 @@ def epsilon_after(rounds: int, noise_multiplier: float, sample_rate: float, delt
     accountant = RDPAccountant()
     accountant.history = [(float(noise_multiplier), float(sample_rate), int(rounds))]
     return float(accountant.get_epsilon(delta=delta))
+
+
+def privacy_report(privacy, sample_rate: float, rounds: int) -> dict:
+    """The (epsilon, delta) guarantee after `rounds` rounds, with what it rests on."""
+    return {"epsilon": epsilon_after(rounds, privacy.noise_multiplier, sample_rate, privacy.delta),
+            "delta": privacy.delta, "clip": privacy.clip, "noise_multiplier": privacy.noise_multiplier,
+            "rounds": rounds, "sample_rate": sample_rate, "accountant": "opacus RDPAccountant"}

@@ -10,7 +10,6 @@ Checkpoint layout (one folder per round, renamed into place when complete):
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -23,12 +22,13 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.config import ExperimentConfig
+from pipeline.data.store import write_atomically
 from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
 from pipeline.federated.checkpoints import newest_intact, sha256_of
 from pipeline.federated.group_server import GroupServer
 from pipeline.federated.placement import plan_pools
 from pipeline.federated.pool import ClientPool, StaleState
-from pipeline.federated.privacy import epsilon_after
+from pipeline.federated.privacy import privacy_report
 from pipeline.federated.selection import Selection
 
 KEEP_CHECKPOINTS = 2
@@ -130,8 +130,8 @@ class Server:
 
     def _round(self, round_: int) -> dict:
         started = time.perf_counter()
-        arrived = round_users(self.config, self.train_counts, round_)
-        users = arrived.arrived
+        split = round_users(self.config, self.train_counts, round_)
+        users = split.arrived
         lrs = round_lrs(self.config, self.n_items, round_)
         global_ref = ray.put(self.globals)
         teacher = self.groups.download(round_) if self.groups is not None else None
@@ -149,9 +149,9 @@ class Server:
             "train/loss": sum(u.loss_sum for u in uploads) / max(clients, 1),
             "train/clients": clients,
             "train/rows": sum(u.rows for u in uploads),
-            "train/sampled": arrived.sampled,
-            "train/dropped": len(arrived.dropped),
-            "train/stragglers": len(arrived.late),
+            "train/sampled": split.sampled,
+            "train/dropped": len(split.dropped),
+            "train/stragglers": len(split.late),
             "time/train_seconds": train_seconds,
             "time/clients_per_second": clients / train_seconds,
             "time/pool_seconds_max": max(u.seconds for u in uploads),
@@ -179,10 +179,9 @@ class Server:
     def _privacy_metrics(self, round_: int, uploads: list) -> dict:
         """(epsilon, delta) after this round (Opacus RDP; q = participation) and how many clients
         were clipped."""
-        privacy, clients = self.config.privacy, sum(u.clients for u in uploads)
-        return {"privacy/epsilon": epsilon_after(round_ + 1, privacy.noise_multiplier,
-                                                 self.config.train.participation, privacy.delta),
-                "privacy/delta": privacy.delta,
+        report = privacy_report(self.config.privacy, self.config.train.participation, round_ + 1)
+        clients = sum(u.clients for u in uploads)
+        return {"privacy/epsilon": report["epsilon"], "privacy/delta": report["delta"],
                 "privacy/clipped_fraction": sum(u.clipped for u in uploads) / max(clients, 1)}
 
     def _group_step(self, round_: int, uploads: list, downloaded: dict) -> dict:
@@ -209,25 +208,19 @@ class Server:
     def _checkpoint(self, round_: int, name: str | None = None) -> None:
         """Write round `round_`'s checkpoint folder (round-NNNNNN, or `name`) atomically."""
         folder = self.run_dir / "checkpoints"
-        final = folder / (name or f"round-{round_:06d}")
-        tmp = folder / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        saved = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
-        torch.save({"globals": self.globals, "selection": self.selection.state_dict(), "history": self.history,
-                    "fusion_adam": self.fusion_adam,
-                    "groups": self.groups.state_dict() if self.groups is not None else None}, tmp / "global.pt")
-        digests = {f"pool-{i}.pt": digest for i, (_, digest) in enumerate(saved)}
-        digests["global.pt"] = sha256_of(tmp / "global.pt")
-        manifest = {"round": round_, "pools": len(self.pools), "pool_bytes": [size for size, _ in saved],
-                    "users_per_pool": [len(s) for s in self.shards], "sha256": digests}
-        (tmp / "manifest.json").write_text(json.dumps(manifest))
-        aside = folder / f".{final.name}.old"
-        shutil.rmtree(aside, ignore_errors=True)
-        if final.exists():
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        shutil.rmtree(aside, ignore_errors=True)
+
+        def fill(tmp: Path) -> None:
+            saved = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
+            torch.save({"globals": self.globals, "selection": self.selection.state_dict(), "history": self.history,
+                        "fusion_adam": self.fusion_adam,
+                        "groups": self.groups.state_dict() if self.groups is not None else None}, tmp / "global.pt")
+            digests = {f"pool-{i}.pt": digest for i, (_, digest) in enumerate(saved)}
+            digests["global.pt"] = sha256_of(tmp / "global.pt")
+            manifest = {"round": round_, "pools": len(self.pools), "pool_bytes": [size for size, _ in saved],
+                        "users_per_pool": [len(s) for s in self.shards], "sha256": digests}
+            (tmp / "manifest.json").write_text(json.dumps(manifest))
+
+        write_atomically(folder / (name or f"round-{round_:06d}"), fill)
         for old in sorted(folder.glob("round-*"))[:-KEEP_CHECKPOINTS]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -288,11 +281,7 @@ class Server:
     def summary(self) -> dict:
         privacy = self.config.privacy
         if privacy is not None:
-            privacy = {"epsilon": epsilon_after(len(self.history), privacy.noise_multiplier,
-                                                self.config.train.participation, privacy.delta),
-                       "delta": privacy.delta, "clip": privacy.clip, "noise_multiplier": privacy.noise_multiplier,
-                       "rounds": len(self.history), "sample_rate": self.config.train.participation,
-                       "accountant": "opacus RDPAccountant"}
+            privacy = privacy_report(privacy, self.config.train.participation, len(self.history))
         return {"selection": self.selection.report(), "rounds_run": len(self.history), "privacy": privacy,
                 "recoveries": self.recoveries, "damaged_checkpoints": self.damaged_checkpoints, "pools": len(self.pools),
                 "users_per_pool": [len(s) for s in self.shards]}

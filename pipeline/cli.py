@@ -203,6 +203,31 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_centralized(args) -> int:
+    """The centralized upper bound of one experiment config (pooled data, Ray Train)."""
+    from pipeline.centralized.job import train_centralized
+    from pipeline.config import load_config
+
+    overrides = list(args.set or [])
+    if args.out:
+        overrides.append(f"runtime.out={args.out}")
+    if args.workers is not None:
+        overrides.append(f"centralized.workers={args.workers}")
+    config = load_config(args.config, overrides)
+    summary = train_centralized(config, resume=args.resume, address=args.address, quiet=args.json)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        selection = summary["selection"]
+        print(f"centralized, {summary['workers']} Ray Train worker(s): best epoch {selection['best_round']} "
+              f"of {summary['epochs_run']} by {selection['metric']}")
+        for split in ("valid", "test"):
+            cells = "  ".join(f"{k} {100 * v:.2f}" for k, v in selection[split].items())
+            print(f"  {split:5s} {cells}")
+        print(f"run directory: {summary['run_dir']} (TensorBoard: tensorboard --logdir {summary['run_dir']}/tb)")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     """A Ray Tune sweep of a search space (tune/sweep.py); prints the best point and config."""
     from tune.sweep import run_sweep
@@ -322,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
     train.add_argument("--json", action="store_true")
     train.set_defaults(func=cmd_train)
+
+    central = commands.add_parser("centralized", help="the centralized upper bound: the same model on pooled data "
+                                  "(Ray Train, data-parallel)")
+    central.add_argument("--config", type=Path, help="experiment YAML (configs/...); its centralized: section applies")
+    central.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. centralized.epochs=20")
+    central.add_argument("--out", type=Path, help="run directory (runtime.out)")
+    central.add_argument("--workers", type=int, help="Ray Train workers (centralized.workers)")
+    central.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    central.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+    central.add_argument("--json", action="store_true")
+    central.set_defaults(func=cmd_centralized)
 
     sweep = commands.add_parser("sweep", help="Ray Tune + Optuna sweep of a search space (configs/sweeps/*.yaml)")
     sweep.add_argument("--space", type=Path, required=True, help="search space YAML (see tune/sweep.py)")

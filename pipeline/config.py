@@ -265,6 +265,28 @@ class RuntimeConfig(BaseModel):
     tensorboard: bool = True
 
 
+class CentralizedConfig(BaseModel):
+    """The centralized upper bound (pipeline/centralized/): the same model trained on pooled data
+    with Ray Train. Negatives (neg_ratio, neg_pool, neg_exclude_heldout), seeds, protocol,
+    selection metric and eval_ks come from `train`; these keys are its own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(50, ge=1, description="epochs cap (one epoch = every user's positives once, fresh negatives)")
+    batch_size: int = Field(1024, ge=1, description="positives per global mini-batch (rows: x (1 + neg_ratio)), "
+                            "split evenly over the workers")
+    lr: float = Field(1e-3, gt=0, description="Adam lr (dense globals) and SparseAdam lr (per-user tables)")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay of the dense globals")
+    patience: int = Field(10, ge=0, description="epochs without a strictly better validation metric before stopping")
+    workers: int = Field(1, ge=1, description="Ray Train workers (data-parallel: gradients all-reduced over "
+                         "Ray Train's process group, gloo on CPU, NCCL on GPU)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between Ray Train checkpoints (the last epoch always)")
+    dtype: Literal["float32", "float64"] = Field("float32", description="parameter dtype (float64: N workers match "
+                                                 "1 worker to ~1e-12; float32 drifts apart at Adam's float noise)")
+
+
 class ExperimentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -274,6 +296,8 @@ class ExperimentConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     privacy: PrivacyConfig | None = Field(None, description="client-level differential privacy (None: off)")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    centralized: CentralizedConfig = Field(default_factory=CentralizedConfig,
+                                           description="the centralized upper bound (pipeline centralized)")
 
     @model_validator(mode="after")
     def _privacy_scope(self):

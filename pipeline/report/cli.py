@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from pipeline.data.store import write_text_atomically
-from pipeline.report.experiments import DEFAULT_RUNS_DIR, DEFAULT_SEEDS, expand_configs, plan_runs, run_experiments
+from pipeline.report.experiments import (DEFAULT_RUNS_DIR, DEFAULT_SEEDS, MODES, expand_configs, plan_runs,
+                                        run_experiments)
 
 
 def _add_args(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,9 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
                              "a run under another protocol than its file's goes to <config name>-<protocol>")
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR,
                         help="run directories go to RUNS_DIR/<config name>/seed-<s> (default runs/experiments)")
+    parser.add_argument("--mode", choices=list(MODES), default="federated",
+                        help="federated runs, the configs' centralized upper bounds (pipeline centralized; rows "
+                             "labelled 'centralized'), or both in the same tables with the gap per backbone")
     parser.add_argument("--out", type=Path, help="write the Markdown report here")
     parser.add_argument("--title", default=None, help="report title")
     parser.add_argument("--note", action="append", default=[], metavar="TEXT",
@@ -68,6 +72,8 @@ def _plot(args, results) -> list[tuple[str, str]]:
 
     by_protocol: dict[str, list] = {}
     for result in results:
+        if result.spec.centralized:  # epochs of pooled training are not rounds: not on this axis
+            continue
         by_protocol.setdefault(result.spec.config.train.protocol, []).append(result)
     paths = plots.protocol_paths(Path(args.plot), sorted(by_protocol))
     lines = []
@@ -99,7 +105,8 @@ def cmd_experiments(args) -> int:
     specs = []
     for protocol in args.protocol or [None]:
         overrides = [*(args.set or []), *([f"train.protocol={protocol}"] if protocol else [])]
-        specs += plan_runs(paths, seeds=args.seeds, overrides=overrides, runs_dir=args.runs_dir)
+        specs += plan_runs(paths, seeds=args.seeds, overrides=overrides, runs_dir=args.runs_dir,
+                           mode=getattr(args, "mode", "federated"))
     if args.force and args.report_only:
         raise ValueError("--force and --report-only contradict each other")
     results = run_experiments(specs, force=args.force, report_only=args.report_only)

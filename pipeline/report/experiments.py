@@ -46,6 +46,7 @@ class RunSpec:
     seed: int
     config: ExperimentConfig     # with seed, model_seed and runtime.out applied
     overrides: tuple[str, ...]   # the overrides applied (without the controlled keys)
+    centralized: bool = False    # the config's centralized upper bound (pipeline centralized), not federated
 
     @property
     def run_dir(self) -> Path:
@@ -80,19 +81,27 @@ def expand_configs(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def _comparable(config: dict) -> dict:
+def _comparable(config: dict, centralized: bool = False) -> dict:
     """A config's dump read through the current schema (keys added since get their defaults),
-    without the runtime section (which never changes the numbers)."""
+    without the runtime section (which never changes the numbers) and, for a federated run,
+    without the centralized section (which a federated run never reads)."""
     try:
         config = json.loads(ExperimentConfig.model_validate(config).model_dump_json())
     except ValueError:  # no longer a valid config: compared as stored, so it differs
         pass
-    return {key: value for key, value in config.items() if key != "runtime"}
+    ignored = ("runtime",) if centralized else ("runtime", "centralized")
+    return {key: value for key, value in config.items() if key not in ignored}
+
+
+MODES = ("federated", "centralized", "both")
 
 
 def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str] = (),
-              runs_dir: Path = DEFAULT_RUNS_DIR) -> list[RunSpec]:
-    """One RunSpec per (config, seed), configs in the given order."""
+              runs_dir: Path = DEFAULT_RUNS_DIR, mode: str = "federated") -> list[RunSpec]:
+    """One RunSpec per (config, seed), configs in the given order; mode 'centralized' plans each
+    config's centralized upper bound instead (folder <key>-centralized), 'both' plans both."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     overrides = tuple(overrides or ())
     for item in overrides:
         key = item.partition("=")[0].strip()
@@ -111,11 +120,18 @@ def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str
         if key in owners:
             raise ValueError(f"{path} and {owners[key]} both map to run folder {key!r}: give them distinct names")
         owners[key] = path
-        for seed in seeds:
-            run_dir = Path(runs_dir) / key / f"seed-{seed}"
-            config = load_config(path, [*overrides, f"train.seed={seed}", f"train.model_seed={seed}",
-                                        f"runtime.out={run_dir}"])
-            specs.append(RunSpec(source=Path(path), key=key, seed=int(seed), config=config, overrides=overrides))
+        kinds = {"federated": (False,), "centralized": (True,), "both": (False, True)}[mode]
+        if True in kinds and base.model.gfmfr is not None:
+            raise ValueError(f"{path}: GFMFR has no centralized counterpart (its groups and distillation are "
+                             f"federated mechanisms); plan the centralized bound of the config without gfmfr")
+        for centralized in kinds:
+            folder = f"{key}-centralized" if centralized else key
+            for seed in seeds:
+                run_dir = Path(runs_dir) / folder / f"seed-{seed}"
+                config = load_config(path, [*overrides, f"train.seed={seed}", f"train.model_seed={seed}",
+                                            f"runtime.out={run_dir}"])
+                specs.append(RunSpec(source=Path(path), key=folder, seed=int(seed), config=config,
+                                     overrides=overrides, centralized=centralized))
     return specs
 
 
@@ -138,9 +154,9 @@ def current_fingerprint(config: ExperimentConfig) -> str:
 
 def run_state(spec: RunSpec) -> str:
     """done | partial | new; raises StaleRunError when the folder holds another config's run."""
-    planned = _comparable(json.loads(spec.config.model_dump_json()))
+    planned = _comparable(json.loads(spec.config.model_dump_json()), spec.centralized)
     if spec.summary_path.is_file():
-        found = _comparable(json.loads(spec.summary_path.read_text()).get("config", {}))
+        found = _comparable(json.loads(spec.summary_path.read_text()).get("config", {}), spec.centralized)
         if found != planned:
             raise StaleRunError(f"{spec.summary_path} was made by a different config "
                                 f"({_diff(found, planned)}); pass --force to re-run it")
@@ -152,10 +168,16 @@ def run_state(spec: RunSpec) -> str:
                                 f"pass --force to re-run it")
         return "done"
     checkpoints = spec.run_dir / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.glob("round-*/manifest.json")):
+    if spec.centralized:
+        from pipeline.centralized.job import latest_checkpoint
+
+        partial = latest_checkpoint(spec.run_dir) is not None
+    else:
+        partial = checkpoints.is_dir() and any(checkpoints.glob("round-*/manifest.json"))
+    if partial:
         config_file = spec.run_dir / "config.yaml"
         if config_file.is_file():
-            found = _comparable(yaml.safe_load(config_file.read_text()) or {})
+            found = _comparable(yaml.safe_load(config_file.read_text()) or {}, spec.centralized)
             if found != planned:
                 raise StaleRunError(f"{spec.run_dir} holds a partial run of a different config "
                                     f"({_diff(found, planned)}); pass --force to start it over")
@@ -180,6 +202,7 @@ def _diff(found: dict, planned: dict, prefix: str = "") -> str:
 def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = False) -> RunResult:
     """Run, resume or skip one (config, seed); never raises for a failing run (status 'failed').
     With report_only nothing is started: an unfinished run is 'missing'."""
+    from pipeline.centralized.job import train_centralized
     from pipeline.federated.run import train
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
@@ -192,7 +215,8 @@ def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = Fa
             return RunResult(spec, "skipped", summary=json.loads(spec.summary_path.read_text()))
         if report_only:
             return RunResult(spec, "missing", error=f"not run ({state})")
-        summary = train(spec.config, resume=state == "partial", quiet=True)
+        run = train_centralized if spec.centralized else train
+        summary = run(spec.config, resume=state == "partial", quiet=True)
         return RunResult(spec, "resumed" if state == "partial" else "ran", summary=summary,
                          seconds=time.perf_counter() - started)
     except StaleRunError as error:
@@ -220,7 +244,8 @@ def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_
         if result.summary is not None:
             selection = result.summary["selection"]
             metric = selection["metric"].split("/")[-1]
-            head += (f" (best round {selection['best_round']} of {result.summary.get('rounds_run')}, "
+            unit = "epoch" if spec.centralized else "round"
+            head += (f" (best {unit} {selection['best_round']} of {result.summary.get('rounds_run')}, "
                      f"valid {metric} {100 * selection['valid'][metric]:.2f}, "
                      f"test {metric} {100 * selection['test'][metric]:.2f}")
             head += f", {result.seconds:.0f} s)" if result.status != "skipped" else ")"

@@ -1,0 +1,192 @@
+"""The centralized job: a CentralizedTrainer on every Ray Train worker (TorchTrainer).
+
+Every worker trains its share of each global batch and evaluates its share of the users; rank 0
+reports a checkpoint (state.pt: model, best model, optimizers, selection, history) every
+`centralized.checkpoint_every` epochs through `ray.train.report`. A callback on the Ray Train
+controller (which runs on the driver's node) writes what a user watches, as the federated job
+does: metrics.jsonl (one line per epoch) and TensorBoard scalars; the driver shows a progress
+bar and writes summary.json at the end.
+
+Run directory (runtime.out):
+  config.yaml  metrics.jsonl  summary.json  tb/  ray_train/centralized/epoch-NNNN/ (checkpoints)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+import ray
+import yaml
+from ray.train import UserCallback
+from tqdm import tqdm
+
+from pipeline.config import ExperimentConfig
+from pipeline.data.datasets import open_dataset
+from pipeline.federated.run import DATA_CACHE, _scalars, ensure_ray
+from pipeline.federated.selection import Selection
+
+STATE_FILE = "state.pt"
+TRAIN_DIR = "ray_train"
+RUN_NAME = "centralized"
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import torch
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.centralized.trainer import CentralizedTrainer
+
+    config = ExperimentConfig.model_validate_json(loop_config["config"])
+    data, negatives = ray.get(loop_config["data"]), ray.get(loop_config["negatives"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # no DDP wrapper: the trainer all-reduces the gradients itself (dense flat, per-user tables sparse);
+    # torch DDP with these sparse tables drifted from the 1-worker run at ~1e-5 after two epochs
+    wrap = lambda model: ray.train.torch.prepare_model(model, parallel_strategy=None)  # noqa: E731
+    trainer = CentralizedTrainer(config, data, negatives, rank=rank, world=world,
+                                 device=ray.train.torch.get_device(), wrap=wrap)
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            trainer.load_state_dict(torch.load(Path(folder) / STATE_FILE, weights_only=False))
+    every = config.centralized.checkpoint_every
+    while not trainer.done():
+        metrics = trainer.run_epoch()
+        if rank == 0 and (metrics["stop"] or trainer.epoch % every == 0):
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(trainer.state_dict(), Path(folder) / STATE_FILE)
+                (Path(folder) / "history.json").write_text(json.dumps(trainer.history))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                                 checkpoint_dir_name=f"epoch-{metrics['epoch']:04d}")
+        else:
+            ray.train.report(metrics)
+
+
+class RunLog(UserCallback):
+    """metrics.jsonl and TensorBoard scalars of every reported epoch (rank 0's metrics)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool, purge_step: int):
+        self.run_dir, self.tensorboard, self.purge_step = run_dir, tensorboard, purge_step
+        self._writer = None
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        epoch_metrics = metrics[0]
+        with open(Path(self.run_dir) / "metrics.jsonl", "a") as log:
+            log.write(json.dumps(epoch_metrics) + "\n")
+        if self.tensorboard:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(Path(self.run_dir) / "tb"), purge_step=self.purge_step)
+            for name, value in _scalars(epoch_metrics).items():
+                if name != "epoch":
+                    self._writer.add_scalar(name, value, epoch_metrics["epoch"])
+            self._writer.flush()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder of a run (None: none yet)."""
+    folder = Path(run_dir) / TRAIN_DIR / RUN_NAME
+    done = sorted(p for p in folder.glob("epoch-*") if (p / STATE_FILE).is_file() and (p / "history.json").is_file())
+    return done[-1] if done else None
+
+
+def _summary_selection(config: ExperimentConfig, history: list[dict]) -> Selection:
+    selection = Selection(config.train.selection(), config.centralized.patience)
+    for metrics in history:
+        selection.update(metrics["epoch"], metrics)
+    return selection
+
+
+def train_centralized(config: ExperimentConfig, *, resume: bool = False, address: str | None = None,
+                      data_cache: Path = DATA_CACHE, quiet: bool = False, fresh: bool = False) -> dict:
+    """Run (or resume) the centralized job of `config` on Ray Train; returns the summary."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    central = config.centralized
+    if config.model.gfmfr is not None:
+        raise ValueError("model.gfmfr: GFMFR's groups and distillation are federated mechanisms with no pooled "
+                         "counterpart; train the centralized bound of the backbone (+ FedMR) without it")
+    if config.privacy is not None:
+        raise ValueError("privacy: client-level DP bounds what clients upload; pooled training has no uploads. "
+                         "Drop the privacy section for the centralized bound")
+    run_dir = Path(config.runtime.out).resolve()
+    if fresh and not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    restored = latest_checkpoint(run_dir)
+    if restored is not None and not resume:
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                              f"or choose another runtime.out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+    history = json.loads((restored / "history.json").read_text()) if restored is not None else []
+    if restored is None:  # a fresh start: what an interrupted first epoch left goes
+        shutil.rmtree(run_dir / TRAIN_DIR, ignore_errors=True)
+        shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new epochs
+        for metrics in history:
+            log.write(json.dumps(metrics) + "\n")
+
+    data, negatives = open_dataset(config.data, cache=data_cache)
+    ensure_ray(address)
+    loop_config = {"config": config.model_dump_json(), "data": ray.put(data), "negatives": ray.put(negatives)}
+    trainer = TorchTrainer(
+        _train_loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=central.workers, use_gpu=central.use_gpu,
+                                     resources_per_worker={"CPU": central.cpus_per_worker}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(run_dir / TRAIN_DIR),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=[RunLog(str(run_dir), config.runtime.tensorboard, len(history))]))
+    # resuming needs no argument: the same name and storage_path make Ray Train V2 restore the
+    # run's latest checkpoint, which the workers read through ray.train.get_checkpoint()
+
+    outcome: dict = {}
+    fit = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
+    fit.start()
+    bar = tqdm(total=central.epochs, initial=len(history), desc=f"{config.model.backbone} centralized epochs",
+               unit="epoch", disable=quiet or not config.runtime.progress)
+    shown = len(history)
+    while fit.is_alive() or shown < _lines(run_dir / "metrics.jsonl"):
+        fit.join(timeout=0.5)
+        lines = _lines(run_dir / "metrics.jsonl")
+        if lines > shown:
+            bar.update(lines - shown)
+            shown = lines
+    bar.close()
+    result = outcome.get("result")
+    if result is None or result.error is not None:
+        raise RuntimeError(f"centralized training failed: {result.error if result is not None else 'no result'}")
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    selection = _summary_selection(config, history)
+    seconds = [m["time/epoch_seconds"] for m in history]
+    summary = {
+        "config": json.loads(config.model_dump_json()),
+        "mode": "centralized",
+        "dataset": {"name": data.name, "users": data.n_users, "items": data.n_items,
+                    "fingerprint": data.fingerprint()},
+        "selection": selection.report(),
+        "rounds_run": len(history),  # epochs: named as in the federated summary, which tables read
+        "epochs_run": len(history),
+        "workers": central.workers,
+        "checkpoint": str(latest_checkpoint(run_dir)),
+        "seconds_total": round(time.perf_counter() - started, 3),
+        "seconds_per_epoch_mean": sum(seconds) / len(seconds) if seconds else None,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _lines(path: Path) -> int:
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    except FileNotFoundError:
+        return 0

@@ -174,24 +174,32 @@ def _baseline_report(rows, described, args) -> str:
     return "\n".join(parts)
 
 
-def cmd_train(args) -> int:
-    """Federated training of one experiment config."""
+def _run_config(args, *extra: str):
+    """The experiment config of a train-like command: --config, --set, --out and `extra` overrides."""
     from pipeline.config import load_config
-    from pipeline.federated.run import train
 
-    overrides = list(args.set or [])
+    overrides = [*(args.set or []), *extra]
     if args.out:
         overrides.append(f"runtime.out={args.out}")
-    config = load_config(args.config, overrides)
-    summary = train(config, resume=args.resume, address=args.address, quiet=args.json)
+    return load_config(args.config, overrides)
+
+
+def _print_selection(selection: dict, head: str) -> None:
+    print(f"{head} {selection['best_round']} by {selection['metric']}")
+    for split in ("valid", "test"):
+        cells = "  ".join(f"{k} {100 * v:.2f}" for k, v in selection[split].items())
+        print(f"  {split:5s} {cells}")
+
+
+def cmd_train(args) -> int:
+    """Federated training of one experiment config."""
+    from pipeline.federated.run import train
+
+    summary = train(_run_config(args), resume=args.resume, address=args.address, quiet=args.json)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
-        selection = summary["selection"]
-        print(f"best round {selection['best_round']} by {selection['metric']}")
-        for split in ("valid", "test"):
-            cells = "  ".join(f"{k} {100 * v:.2f}" for k, v in selection[split].items())
-            print(f"  {split:5s} {cells}")
+        _print_selection(summary["selection"], "best round")
         privacy = summary.get("privacy")
         if privacy:
             print(f"client-level DP: ({privacy['epsilon']:.3g}, {privacy['delta']:g})-DP after {privacy['rounds']} "
@@ -206,24 +214,15 @@ def cmd_train(args) -> int:
 def cmd_centralized(args) -> int:
     """The centralized upper bound of one experiment config (pooled data, Ray Train)."""
     from pipeline.centralized.job import train_centralized
-    from pipeline.config import load_config
 
-    overrides = list(args.set or [])
-    if args.out:
-        overrides.append(f"runtime.out={args.out}")
-    if args.workers is not None:
-        overrides.append(f"centralized.workers={args.workers}")
-    config = load_config(args.config, overrides)
-    summary = train_centralized(config, resume=args.resume, address=args.address, quiet=args.json)
+    workers = [f"centralized.workers={args.workers}"] if args.workers is not None else []
+    summary = train_centralized(_run_config(args, *workers), resume=args.resume, address=args.address,
+                                quiet=args.json)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
-        selection = summary["selection"]
-        print(f"centralized, {summary['workers']} Ray Train worker(s): best epoch {selection['best_round']} "
-              f"of {summary['epochs_run']} by {selection['metric']}")
-        for split in ("valid", "test"):
-            cells = "  ".join(f"{k} {100 * v:.2f}" for k, v in selection[split].items())
-            print(f"  {split:5s} {cells}")
+        _print_selection(summary["selection"], f"centralized, {summary['workers']} Ray Train worker(s), "
+                                               f"{summary['epochs_run']} epochs: best epoch")
         print(f"run directory: {summary['run_dir']} (TensorBoard: tensorboard --logdir {summary['run_dir']}/tb)")
     return 0
 

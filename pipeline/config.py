@@ -282,7 +282,7 @@ class CentralizedConfig(BaseModel):
                          "Ray Train's process group, gloo on CPU, NCCL on GPU)")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
-    checkpoint_every: int = Field(1, ge=1, description="epochs between Ray Train checkpoints (the last epoch always)")
+    checkpoint_every: int = Field(5, ge=1, description="epochs between Ray Train checkpoints (the last epoch always)")
     dtype: Literal["float32", "float64"] = Field("float32", description="parameter dtype (float64: N workers match "
                                                  "1 worker to ~1e-12; float32 drifts apart at Adam's float noise)")
 

@@ -18,8 +18,11 @@ def one_torch_thread():
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray instance of 2 CPUs for the tests of one module."""
+    import os
+
     import ray
 
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # as pipeline.centralized.job sets it
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never another cluster
     yield
     ray.shutdown()

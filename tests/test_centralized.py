@@ -219,3 +219,80 @@ def test_fedmr_on_ku_two_workers_follow_one(local_ray, tmp_path):
     two = train_centralized(load_config(None, [*base, "centralized.workers=2", f"runtime.out={tmp_path / 'two'}"]))
     _assert_same_trajectory(_metrics(tmp_path / "two"), _metrics(tmp_path / "one"))
     assert one["dataset"]["users"] == 204 and two["workers"] == 2
+
+
+@pytest.mark.slow
+def test_experiments_table_has_centralized_rows_and_the_gap(local_ray, tmp_path, monkeypatch, capsys):
+    """`pipeline experiments --mode both`: each config's federated runs and its centralized bound in
+    one table, the centralized row labelled, the gap stated per backbone; GFMFR has no bound."""
+    from pipeline.report.cli import main as experiments
+
+    monkeypatch.chdir(tmp_path)  # the jobs' data cache (runs/prepared) is relative
+    config = tmp_path / "tiny.yaml"
+    config.write_text("name: tiny-fcf\ndata:\n  name: synthetic\n  synthetic: {n_users: 60, n_items: 80, "
+                      "mean_interactions: 12, seed: 3, images: false}\nmodel:\n  backbone: fcf\n  dim: 8\n"
+                      "train:\n  protocol: p3\n  rounds: 2\n  local_epochs: 1\ncentralized:\n  epochs: 3\n"
+                      "  batch_size: 64\n  lr: 0.01\nruntime:\n  pools: 1\n  progress: false\n  tensorboard: false\n")
+    out = tmp_path / "table.md"
+    assert experiments(["--configs", str(config), "--seeds", "0", "--mode", "both", "--runs-dir", "runs/exp",
+                        "--out", str(out)]) == 0
+    markdown = out.read_text()
+    assert (tmp_path / "runs/exp/tiny-fcf-centralized/seed-0/summary.json").is_file()
+    federated = next(line for line in markdown.splitlines() if line.startswith("| FCF |"))
+    central = next(line for line in markdown.splitlines() if line.startswith("| FCF (centralized) |"))
+    assert "centralized bound (this project, Ray Train)" in central and "re-run" in federated
+    summary = json.loads((tmp_path / "runs/exp/tiny-fcf-centralized/seed-0/summary.json").read_text())
+    assert summary["mode"] == "centralized" and summary["epochs_run"] == 3
+    assert "**Centralized rows:**" in markdown and "lr 0.01, 64 positives per batch, epochs cap 3" in markdown
+    gap = next(line for line in markdown.splitlines() if "Federated-to-centralized gap" in line)
+    fed_value = float(federated.split("|")[7])  # test HR@50
+    central_value = float(central.split("|")[7])
+    assert f"FCF: {fed_value:.2f} vs {central_value:.2f} ({fed_value - central_value:+.2f}" in gap
+    # the runs are reused: a second call trains nothing
+    assert experiments(["--configs", str(config), "--seeds", "0", "--mode", "both", "--runs-dir", "runs/exp",
+                        "--report-only", "--out", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text().splitlines()[1:] == markdown.splitlines()[1:]
+    gfmfr = tmp_path / "gfmfr.yaml"
+    gfmfr.write_text(config.read_text().replace("  dim: 8\n", "  dim: 8\n  gfmfr: {group_num: 2}\n"))
+    assert experiments(["--configs", str(gfmfr), "--mode", "centralized"]) == 2
+    assert "GFMFR has no centralized counterpart" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_job_wrapper_runs_the_cli(tmp_path):
+    """jobs/train_centralized.py is `pipeline centralized` (a real local Ray, 2 workers, --json)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(repo / "jobs/train_centralized.py"), "--out", str(tmp_path / "run"),
+                           "--workers", "2", "--json", "--set", "data.synthetic={n_users: 50, n_items: 60, images: false}",
+                           "model.backbone=fedncf", "model.dim=8", "centralized.epochs=2", "centralized.batch_size=32",
+                           "runtime.progress=false"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    assert summary["mode"] == "centralized" and summary["workers"] == 2 and summary["epochs_run"] == 2
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_runs_inside_a_tune_trial(local_ray, tmp_path):
+    """A Tune trial that runs the centralized job sees every epoch's metrics (TuneReportCallback)."""
+    from ray import tune
+
+    from pipeline.centralized.job import train_centralized
+
+    def trial(point):
+        train_centralized(load_config(None, [*RAY_TINY, "centralized.epochs=3", f"centralized.lr={point['lr']}",
+                                             f"runtime.out={tmp_path / 'trial'}"]), quiet=True)
+
+    tuner = tune.Tuner(tune.with_resources(trial, {"cpu": 0.1}), param_space={"lr": 0.01},
+                       run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="central"))
+    result = tuner.fit()[0]
+    assert result.error is None
+    frame = result.metrics_dataframe
+    assert list(frame["epoch"]) == [0, 1, 2] and "valid/hr@50" in frame and "train/loss" in frame
+    assert json.loads((tmp_path / "trial" / "summary.json").read_text())["epochs_run"] == 3

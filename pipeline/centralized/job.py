@@ -5,7 +5,8 @@ reports a checkpoint (state.pt: model, best model, optimizers, selection, histor
 `centralized.checkpoint_every` epochs through `ray.train.report`. A callback on the Ray Train
 controller (which runs on the driver's node) writes what a user watches, as the federated job
 does: metrics.jsonl (one line per epoch) and TensorBoard scalars; the driver shows a progress
-bar and writes summary.json at the end.
+bar and writes summary.json at the end. Called inside a Ray Tune trial, the epochs' metrics also
+reach the trial (TuneReportCallback).
 
 Run directory (runtime.out):
   config.yaml  metrics.jsonl  summary.json  tb/  ray_train/centralized/epoch-NNNN/ (checkpoints)
@@ -14,6 +15,7 @@ Run directory (runtime.out):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -90,6 +92,17 @@ class RunLog(UserCallback):
             self._writer.flush()
 
 
+def _tune_report() -> list:
+    """Inside a Ray Tune trial: Ray's TuneReportCallback, which hands every epoch's metrics (rank
+    0's) to the trial; elsewhere nothing (the callback refuses to be built outside a trial)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    try:
+        return [TuneReportCallback()]
+    except RuntimeError:
+        return []
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint folder of a run (None: none yet)."""
     folder = Path(run_dir) / TRAIN_DIR / RUN_NAME
@@ -136,6 +149,9 @@ def train_centralized(config: ExperimentConfig, *, resume: bool = False, address
             log.write(json.dumps(metrics) + "\n")
 
     data, negatives = open_dataset(config.data, cache=data_cache)
+    # Ray Train's controller takes a report every health-check interval (default 2 s): an epoch
+    # of a small dataset is shorter. Set before a local cluster starts, so its processes inherit it
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     ensure_ray(address)
     loop_config = {"config": config.model_dump_json(), "data": ray.put(data), "negatives": ray.put(negatives)}
     trainer = TorchTrainer(
@@ -144,7 +160,8 @@ def train_centralized(config: ExperimentConfig, *, resume: bool = False, address
                                      resources_per_worker={"CPU": central.cpus_per_worker}),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(run_dir / TRAIN_DIR),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=[RunLog(str(run_dir), config.runtime.tensorboard, len(history))]))
+                             callbacks=[RunLog(str(run_dir), config.runtime.tensorboard, len(history)),
+                                        *_tune_report()]))
     # resuming needs no argument: the same name and storage_path make Ray Train V2 restore the
     # run's latest checkpoint, which the workers read through ray.train.get_checkpoint()
 

@@ -218,7 +218,7 @@ def centralized_gaps(rows: list[dict], metric: str) -> list[str]:
     bounds = {(r["backbone"], r["fusion"]): r for r in rows if r.get("centralized") and r["test"].get(metric)}
     gaps = []
     for row in rows:
-        bound = bounds.get((row["backbone"], row["fusion"]))
+        bound = bounds.get((row.get("backbone"), row.get("fusion")))
         if row["source"] != LEARNED or row.get("private") or bound is None or not row["test"].get(metric):
             continue
         federated, pooled = statistics.fmean(row["test"][metric]), statistics.fmean(bound["test"][metric])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,7 +264,6 @@ def test_job_wrapper_runs_the_cli(tmp_path):
     """jobs/train_centralized.py is `pipeline centralized` (a real local Ray, 2 workers, --json)."""
     import subprocess
     import sys
-    from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
@@ -296,3 +296,27 @@ def test_runs_inside_a_tune_trial(local_ray, tmp_path):
     frame = result.metrics_dataframe
     assert list(frame["epoch"]) == [0, 1, 2] and "valid/hr@50" in frame and "train/loss" in frame
     assert json.loads((tmp_path / "trial" / "summary.json").read_text())["epochs_run"] == 3
+
+
+@pytest.mark.realdata
+@KU
+def test_two_threads_give_one_result_with_deterministic_kernels():
+    """With 2 intra-op threads FedMR's scatters sum in a run-dependent order unless torch's
+    deterministic algorithms are on, as the Ray Train worker loop sets them: then a seed gives one
+    result (here: 2 epochs of FCF + FedMR on KU, twice, bit-identical losses)."""
+    from pipeline.data.datasets import open_dataset
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/ku/fcf_fedmr.yaml", ["centralized.epochs=2"])
+    data, negatives = open_dataset(cfg.data)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            trainer = CentralizedTrainer(cfg, data, negatives)
+            runs.append([trainer.run_epoch()["train/loss"] for _ in range(2)])
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    assert runs[0] == runs[1]

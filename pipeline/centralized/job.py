@@ -44,6 +44,9 @@ def _train_loop(loop_config: dict) -> None:
 
     from pipeline.centralized.trainer import CentralizedTrainer
 
+    # multi-threaded CPU kernels otherwise sum in a run-dependent order (FedMR's scatters): a seed
+    # must give one result. The worker process is Ray Train's own, so the switch stays local to it
+    torch.use_deterministic_algorithms(True)
     config = ExperimentConfig.model_validate_json(loop_config["config"])
     data, negatives = ray.get(loop_config["data"]), ray.get(loop_config["negatives"])
     context = ray.train.get_context()

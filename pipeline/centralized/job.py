@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
 import ray
 import yaml
 from ray.train import UserCallback
@@ -169,7 +170,14 @@ def train_centralized(config: ExperimentConfig, *, resume: bool = False, address
     # run's latest checkpoint, which the workers read through ray.train.get_checkpoint()
 
     outcome: dict = {}
-    fit = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
+
+    def run() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except Exception as error:  # raised again below, on the caller's thread
+            outcome["error"] = error
+
+    fit = threading.Thread(target=run, daemon=True)
     fit.start()
     bar = tqdm(total=central.epochs, initial=len(history), desc=f"{config.model.backbone} centralized epochs",
                unit="epoch", disable=quiet or not config.runtime.progress)
@@ -181,9 +189,10 @@ def train_centralized(config: ExperimentConfig, *, resume: bool = False, address
             bar.update(lines - shown)
             shown = lines
     bar.close()
-    result = outcome.get("result")
-    if result is None or result.error is not None:
-        raise RuntimeError(f"centralized training failed: {result.error if result is not None else 'no result'}")
+    if "error" in outcome:
+        raise RuntimeError(f"centralized training failed: {outcome['error']}") from outcome["error"]
+    if outcome["result"].error is not None:
+        raise RuntimeError(f"centralized training failed: {outcome['result'].error}")
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     selection = _summary_selection(config, history)
     seconds = [m["time/epoch_seconds"] for m in history]

@@ -72,7 +72,7 @@ def _plot(args, results) -> list[tuple[str, str]]:
 
     by_protocol: dict[str, list] = {}
     for result in results:
-        if result.spec.centralized:  # epochs of pooled training are not rounds: not on this axis
+        if getattr(result.spec, "centralized", False):  # epochs of pooled training are not rounds: not on this axis
             continue
         by_protocol.setdefault(result.spec.config.train.protocol, []).append(result)
     paths = plots.protocol_paths(Path(args.plot), sorted(by_protocol))

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.aggregate import initial_state
+from pipeline.federated.aggregate import feature_dims, initial_state
 from pipeline.federated.client import FusionRows
 from pipeline.federated.grouped import GroupPlan
-from pipeline.federated.sampling import dropout_keep
+from pipeline.federated.sampling import csr_take, dropout_keep
 from pipeline.models import model_for
 
 _ITEM_USER = -1  # the user id that keys dropout on rows shared by every user (item rows)
@@ -56,12 +56,13 @@ class PooledModel(torch.nn.Module):
             raise ValueError("model.gfmfr: GFMFR's groups and distillation are federated mechanisms with no pooled "
                              "counterpart; train the centralized bound of the backbone (+ FedMR) without it")
         model_config = pooled_model_config(config.model)
-        self.config, self.dtype = config, dtype
+        self.dtype = dtype
         self.model = model_for(model_config)
         self.model_config = model_config
         self.n_users, self.n_items = data.n_users, data.n_items
-        dims = {name: int(matrix.shape[1]) for name, matrix in data.features.items()}
-        state = initial_state(config.model_copy(update={"model": model_config}), data.n_users, data.n_items, dims)
+        # (FedMR's init refuses a modality the dataset has no features for)
+        state = initial_state(config.model_copy(update={"model": model_config}), data.n_users, data.n_items,
+                              feature_dims(data))
         self.dense = torch.nn.ParameterDict({_slot(n): torch.nn.Parameter(t.to(dtype).clone())
                                              for n, t in state.global_params.items()})
         self.personal = torch.nn.ModuleDict()
@@ -74,9 +75,6 @@ class PooledModel(torch.nn.Module):
         for name, base in state.personal_table_base.items():  # row u * I + i: user u's copy of item i
             self._add_personal(name, base.to(dtype).repeat(data.n_users, 1), tuple(base.shape[1:]))
         for modality in getattr(self.model, "MODALITIES", ()):
-            if modality not in data.features:
-                raise ValueError(f"fusion.modalities includes {modality!r} but dataset {data.name!r} has "
-                                 f"{sorted(data.features) or 'no'} features: encode them or drop {modality!r}")
             self.register_buffer(f"feature_{modality}", torch.as_tensor(np.asarray(data.features[modality])).to(dtype),
                                  persistent=False)
         self.train_indptr = np.asarray(data.train_indptr, dtype=np.int64)
@@ -109,11 +107,8 @@ class PooledModel(torch.nn.Module):
 
     def positives(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(owner [P] position in `users`, item [P]): the training positives of `users`."""
-        starts, stops = self.train_indptr[users], self.train_indptr[users + 1]
-        counts = stops - starts
-        owner = np.repeat(np.arange(len(users)), counts)
-        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        return owner, self.train_items[np.repeat(starts, counts) + offsets]
+        indptr, items = csr_take(self.train_indptr, self.train_items, users)
+        return np.repeat(np.arange(len(users)), np.diff(indptr)), items
 
     def sparse_parameters(self) -> list[torch.nn.Parameter]:
         return [table.weight for table in self.personal.values()]
@@ -123,18 +118,17 @@ class PooledModel(torch.nn.Module):
 
     # -- training and scoring ----------------------------------------------------------------------
 
-    def logits(self, user: torch.Tensor, item: torch.Tensor, dropout_key: tuple[int, int, int] | None = None
-               ) -> torch.Tensor:
-        """[R] logits of rows (user [R], item [R]); dropout_key (seed, epoch, step) trains the
+    def rows(self, user: torch.Tensor, item: torch.Tensor, dropout_key: tuple[int, int, int] | None = None
+             ) -> "PooledRows":
+        """The context over rows (user [R], item [R]); dropout_key (seed, epoch, step) trains the
         fusion module's dropout (masks keyed by row, so a row gets the same mask on any worker)."""
         context = PooledItemRows if self.experts_per_item else PooledRows
-        return self.model.logits(context(self, user, item, dropout_key))
+        return context(self, user, item, dropout_key)
 
     def forward(self, user: torch.Tensor, item: torch.Tensor, label: torch.Tensor, epoch: int, step: int,
                 seed: int) -> torch.Tensor:
         """The summed loss of the rows: BCE with logits (+ FedRAP's row regulariser, ramped on the epoch)."""
-        context = PooledItemRows if self.experts_per_item else PooledRows
-        ctx = context(self, user, item, (seed, epoch, step))
+        ctx = self.rows(user, item, (seed, epoch, step))
         per_row = F.binary_cross_entropy_with_logits(self.model.logits(ctx), label.to(self.dtype), reduction="none")
         if hasattr(self.model, "row_regulariser"):
             per_row = per_row + self.model.row_regulariser(ctx, epoch, self.model_config)
@@ -152,7 +146,7 @@ class PooledModel(torch.nn.Module):
             chunk = users[start:start + per_chunk].to(device)
             user = chunk.repeat_interleave(self.n_items)
             item = torch.arange(self.n_items, device=device).repeat(len(chunk))
-            out.append(self.logits(user, item).view(len(chunk), self.n_items))
+            out.append(self.model.logits(self.rows(user, item)).view(len(chunk), self.n_items))
         return torch.cat(out).cpu()
 
 

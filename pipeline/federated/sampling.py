@@ -43,13 +43,14 @@ class ClientData:
 
     def select(self, index: np.ndarray) -> "ClientData":
         """The clients at `index` (positions in this batch), same order as given."""
-        pos_indptr, pos_items = _csr_take(self.pos_indptr, self.pos_items, index)
-        excl_indptr, excl_items = _csr_take(self.excl_indptr, self.excl_items, index)
+        pos_indptr, pos_items = csr_take(self.pos_indptr, self.pos_items, index)
+        excl_indptr, excl_items = csr_take(self.excl_indptr, self.excl_items, index)
         return ClientData(self.users[index], pos_indptr, pos_items, excl_indptr, excl_items,
                           self.n_items, self.universe)
 
 
-def _csr_take(indptr: np.ndarray, values: np.ndarray, index: np.ndarray):
+def csr_take(indptr: np.ndarray, values: np.ndarray, index: np.ndarray):
+    """(indptr, values) of the CSR rows `index`, in that order."""
     starts, counts = indptr[index], np.diff(indptr)[index]
     new_indptr = np.zeros(len(index) + 1, dtype=np.int64)
     np.cumsum(counts, out=new_indptr[1:])
@@ -60,7 +61,7 @@ def _csr_take(indptr: np.ndarray, values: np.ndarray, index: np.ndarray):
 def client_data(data, users: np.ndarray, *, neg_pool: str = "all", neg_exclude_heldout: bool = False) -> ClientData:
     """Build ClientData for `users` of a PreparedDataset under the negatives options."""
     users = np.asarray(users, dtype=np.int64)
-    pos_indptr, pos_items = _csr_take(data.train_indptr, data.train_items, users)
+    pos_indptr, pos_items = csr_take(data.train_indptr, data.train_items, users)
     if neg_exclude_heldout:
         counts = np.diff(pos_indptr) + 2
         excl_indptr = np.zeros(len(users) + 1, dtype=np.int64)

@@ -64,3 +64,7 @@ def test_train_and_break_down_reports_the_best_round(data):
     text = render([{"label": "FCF", "runs": [found]}], data, "p3", "hr@10", "cmd")
     assert text.startswith("<!-- made by: cmd -->")
     assert f"| FCF | 1 | {found['best_round']:.1f} | {100 * found['test']['all']['hr@10']:.2f} |" in text
+    two = render([{"label": "FCF", "runs": [found, {**found, "best_round": 3}]}], data, "p3", "hr@10", "cmd",
+                 overrides=["model.dim=8"], notes=["why it differs"])
+    assert f"| FCF | 2 | {(found['best_round'] + 3) / 2:.1f} ({found['best_round']}, 3) |" in two
+    assert "Every run with: `model.dim=8`." in two and two.rstrip().endswith("**Note:** why it differs")

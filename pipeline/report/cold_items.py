@@ -2,7 +2,7 @@
 against the others ("warm"), beside the trivial rankings (spec/reference-results.md §8).
 
     python -m pipeline.report.cold_items --configs configs/ku/fcf.yaml configs/ku/fcf_fedmr.yaml \
-        --seeds 0 --out results/ku_cold_items.md
+        --seeds 0 --out results/ku_cold_items.md [--set KEY=VALUE ...] [--note TEXT]
 
 Each (config, seed) is trained in this process on one Shard holding every user (no Ray: the
 engine's numbers do not depend on how users are split into pools) with the config's schedule
@@ -86,8 +86,9 @@ def baseline_rows(data, negatives, protocol: str, ks) -> dict:
             for name, make in BASELINES.items()}
 
 
-def render(rows: list[dict], data, protocol: str, metric: str, command: str) -> str:
-    """Markdown: one line per method (mean over its seeds), columns test/valid x all/cold/warm."""
+def render(rows: list[dict], data, protocol: str, metric: str, command: str, overrides=(), notes=()) -> str:
+    """Markdown: one line per method (mean over its seeds; best rounds per seed when several),
+    columns test/valid x all/cold/warm; `overrides` (the --set of every run) and `notes` shown."""
     cold_test, cold_valid = cold_users(data, "test"), cold_users(data, "valid")
     lines = [f"<!-- made by: {command} -->",
              f"# {data.name}: hits on users whose held-out item is cold (never in training) or warm",
@@ -98,6 +99,7 @@ def render(rows: list[dict], data, protocol: str, metric: str, command: str) -> 
              f"{int((data.item_popularity() == 0).sum())} of {data.n_items} items never occur in training. "
              "Runs train in this process in float32; rounding accumulates over rounds, so a seed's numbers "
              "(and its best round) can differ from the same seed's Ray run in the results tables.",
+             *([f"Every run with: `{' '.join(overrides)}`."] if overrides else []),
              "",
              "| Method | seeds | best round | test all | test cold | test warm | valid all | valid cold | valid warm |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -108,8 +110,10 @@ def render(rows: list[dict], data, protocol: str, metric: str, command: str) -> 
                 values = [r[split][subset].get(metric) for r in row["runs"]]
                 cells.append("—" if any(v is None for v in values) else f"{100 * float(np.mean(values)):.2f}")
         rounds = [r["best_round"] for r in row["runs"] if r.get("best_round") is not None]
-        lines.append(f"| {row['label']} | {len(row['runs'])} | {np.mean(rounds):.1f} | " + " | ".join(cells) + " |"
+        each = f" ({', '.join(str(r) for r in rounds)})" if len(rounds) > 1 else ""
+        lines.append(f"| {row['label']} | {len(row['runs'])} | {np.mean(rounds):.1f}{each} | " + " | ".join(cells) + " |"
                      if rounds else f"| {row['label']} | — | — | " + " | ".join(cells) + " |")
+    lines += [line for note in notes for line in ("", f"**Note:** {note}")]
     return "\n".join(lines) + "\n"
 
 
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, help="write the Markdown table here")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT",
+                        help="a note under the table (repeatable), e.g. what the overrides test")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         label = method_label(config.model.backbone, config.model.fusion.fusion if config.model.fusion else None,
                              config.model.gfmfr is not None)
         rows.append({"label": label, "runs": runs})
-    text = render(rows, data, protocol, metric, command)
+    text = render(rows, data, protocol, metric, command, overrides=args.set, notes=args.note)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -111,8 +111,10 @@ class GfmfrConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     group_num: int = Field(5, ge=1, description="G, the number of groups")
-    group_method: Literal["spectral", "kmeans"] = Field(
-        "spectral", description="spectral: RBF affinity with the median-heuristic gamma; kmeans")
+    group_method: Literal["spectral", "kmeans", "planted"] = Field(
+        "spectral", description="spectral: RBF affinity with the median-heuristic gamma; kmeans; planted: the "
+                                "synthetic generator's taste groups, not the uploads (a diagnostic: GFMFR with "
+                                "the right groups; synthetic data only, group_num = its n_groups)")
     use_pca: bool = Field(False, description="PCA keeping 95% of the variance before clustering (one default: "
                                              "off, G9)")
     group_fusion: Literal["mlp", "sum"] = Field("mlp", description="Fuse of the server's group fusion model")
@@ -298,6 +300,22 @@ class ExperimentConfig(BaseModel):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     centralized: CentralizedConfig = Field(default_factory=CentralizedConfig,
                                            description="the centralized upper bound (pipeline centralized)")
+
+    @model_validator(mode="after")
+    def _planted_groups(self):
+        gfmfr = self.model.gfmfr
+        if gfmfr is None or gfmfr.group_method != "planted":
+            return self
+        if self.data.name != "synthetic" or self.data.path is not None:
+            raise ValueError("model.gfmfr.group_method=planted needs the synthetic generator (data.name: synthetic, "
+                             f"no data.path): dataset {self.data.name!r} has no planted taste groups")
+        from pipeline.data.synthetic import SyntheticConfig
+
+        planted = SyntheticConfig(**self.data.synthetic).n_groups
+        if gfmfr.group_num != planted:
+            raise ValueError(f"model.gfmfr.group_method=planted: group_num is {gfmfr.group_num} but the generator "
+                             f"plants {planted} groups (data.synthetic.n_groups)")
+        return self
 
     @model_validator(mode="after")
     def _privacy_scope(self):

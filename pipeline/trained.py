@@ -192,10 +192,9 @@ def _title(text) -> str:
 
 
 def _method(config: ExperimentConfig) -> str:
-    from pipeline.report.tables import method_label
+    from pipeline.report.tables import config_label
 
-    fusion = config.model.fusion.fusion if config.model.fusion is not None else None
-    return method_label(config.model.backbone, fusion, config.model.gfmfr is not None)
+    return config_label(config)
 
 
 def _encoder(config: ExperimentConfig) -> dict | None:

@@ -146,6 +146,11 @@ def test_configs_that_cannot_work_are_refused():
         load_config(None, ["model.gfmfr={ema_scope: shared_sequential}"])
     with pytest.raises(ValueError, match="keep id"):
         load_config(None, ["model.fusion={modalities: [text, image]}", "model.gfmfr={}"])
+    with pytest.raises(ValueError, match="planted taste groups"):
+        load_config(None, ["data.name=ku", "model.gfmfr={group_method: planted}"])
+    with pytest.raises(ValueError, match="plants 4 groups"):
+        load_config(None, ["model.gfmfr={group_method: planted, group_num: 5}"])
+    assert load_config(None, ["model.gfmfr={group_method: planted, group_num: 4}"]).model.gfmfr.group_num == 4
     cfg = load_config(None, ["model.gfmfr={}"])
     init = initial_state(cfg, 5, 7)
     with pytest.raises(ValueError, match="text or image"):

@@ -173,3 +173,26 @@ def test_distillation_changes_training(data):
         without = run_oracle(other, data, 3)
         without.personal = {u: {k: v for k, v in p.items()} for u, p in without.personal.items()}
         assert moved(with_kd, without) > 1e-3
+
+
+def test_planted_groups(monkeypatch):
+    """group_method=planted (a diagnostic): the server's groups are the generator's taste groups
+    in every round, whatever the uploads, and the engine still equals the oracle with them."""
+    from pipeline.data.datasets import open_dataset, planted_groups
+
+    cfg = make_config("fcf", "data.synthetic={n_users: 40, n_items: 60, n_groups: 3, images: false, seed: 2}",
+                      "train.lr=0.02", "train.tol=0.05", gfmfr=f"{GFMFR}, group_method: planted")
+    data = with_features(open_dataset(cfg.data)[0])
+    truth = planted_groups(cfg.data)
+    assert len(truth) == data.n_users and set(truth.tolist()) == {0, 1, 2}
+    assigned = []
+    assign = GroupServer.assign
+
+    def spy(self, round_, users, vectors):
+        ids = assign(self, round_, users, vectors)
+        assigned.append((users, ids))
+        return ids
+
+    monkeypatch.setattr(GroupServer, "assign", spy)
+    compare(cfg, data)
+    assert len(assigned) == RUN and all(np.array_equal(ids, truth[users]) for users, ids in assigned)

@@ -11,6 +11,7 @@ import re
 import pytest
 import ray
 
+from pipeline.config import load_config
 from pipeline.report import tables
 from pipeline.report.cli import main
 from pipeline.report.experiments import StaleRunError, expand_configs, plan_runs, run_state
@@ -197,6 +198,10 @@ def test_method_labels_name_the_fusion():
     assert tables.method_label("pfedrec", "mlp") == "PFedRec + FedMR (mlp)"
     assert tables.method_label("fcf", None, gfmfr=True) == "FCF + GFMFR"
     assert tables.method_label("fedrap", "moe", gfmfr=True) == "FedRAP + FedMR + GFMFR"
+    assert tables.method_label("fcf", None, gfmfr=True, grouping="spectral") == "FCF + GFMFR"
+    planted = load_config(None, ["model.backbone=fcf", "model.fusion={}",
+                                 "model.gfmfr={group_method: planted, group_num: 4}"])
+    assert tables.config_label(planted) == "FCF + FedMR + GFMFR (planted groups)"
 
 
 def test_trivial_rows_are_labelled(first_run, workspace, monkeypatch):

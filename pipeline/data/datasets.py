@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data import loaders
@@ -106,6 +107,18 @@ def materialize_synthetic(config: DatasetConfig, workdir: Path) -> Path:
     if not folder.is_dir():
         synthetic.write(synthetic.generate(synth_config), folder)
     return folder
+
+
+def planted_groups(config: DatasetConfig) -> np.ndarray:
+    """[U] the synthetic generator's taste group of every prepared user (prepared id order),
+    regenerated from the config (the data are a pure function of it)."""
+    from pipeline.data import synthetic
+
+    if config.name != "synthetic" or config.path is not None:
+        raise ValueError(f"dataset {config.name!r}: planted groups exist for the synthetic generator only")
+    truth = synthetic.generate(synthetic.SyntheticConfig(**config.synthetic), progress=False).truth
+    data, _ = open_dataset(config)
+    return truth.user_group[np.asarray(data.user_ids, dtype=np.int64)]
 
 
 def open_dataset(config: DatasetConfig, cache: Path | None = None) -> tuple[PreparedDataset, EvalNegatives]:

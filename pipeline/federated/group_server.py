@@ -88,6 +88,11 @@ class GroupServer:
         self.group_of = np.full(n_users, UNGROUPED, dtype=np.int64)  # who distils next round, in which group
         self.scores: torch.Tensor | None = None  # [G, N] for the next round
         self.shared_rho = math.nan
+        self.planted = None  # group_method=planted: [U] the generator's taste groups
+        if self.cfg.group_method == "planted":
+            from pipeline.data.datasets import planted_groups
+
+            self.planted = planted_groups(config.data)
 
     # -- what a round's pools receive -------------------------------------------------------
 
@@ -132,7 +137,7 @@ class GroupServer:
         """[P] aligned group ids of this round's participants from their grouping vectors."""
         return group_users(vectors.double().numpy(), users, self.cfg.group_num, method=self.cfg.group_method,
                            use_pca=self.cfg.use_pca, seed=self.config.train.seed, round_=round_,
-                           previous=self.known)
+                           previous=self.known, planted=self.planted)
 
     def fit(self, round_: int, users: np.ndarray, ids: np.ndarray, sums: torch.Tensor, members: torch.Tensor,
             downloaded_table: torch.Tensor, vectors: torch.Tensor, alpha: torch.Tensor | None,

@@ -62,7 +62,7 @@ def cluster(x: np.ndarray, n_groups: int, method: str, seed: int, round_: int) -
         affinity = np.exp(-rbf_gamma(x) * squareform(pdist(x, "sqeuclidean")))
         return SpectralClustering(n_clusters=n_groups, affinity="precomputed", random_state=state,
                                   assign_labels="kmeans").fit_predict(affinity)
-    raise ValueError(f"group_method {method!r}: expected 'spectral' or 'kmeans'")
+    raise ValueError(f"group_method {method!r}: expected 'spectral' or 'kmeans' (or 'planted', see group_users)")
 
 
 def assign_ids(labels: np.ndarray, users: np.ndarray, previous: np.ndarray | None, n_groups: int) -> np.ndarray:
@@ -101,11 +101,16 @@ def assign_ids(labels: np.ndarray, users: np.ndarray, previous: np.ndarray | Non
 
 def group_users(vectors: np.ndarray, users: np.ndarray, n_groups: int, *, method: str = "spectral",
                 use_pca: bool = False, seed: int = 0, round_: int = 0,
-                previous: np.ndarray | None = None) -> np.ndarray:
+                previous: np.ndarray | None = None, planted: np.ndarray | None = None) -> np.ndarray:
     """[P] group id of each participant from its grouping vector (vectors [P, F], users [P]
     global ids, previous [U] last ids or None). The participants are clustered in user-id
-    order, so the order they arrive in changes nothing."""
+    order, so the order they arrive in changes nothing. method "planted": planted[users]
+    (planted [U]: the synthetic generator's taste groups), the vectors unused."""
     users = np.asarray(users)
+    if method == "planted":
+        if planted is None:
+            raise ValueError("group_method 'planted' needs the planted groups (pipeline.data.datasets.planted_groups)")
+        return np.asarray(planted, dtype=np.int64)[users]
     order = np.argsort(users, kind="stable")
     x = standardise(np.asarray(vectors)[order])
     if use_pca:

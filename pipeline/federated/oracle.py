@@ -431,8 +431,13 @@ def _oracle_group_step(config: ExperimentConfig, data: PreparedDataset, server: 
     previous = np.full(data.n_users, -1)
     for user, group in known.items():
         previous[user] = group
+    if gfmfr.group_method == "planted" and "planted" not in server:
+        from pipeline.data.datasets import planted_groups
+
+        server["planted"] = planted_groups(config.data)
     ids = group_users(vectors.numpy(), np.asarray(users), n_groups, method=gfmfr.group_method,
-                      use_pca=gfmfr.use_pca, seed=config.train.seed, round_=round_, previous=previous).tolist()
+                      use_pca=gfmfr.use_pca, seed=config.train.seed, round_=round_, previous=previous,
+                      planted=server.get("planted")).tolist()
     table = table or GROUP_TABLES[backbone]
     features = {m: torch.as_tensor(np.asarray(x)).to(dtype) for m, x in data.features.items() if m in ("text", "image")}
     if "fusion" not in server:

@@ -120,7 +120,7 @@ def render(rows: list[dict], data, protocol: str, metric: str, command: str, ove
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
     from pipeline.data.datasets import open_dataset
-    from pipeline.report.tables import method_label
+    from pipeline.report.tables import config_label
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.report.cold_items", description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", required=True)
@@ -153,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             with_features = seeded.model.fusion is not None
             run_data = open_dataset(seeded.data)[0] if with_features else data
             runs.append(train_and_break_down(seeded, run_data, negatives))
-        label = method_label(config.model.backbone, config.model.fusion.fusion if config.model.fusion else None,
-                             config.model.gfmfr is not None)
-        rows.append({"label": label, "runs": runs})
+        rows.append({"label": config_label(config), "runs": runs})
     text = render(rows, data, protocol, metric, command, overrides=args.set, notes=args.note)
     print(text)
     if args.out:

@@ -39,14 +39,12 @@ def run_grouping(run_dir: Path) -> tuple[int, np.ndarray] | None:
 
 def planted_groups(config) -> np.ndarray:
     """[U] the generator's taste group of every prepared user (prepared id order)."""
-    from pipeline.data import synthetic
-    from pipeline.data.datasets import open_dataset
+    from pipeline.data.datasets import planted_groups as of_dataset
 
-    if config.data.name != "synthetic" or config.data.path is not None:
-        raise ValueError(f"{config.name}: planted groups exist for the synthetic generator only")
-    truth = synthetic.generate(synthetic.SyntheticConfig(**config.data.synthetic), progress=False).truth
-    data, _ = open_dataset(config.data)
-    return truth.user_group[np.asarray(data.user_ids, dtype=np.int64)]
+    try:
+        return of_dataset(config.data)
+    except ValueError as error:
+        raise ValueError(f"{config.name}: {error}") from None
 
 
 def grouping_rows(specs) -> list[dict]:

@@ -51,13 +51,23 @@ REPORTED_KU_FEDMR = OrderedDict([
 ])
 
 
-def method_label(backbone: str, fusion: str | None = None, gfmfr: bool = False) -> str:
+def method_label(backbone: str, fusion: str | None = None, gfmfr: bool = False, grouping: str | None = None) -> str:
     """'FCF', 'FCF + FedMR' (fusion=moe), 'FCF + FedMR (mlp)' (another fusion), and ' + GFMFR'
-    after either when group-wise fusion is on."""
+    after either when group-wise fusion is on (' + GFMFR (planted groups)' for the diagnostic
+    group_method=planted)."""
     name = BACKBONE_NAMES.get(backbone, backbone)
     if fusion is not None:
         name = f"{name} + FedMR" if fusion == "moe" else f"{name} + FedMR ({fusion})"
-    return f"{name} + GFMFR" if gfmfr else name
+    if not gfmfr:
+        return name
+    return f"{name} + GFMFR (planted groups)" if grouping == "planted" else f"{name} + GFMFR"
+
+
+def config_label(config) -> str:
+    """method_label of an ExperimentConfig."""
+    fusion = config.model.fusion.fusion if config.model.fusion is not None else None
+    gfmfr = config.model.gfmfr
+    return method_label(config.model.backbone, fusion, gfmfr is not None, gfmfr.group_method if gfmfr else None)
 
 
 def privacy_label(privacy, reports: list[dict | None]) -> str:
@@ -128,7 +138,7 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
     config = runs[0].spec.config
     fusion = config.model.fusion.fusion if config.model.fusion is not None else None
     row = {"key": runs[0].spec.key, "backbone": config.model.backbone, "source": LEARNED,
-           "label": method_label(config.model.backbone, fusion, config.model.gfmfr is not None), "fusion": fusion,
+           "label": config_label(config), "fusion": fusion,
            "seeds": [r.spec.seed for r in done], "seeds_planned": [r.spec.seed for r in runs],
            "failed": [(r.spec.seed, r.error) for r in runs if r.status == "failed"],
            "missing": [r.spec.seed for r in runs if r.status == "missing"],

@@ -11,10 +11,12 @@ import yaml
 from pipeline.report import groups
 
 
-def fake_run(run_dir, known, round_=7):
+def fake_run(run_dir, known, round_=7, scores=None, student=None):
     folder = run_dir / "checkpoints" / f"round-{round_:06d}"
     folder.mkdir(parents=True)
-    torch.save({"groups": {"known": known}}, folder / "global.pt")
+    history = [{"round": round_, "valid/hr@50": student}] if student is not None else []
+    torch.save({"groups": {"known": known, **({"scores": scores} if scores is not None else {})},
+                "history": history}, folder / "global.pt")
     (folder / "manifest.json").write_text(json.dumps({"round": round_}))
 
 
@@ -30,13 +32,24 @@ def test_ari_of_the_last_grouping(tmp_path, capsys):
     assert len(truth) == 60 and set(truth.tolist()) == {0, 1, 2}
     relabelled = (truth + 1) % 3  # the same partition under other ids
     relabelled[:4] = -1  # never grouped: left out
-    fake_run(tmp_path / "runs" / "tiny-gfmfr" / "seed-0", relabelled)
+    from pipeline.data.datasets import open_dataset
+
+    data, _ = open_dataset(load_config(path).data)
+    # a teacher that puts its members' validation items first (at most 20 per group, under K = 50,
+    # and never a member's training item): every grouped user's validation item is in its top 50
+    perfect = torch.zeros(3, data.n_items, dtype=torch.float64)
+    for user in np.flatnonzero(relabelled >= 0):
+        perfect[relabelled[user], int(data.valid_item[user])] = 1.0
+    fake_run(tmp_path / "runs" / "tiny-gfmfr" / "seed-0", relabelled, scores=perfect, student=0.25)
     fake_run(tmp_path / "runs" / "tiny-gfmfr" / "seed-1", np.random.default_rng(0).integers(0, 3, 60))
     out = tmp_path / "groups.md"
     assert groups.main(["--configs", str(path), "--seeds", "0", "1", "2", "--runs-dir", str(tmp_path / "runs"),
                         "--out", str(out)]) == 0
     text = out.read_text()
     assert "| tiny-gfmfr | 0 | 7 | 56 | 1.000 |" in text
+    seed0 = next(line for line in text.splitlines() if line.startswith("| tiny-gfmfr | 0 |"))
+    assert seed0.endswith("| 100.00 (HR@50) | 25.00 |"), seed0
+    assert "| tiny-gfmfr | 1.000 |" not in text and "| 100.00 | 25.00 | 2 |" in text  # means over the two runs
     seed1 = next(line for line in text.splitlines() if line.startswith("| tiny-gfmfr | 1 |"))
     assert abs(float(seed1.split("|")[5])) < 0.2  # chance
     assert "| tiny-gfmfr | 2 | (no checkpoint)" in text

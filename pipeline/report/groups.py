@@ -8,6 +8,12 @@ checkpoint (the experiments command's run folders, runs/experiments/<name>/seed-
 every user was last assigned (the server's aligned ids), and compare it with the generator's
 `user_group` (regenerated from the config: the data are a pure function of it) by the adjusted
 Rand index (scikit-learn), over the users that were ever grouped.
+
+Beside it, the teacher as a recommender: every grouped user ranks the items by its group's
+teacher scores s_g held in the checkpoint (the ones the next round distils), evaluated under
+the run's protocol on validation (HR@K, K the run's largest cut-off), against the student's
+own validation HR@K in that round (all users, from the run's history). Distillation can only
+pull a student towards a teacher; a teacher far below its students has nothing to add.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ from pipeline.data.store import write_text_atomically
 from pipeline.federated.checkpoints import newest_intact
 
 
-def run_grouping(run_dir: Path) -> tuple[int, np.ndarray] | None:
-    """(round, [U] latest group id of every user, -1 never grouped) of a run's latest complete
-    checkpoint, or None without one."""
+def run_grouping(run_dir: Path) -> tuple[int, np.ndarray, dict] | None:
+    """(round, [U] latest group id of every user (-1 never grouped), the checkpoint's state) of
+    a run's latest complete checkpoint, or None without one."""
     import torch
 
     checkpoint, _ = newest_intact(run_dir / "checkpoints")
@@ -34,7 +40,31 @@ def run_grouping(run_dir: Path) -> tuple[int, np.ndarray] | None:
     state = torch.load(checkpoint / "global.pt", weights_only=False)
     if state.get("groups") is None:
         raise ValueError(f"{checkpoint}: not a GFMFR run (no group state)")
-    return int(checkpoint.name.split("-")[1]), np.asarray(state["groups"]["known"])
+    return int(checkpoint.name.split("-")[1]), np.asarray(state["groups"]["known"]), state
+
+
+def teacher_against_student(config, state: dict, round_: int, known: np.ndarray, data, negatives) -> dict:
+    """{'teacher': valid HR@K of the grouped users ranked by their group's teacher scores,
+    'student': the run's valid HR@K in round `round_`} (None where the checkpoint lacks them)."""
+    import torch
+
+    from pipeline.eval.protocols import evaluate
+
+    metric = f"hr@{max(config.train.eval_ks)}"
+    student = next((row.get(f"valid/{metric}") for row in state.get("history", []) if row.get("round") == round_),
+                   None)
+    scores = state["groups"].get("scores")
+    grouped = np.flatnonzero(known >= 0)
+    teacher = None
+    if scores is not None and len(grouped):
+        group = torch.as_tensor(known)
+
+        def scorer(users: torch.Tensor) -> torch.Tensor:
+            return scores.double()[group[users]]
+
+        teacher = evaluate(scorer, data, config.train.protocol, "valid", negatives=negatives,
+                           ks=(max(config.train.eval_ks),), users=grouped)[metric]
+    return {"metric": metric, "teacher": teacher, "student": student}
 
 
 def planted_groups(config) -> np.ndarray:
@@ -50,42 +80,60 @@ def planted_groups(config) -> np.ndarray:
 def grouping_rows(specs) -> list[dict]:
     from sklearn.metrics import adjusted_rand_score
 
+    from pipeline.data.datasets import open_dataset
+
     rows, truths = [], {}
     for spec in specs:
         found = run_grouping(spec.run_dir)
         if found is None:
             rows.append({"key": spec.key, "seed": spec.seed, "missing": True})
             continue
-        round_, known = found
+        round_, known, state = found
         data_key = spec.config.data.model_dump_json()
         if data_key not in truths:
-            truths[data_key] = planted_groups(spec.config)
-        truth = truths[data_key]
+            truths[data_key] = (planted_groups(spec.config), *open_dataset(spec.config.data))
+        truth, data, negatives = truths[data_key]
         grouped = known >= 0
         rows.append({"key": spec.key, "seed": spec.seed, "round": round_, "users": int(grouped.sum()),
                      "ari": float(adjusted_rand_score(truth[grouped], known[grouped])),
-                     "sizes": np.bincount(known[grouped]).tolist()})
+                     "sizes": np.bincount(known[grouped]).tolist(),
+                     **teacher_against_student(spec.config, state, round_, known, data, negatives)})
     return rows
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = [f"<!-- made by: {command} -->", "# GFMFR's groups against the planted taste groups", "",
+    lines = [f"<!-- made by: {command} -->", "# GFMFR's groups against the planted taste groups, and its teacher against its students", "",
              "Adjusted Rand index between the group every user was last assigned by the server (the run's "
              "latest checkpoint) and the synthetic generator's taste group, over the users ever grouped; "
-             "1 = the planted partition exactly, 0 = chance.", "",
-             "| Run | Seed | Checkpoint round | Users grouped | ARI | Group sizes |", "|---|---|---|---|---|---|"]
+             "1 = the planted partition exactly, 0 = chance. Teacher: the grouped users ranked by their "
+             "group's teacher scores in that checkpoint (what the next round distils), validation, the run's "
+             "protocol; student: the run's own validation metric in that round.", "",
+             "| Run | Seed | Checkpoint round | Users grouped | ARI | Group sizes | Teacher valid | Student valid |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def percent(value):
+        return "—" if value is None else f"{100 * value:.2f}"
+
     for row in rows:
         if row.get("missing"):
-            lines.append(f"| {row['key']} | {row['seed']} | (no checkpoint) | | | |")
+            lines.append(f"| {row['key']} | {row['seed']} | (no checkpoint) | | | | | |")
             continue
         lines.append(f"| {row['key']} | {row['seed']} | {row['round']} | {row['users']} | {row['ari']:.3f} | "
-                     f"{', '.join(map(str, row['sizes']))} |")
-    by_key: dict[str, list[float]] = {}
+                     f"{', '.join(map(str, row['sizes']))} | {percent(row['teacher'])} ({row['metric'].upper()}) | "
+                     f"{percent(row['student'])} |")
+    by_key: dict[str, list[dict]] = {}
     for row in rows:
         if not row.get("missing"):
-            by_key.setdefault(row["key"], []).append(row["ari"])
-    lines += ["", "| Run | ARI, mean over seeds | Seeds |", "|---|---|---|"]
-    lines += [f"| {key} | {np.mean(values):.3f} | {len(values)} |" for key, values in by_key.items()]
+            by_key.setdefault(row["key"], []).append(row)
+
+    def mean(found, name):
+        values = [r[name] for r in found if r[name] is not None]
+        return percent(float(np.mean(values))) if values else "—"
+
+    lines += ["", "| Run | ARI, mean over seeds | Teacher valid, mean | Student valid, mean | Seeds |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {key} | {np.mean([r['ari'] for r in found]):.3f} | {mean(found, 'teacher')} | "
+              f"{mean(found, 'student')} | {len(found)} |" for key, found in by_key.items()]
     return "\n".join(lines) + "\n"
 
 

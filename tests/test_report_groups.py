@@ -11,10 +11,10 @@ import yaml
 from pipeline.report import groups
 
 
-def fake_run(run_dir, known, round_=7, scores=None, student=None):
+def fake_run(run_dir, known, round_=7, scores=None, student=None, metric="hr@50"):
     folder = run_dir / "checkpoints" / f"round-{round_:06d}"
     folder.mkdir(parents=True)
-    history = [{"round": round_, "valid/hr@50": student}] if student is not None else []
+    history = [{"round": round_, f"valid/{metric}": student}] if student is not None else []
     torch.save({"groups": {"known": known, **({"scores": scores} if scores is not None else {})},
                 "history": history}, folder / "global.pt")
     (folder / "manifest.json").write_text(json.dumps({"round": round_}))
@@ -54,3 +54,32 @@ def test_ari_of_the_last_grouping(tmp_path, capsys):
     assert abs(float(seed1.split("|")[5])) < 0.2  # chance
     assert "| tiny-gfmfr | 2 | (no checkpoint)" in text
     assert text.startswith("<!-- made by: python -m pipeline.report.groups --configs")
+
+
+def test_teacher_without_planted_groups(tmp_path):
+    """Real data (a generic-format file, no generator behind it): no ARI, the teacher alone."""
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    rows = [(u, i, t) for u in range(30) for t, i in enumerate(rng.choice(25, size=8, replace=False))]
+    (tmp_path / "log").mkdir()
+    pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(tmp_path / "log" / "interactions.csv",
+                                                                            index=False)
+    config = {"name": "tiny-real", "data": {"name": "tiny", "format": "generic", "path": str(tmp_path / "log"),
+                                            "protocol": {"min_user": 0, "min_item": 0}},
+              "model": {"backbone": "fcf", "gfmfr": {"group_num": 2}}, "train": {"protocol": "p3", "eval_ks": [10]}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    known = np.arange(30) % 2
+    fake_run(tmp_path / "runs" / "tiny-real" / "seed-0", known, scores=torch.zeros(2, 25, dtype=torch.float64),
+             student=0.5, metric="hr@10")
+    assert groups.main(["--configs", str(path), "--seeds", "0", "--runs-dir", str(tmp_path / "runs")]) == 0
+    rows = groups.grouping_rows(groups_specs(path, tmp_path / "runs"))
+    assert rows[0]["ari"] is None and rows[0]["student"] == 0.5
+    assert rows[0]["teacher"] == 0.0  # all scores tied: ranked pessimistically (spec/protocols.md §6)
+
+
+def groups_specs(path, runs_dir):
+    from pipeline.report.experiments import expand_configs, plan_runs
+
+    return plan_runs(expand_configs([str(path)]), [0], [], runs_dir)

@@ -1,13 +1,14 @@
-"""How well GFMFR's grouping in finished runs matches the synthetic generator's planted taste groups.
+"""GFMFR's groups against the synthetic generator's planted ones, and its teacher against its students.
 
     python -m pipeline.report.groups --configs 'configs/synthetic_groups/*gfmfr.yaml' --seeds 0 1 2 \
         --out results/synthetic_groups_grouping.md
 
-For every (config, seed) with `model.gfmfr` on the synthetic dataset, read from the run's latest
+For every (config, seed) with `model.gfmfr`, read from the run's latest
 checkpoint (the experiments command's run folders, runs/experiments/<name>/seed-<s>) the group
 every user was last assigned (the server's aligned ids), and compare it with the generator's
 `user_group` (regenerated from the config: the data are a pure function of it) by the adjusted
-Rand index (scikit-learn), over the users that were ever grouped.
+Rand index (scikit-learn), over the users that were ever grouped (synthetic data only: other
+datasets have no planted groups, and get the teacher columns alone).
 
 Beside it, the teacher as a recommender: every grouped user ranks the items by its group's
 teacher scores s_g held in the checkpoint (the ones the next round distils), evaluated under
@@ -91,11 +92,12 @@ def grouping_rows(specs) -> list[dict]:
         round_, known, state = found
         data_key = spec.config.data.model_dump_json()
         if data_key not in truths:
-            truths[data_key] = (planted_groups(spec.config), *open_dataset(spec.config.data))
+            synthetic = spec.config.data.name == "synthetic" and spec.config.data.path is None
+            truths[data_key] = (planted_groups(spec.config) if synthetic else None, *open_dataset(spec.config.data))
         truth, data, negatives = truths[data_key]
         grouped = known >= 0
         rows.append({"key": spec.key, "seed": spec.seed, "round": round_, "users": int(grouped.sum()),
-                     "ari": float(adjusted_rand_score(truth[grouped], known[grouped])),
+                     "ari": None if truth is None else float(adjusted_rand_score(truth[grouped], known[grouped])),
                      "sizes": np.bincount(known[grouped]).tolist(),
                      **teacher_against_student(spec.config, state, round_, known, data, negatives)})
     return rows
@@ -105,7 +107,7 @@ def markdown(rows: list[dict], command: str) -> str:
     lines = [f"<!-- made by: {command} -->", "# GFMFR's groups against the planted taste groups, and its teacher against its students", "",
              "Adjusted Rand index between the group every user was last assigned by the server (the run's "
              "latest checkpoint) and the synthetic generator's taste group, over the users ever grouped; "
-             "1 = the planted partition exactly, 0 = chance. Teacher: the grouped users ranked by their "
+             "1 = the planted partition exactly, 0 = chance (— : not synthetic data, no planted groups). Teacher: the grouped users ranked by their "
              "group's teacher scores in that checkpoint (what the next round distils), validation, the run's "
              "protocol; student: the run's own validation metric in that round.", "",
              "| Run | Seed | Checkpoint round | Users grouped | ARI | Group sizes | Teacher valid | Student valid |",
@@ -118,7 +120,8 @@ def markdown(rows: list[dict], command: str) -> str:
         if row.get("missing"):
             lines.append(f"| {row['key']} | {row['seed']} | (no checkpoint) | | | | | |")
             continue
-        lines.append(f"| {row['key']} | {row['seed']} | {row['round']} | {row['users']} | {row['ari']:.3f} | "
+        ari = "—" if row["ari"] is None else f"{row['ari']:.3f}"
+        lines.append(f"| {row['key']} | {row['seed']} | {row['round']} | {row['users']} | {ari} | "
                      f"{', '.join(map(str, row['sizes']))} | {percent(row['teacher'])} ({row['metric'].upper()}) | "
                      f"{percent(row['student'])} |")
     by_key: dict[str, list[dict]] = {}
@@ -132,7 +135,11 @@ def markdown(rows: list[dict], command: str) -> str:
 
     lines += ["", "| Run | ARI, mean over seeds | Teacher valid, mean | Student valid, mean | Seeds |",
               "|---|---|---|---|---|"]
-    lines += [f"| {key} | {np.mean([r['ari'] for r in found]):.3f} | {mean(found, 'teacher')} | "
+    def mean_ari(found):
+        values = [r["ari"] for r in found if r["ari"] is not None]
+        return f"{np.mean(values):.3f}" if values else "—"
+
+    lines += [f"| {key} | {mean_ari(found)} | {mean(found, 'teacher')} | "
               f"{mean(found, 'student')} | {len(found)} |" for key, found in by_key.items()]
     return "\n".join(lines) + "\n"
 

@@ -104,10 +104,13 @@ def grouping_rows(specs) -> list[dict]:
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = [f"<!-- made by: {command} -->", "# GFMFR's groups against the planted taste groups, and its teacher against its students", "",
+    lines = [f"<!-- made by: {command} -->",
+             "# GFMFR: its groups against the planted taste groups (synthetic data), its teacher against its "
+             "students", "",
              "Adjusted Rand index between the group every user was last assigned by the server (the run's "
              "latest checkpoint) and the synthetic generator's taste group, over the users ever grouped; "
-             "1 = the planted partition exactly, 0 = chance (— : not synthetic data, no planted groups). Teacher: the grouped users ranked by their "
+             "1 = the planted partition exactly, 0 = chance (— : not synthetic data, no planted groups). "
+             "Teacher: the grouped users ranked by their "
              "group's teacher scores in that checkpoint (what the next round distils), validation, the run's "
              "protocol; student: the run's own validation metric in that round.", "",
              "| Run | Seed | Checkpoint round | Users grouped | ARI | Group sizes | Teacher valid | Student valid |",

@@ -380,6 +380,26 @@ def test_attach_features_feeds_prepare_and_refuses_foreign_stores(tmp_path):
         attach_features(foreign, tmp_path / "s")
 
 
+def test_a_synthetic_config_reads_its_feature_store_in_memory_and_cached(tmp_path):
+    """data.features replaces the generated dataset's features whether it is generated in memory
+    (no cache: it once came back without them) or written to the cache first."""
+    from pipeline.data.datasets import DatasetConfig, open_dataset
+    from pipeline.data.synthetic import SyntheticConfig, generate
+
+    fields = {"n_users": 40, "n_items": 30, "images": False, "seed": 4}
+    items = np.unique(np.asarray(generate(SyntheticConfig(**fields), progress=False).dataset.interactions.item))
+    text = np.random.default_rng(0).normal(size=(len(items), 6)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)  # (features are read back as unit rows)
+    write_store(tmp_path / "s", items.astype(np.int64), {"text": text}, {"modalities": {"text": {"dim": 6}}})
+    config = DatasetConfig(name="synthetic", synthetic=fields, features=tmp_path / "s",
+                           protocol={"min_user": 0, "min_item": 0})
+    in_memory, _ = open_dataset(config)
+    cached, _ = open_dataset(config, cache=tmp_path / "cache")
+    expected = text[np.searchsorted(items, in_memory.item_ids)]
+    assert set(in_memory.features) == {"text"} and np.allclose(in_memory.features["text"], expected, atol=1e-6)
+    assert np.allclose(np.asarray(cached.features["text"]), text[np.searchsorted(items, cached.item_ids)], atol=1e-6)
+
+
 def test_stage_plans_from_the_connected_cluster_pick_gpus(monkeypatch):
     import ray
 

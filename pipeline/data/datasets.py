@@ -77,17 +77,18 @@ class DatasetConfig(BaseModel):
 def load_raw(config: DatasetConfig, workdir: Path | None = None) -> RawDataset:
     """Read the dataset's files (or generate the synthetic one) without preparing it."""
     fmt, path = config.resolved()
-    if fmt == "synthetic":
-        if workdir is None:
-            from pipeline.data import synthetic
+    if fmt == "synthetic" and workdir is None:  # in memory: no files to read
+        from pipeline.data import synthetic
 
-            return synthetic.generate(synthetic.SyntheticConfig(**config.synthetic)).dataset
-        path, fmt = materialize_synthetic(config, workdir), "generic"
-    if not Path(path).exists():
-        raise DataError(path, f"dataset {config.name!r} not found (data root: {data_root()})")
-    options = {**(NAMED[config.name][2] if config.name in NAMED and config.path is None else {}),
-               **config.loader_options}
-    raw = loaders.load(fmt, path, **options)
+        raw = synthetic.generate(synthetic.SyntheticConfig(**config.synthetic)).dataset
+    else:
+        if fmt == "synthetic":
+            path, fmt = materialize_synthetic(config, workdir), "generic"
+        if not Path(path).exists():
+            raise DataError(path, f"dataset {config.name!r} not found (data root: {data_root()})")
+        options = {**(NAMED[config.name][2] if config.name in NAMED and config.path is None else {}),
+                   **config.loader_options}
+        raw = loaders.load(fmt, path, **options)
     if config.features is not None:
         from pipeline.encode.store import attach_features
 

@@ -155,3 +155,31 @@ def test_configs_that_cannot_work_are_refused():
     init = initial_state(cfg, 5, 7)
     with pytest.raises(ValueError, match="text or image"):
         GroupServer(cfg, model_for(cfg.model), init, {}, 5, 7)
+
+
+def test_teacher_of_the_true_targets_and_the_fit_error(monkeypatch):
+    """Diagnostics of the group step: with f_phi forced to reproduce the targets exactly, the
+    teacher equals the teacher of the true targets and the relative error is 0; as trained, it
+    is not, and the metric says by how much."""
+    import pipeline.federated.group_server as group_server
+    from pipeline.models.group_fusion import GroupFusion
+
+    data = with_features(synthetic())
+    cfg = make_config("fcf", "train.lr=0.02", "train.tol=0.05")
+    monkeypatch.setattr(GroupServer, "keep_target_scores", True)
+    errors = []
+    step = GroupServer.step
+    monkeypatch.setattr(GroupServer, "step", lambda self, *a: errors.append(step(self, *a)) or errors[-1])
+    _, _, trained, _ = run_engine(cfg, data, 2, n_shards=1)
+    assert trained.target_scores.shape == trained.scores.shape
+    assert (trained.target_scores - trained.scores).abs().nan_to_num().max() > 1e-3
+    assert all(0 < e["group/fusion_relative_error"] for e in errors)
+
+    exact = {}
+    targets = group_server.targets_from_sums
+    monkeypatch.setattr(group_server, "targets_from_sums", lambda *a: exact.setdefault("t", targets(*a)))
+    monkeypatch.setattr(GroupFusion, "table", lambda self, g, features, n_items: exact["t"][g])
+    errors.clear()
+    _, _, perfect, _ = run_engine(cfg, data, 1, n_shards=1)
+    assert torch.equal(perfect.scores.nan_to_num(), perfect.target_scores.nan_to_num())
+    assert errors[0]["group/fusion_relative_error"] == 0.0

@@ -73,6 +73,7 @@ def test_gfmfr_server_matches_engine_and_resumes_group_state(local_ray, tmp_path
                     "time/train_seconds", "group/fusion_loss"):
             assert metrics[key] >= 0, key
         assert 1 <= metrics["group/nonempty"] <= 3
+        assert 0 < metrics["group/fusion_relative_error"] < 10
     assert history[0]["group/distilled_clients"] == 0  # round 0: no teacher yet
     # last_round membership: round t's distillers are the participants of both t-1 and t
     for r in (1, 2, 3):

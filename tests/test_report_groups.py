@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -83,3 +84,32 @@ def groups_specs(path, runs_dir):
     from pipeline.report.experiments import expand_configs, plan_runs
 
     return plan_runs(expand_configs([str(path)]), [0], [], runs_dir)
+
+
+def test_teacher_fit_traces_student_teacher_and_targets(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.data.synthetic import SyntheticConfig, generate
+    from pipeline.encode.store import write_store
+    from pipeline.report import teacher_fit
+
+    fields = {"n_users": 40, "n_items": 30, "images": False, "seed": 4}
+    items = np.unique(np.asarray(generate(SyntheticConfig(**fields), progress=False).dataset.interactions.item))
+    text = np.random.default_rng(0).normal(size=(len(items), 6)).astype(np.float32)
+    write_store(tmp_path / "s", items.astype(np.int64), {"text": text}, {"modalities": {"text": {"dim": 6}}})
+    config = {"name": "tiny-fit", "data": {"name": "synthetic", "synthetic": fields, "features": str(tmp_path / "s"),
+                                           "protocol": {"min_user": 0, "min_item": 0}},
+              "model": {"backbone": "fcf", "dim": 8, "gfmfr": {"group_num": 2, "server_epochs": 2,
+                                                               "group_emb_dim": 8}},
+              "train": {"protocol": "p3", "eval_ks": [10], "local_epochs": 1}}
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="not a GFMFR config"):
+        teacher_fit.trace(load_config(path, ["model.gfmfr=null"]))
+    out = tmp_path / "fit.md"
+    assert teacher_fit.main(["--configs", str(path), "--seeds", "0", "1", "--rounds", "2", "--out", str(out)]) == 0
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| FCF + GFMFR |")]
+    assert [int(r[2]) for r in rows] == [0, 1] and all(int(r[1]) == 2 for r in rows)
+    for row in rows:
+        student, teacher, target, error = (float(v) for v in row[3:])
+        assert 0 <= student <= 100 and 0 <= teacher <= 100 and 0 <= target <= 100 and error > 0
+    assert any(float(r[4]) != float(r[5]) for r in rows)  # f_phi does not reproduce its targets

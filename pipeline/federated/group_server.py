@@ -73,6 +73,8 @@ def group_means(values: torch.Tensor, ids: np.ndarray, n_groups: int) -> torch.T
 class GroupServer:
     """The server's GFMFR state: memberships, the group fusion model f_phi, the teacher scores."""
 
+    keep_target_scores = False  # diagnostics: fit also scores the groups' true target tables
+
     def __init__(self, config, model, initial: InitialState, features: dict[str, torch.Tensor],
                  n_users: int, n_items: int, dtype=torch.float32):
         self.config, self.model, self.cfg = config, model, config.model.gfmfr
@@ -88,6 +90,7 @@ class GroupServer:
         self.group_of = np.full(n_users, UNGROUPED, dtype=np.int64)  # who distils next round, in which group
         self.scores: torch.Tensor | None = None  # [G, N] for the next round
         self.shared_rho = math.nan
+        self.target_scores: torch.Tensor | None = None  # [G, N], set by fit when keep_target_scores
         self.planted = None  # group_method=planted: [U] the generator's taste groups
         if self.cfg.group_method == "planted":
             from pipeline.data.datasets import planted_groups
@@ -146,7 +149,9 @@ class GroupServer:
         sums [G, N, d] / members [G]), compute the teacher scores for the next round from the
         groups' mean heads (vectors [P, F]) and, with FedMR, the groups' mean mixing weights
         (alpha [P, 3]) through the aggregated module (global_params); update memberships.
-        rho: (sum, count) of the clients' final rho (ema_scope=shared_round)."""
+        rho: (sum, count) of the clients' final rho (ema_scope=shared_round). Reports how far
+        f_phi's tables are from the targets (group/fusion_relative_error: |f_phi - target| /
+        |target| over the non-empty groups; 1 = no better than predicting zeros)."""
         started = time.perf_counter()
         dtype = self.fusion.group.dtype
         targets = targets_from_sums(downloaded_table.to(dtype), sums.to(dtype), members)
@@ -160,18 +165,27 @@ class GroupServer:
         n_groups = self.cfg.group_num
         with torch.no_grad():
             z = torch.stack([self.fusion.table(g, self.features, self.n_items) for g in range(n_groups)])
+            nonempty = members > 0
+            miss = float((z[nonempty] - targets[nonempty]).norm() / targets[nonempty].norm().clamp(min=1e-30))
             means = group_means(vectors.to(dtype), ids, n_groups)
             head, at = {}, 0
             for name, shape in self.shapes.items():
                 size = int(np.prod(shape))
                 head[name] = means[:, at:at + size].reshape(n_groups, *shape)
                 at += size
-            if hasattr(self.model, "fuse_teacher"):
-                mean_alpha = group_means(alpha.to(dtype), ids, n_groups) if alpha is not None else None
-                params = {k: v.to(dtype) for k, v in global_params.items()}
-                z = self.model.fuse_teacher(z, params, self.features, mean_alpha)
-            scores = torch.sigmoid(self.model.teacher_logits(head, z))
-            scores[members == 0] = math.nan
+
+            def teacher(table: torch.Tensor) -> torch.Tensor:
+                """[G, N] s_g from the groups' item tables [G, N, d_c]."""
+                if hasattr(self.model, "fuse_teacher"):
+                    mean_alpha = group_means(alpha.to(dtype), ids, n_groups) if alpha is not None else None
+                    params = {k: v.to(dtype) for k, v in global_params.items()}
+                    table = self.model.fuse_teacher(table, params, self.features, mean_alpha)
+                out = torch.sigmoid(self.model.teacher_logits(head, table))
+                out[~nonempty] = math.nan
+                return out
+
+            scores = teacher(z)
+            self.target_scores = teacher(targets) if self.keep_target_scores else None
         self.scores = scores
         self.known[users] = ids
         if self.cfg.group_membership == "last_round":
@@ -184,6 +198,7 @@ class GroupServer:
         return {"time/group_fusion_seconds": fitted - started,
                 "time/teacher_seconds": time.perf_counter() - fitted,
                 "group/fusion_loss": losses[-1],
+                "group/fusion_relative_error": miss,
                 "group/nonempty": int((members > 0).sum()),
                 "group/largest": int(members.max())}
 

@@ -115,7 +115,6 @@ def cmd_experiments(args) -> int:
                           seeds=args.seeds, extra_notes=args.note, figures=figures)
     markdown = report["markdown"]
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(Path(args.out), markdown + "\n")
     if args.json:
         print(json.dumps({key: value for key, value in report.items() if key != "markdown"}, indent=2, default=str))

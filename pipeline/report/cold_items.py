@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, data, protocol, metric, command, overrides=args.set, notes=args.note)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(args.out, text)
     return 0
 

@@ -165,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m pipeline.report.groups " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     text = markdown(grouping_rows(specs), command)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(args.out, text)
     print(text)
     return 0

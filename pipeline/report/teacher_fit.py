@@ -136,7 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, ks.pop(), protocols.pop(), command, args.note)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(args.out, text)
     return 0
 

@@ -306,7 +306,7 @@ class ExperimentConfig(BaseModel):
         gfmfr = self.model.gfmfr
         if gfmfr is None or gfmfr.group_method != "planted":
             return self
-        if self.data.name != "synthetic" or self.data.path is not None:
+        if not self.data.generated:
             raise ValueError("model.gfmfr.group_method=planted needs the synthetic generator (data.name: synthetic, "
                              f"no data.path): dataset {self.data.name!r} has no planted taste groups")
         from pipeline.data.synthetic import SyntheticConfig

@@ -144,8 +144,10 @@ class TrainedRun:
                 for r, i in enumerate(top)]
 
     def model_card(self) -> dict:
+        from pipeline.report.tables import config_label
+
         selection = self.summary.get("selection", {})
-        return {"method": _method(self.config), "backbone": self.config.model.backbone,
+        return {"method": config_label(self.config), "backbone": self.config.model.backbone,
                 "dataset": {"name": self.data.name, "users": self.data.n_users, "items": self.data.n_items,
                             "fingerprint": self.data.fingerprint()},
                 "encoder": _encoder(self.config), "round": self.round,
@@ -189,12 +191,6 @@ def _title(text) -> str:
     text = str(text).strip()
     first = text.splitlines()[0] if text else ""
     return first if len(first) <= 80 else first[:77] + "..."
-
-
-def _method(config: ExperimentConfig) -> str:
-    from pipeline.report.tables import config_label
-
-    return config_label(config)
 
 
 def _encoder(config: ExperimentConfig) -> dict | None:

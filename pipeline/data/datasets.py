@@ -60,12 +60,17 @@ class DatasetConfig(BaseModel):
             return self.protocol
         return PrepareConfig(**{**NAMED[self.name][3], **self.protocol.model_dump(exclude_unset=True)})
 
+    @property
+    def generated(self) -> bool:
+        """The synthetic generator's data (no files behind it)."""
+        return self.name == "synthetic" and self.path is None
+
     def resolved(self) -> tuple[str, Path | None]:
         """(format, path) with named datasets filled in."""
         if self.name in NAMED and self.path is None:
             fmt, folder, _, _ = NAMED[self.name]
             return self.format or fmt, data_root() / folder
-        if self.name == "synthetic" and self.path is None:
+        if self.generated:
             return "synthetic", None
         if self.format is None or self.path is None:
             raise DataError("config", f"dataset {self.name!r} is not a named dataset "
@@ -115,11 +120,11 @@ def planted_groups(config: DatasetConfig) -> np.ndarray:
     regenerated from the config (the data are a pure function of it)."""
     from pipeline.data import synthetic
 
-    if config.name != "synthetic" or config.path is not None:
+    if not config.generated:
         raise ValueError(f"dataset {config.name!r}: planted groups exist for the synthetic generator only")
-    truth = synthetic.generate(synthetic.SyntheticConfig(**config.synthetic), progress=False).truth
-    data, _ = open_dataset(config)
-    return truth.user_group[np.asarray(data.user_ids, dtype=np.int64)]
+    generated = synthetic.generate(synthetic.SyntheticConfig(**config.synthetic), progress=False)
+    users = prepare(generated.dataset, config.effective_protocol()).user_ids
+    return generated.truth.user_group[np.asarray(users, dtype=np.int64)]
 
 
 def open_dataset(config: DatasetConfig, cache: Path | None = None) -> tuple[PreparedDataset, EvalNegatives]:

@@ -174,11 +174,14 @@ class GroupServer:
                 head[name] = means[:, at:at + size].reshape(n_groups, *shape)
                 at += size
 
+            fused = hasattr(self.model, "fuse_teacher")
+            if fused:
+                mean_alpha = group_means(alpha.to(dtype), ids, n_groups) if alpha is not None else None
+                params = {k: v.to(dtype) for k, v in global_params.items()}
+
             def teacher(table: torch.Tensor) -> torch.Tensor:
                 """[G, N] s_g from the groups' item tables [G, N, d_c]."""
-                if hasattr(self.model, "fuse_teacher"):
-                    mean_alpha = group_means(alpha.to(dtype), ids, n_groups) if alpha is not None else None
-                    params = {k: v.to(dtype) for k, v in global_params.items()}
+                if fused:
                     table = self.model.fuse_teacher(table, params, self.features, mean_alpha)
                 out = torch.sigmoid(self.model.teacher_logits(head, table))
                 out[~nonempty] = math.nan
@@ -199,7 +202,7 @@ class GroupServer:
                 "time/teacher_seconds": time.perf_counter() - fitted,
                 "group/fusion_loss": losses[-1],
                 "group/fusion_relative_error": miss,
-                "group/nonempty": int((members > 0).sum()),
+                "group/nonempty": int(nonempty.sum()),
                 "group/largest": int(members.max())}
 
     # -- checkpoints --------------------------------------------------------------------------

@@ -402,8 +402,7 @@ class Shard:
         row where a weight copy costs (feature width) multiply-adds and a per-client weight
         update, so a modality uses one when half the clients' working set (size-weighted mean)
         is at most its width (SPAN_WIDTH_FACTOR): on KU (~305 rows, 512-d CLIP) both modalities
-        do; on MovieLens (~1,200 rows) the 1,280-d images do and the 384-d text does not. (Projecting the gathered features through a per-client
-        weight change A^T X instead of gathering K took 14% longer per MovieLens round.)"""
+        do; on MovieLens (~1,200 rows) the 1,280-d images do and the 384-d text does not."""
         spans = {}
         if self.config.privacy is not None:  # clipping needs each client's weight change
             return spans

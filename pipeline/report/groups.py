@@ -44,27 +44,29 @@ def run_grouping(run_dir: Path) -> tuple[int, np.ndarray, dict] | None:
     return int(checkpoint.name.split("-")[1]), np.asarray(state["groups"]["known"]), state
 
 
-def teacher_against_student(config, state: dict, round_: int, known: np.ndarray, data, negatives) -> dict:
-    """{'teacher': valid HR@K of the grouped users ranked by their group's teacher scores,
-    'student': the run's valid HR@K in round `round_`} (None where the checkpoint lacks them)."""
+def group_scores_hr(scores, known: np.ndarray, config, data, negatives) -> float | None:
+    """Valid HR@K (the config's protocol, K its largest cut-off) of the grouped users (known [U]
+    >= 0) ranking the items by their group's row of scores [G, N]; None if nobody is grouped."""
     import torch
 
     from pipeline.eval.protocols import evaluate
 
+    grouped = np.flatnonzero(known >= 0)
+    if not len(grouped):
+        return None
+    group, k = torch.as_tensor(known), max(config.train.eval_ks)
+    return evaluate(lambda users: scores.double()[group[users]], data, config.train.protocol, "valid",
+                    negatives=negatives, ks=(k,), users=grouped)[f"hr@{k}"]
+
+
+def teacher_against_student(config, state: dict, round_: int, known: np.ndarray, data, negatives) -> dict:
+    """{'teacher': valid HR@K of the grouped users ranked by their group's teacher scores,
+    'student': the run's valid HR@K in round `round_`} (None where the checkpoint lacks them)."""
     metric = f"hr@{max(config.train.eval_ks)}"
     student = next((row.get(f"valid/{metric}") for row in state.get("history", []) if row.get("round") == round_),
                    None)
     scores = state["groups"].get("scores")
-    grouped = np.flatnonzero(known >= 0)
-    teacher = None
-    if scores is not None and len(grouped):
-        group = torch.as_tensor(known)
-
-        def scorer(users: torch.Tensor) -> torch.Tensor:
-            return scores.double()[group[users]]
-
-        teacher = evaluate(scorer, data, config.train.protocol, "valid", negatives=negatives,
-                           ks=(max(config.train.eval_ks),), users=grouped)[metric]
+    teacher = None if scores is None else group_scores_hr(scores, known, config, data, negatives)
     return {"metric": metric, "teacher": teacher, "student": student}
 
 
@@ -92,8 +94,8 @@ def grouping_rows(specs) -> list[dict]:
         round_, known, state = found
         data_key = spec.config.data.model_dump_json()
         if data_key not in truths:
-            synthetic = spec.config.data.name == "synthetic" and spec.config.data.path is None
-            truths[data_key] = (planted_groups(spec.config) if synthetic else None, *open_dataset(spec.config.data))
+            truth = planted_groups(spec.config) if spec.config.data.generated else None
+            truths[data_key] = (truth, *open_dataset(spec.config.data))
         truth, data, negatives = truths[data_key]
         grouped = known >= 0
         rows.append({"key": spec.key, "seed": spec.seed, "round": round_, "users": int(grouped.sum()),
@@ -119,12 +121,14 @@ def markdown(rows: list[dict], command: str) -> str:
     def percent(value):
         return "—" if value is None else f"{100 * value:.2f}"
 
+    def ari(value):
+        return "—" if value is None else f"{value:.3f}"
+
     for row in rows:
         if row.get("missing"):
             lines.append(f"| {row['key']} | {row['seed']} | (no checkpoint) | | | | | |")
             continue
-        ari = "—" if row["ari"] is None else f"{row['ari']:.3f}"
-        lines.append(f"| {row['key']} | {row['seed']} | {row['round']} | {row['users']} | {ari} | "
+        lines.append(f"| {row['key']} | {row['seed']} | {row['round']} | {row['users']} | {ari(row['ari'])} | "
                      f"{', '.join(map(str, row['sizes']))} | {percent(row['teacher'])} ({row['metric'].upper()}) | "
                      f"{percent(row['student'])} |")
     by_key: dict[str, list[dict]] = {}
@@ -133,17 +137,14 @@ def markdown(rows: list[dict], command: str) -> str:
             by_key.setdefault(row["key"], []).append(row)
 
     def mean(found, name):
+        """mean of the runs' known values of `name` (None: none known)."""
         values = [r[name] for r in found if r[name] is not None]
-        return percent(float(np.mean(values))) if values else "—"
+        return float(np.mean(values)) if values else None
 
     lines += ["", "| Run | ARI, mean over seeds | Teacher valid, mean | Student valid, mean | Seeds |",
               "|---|---|---|---|---|"]
-    def mean_ari(found):
-        values = [r["ari"] for r in found if r["ari"] is not None]
-        return f"{np.mean(values):.3f}" if values else "—"
-
-    lines += [f"| {key} | {mean_ari(found)} | {mean(found, 'teacher')} | "
-              f"{mean(found, 'student')} | {len(found)} |" for key, found in by_key.items()]
+    lines += [f"| {key} | {ari(mean(found, 'ari'))} | {percent(mean(found, 'teacher'))} | "
+              f"{percent(mean(found, 'student'))} | {len(found)} |" for key, found in by_key.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ def trace(config, log=print) -> list[dict]:
     from pipeline.federated.group_server import GroupServer
     from pipeline.federated.shard import Shard
     from pipeline.models import model_for
+    from pipeline.report.groups import group_scores_hr
 
     if config.model.gfmfr is None:
         raise ValueError(f"{config.name}: not a GFMFR config (model.gfmfr is off)")
@@ -54,23 +55,17 @@ def trace(config, log=print) -> list[dict]:
     groups = GroupServer(config, model_for(config.model), init, features, data.n_users, data.n_items)
     groups.keep_target_scores = True
 
-    def hr(scorer, users=None) -> float:
-        return evaluate(scorer, data, train.protocol, "valid", negatives=negatives, ks=(k,), users=users)[f"hr@{k}"]
-
-    def by_group(scores: torch.Tensor):
-        group = torch.as_tensor(groups.known)
-        return lambda users: scores.double()[group[users]]
-
     g, out = dict(init.global_params), []
     for round_ in range(train.rounds):
         users = participants(data.n_users, train.participation, train.seed, round_)
         upload = shard.train(round_, g, users, round_lrs(config, data.n_items, round_), groups.download(round_))
         downloaded, g = g, apply_uploads(g, [upload])
         metrics = groups.step(round_, [upload], lambda ids: [shard.group_sums(ids[0], n_groups)], downloaded, g)
-        grouped = np.flatnonzero(groups.known >= 0)
-        row = {"round": round_, "student": hr(shard.scorer(g, train.protocol, "valid")),
-               "teacher": hr(by_group(groups.scores), grouped),
-               "target_teacher": hr(by_group(groups.target_scores), grouped),
+        student = evaluate(shard.scorer(g, train.protocol, "valid"), data, train.protocol, "valid",
+                           negatives=negatives, ks=(k,))[f"hr@{k}"]
+        row = {"round": round_, "student": student,
+               "teacher": group_scores_hr(groups.scores, groups.known, config, data, negatives),
+               "target_teacher": group_scores_hr(groups.target_scores, groups.known, config, data, negatives),
                "relative_error": metrics["group/fusion_relative_error"]}
         out.append(row)
         log(f"  round {round_}: valid HR@{k} student {100 * row['student']:.2f}, teacher {100 * row['teacher']:.2f}, "

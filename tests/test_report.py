@@ -231,3 +231,93 @@ def test_recorded_command_drops_report_only():
 
     line = command_line(["pipeline", "experiments", "--configs", "a b.yaml", "--report-only", "--out", "r.md"])
     assert line == "python -m pipeline experiments --configs 'a b.yaml' --out r.md"
+
+
+def _table_rows(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("| ")]
+
+
+def test_records_rebuild_the_table_without_the_run_directories(first_run, workspace, capsys, monkeypatch):
+    """--records keeps a small record per finished run; with the run directories gone (a fresh
+    clone, another machine) the same command trains nothing and gives the same table and curves."""
+    from pipeline.report import plots, records
+
+    _, markdown, argv = first_run
+    monkeypatch.chdir(workspace)
+    records_dir = workspace / "results" / "records" / "tiny"
+    with_records = [*argv, "--records", str(records_dir)]
+    with_records[with_records.index("--out") + 1] = "results/tiny_records.md"
+    capsys.readouterr()
+    assert main(with_records) == 0
+    assert "4 runs: 0 ran, 0 resumed, 4 skipped, 0 recorded" in capsys.readouterr().err
+    paths = sorted(records_dir.glob("*/seed-*.json"))
+    assert [p.relative_to(records_dir).as_posix() for p in paths] == [
+        "tiny-fcf/seed-0.json", "tiny-fcf/seed-1.json", "tiny-fedavg/seed-0.json", "tiny-fedavg/seed-1.json"]
+    record = json.loads(paths[0].read_text())
+    on_disk = json.loads((workspace / "runs/exp/tiny-fcf/seed-0/summary.json").read_text())
+    assert record["summary"] == on_disk
+    full_rows = plots.read_metrics(workspace / "runs/exp/tiny-fcf/seed-0")
+    assert len(record["metrics"]) == len(full_rows) == on_disk["rounds_run"]
+    assert all(key == "round" or key.startswith(records.RECORDED_PREFIXES) for row in record["metrics"] for key in row)
+    assert any(key.startswith("valid/") for key in record["metrics"][0])
+    assert any(not key.startswith(records.RECORDED_PREFIXES) and key != "round" for key in full_rows[0])  # it did drop some
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert main(with_records) == 0                              # an unchanged record is not rewritten
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+
+    # the run directories are gone: nothing trains, every run comes from its record
+    elsewhere = [*with_records]
+    elsewhere[elsewhere.index("--runs-dir") + 1] = "runs/elsewhere"
+    elsewhere += ["--plot", "results/tiny_records.png"]
+    capsys.readouterr()
+    assert main(elsewhere) == 0
+    assert "4 runs: 0 ran, 0 resumed, 0 skipped, 4 recorded" in capsys.readouterr().err
+    assert not (workspace / "runs/elsewhere").exists()
+    rebuilt = (workspace / "results" / "tiny_records.md").read_text()
+    assert _table_rows(rebuilt) == _table_rows(markdown)
+    for protocol, key in (("P3", "tiny-fedavg"), ("P1", "tiny-fcf")):
+        assert f"2 of these runs were read from their records (finished earlier, perhaps on another machine; " \
+               f"the records folder is in the command above): {key} seed 0/1." in _section(rebuilt, protocol)
+    assert all((workspace / "results" / f"tiny_records_{p}.png").stat().st_size > 0 for p in ("p1", "p3"))
+    specs = plan_runs(expand_configs(["configs/*.yaml"]), seeds=[0, 1], runs_dir="runs/exp",
+                      overrides=["runtime.checkpoint_every=1"])
+    from pipeline.report.experiments import run_experiments
+
+    from_disk = run_experiments(specs, report_only=True)
+    from_records = run_experiments(plan_runs(expand_configs(["configs/*.yaml"]), seeds=[0, 1],
+                                             runs_dir="runs/elsewhere", overrides=["runtime.checkpoint_every=1"]),
+                                   report_only=True, records_dir=records_dir)
+    assert [r.status for r in from_records] == ["recorded"] * 4
+    metric = "valid/hr@50"
+    assert [plots.mean_series(rows, metric) for _, rows in plots.curves_from_results(from_records)] == \
+        [plots.mean_series(rows, metric) for _, rows in plots.curves_from_results(from_disk)]
+
+
+def test_a_record_of_another_config_or_not_a_record_is_refused(first_run, workspace, monkeypatch):
+    from pipeline.report.experiments import run_experiments
+
+    monkeypatch.chdir(workspace)
+    records_dir = workspace / "results" / "records" / "refused"
+    config = expand_configs(["configs/a-fedavg.yaml"])
+    specs = plan_runs(config, seeds=[0], runs_dir="runs/exp")
+    assert [r.status for r in run_experiments(specs, report_only=True, records_dir=records_dir)] == ["skipped"]
+    # planned with another learning rate: the record (and the run dir) are of a different config
+    other = plan_runs(config, seeds=[0], overrides=["train.lr=0.5"], runs_dir="runs/none")
+    [result] = run_experiments(other, report_only=True, records_dir=records_dir)
+    assert result.status == "failed"
+    assert "tiny-fedavg/seed-0.json was made by a different config" in result.error and "train.lr" in result.error
+    # a file that is not a record names itself and the reason
+    bad = records_dir / "tiny-fedavg" / "seed-0.json"
+    bad.write_text('{"format": "pipeline-run-record/1", "key": "tiny-fedavg", "seed": 0}')
+    [result] = run_experiments(plan_runs(config, seeds=[0], runs_dir="runs/none"), report_only=True,
+                               records_dir=records_dir)
+    assert result.status == "failed" and str(bad) in result.error and "no summary with a selection" in result.error
+    bad.write_text("{torn")
+    [result] = run_experiments(plan_runs(config, seeds=[0], runs_dir="runs/none"), report_only=True,
+                               records_dir=records_dir)
+    assert result.status == "failed" and "invalid JSON at line 1" in result.error
+    # without the record the run is simply missing
+    bad.unlink()
+    [result] = run_experiments(plan_runs(config, seeds=[0], runs_dir="runs/none"), report_only=True,
+                               records_dir=records_dir)
+    assert result.status == "missing"

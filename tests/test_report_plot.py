@@ -83,7 +83,7 @@ def _fake_result(runs_dir: Path, key: str, seed: int, values):
     summary = {"config": {"name": key}, "rounds_run": len(values),
                "selection": {"metric": METRIC, "best_round": 0, "valid": {"hr@50": values[0]}, "test": {"hr@50": 0.1}}}
     (run_dir / "summary.json").write_text(json.dumps(summary))
-    return SimpleNamespace(spec=spec, status="skipped", summary=summary)
+    return SimpleNamespace(spec=spec, status="skipped", summary=summary, extra={})
 
 
 def test_cli_plot_from_run_directories(tmp_path, capsys):

@@ -33,6 +33,11 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
                              "a run under another protocol than its file's goes to <config name>-<protocol>")
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR,
                         help="run directories go to RUNS_DIR/<config name>/seed-<s> (default runs/experiments)")
+    parser.add_argument("--records", type=Path, default=None, metavar="DIR",
+                        help="keep a small record of every finished run in DIR/<config name>/seed-<s>.json "
+                             "(summary and per-round validation, test, time and traffic metrics; commit it beside "
+                             "the table) and read a run from its record when it is not finished on disk: "
+                             "the table can be completed on another machine and rebuilt from the records alone")
     parser.add_argument("--mode", choices=list(MODES), default="federated",
                         help="federated runs, the configs' centralized upper bounds (pipeline centralized; rows "
                              "labelled 'centralized'), or both in the same tables with the gap per backbone")
@@ -109,7 +114,8 @@ def cmd_experiments(args) -> int:
                            mode=getattr(args, "mode", "federated"))
     if args.force and args.report_only:
         raise ValueError("--force and --report-only contradict each other")
-    results = run_experiments(specs, force=args.force, report_only=args.report_only)
+    results = run_experiments(specs, force=args.force, report_only=args.report_only,
+                              records_dir=getattr(args, "records", None))
     figures = _plot(args, results) if getattr(args, "plot", None) else []
     report = build_report(results, title=args.title, command=getattr(args, "command_line", None) or command_line(), overrides=args.set or [],
                           seeds=args.seeds, extra_notes=args.note, figures=figures)
@@ -122,7 +128,8 @@ def cmd_experiments(args) -> int:
         print(markdown)
     failed = [r for r in results if r.status == "failed"]
     print(f"{len(results)} runs: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
-                                                for s in ("ran", "resumed", "skipped", "missing", "failed"))
+                                                for s in ("ran", "resumed", "skipped", "recorded", "missing",
+                                                          "failed"))
           + f"; {time.perf_counter() - started:.0f} s" + (f"; report: {args.out}" if args.out else "")
           + (f"; plot: {', '.join(link for _, link in figures)}" if figures else ""),
           file=sys.stderr)

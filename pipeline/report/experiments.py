@@ -9,9 +9,11 @@ Run directory: <runs_dir>/<key>/seed-<s>, where key is the config's `name`, suff
 under P3 never shares a directory with its P1 runs).
 
 Resumable: a run whose summary.json exists (from the same config, runtime settings aside) is
-skipped; a run with checkpoints but no summary is resumed from its last checkpoint; `force`
-deletes the run directory and starts over. A run whose files come from a different config is
-refused rather than silently reused or overwritten.
+skipped; with a records folder (pipeline/report/records.py), a run not finished on disk but
+recorded there is read from its record; a run with checkpoints but no summary is resumed from its
+last checkpoint; `force` deletes the run directory and starts over (a record is then ignored and
+rewritten). A run whose files or record come from a different config is refused rather than
+silently reused or overwritten.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ExperimentConfig, load_config
+from pipeline.report import records
 
 DEFAULT_RUNS_DIR = Path("runs/experiments")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -60,7 +63,7 @@ class RunSpec:
 @dataclass
 class RunResult:
     spec: RunSpec
-    status: str                  # skipped | ran | resumed | failed | missing (report_only)
+    status: str                  # skipped | recorded | ran | resumed | failed | missing (report_only)
     summary: dict | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -152,20 +155,27 @@ def current_fingerprint(config: ExperimentConfig) -> str:
     return _FINGERPRINTS[key]
 
 
+def check_summary(spec: RunSpec, summary: dict, where: Path) -> None:
+    """StaleRunError unless `summary` (read from `where`) was made by spec's config, runtime
+    settings aside, on the current preparation of its data."""
+    planned = _comparable(json.loads(spec.config.model_dump_json()), spec.centralized)
+    found = _comparable(summary.get("config", {}), spec.centralized)
+    if found != planned:
+        raise StaleRunError(f"{where} was made by a different config "
+                            f"({_diff(found, planned)}); pass --force to re-run it")
+    made_on = summary.get("dataset", {}).get("fingerprint")
+    now = current_fingerprint(spec.config)
+    if made_on != now:
+        raise StaleRunError(f"{where} was made on another preparation of {spec.config.data.name!r} "
+                            f"(fingerprint {made_on}, now {now}: the data or the preparation protocol changed); "
+                            f"pass --force to re-run it")
+
+
 def run_state(spec: RunSpec) -> str:
     """done | partial | new; raises StaleRunError when the folder holds another config's run."""
     planned = _comparable(json.loads(spec.config.model_dump_json()), spec.centralized)
     if spec.summary_path.is_file():
-        found = _comparable(json.loads(spec.summary_path.read_text()).get("config", {}), spec.centralized)
-        if found != planned:
-            raise StaleRunError(f"{spec.summary_path} was made by a different config "
-                                f"({_diff(found, planned)}); pass --force to re-run it")
-        made_on = json.loads(spec.summary_path.read_text()).get("dataset", {}).get("fingerprint")
-        now = current_fingerprint(spec.config)
-        if made_on != now:
-            raise StaleRunError(f"{spec.summary_path} was made on another preparation of {spec.config.data.name!r} "
-                                f"(fingerprint {made_on}, now {now}: the data or the preparation protocol changed); "
-                                f"pass --force to re-run it")
+        check_summary(spec, json.loads(spec.summary_path.read_text()), spec.summary_path)
         return "done"
     checkpoints = spec.run_dir / "checkpoints"
     if spec.centralized:
@@ -199,9 +209,29 @@ def _diff(found: dict, planned: dict, prefix: str = "") -> str:
     return "; ".join(keys[:3])
 
 
-def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = False) -> RunResult:
-    """Run, resume or skip one (config, seed); never raises for a failing run (status 'failed').
-    With report_only nothing is started: an unfinished run is 'missing'."""
+def recorded_result(spec: RunSpec, records_dir: Path) -> RunResult | None:
+    """The run read from its record (status 'recorded'), None without one; StaleRunError when the
+    record is not of this config and data."""
+    record = records.read_record(records_dir, spec.key, spec.seed)
+    if record is None:
+        return None
+    check_summary(spec, record["summary"], records.record_path(records_dir, spec.key, spec.seed))
+    return RunResult(spec, "recorded", summary=record["summary"], extra={"metrics": record["metrics"]})
+
+
+def keep_record(result: RunResult, records_dir: Path) -> None:
+    """Write (or refresh) the record of a run finished on disk."""
+    from pipeline.report.plots import read_metrics
+
+    rows = read_metrics(result.spec.run_dir) if (result.spec.run_dir / "metrics.jsonl").is_file() else []
+    records.write_record(records_dir, records.make_record(result.spec.key, result.spec.seed, result.summary, rows))
+
+
+def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = False,
+            records_dir: Path | None = None) -> RunResult:
+    """Run, resume, skip or read from its record one (config, seed); never raises for a failing
+    run (status 'failed'). With report_only nothing is started: an unfinished, unrecorded run is
+    'missing'. With records_dir every run finished on disk leaves its record there."""
     from pipeline.centralized.job import train_centralized
     from pipeline.federated.run import train
 
@@ -212,14 +242,21 @@ def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = Fa
             shutil.rmtree(spec.run_dir)
         state = run_state(spec)
         if state == "done":
-            return RunResult(spec, "skipped", summary=json.loads(spec.summary_path.read_text()))
-        if report_only:
-            return RunResult(spec, "missing", error=f"not run ({state})")
-        run = train_centralized if spec.centralized else train
-        summary = run(spec.config, resume=state == "partial", quiet=True)
-        return RunResult(spec, "resumed" if state == "partial" else "ran", summary=summary,
-                         seconds=time.perf_counter() - started)
-    except StaleRunError as error:
+            result = RunResult(spec, "skipped", summary=json.loads(spec.summary_path.read_text()))
+        else:
+            recorded = recorded_result(spec, records_dir) if records_dir is not None and not force else None
+            if recorded is not None:
+                return recorded
+            if report_only:
+                return RunResult(spec, "missing", error=f"not run ({state})")
+            run = train_centralized if spec.centralized else train
+            summary = run(spec.config, resume=state == "partial", quiet=True)
+            result = RunResult(spec, "resumed" if state == "partial" else "ran", summary=summary,
+                               seconds=time.perf_counter() - started)
+        if records_dir is not None:
+            keep_record(result, records_dir)
+        return result
+    except (StaleRunError, records.RecordError) as error:
         return RunResult(spec, "failed", error=str(error), seconds=time.perf_counter() - started)
     except Exception as error:  # a failing run is reported, the others go on
         detail = traceback.format_exc()
@@ -233,12 +270,13 @@ def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = Fa
                          seconds=time.perf_counter() - started)
 
 
-def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_only: bool = False) -> list[RunResult]:
+def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_only: bool = False,
+                    records_dir: Path | None = None) -> list[RunResult]:
     """Every spec in order; one progress line per run on stderr (or `log`)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     results = []
     for index, spec in enumerate(specs, 1):
-        result = run_one(spec, force=force, log=log, report_only=report_only)
+        result = run_one(spec, force=force, log=log, report_only=report_only, records_dir=records_dir)
         results.append(result)
         head = f"[{index}/{len(specs)}] {spec.key} seed {spec.seed}: {result.status}"
         if result.summary is not None:
@@ -248,7 +286,7 @@ def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_
             head += (f" (best {unit} {selection['best_round']} of {result.summary.get('rounds_run')}, "
                      f"valid {metric} {100 * selection['valid'][metric]:.2f}, "
                      f"test {metric} {100 * selection['test'][metric]:.2f}")
-            head += f", {result.seconds:.0f} s)" if result.status != "skipped" else ")"
+            head += f", {result.seconds:.0f} s)" if result.status in ("ran", "resumed") else ")"
         elif result.error:
             head += f": {result.error}"
         log(head)

@@ -140,14 +140,18 @@ def selection_metric(results) -> str:
 
 
 def curves_from_results(results, log=None) -> list[tuple[str, list[list[dict]]]]:
-    """(config key, [metrics rows per finished seed]) in plan order; unfinished runs and runs
-    without a metrics.jsonl are skipped with a line on `log` (stderr)."""
+    """(config key, [metrics rows per finished seed]) in plan order: a run's metrics.jsonl, or the
+    rows of its record; unfinished runs and runs without a metrics.jsonl are skipped with a line
+    on `log` (stderr)."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     curves: dict[str, list[list[dict]]] = {}
     for result in results:
         seeds = curves.setdefault(result.spec.key, [])
         if result.summary is None:
             log(f"plot: skipping {result.spec.key} seed {result.spec.seed} ({result.status})")
+            continue
+        if "metrics" in result.extra:  # read from its record (pipeline/report/records.py)
+            seeds.append(result.extra["metrics"])
             continue
         try:
             seeds.append(read_metrics(result.spec.run_dir))

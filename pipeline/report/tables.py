@@ -142,6 +142,7 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
            "seeds": [r.spec.seed for r in done], "seeds_planned": [r.spec.seed for r in runs],
            "failed": [(r.spec.seed, r.error) for r in runs if r.status == "failed"],
            "missing": [r.spec.seed for r in runs if r.status == "missing"],
+           "recorded": [r.spec.seed for r in runs if r.status == "recorded"],
            "test": {}, "valid": {}, "best_round": [], "rounds_run": [], "seconds": []}
     if config.privacy is not None:
         row["label"] += privacy_label(config.privacy, [r.summary.get("privacy") for r in done])
@@ -421,6 +422,12 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
         if seconds:
             notes.append(f"Run time: {len(seconds)} runs, {sum(seconds) / 60:.1f} min in all "
                          f"(wall clock of each train job, one after another, on a shared machine: timings are noisy).")
+        recorded = sum(len(row.get("recorded", [])) for row in rows)
+        if recorded:
+            notes.append(f"{recorded} of these runs were read from their records (finished earlier, perhaps on "
+                         f"another machine; the records folder is in the command above): "
+                         + ", ".join(f"{row['key']} seed {'/'.join(map(str, row['recorded']))}"
+                                     for row in rows if row.get("recorded")) + ".")
         if per_seed:
             notes.append(f"Per seed — best round / rounds run (test {metric_label(metric)} at the best round): "
                          + "; ".join(per_seed) + ".")

@@ -63,6 +63,35 @@ def test_plot_validation_writes_a_small_png(tmp_path):
     _assert_png(out)
 
 
+VARIANTS = ("", "-fedmr", "-gfmfr", "-fedmr-gfmfr")
+BACKBONES = ("fedavg", "fcf", "fedncf", "pfedrec", "fedrap")
+
+
+def test_split_panels_one_per_backbone_only_when_colours_would_repeat():
+    four = [f"ml-{b}{v}" for b in BACKBONES for v in VARIANTS]       # 15 colours: ID and FedMR share one
+    backbone_of = {label: label.split("-")[1] for label in four}
+    panels = plots.split_panels(four, backbone_of)
+    assert [name for name, _ in panels] == list(BACKBONES)
+    assert panels[1] == ("fcf", ["ml-fcf", "ml-fcf-fedmr", "ml-fcf-gfmfr", "ml-fcf-fedmr-gfmfr"])
+    two = [f"ml-{b}{v}" for b in BACKBONES for v in VARIANTS[:2]]     # 5 colours: one panel
+    assert plots.split_panels(two, backbone_of) == [("", two)]
+    assert plots.split_panels(four, None) == [("", four)]              # nothing to split by
+    assert plots.split_panels(four, {label: "fcf" for label in four}) == [("", four)]
+
+
+def test_plot_validation_one_panel_per_backbone(tmp_path):
+    labels = [f"ml-{b}{v}" for b in BACKBONES for v in VARIANTS]
+    curves = [(label, [_rows([0.1 + 0.01 * i, 0.2, 0.25]), _rows([0.12, 0.22])]) for i, label in enumerate(labels)]
+    curves.append(("ml-fedrap-empty", [[{"round": 0, "train/loss": 1.0}]]))
+    backbone_of = {label: label.split("-")[1] for label, _ in curves}
+    out = tmp_path / "valid.png"
+    drawn = plots.plot_validation(curves, out, metric="hr@50", title="ML", panel_of=backbone_of)
+    assert drawn == labels
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1380, 720)    # 3 x 2 panels of 4.6 x 3.4 in (+ title)
+    assert out.stat().st_size < 300_000
+
+
 def test_metric_names():
     assert plots.full_metric("hr@50") == "valid/hr@50" and plots.full_metric("valid/ndcg@10") == "valid/ndcg@10"
     assert plots.metric_label("valid/hr@50") == "HR@50"
@@ -75,7 +104,8 @@ def _fake_result(runs_dir: Path, key: str, seed: int, values):
     """A finished run (run dir with metrics.jsonl + summary.json), or a missing one (values None)."""
     run_dir = runs_dir / key / f"seed-{seed}"
     train = SimpleNamespace(protocol="p3", selection=lambda: "hr@50")
-    spec = SimpleNamespace(key=key, seed=seed, run_dir=run_dir, config=SimpleNamespace(train=train))
+    config = SimpleNamespace(train=train, model=SimpleNamespace(backbone=key.split("-")[1]))
+    spec = SimpleNamespace(key=key, seed=seed, run_dir=run_dir, config=config)
     if values is None:
         return SimpleNamespace(spec=spec, status="missing", summary=None)
     run_dir.mkdir(parents=True)
@@ -105,6 +135,19 @@ def test_cli_plot_from_run_directories(tmp_path, capsys):
     # another metric, the report in another folder: the link is relative to the report's folder
     args.plot_metric, args.out = "hr@10", tmp_path / "reports" / "ku.md"
     assert _plot(args, results) == [("validation HR@10 over rounds", "../results/ku_valid.png")]
+
+
+def test_cli_plot_one_panel_per_backbone_for_many_configs(tmp_path):
+    from pipeline.report.cli import _plot
+
+    keys = [f"ml-{b}{v}" for b in BACKBONES for v in VARIANTS]
+    results = [_fake_result(tmp_path / "runs", key, 0, [0.1, 0.2 + 0.01 * i]) for i, key in enumerate(keys)]
+    args = argparse.Namespace(plot=tmp_path / "ml_valid.png", plot_metric=None, out=tmp_path / "ml.md", title="ML")
+    assert _plot(args, results) == [("validation HR@50 over rounds", "ml_valid.png")]
+    with Image.open(args.plot) as image:
+        assert image.size == (1380, 720)                                  # 5 backbone panels, not one
+    _plot(args, results[:8])                                              # 2 backbones, 6 colours: one panel
+    _assert_png(args.plot)
 
 
 def test_report_links_the_figure():

@@ -51,7 +51,8 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the Markdown")
     parser.add_argument("--plot", type=Path, metavar="PATH",
                         help="also draw validation curves (one line per config: mean over seeds, min..max band) "
-                             "to this PNG; the report links it")
+                             "to this PNG, one panel per backbone when one panel would repeat colours; "
+                             "the report links it")
     parser.add_argument("--plot-metric", default=None, metavar="METRIC",
                         help="metric of --plot, e.g. valid/hr@10 or hr@50 "
                              "(default: the runs' selection metric, else valid/hr@10)")
@@ -69,11 +70,11 @@ def command_line(argv: list[str] | None = None) -> str:
 def _plot(args, results) -> list[tuple[str, str]]:
     """Draw --plot; the report's figure lines (alt text, path relative to the report's folder).
     Runs under several protocols get one PNG per protocol (<stem>_<protocol>.png), each on that
-    protocol's selection metric."""
+    protocol's selection metric. Too many configs for one panel's colours: one panel per backbone."""
     import os
 
     from pipeline.report import plots
-    from pipeline.report.tables import DEFAULT_TITLE
+    from pipeline.report.tables import BACKBONE_NAMES, DEFAULT_TITLE
 
     by_protocol: dict[str, list] = {}
     for result in results:
@@ -88,7 +89,8 @@ def _plot(args, results) -> list[tuple[str, str]]:
         metric = plots.full_metric(chosen)
         curves = plots.curves_from_results(group)
         title = (args.title or DEFAULT_TITLE) + (f" ({protocol.upper()})" if len(paths) > 1 else "")
-        drawn = plots.plot_validation(curves, path, metric=metric, title=title)
+        backbone_of = {result.spec.key: BACKBONE_NAMES[result.spec.config.model.backbone] for result in group}
+        drawn = plots.plot_validation(curves, path, metric=metric, title=title, panel_of=backbone_of)
         for label, _ in curves:
             if label not in drawn:
                 print(f"plot: {label}: no finished seed logged {metric}", file=sys.stderr)

@@ -6,7 +6,8 @@ function (Agg canvas, no pyplot state), so the rest of the package does not need
 
 Lines of configs whose names differ only by a `-fedmr` suffix (before an optional protocol
 suffix, e.g. `ku-fcf` / `ku-fcf-fedmr`, `x-fcf-p3` / `x-fcf-fedmr-p3`) share a colour: dashed
-for the ID-only config, solid for the one with FedMR. Unpaired configs are solid.
+for the ID-only config, solid for the one with FedMR. Unpaired configs are solid. When one panel
+would repeat colours (more than 10), the figure has one panel per backbone instead.
 """
 
 from __future__ import annotations
@@ -72,44 +73,83 @@ def pair_styles(labels: list[str]) -> dict[str, tuple[int, str]]:
     return styles
 
 
-def plot_validation(curves: list[tuple[str, list[list[dict]]]], path, metric: str = DEFAULT_METRIC,
-                    title: str = "", band: bool = True, figsize=(8, 5), dpi: int = 100) -> list[str]:
-    """Write a PNG of the metric (in %) over rounds: per label, the mean over its seeds (and a light
-    min..max band over seeds). Returns the labels drawn; labels with no common round are left out."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+PALETTE = [f"C{i}" for i in range(10)]
+PANEL_SIZE = (4.6, 3.4)   # inches per panel of a multi-panel figure
 
-    metric = full_metric(metric)
+
+def split_panels(labels: list[str], panel_of: dict[str, str] | None) -> list[tuple[str, list[str]]]:
+    """[(panel title, labels in it)]: one untitled panel holding every label, unless one panel would
+    repeat colours (more colours by `pair_styles` than PALETTE has) and `panel_of` (label -> panel
+    name, e.g. the backbone) spreads the labels over several panels; then one panel per name, in
+    first-seen order."""
+    colours = {colour for colour, _ in pair_styles(labels).values()}
+    names = list(dict.fromkeys(panel_of[label] for label in labels)) if panel_of else []
+    if len(colours) <= len(PALETTE) or len(names) < 2:
+        return [("", list(labels))]
+    return [(name, [label for label in labels if panel_of[label] == name]) for name in names]
+
+
+def _draw_curves(axes, curves, metric: str, band: bool) -> list[str]:
+    """Mean line (and min..max band) per label on one axes, colours by `pair_styles`; the labels drawn."""
     styles = pair_styles([label for label, _ in curves])
-    figure = Figure(figsize=figsize, dpi=dpi)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    palette = [f"C{i}" for i in range(10)]
     drawn = []
     for label, rows_per_seed in curves:
         rounds, mean, low, high = mean_series(rows_per_seed, metric)
         if not rounds:
             continue
         colour_index, style = styles[label]
-        colour = palette[colour_index % len(palette)]
+        colour = PALETTE[colour_index % len(PALETTE)]
         axes.plot(rounds, [100 * v for v in mean], style, color=colour, linewidth=1.6, label=label,
                   marker="o" if len(rounds) == 1 else None)
         if band and len(rows_per_seed) > 1:
             axes.fill_between(rounds, [100 * v for v in low], [100 * v for v in high], color=colour,
                               alpha=0.12, linewidth=0)
         drawn.append(label)
+    return drawn
+
+
+def plot_validation(curves: list[tuple[str, list[list[dict]]]], path, metric: str = DEFAULT_METRIC,
+                    title: str = "", band: bool = True, figsize=(8, 5), dpi: int = 100,
+                    panel_of: dict[str, str] | None = None) -> list[str]:
+    """Write a PNG of the metric (in %) over rounds: per label, the mean over its seeds (and a light
+    min..max band over seeds). With many labels, one panel per `panel_of` name (`split_panels`),
+    each with its own colours and y range. Returns the labels drawn; labels with no common round
+    are left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = full_metric(metric)
     name = metric_label(metric)
-    axes.set_xlabel("round")
-    axes.set_ylabel(f"validation {name} (%)")
-    axes.set_title(title or f"validation {name} over rounds", fontsize=11)
-    axes.grid(True, alpha=0.3)
-    if drawn:
-        axes.legend(fontsize=8, loc="best")
+    panels = split_panels([label for label, _ in curves], panel_of)
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    if len(panels) > 1:
+        figsize = (PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + 0.4)
+    figure = Figure(figsize=figsize, dpi=dpi)
+    FigureCanvasAgg(figure)
+    by_label = dict(curves)
+    drawn = set()
+    for index, (panel, labels) in enumerate(panels):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        panel_drawn = _draw_curves(axes, [(label, by_label[label]) for label in labels], metric, band)
+        drawn.update(panel_drawn)
+        axes.set_xlabel("round")
+        axes.set_ylabel(f"validation {name} (%)")
+        axes.grid(True, alpha=0.3)
+        if panel:
+            axes.set_title(panel, fontsize=10)
+        if panel_drawn:
+            axes.legend(fontsize=8 if len(panels) == 1 else 7, loc="best")
+    heading = title or f"validation {name} over rounds"
+    if len(panels) == 1:
+        figure.axes[0].set_title(heading, fontsize=11)
+    else:
+        figure.suptitle(heading, fontsize=11)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=dpi)
-    return drawn
+    return [label for label, _ in curves if label in drawn]
 
 
 def protocol_paths(path: Path, protocols: list[str]) -> dict[str, Path]:

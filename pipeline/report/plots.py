@@ -113,7 +113,8 @@ def plot_validation(curves: list[tuple[str, list[list[dict]]]], path, metric: st
                     panel_of: dict[str, str] | None = None) -> list[str]:
     """Write a PNG of the metric (in %) over rounds: per label, the mean over its seeds (and a light
     min..max band over seeds). With many labels, one panel per `panel_of` name (`split_panels`),
-    each with its own colours and y range. Returns the labels drawn; labels with no common round
+    each with its own colours and y range, PANEL_SIZE inches each (`figsize` is the one-panel
+    size). Returns the labels drawn; labels with no common round
     are left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

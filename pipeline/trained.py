@@ -80,9 +80,8 @@ class TrainedRun:
         data, negatives = _prepared(config, data_cache)
         summary_file = run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
-        if summary and summary["dataset"]["fingerprint"] != data.fingerprint():
-            raise RunError(f"{run_dir} was trained on another preparation of {data.name!r} (fingerprint "
-                           f"{summary['dataset']['fingerprint']}, now {data.fingerprint()})")
+        if summary and (why := data.mismatch(summary["dataset"])):
+            raise RunError(f"{run_dir} was trained on {why}")
         manifest = json.loads((folder / "manifest.json").read_text())
         state = torch.load(folder / "global.pt", weights_only=False)
         pools = [torch.load(folder / f"pool-{i}.pt", weights_only=False) for i in range(manifest["pools"])]
@@ -99,8 +98,8 @@ class TrainedRun:
         card = json.loads((export_dir / MODEL_CARD).read_text())
         config = ExperimentConfig.model_validate(card["config"])
         data, negatives = _prepared(config, data_cache)
-        if card["dataset"]["fingerprint"] != data.fingerprint():
-            raise RunError(f"{export_dir} was trained on another preparation of {data.name!r}")
+        if why := data.mismatch(card["dataset"]):
+            raise RunError(f"{export_dir} was trained on {why}")
         tensors = load_file(export_dir / EXPORT_TENSORS)
         globals_ = {name[len("globals/"):]: t for name, t in tensors.items() if name.startswith("globals/")}
         pools = [_unflatten({k: v for k, v in tensors.items() if k.startswith(f"pool{i}/")}, f"pool{i}/",
@@ -148,8 +147,7 @@ class TrainedRun:
 
         selection = self.summary.get("selection", {})
         return {"method": config_label(self.config), "backbone": self.config.model.backbone,
-                "dataset": {"name": self.data.name, "users": self.data.n_users, "items": self.data.n_items,
-                            "fingerprint": self.data.fingerprint()},
+                "dataset": self.data.identity(),
                 "encoder": _encoder(self.config), "round": self.round,
                 "metrics_at_best_round": {"round": selection.get("best_round"), "valid": selection.get("valid"),
                                           "test": selection.get("test")},

@@ -83,6 +83,11 @@ def test_pools_on_two_nodes_match_the_reference(two_node_cluster, tmp_path):
     history, summary, info = run_server(config, tmp_path / "data", rounds=3)
     assert len({pool["node"] for pool in info}) == 2, info  # pools really span both nodes
     assert summary["recoveries"] == 0
+    # the summary names what the pools ran on (one machine here: both nodes are this host)
+    from pipeline.federated.machine import describe
+
+    assert summary["machines"] == [{**describe(), "torch_threads": 1}]   # pools: 1 CPU, one torch thread
+    assert summary["machines"][0]["cpu_capability"] and summary["machines"][0]["torch"]
     reference = reference_history(config, 3)
     for got, want in zip(valid_metrics(history), reference):
         assert got == pytest.approx(want, abs=1e-9)

@@ -150,3 +150,24 @@ def test_string_ids_remap_in_ascending_order():
     data = prepare(raw_from(user, item, range(6)), PrepareConfig(min_user=0, min_item=0))
     assert data.user_ids.tolist() == ["a", "b"] and data.item_ids.tolist() == ["x", "y", "z"]
     assert data.test_item.tolist() == [0, 2]
+
+
+def test_identity_names_the_split_and_the_features():
+    user, item = [0, 0, 0, 1, 1, 1], [30, 10, 20, 30, 10, 20]
+    features = Features(np.array([10, 20, 30]), {"text": np.array([[3, 4], [0, 2], [1, 0]], dtype=np.float32)})
+    config = PrepareConfig(min_user=0, min_item=0)
+    data = prepare(raw_from(user, item, range(6), features=features), config)
+    identity = data.identity()
+    assert identity == {"name": data.name, "users": 2, "items": 3, "fingerprint": data.fingerprint(),
+                        "features": data.features_fingerprint()}
+    assert data.mismatch(identity) is None
+    # the same split with features changed in one value: same split fingerprint, other features
+    other = prepare(raw_from(user, item, range(6), features=Features(
+        np.array([10, 20, 30]), {"text": np.array([[3, 4], [0, 2], [1, 0.001]], dtype=np.float32)})), config)
+    assert other.fingerprint() == data.fingerprint() and other.features_fingerprint() != data.features_fingerprint()
+    assert "other item features" in other.mismatch(identity)
+    bare = prepare(raw_from(user, item, range(6)), config)
+    assert bare.features_fingerprint() is None and "other item features" in bare.mismatch(identity)
+    # another split is named first; a block without features (older runs) is checked on the split
+    assert "another preparation" in prepare(raw_from(user, item[::-1], range(6)), config).mismatch(identity)
+    assert other.mismatch({k: v for k, v in identity.items() if k != "features"}) is None

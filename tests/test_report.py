@@ -155,8 +155,19 @@ def test_stale_run_is_refused(first_run, workspace, monkeypatch):
     summary["dataset"]["fingerprint"] = "0000000000000000"
     (copy / "summary.json").write_text(json.dumps(summary))
     moved = plan_runs(expand_configs(config), seeds=[0], runs_dir=workspace / "runs/stale")
-    with pytest.raises(StaleRunError, match="fingerprint"):
+    with pytest.raises(StaleRunError, match="another preparation"):
         run_state(moved[0])
+    # ... and so is one made with other item features (the split the same: another feature store)
+    made = json.loads((specs[0].run_dir / "summary.json").read_text())
+    assert "features" in made["dataset"]
+    summary["dataset"] = {**made["dataset"], "features": "ffffffffffffffff"}
+    (copy / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(StaleRunError, match="other item features"):
+        run_state(moved[0])
+    # a summary from before the features fingerprint is checked on the split alone
+    summary["dataset"] = {k: v for k, v in made["dataset"].items() if k != "features"}
+    (copy / "summary.json").write_text(json.dumps(summary))
+    assert run_state(moved[0]) == "done"
 
 
 def test_plan_protocol_suffix_and_controlled_keys(tmp_path):

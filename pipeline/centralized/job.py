@@ -199,8 +199,7 @@ def train_centralized(config: ExperimentConfig, *, resume: bool = False, address
     summary = {
         "config": json.loads(config.model_dump_json()),
         "mode": "centralized",
-        "dataset": {"name": data.name, "users": data.n_users, "items": data.n_items,
-                    "fingerprint": data.fingerprint()},
+        "dataset": data.identity(),
         "selection": selection.report(),
         "rounds_run": len(history),  # epochs: named as in the federated summary, which tables read
         "epochs_run": len(history),

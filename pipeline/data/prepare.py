@@ -82,6 +82,36 @@ class PreparedDataset:
             digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
         return digest.hexdigest()[:16]
 
+    def features_fingerprint(self) -> str | None:
+        """Content hash of the item features (modality names, shapes and float32 values), None
+        without features: two feature stores of one catalogue (another encoder, another
+        preparation) differ here while the split's fingerprint stays the same."""
+        if not self.features:
+            return None
+        digest = hashlib.sha256()
+        for modality in sorted(self.features):
+            array = np.ascontiguousarray(self.features[modality], dtype=np.float32)
+            digest.update(f"{modality}:{array.shape}".encode())
+            digest.update(array.tobytes())
+        return digest.hexdigest()[:16]
+
+    def identity(self) -> dict:
+        """The `dataset` block of run summaries and model cards: name, sizes, the split's and the
+        features' fingerprints."""
+        return {"name": self.name, "users": self.n_users, "items": self.n_items,
+                "fingerprint": self.fingerprint(), "features": self.features_fingerprint()}
+
+    def mismatch(self, identity: dict) -> str | None:
+        """Why a run described by `identity` (an `identity()` block) was not made on this data, or
+        None. Blocks written before the features fingerprint existed are checked on the split only."""
+        if identity.get("fingerprint") != self.fingerprint():
+            return (f"another preparation of {self.name!r} (fingerprint {identity.get('fingerprint')}, now "
+                    f"{self.fingerprint()}: the data or the preparation protocol changed)")
+        if "features" in identity and identity["features"] != self.features_fingerprint():
+            return (f"other item features for {self.name!r} (features fingerprint {identity['features']}, now "
+                    f"{self.features_fingerprint()}: the feature store was encoded differently)")
+        return None
+
 
 def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDataset:
     """Apply the whole protocol to a loaded dataset."""

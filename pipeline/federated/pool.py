@@ -15,6 +15,7 @@ import ray
 import torch
 
 from pipeline.config import ExperimentConfig
+from pipeline.federated.machine import describe
 
 
 class StaleState(RuntimeError):
@@ -93,4 +94,4 @@ class ClientPool:
 
     def info(self) -> dict:
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "device": self.device,
-                "users": len(self.shard.users), "state_round": self.state_round}
+                "users": len(self.shard.users), "state_round": self.state_round, "machine": describe(self.device)}

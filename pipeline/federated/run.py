@@ -102,8 +102,7 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
 
     summary = {
         "config": json.loads(config.model_dump_json()),
-        "dataset": {"name": data.name, "users": data.n_users, "items": data.n_items,
-                    "fingerprint": data.fingerprint()},
+        "dataset": data.identity(),
         **ray.get(server.summary.remote()),
         "seconds_total": round(time.perf_counter() - started, 3),
         "seconds_per_round_mean": (sum(m["time/round_seconds"] for m in history) / len(history)) if history else None,

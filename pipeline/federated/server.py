@@ -284,7 +284,15 @@ class Server:
             privacy = privacy_report(privacy, self.config.train.participation, len(self.history))
         return {"selection": self.selection.report(), "rounds_run": len(self.history), "privacy": privacy,
                 "recoveries": self.recoveries, "damaged_checkpoints": self.damaged_checkpoints, "pools": len(self.pools),
-                "users_per_pool": [len(s) for s in self.shards]}
+                "users_per_pool": [len(s) for s in self.shards], "machines": self.machines()}
+
+    def machines(self) -> list[dict]:
+        """The distinct machines (CPU model, kernels, threads, versions) the pools trained on."""
+        found = []
+        for info in self.pool_info():
+            if info["machine"] not in found:
+                found.append(info["machine"])
+        return found
 
     def pool_info(self) -> list[dict]:
         return ray.get([pool.info.remote() for pool in self.pools])

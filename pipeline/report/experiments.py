@@ -12,8 +12,8 @@ Resumable: a run whose summary.json exists (from the same config, runtime settin
 skipped; with a records folder (pipeline/report/records.py), a run not finished on disk but
 recorded there is read from its record; a run with checkpoints but no summary is resumed from its
 last checkpoint; `force` deletes the run directory and starts over (a record is then ignored and
-rewritten). A run whose files or record come from a different config is refused rather than
-silently reused or overwritten.
+rewritten). A run whose files or record come from a different config, data preparation or item
+features is refused rather than silently reused or overwritten.
 """
 
 from __future__ import annotations
@@ -138,37 +138,35 @@ def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str
     return specs
 
 
-_FINGERPRINTS: dict[tuple[str, str], str] = {}
+_PREPARED: dict[tuple[str, str], object] = {}
 
 
-def current_fingerprint(config: ExperimentConfig) -> str:
-    """Fingerprint of the prepared split a run of `config` would use now (the train job's cache)."""
+def current_data(config: ExperimentConfig):
+    """The prepared data a run of `config` would use now (the train job's cache), kept per
+    (working folder, data config) for the identity checks."""
     import os
 
     from pipeline.data.datasets import open_dataset
     from pipeline.federated.run import DATA_CACHE
 
     key = (os.getcwd(), config.data.model_dump_json())
-    if key not in _FINGERPRINTS:
-        data, _ = open_dataset(config.data, cache=DATA_CACHE)
-        _FINGERPRINTS[key] = data.fingerprint()
-    return _FINGERPRINTS[key]
+    if key not in _PREPARED:
+        _PREPARED[key], _ = open_dataset(config.data, cache=DATA_CACHE)
+    return _PREPARED[key]
 
 
 def check_summary(spec: RunSpec, summary: dict, where: Path) -> None:
     """StaleRunError unless `summary` (read from `where`) was made by spec's config, runtime
-    settings aside, on the current preparation of its data."""
+    settings aside, on the current preparation of its data and its current item features
+    (PreparedDataset.mismatch)."""
     planned = _comparable(json.loads(spec.config.model_dump_json()), spec.centralized)
     found = _comparable(summary.get("config", {}), spec.centralized)
     if found != planned:
         raise StaleRunError(f"{where} was made by a different config "
                             f"({_diff(found, planned)}); pass --force to re-run it")
-    made_on = summary.get("dataset", {}).get("fingerprint")
-    now = current_fingerprint(spec.config)
-    if made_on != now:
-        raise StaleRunError(f"{where} was made on another preparation of {spec.config.data.name!r} "
-                            f"(fingerprint {made_on}, now {now}: the data or the preparation protocol changed); "
-                            f"pass --force to re-run it")
+    why = current_data(spec.config).mismatch(summary.get("dataset", {}))
+    if why:
+        raise StaleRunError(f"{where} was made on {why}; pass --force to re-run it")
 
 
 def run_state(spec: RunSpec) -> str:

@@ -10,7 +10,8 @@ reads the record instead of training (or resuming) it: a table can be completed 
 and machines, one seed here, another there, and rebuilt from the records alone.
 
 A record is checked like a summary.json on disk: made by the same config (runtime settings aside)
-on the same preparation of the data (fingerprint), else it is refused (StaleRunError).
+on the same preparation of the data and the same item features (fingerprints; records from before
+the features fingerprint are checked on the split), else it is refused (StaleRunError).
 """
 
 from __future__ import annotations

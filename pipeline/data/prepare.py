@@ -102,15 +102,21 @@ class PreparedDataset:
                 "fingerprint": self.fingerprint(), "features": self.features_fingerprint()}
 
     def mismatch(self, identity: dict) -> str | None:
-        """Why a run described by `identity` (an `identity()` block) was not made on this data, or
-        None. Blocks written before the features fingerprint existed are checked on the split only."""
-        if identity.get("fingerprint") != self.fingerprint():
-            return (f"another preparation of {self.name!r} (fingerprint {identity.get('fingerprint')}, now "
-                    f"{self.fingerprint()}: the data or the preparation protocol changed)")
-        if "features" in identity and identity["features"] != self.features_fingerprint():
-            return (f"other item features for {self.name!r} (features fingerprint {identity['features']}, now "
-                    f"{self.features_fingerprint()}: the feature store was encoded differently)")
-        return None
+        """Why a run described by `identity` (an `identity()` block) was not made on this data, or None."""
+        return identity_mismatch(identity, self.identity())
+
+
+def identity_mismatch(made: dict, now: dict) -> str | None:
+    """Why a run whose `dataset` block is `made` was not made on the data described by `now` (both
+    PreparedDataset.identity() blocks), or None. Blocks written before the features fingerprint
+    existed are checked on the split only."""
+    if made.get("fingerprint") != now["fingerprint"]:
+        return (f"another preparation of {now['name']!r} (fingerprint {made.get('fingerprint')}, now "
+                f"{now['fingerprint']}: the data or the preparation protocol changed)")
+    if "features" in made and made["features"] != now["features"]:
+        return (f"other item features for {now['name']!r} (features fingerprint {made['features']}, now "
+                f"{now['features']}: the feature store was encoded differently)")
+    return None
 
 
 def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDataset:

@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ExperimentConfig, load_config
+from pipeline.data.prepare import identity_mismatch
 from pipeline.report import records
 
 DEFAULT_RUNS_DIR = Path("runs/experiments")
@@ -138,33 +139,34 @@ def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str
     return specs
 
 
-_PREPARED: dict[tuple[str, str], object] = {}
+_IDENTITIES: dict[tuple[str, str], dict] = {}
 
 
-def current_data(config: ExperimentConfig):
-    """The prepared data a run of `config` would use now (the train job's cache), kept per
-    (working folder, data config) for the identity checks."""
+def current_identity(config: ExperimentConfig) -> dict:
+    """PreparedDataset.identity() of the data a run of `config` would use now (the train job's
+    cache), computed once per (working folder, data config)."""
     import os
 
     from pipeline.data.datasets import open_dataset
     from pipeline.federated.run import DATA_CACHE
 
     key = (os.getcwd(), config.data.model_dump_json())
-    if key not in _PREPARED:
-        _PREPARED[key], _ = open_dataset(config.data, cache=DATA_CACHE)
-    return _PREPARED[key]
+    if key not in _IDENTITIES:
+        data, _ = open_dataset(config.data, cache=DATA_CACHE)
+        _IDENTITIES[key] = data.identity()
+    return _IDENTITIES[key]
 
 
 def check_summary(spec: RunSpec, summary: dict, where: Path) -> None:
     """StaleRunError unless `summary` (read from `where`) was made by spec's config, runtime
     settings aside, on the current preparation of its data and its current item features
-    (PreparedDataset.mismatch)."""
+    (pipeline.data.prepare.identity_mismatch)."""
     planned = _comparable(json.loads(spec.config.model_dump_json()), spec.centralized)
     found = _comparable(summary.get("config", {}), spec.centralized)
     if found != planned:
         raise StaleRunError(f"{where} was made by a different config "
                             f"({_diff(found, planned)}); pass --force to re-run it")
-    why = current_data(spec.config).mismatch(summary.get("dataset", {}))
+    why = identity_mismatch(summary.get("dataset", {}), current_identity(spec.config))
     if why:
         raise StaleRunError(f"{where} was made on {why}; pass --force to re-run it")
 

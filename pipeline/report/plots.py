@@ -227,7 +227,7 @@ def plot_costs(curves: list[tuple[str, list[list[dict]]]], path, title: str = ""
             if not rounds:
                 continue
             colour, style = styles[name]
-            axes.plot(rounds, [scale * v for v in mean], style, color=f"C{colour % 10}", linewidth=1.4, label=name,
+            axes.plot(rounds, [scale * v for v in mean], style, color=PALETTE[colour % len(PALETTE)], linewidth=1.4, label=name,
                       marker="o" if len(rounds) == 1 else None)
             drawn.add(name)
         axes.set_xlabel("round")

@@ -10,7 +10,7 @@ encoders' MovieLens store by default: MiniLM text 384-d, EfficientNet-Lite0 post
 the oracle then trains on the CPU. Its FLOP count is the GEMM FLOPs of the module's Linear
 layers in their dense form (fusion_gemm_flops), per fused row and per router row as counted in
 the engine's steps; the torch.bmm FLOPs the engine actually ran (fewer: frozen-feature
-projections may run in the working-set span form) are printed beside them.
+projections may run as Gram-row products, client.FeatureSpan) are printed beside them.
 
 For each backbone (PFedRec, FedRAP; P1 preset: protocol p1, neg_ratio 4, 5 local epochs, the
 pipeline/config.py defaults otherwise) both sides start from the same seeded initial model and

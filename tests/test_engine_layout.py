@@ -1,6 +1,6 @@
 """What makes the engine fast must not change its numbers: client blocks, the shuffle's sort
 on a torch device, merged (not re-sorted) personal rows, per-round segments of PFedRec's
-trained copies, and the device a pool trains on."""
+trained copies, the device a pool trains on, the dropout multipliers and the feature spans."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.federated.pool import training_device
-from pipeline.federated.sampling import _shuffle_order, client_data, epoch_rows
+from pipeline.federated.sampling import _shuffle_order, client_data, dropout_keep, dropout_scale, epoch_rows
 from pipeline.federated.state import PersonalStore, SparseRows
 from pipeline.models import model_for
 from pipeline.models.base import InitialState
@@ -167,3 +167,81 @@ def test_pfedrec_global_eval_table_keeps_no_copies(data):
     dropped, _ = run_engine(make_config("pfedrec", "model.pfedrec_eval_table=global"), data, 2, n_shards=2)
     assert sum(s.store.copy_rows_stored() for s in kept) > 0
     assert sum(s.store.copy_rows_stored() for s in dropped) == 0
+
+
+@pytest.mark.parametrize("rows, units, p", [(0, 4, 0.1), (1, 1, 0.5), (3000, 64, 0.1), (700, 50000, 0.3), (9, 7, 0.9)])
+def test_dropout_multipliers_are_the_keep_mask(rows, units, p):
+    """dropout_scale (chunked, in place) gives exactly dropout_keep's mask times 1 / (1 - p), as
+    the engine used to apply it (a float tensor times the Python scalar), in float32 and
+    float64, across chunk boundaries (the [N, units] shapes span one to many chunks)."""
+    rng = np.random.default_rng(rows + units)
+    users, items = rng.integers(0, 2 ** 40, rows), rng.integers(0, 10 ** 6, rows)
+    keep = dropout_keep(7, 3, 2, 1, 5, users, items, units, p)
+    assert rows * units < 100 or 0 < keep.mean() < 1  # (tiny shapes may keep all)
+    for np_dtype, torch_dtype in ((np.float32, torch.float32), (np.float64, torch.float64)):
+        scale = dropout_scale(7, 3, 2, 1, 5, users, items, units, p, dtype=np_dtype)
+        assert scale.dtype == np_dtype and scale.shape == (rows, units)
+        expected = torch.from_numpy(keep).to(torch_dtype).mul_(1.0 / (1.0 - p))
+        assert torch.equal(torch.from_numpy(scale), expected)
+
+
+def test_feature_span_is_the_per_client_weight(monkeypatch):
+    """_SpanLinear (Gram rows times the scattered span table) gives every row its client's
+    X[item] (A_c^T X_c)^T, in buckets of several widths and in chunks of one or many clients."""
+    from pipeline.federated import client as client_module
+    from pipeline.federated.client import FeatureSpan, FusionInputs, PaddedRows, _SpanLinear
+
+    rng = np.random.default_rng(0)
+    n_items, d, out, n_clients = 40, 6, 3, 7
+    features = torch.as_tensor(rng.normal(size=(n_items, d)))
+    sizes = [1, 3, 12, 5, 30, 0, 9]  # working-set rows per client (distinct items each)
+    ws_client = np.repeat(np.arange(n_clients), sizes)
+    ws_item = np.concatenate([np.sort(rng.choice(n_items, s, replace=False)) for s in sizes])
+    table = torch.as_tensor(rng.normal(size=(len(ws_item), out)))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    fusion = FusionInputs(features={"x": features}, ws_client=ws_client, ws_item=ws_item,
+                          users=np.arange(n_clients), seed=0, dropout=0.0, n_clients=n_clients)
+    span = FeatureSpan(modality="x", weight="w", table="a", base=torch.zeros(len(ws_item), out),
+                       gram=features @ features.T, offsets=offsets)
+    step_rows = np.sort(rng.choice(len(ws_item), 40, replace=False))  # some rows of some clients
+    ctx = PaddedRows({}, fusion, ws_client[step_rows], step_rows, native=True)
+    assert len({width for *_, width in ctx.layout.buckets}) > 2
+    expected = torch.stack([
+        features[ws_item[r]] @ (table[offsets[c]:offsets[c + 1]].T @ features[ws_item[offsets[c]:offsets[c + 1]]]).T
+        for r, c in zip(ctx._ws, ctx._client)])
+    for chunk in (1 << 22, 1):  # all of a bucket's clients at once; one client per bmm
+        monkeypatch.setattr(client_module, "_SPAN_CHUNK", chunk)
+        got = _SpanLinear.apply(table, ctx, span)
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+def test_padded_affine_is_the_broadcast_formula(with_weight):
+    """PaddedLayout.affine (per bucket, no broadcast copies) = x * weight[client] + bias[client]
+    on every row, and the same gradients for x, weight and bias (the loss reads real rows only,
+    as in training, so padding rows get zero gradient)."""
+    from pipeline.federated.grouped import PaddedLayout
+
+    rng = np.random.default_rng(1)
+    n_clients, d = 6, 5
+    client = rng.permutation(np.repeat(np.arange(n_clients), [1, 4, 0, 9, 2, 17]))
+    layout = PaddedLayout(client, n_clients)
+    assert len(layout.buckets) > 2 and layout.n_rows > len(client)
+    x = torch.as_tensor(rng.normal(size=(layout.n_rows, d)), dtype=torch.float64)
+    weight = torch.as_tensor(rng.normal(size=(n_clients, d)), dtype=torch.float64) if with_weight else None
+    bias = torch.as_tensor(rng.normal(size=(n_clients, d)), dtype=torch.float64)
+    row_client = torch.as_tensor(layout.row_client)
+    real = torch.as_tensor(layout.real)
+    target = torch.as_tensor(rng.normal(size=(layout.n_rows, d)), dtype=torch.float64)
+
+    def run(affine):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias) if t is not None]
+        out = affine(*([leaves[0], leaves[1] if with_weight else None, leaves[-1]]))
+        (((out - target) ** 2).sum(1) * real).sum().backward()
+        return out.detach(), [leaf.grad for leaf in leaves]
+
+    out, grads = run(layout.affine)
+    expected_out, expected_grads = run(lambda xs, w, b: (xs if w is None else xs * w[row_client]) + b[row_client])
+    assert torch.allclose(out, expected_out, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, expected_grads):
+        assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)

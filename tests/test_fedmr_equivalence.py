@@ -9,6 +9,7 @@ partial participation, early stopping, dropout (counter-based masks shared with 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def feature_spans(monkeypatch):
     need the per-client weight copies set SPAN_MAX_ITEMS = 0."""
     import pipeline.federated.shard as shard_module
 
-    monkeypatch.setattr(shard_module, "SPAN_WIDTH_FACTOR", 0.0)
+    monkeypatch.setattr(shard_module, "SPAN_ITEMS_PER_WIDTH", math.inf)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.federated.grouped import PaddedLayout, gather_rows, grouped_linear
-from pipeline.federated.sampling import EpochRows, dropout_keep
+from pipeline.federated.grouped import PaddedLayout, gather_rows, grouped_linear, row_sparse
+from pipeline.federated.sampling import EpochRows, dropout_scale
 from pipeline.models.group_fusion import kd_per_row, update_ratio_ema
 
 
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}  # dropout multipliers are made in numpy
 _BITMAP_KEYS = 1 << 28  # WorkingSet.of dedupes (client, item) keys with a bitmap up to this key space ...
 _RANK_KEYS = 1 << 25  # ... and keeps the bitmap's int32 ranks (a gather for locate) up to this one
 
@@ -215,7 +216,7 @@ class StepRows:
     def table(self, name: str) -> torch.Tensor:
         if self.ws is None:  # the tables hold the step's rows already
             return self.params[name]
-        return self.params[name].index_select(0, self.ws)  # (index_select: a far faster gather than [])
+        return gather_rows(self.params[name], self.ws, sparse_grad=True)
 
     def vector(self, name: str) -> torch.Tensor:
         return self.params[name].index_select(0, self.client)
@@ -278,12 +279,19 @@ class PaddedRows:
         self.client, self.ws = torch.as_tensor(client), torch.as_tensor(ws)
 
     def table(self, name: str) -> torch.Tensor:
-        return gather_rows(self.params[name], self.ws)
+        return gather_rows(self.params[name], self.ws, sparse_grad=True)
 
     def vector(self, name: str) -> torch.Tensor:
         if self._moves is None:  # rows in the layout: a broadcast per bucket
             return self.layout.broadcast(self.params[name])
         return gather_rows(self.params[name], self.client)
+
+    def affine(self, x: torch.Tensor, weight: str | None, bias: str) -> torch.Tensor:
+        """x [R, d] * vector(weight) + vector(bias) (weight None: + vector(bias) alone)."""
+        if self._moves is None:  # rows in the layout: per bucket, no [R, d] copies of the vectors
+            return self.layout.affine(x, None if weight is None else self.params[weight], self.params[bias])
+        out = x if weight is None else x * self.vector(weight)
+        return out + self.vector(bias)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         weight, bias = self.params[f"{name}.weight"], self.params[f"{name}.bias"]
@@ -302,7 +310,7 @@ class PaddedRows:
         if self._moves is not None:
             raise ValueError("a FeatureSpan needs the native padded layout")
         moved = _SpanLinear.apply(self.params[span.table], self, span)
-        return span.base.index_select(0, self.ws) + moved + self.vector(f"{name}.bias")
+        return self.affine(moved.add_(span.base.index_select(0, self.ws)), None, f"{name}.bias")
 
     def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
         """Inverted dropout on x [R, ...] with masks keyed by (key, user, item, site, unit)."""
@@ -310,9 +318,9 @@ class PaddedRows:
         if p == 0:
             return x
         flat = x.reshape(len(x), -1)
-        keep = dropout_keep(*self.fusion.key, site, self.fusion.users[self._client], self.fusion.ws_item[self._ws],
-                            flat.shape[1], p)
-        return (flat * torch.from_numpy(keep).to(x.dtype).mul_(1.0 / (1.0 - p))).view_as(x)
+        scale = dropout_scale(*self.fusion.key, site, self.fusion.users[self._client], self.fusion.ws_item[self._ws],
+                              flat.shape[1], p, dtype=_NUMPY_DTYPE[x.dtype])
+        return (flat * torch.from_numpy(scale)).view_as(x)
 
     def subset(self, index: torch.Tensor) -> "PaddedRows":
         """The rows `index` of this context, in that order."""
@@ -320,36 +328,41 @@ class PaddedRows:
         return PaddedRows(self.params, self.fusion, self._client[index], self._ws[index], native=False)
 
 
-_SPAN_CHUNK = 1 << 24  # K entries gathered at once (clients of a bucket are taken in chunks)
+_SPAN_CHUNK = 1 << 22  # Gram entries gathered at once (clients of a bucket are taken in chunks)
 
 
 class _SpanLinear(torch.autograd.Function):
-    """out_i = sum_{r in ws(c)} K[i, r] A[r] for the rows i of a native PaddedRows, one bmm per
-    (chunk of a) bucket. Its backward returns, for A, the output gradient g_i scattered to the
-    rows' own working-set positions: then `A -= lr * grad` is exactly SGD on W_c (see
-    FeatureSpan); it is not the gradient of A."""
+    """out_i = sum_{r in ws(c)} K[i, r] A[r] for the rows i of a native PaddedRows.
+
+    A client's working-set items are distinct, so the sum is K[item_i, :] @ S_c with S_c [I, out]
+    holding A_c's rows at their items and zeros elsewhere: per (chunk of a) bucket, a gather of
+    whole Gram rows and one bmm [g, width, I] @ [g, I, out]; no per-entry gathers (2 I out
+    multiply-adds per row, against 4 d out for a per-client weight: see Shard._spans).
+    Its backward returns, for A, the output gradient g_i at the rows' own working-set positions (a
+    sparse tensor): then `A -= lr * grad` is exactly SGD on W_c (see FeatureSpan); it
+    is not the gradient of A."""
 
     @staticmethod
     def forward(ctx, table, rows: "PaddedRows", span: FeatureSpan):
-        out = table.new_empty(rows.layout.n_rows, table.shape[1])
+        n_items, width_out = span.gram.shape[1], table.shape[1]
+        out = table.new_empty(rows.layout.n_rows, width_out)
         items = torch.as_tensor(rows.fusion.ws_item[rows._ws])
-        ws_items = torch.as_tensor(rows.fusion.ws_item)
-        n_items = span.gram.shape[1]
+        ws_item = rows.fusion.ws_item
+        chunks = []  # (offset, first client, clients, width) of every bmm
         for offset, c0, c1, width in rows.layout.buckets:
-            starts, counts = span.offsets[c0:c1], np.diff(span.offsets[c0:c1 + 1])
-            ws_width = max(int(counts.max()), 1)
-            step = max(1, _SPAN_CHUNK // (width * ws_width))
-            for a in range(0, c1 - c0, step):
-                b = min(a + step, c1 - c0)
-                cols = torch.as_tensor(starts[a:b, None] + np.arange(ws_width)[None, :])  # [g, ws_w]
-                valid = torch.as_tensor(np.arange(ws_width)[None, :] < counts[a:b, None])
-                cols = torch.where(valid, cols, 0)
-                coefficients = table.index_select(0, cols.view(-1)).view(b - a, ws_width, -1)
-                coefficients = coefficients * valid[:, :, None].to(table.dtype)  # [g, ws_w, out]
-                row_items = items[offset + a * width:offset + b * width].view(b - a, width)
-                flat = row_items[:, :, None] * n_items + ws_items[cols][:, None, :]
-                gram = span.gram.view(-1).index_select(0, flat.view(-1)).view(b - a, width, ws_width)
-                torch.bmm(gram, coefficients, out=out[offset + a * width:offset + b * width].view(b - a, width, -1))
+            step = max(1, _SPAN_CHUNK // ((width + width_out) * n_items))  # Gram rows and S of g clients
+            chunks += [(offset + a * width, c0 + a, min(step, c1 - c0 - a), width) for a in range(0, c1 - c0, step)]
+        # S of a chunk's clients, [g, I, out]: zero but for their A rows, which are zeroed again after use
+        scattered = table.new_zeros(max(g for _, _, g, _ in chunks) * n_items, width_out) if chunks else None
+        for offset, first, g, width in chunks:
+            w0, w1 = span.offsets[first], span.offsets[first + g]
+            owner = np.repeat(np.arange(g), np.diff(span.offsets[first:first + g + 1]))
+            at = torch.as_tensor(owner * n_items + ws_item[w0:w1])
+            scattered.index_copy_(0, at, table[w0:w1])
+            gram = span.gram.index_select(0, items[offset:offset + g * width]).view(g, width, n_items)
+            torch.bmm(gram, scattered[:g * n_items].view(g, n_items, width_out),
+                      out=out[offset:offset + g * width].view(g, width, width_out))
+            scattered.index_fill_(0, at, 0.0)
         ctx.save_for_backward(rows.ws)
         ctx.n = len(table)
         return out
@@ -357,8 +370,7 @@ class _SpanLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (ws,) = ctx.saved_tensors
-        grad = grad_out.new_zeros(ctx.n, grad_out.shape[1]).index_add_(0, ws, grad_out)
-        return grad, None, None
+        return row_sparse(ws, grad_out, ctx.n), None, None
 
 
 @dataclass
@@ -429,8 +441,9 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
     if len(bounds) <= 2:
         return _train_block(model, params, working_set, epochs, fusion=fusion, distil=distil, **one_block)
     ws_offsets = working_set.offsets(n_clients)
-    tables = {k: torch.empty_like(v) for k, v in params.tables.items()}
-    vectors = {k: torch.empty(v.shape, dtype=v.dtype, device=v.device) for k, v in params.vectors.items()}
+    # the trained parameters: every block trains in place on its slices of a copy of params
+    tables = {k: v.detach().clone() for k, v in params.tables.items()}
+    vectors = {k: v.detach().clone() for k, v in params.vectors.items()}
     rename = fusion.span_tables() if fusion is not None else {}
     everything = params.all()
     last_grads = {}  # per client ([B, ...]) or, for a span, per working-set row ([W, out])
@@ -446,16 +459,12 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
         block_ws = WorkingSet(client=working_set.client[w0:w1] - c0, item=working_set.item[w0:w1],
                               n_items=working_set.n_items, rank=rank)
         block_epochs = [_block_rows(rows, c0, c1) for rows in epochs]
-        block_params = ClientParams({k: v[w0:w1] for k, v in params.tables.items()},
-                                    {k: v[c0:c1] for k, v in params.vectors.items()})
+        block_params = ClientParams({k: v[w0:w1] for k, v in tables.items()},
+                                    {k: v[c0:c1] for k, v in vectors.items()})
         block_fusion = fusion.block(c0, c1, w0, w1) if fusion is not None else None
         block_distil = distil.block(c0, c1, w0, w1) if distil is not None else None
         result = _train_block(model, block_params, block_ws, block_epochs, fusion=block_fusion,
-                              distil=block_distil, **one_block)
-        for k in tables:
-            tables[k][w0:w1] = result.params.tables[k]
-        for k in vectors:
-            vectors[k][c0:c1] = result.params.vectors[k]
+                              distil=block_distil, in_place=True, **one_block)
         for k in last_grads:
             last_grads[k][slice(w0, w1) if k in tables else slice(c0, c1)] = result.last_grads[k]
         rows_done[c0:c1], epochs_run[c0:c1], loss[c0:c1] = result.rows, result.epochs, result.loss
@@ -548,9 +557,12 @@ def _fusion_step(model, current: dict[str, torch.Tensor], group: tuple[str, ...]
             if grad is None:
                 continue
             if name in last_grads:  # per client, or per working-set row of a span
+                grad = grad.to_dense()
                 at = np.isin(row_owner[name], present) if name in row_owner else present
                 last_grads[name][at] = grad[at]
-            leaf.sub_(grad, alpha=lrs[name])  # no temporary (the per-client fusion weights are large)
+            # no temporary (the per-client fusion weights are large); a table's gradient is
+            # sparse (StepRows/PaddedRows.table, _SpanLinear): only the step's rows are touched
+            leaf.sub_(grad, alpha=lrs[name])
     return losses.detach().numpy()[present]
 
 
@@ -564,8 +576,9 @@ def _block_rows(rows: EpochRows, c0: int, c1: int) -> EpochRows:
 def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows], *,
                  lrs: dict[str, float], tol: float, round_: int, model_config,
                  update: str = "joint", fusion: FusionInputs | None = None,
-                 distil: Distillation | None = None) -> LocalResult:
-    """train_clients on one block of clients (all of `params`).
+                 distil: Distillation | None = None, in_place: bool = False) -> LocalResult:
+    """train_clients on one block of clients (all of `params`; in_place: train those tensors
+    themselves, else copies).
 
     lrs: the lr of every parameter name this round (decay and item multipliers applied).
     update: 'joint' (one SGD step on everything per mini-batch) or 'two_step' (PFedRec:
@@ -578,7 +591,7 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
     span's rows of that mini-batch, keyed by the span's table name).
     """
     n_clients = len(next(iter(params.vectors.values())))
-    current = {name: tensor.detach().clone() for name, tensor in params.all().items()}
+    current = {name: tensor.detach() if in_place else tensor.detach().clone() for name, tensor in params.all().items()}
     device, dtype = next(iter(current.values())).device, next(iter(current.values())).dtype
     if fusion is not None and device.type != "cpu":
         raise NotImplementedError("a fusion module trains on the CPU only (runtime.device=cpu)")

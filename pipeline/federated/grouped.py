@@ -109,6 +109,11 @@ class PaddedLayout:
         """x [R', in] in this layout, weight [B, out, in], bias [B, out] -> [R', out]."""
         return _PaddedLinear.apply(x, weight, bias, self)
 
+    def affine(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+        """x [R', d] in this layout, weight and bias [B, d] (weight None: 1) -> x * weight + bias,
+        every row with its client's vectors: per bucket on views, never broadcast to [R', d]."""
+        return _Affine.apply(x, weight, bias, self)
+
     def broadcast(self, vector: torch.Tensor) -> torch.Tensor:
         """vector [B, ...] -> [R', ...]: every row gets its client's entry (by views; the
         backward is a sum over each client's rows, not a scatter)."""
@@ -152,6 +157,41 @@ class _PaddedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+class _Affine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, layout: PaddedLayout):
+        out = torch.empty_like(x)
+        for offset, c0, c1, width in layout.buckets:
+            span = slice(offset, offset + (c1 - c0) * width)
+            rows, target = x[span].view(c1 - c0, width, -1), out[span].view(c1 - c0, width, -1)
+            if weight is None:
+                torch.add(rows, bias[c0:c1].unsqueeze(1), out=target)
+            else:
+                torch.addcmul(bias[c0:c1].unsqueeze(1), rows, weight[c0:c1].unsqueeze(1), out=target)
+        ctx.layout, ctx.n = layout, len(bias)
+        ctx.has_weight = weight is not None
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = (torch.empty_like(grad) if ctx.has_weight else grad) if ctx.needs_input_grad[0] else None
+        grad_w = weight.new_empty(weight.shape) if ctx.has_weight and ctx.needs_input_grad[1] else None
+        grad_b = grad.new_empty(ctx.n, grad.shape[1]) if ctx.needs_input_grad[2] else None
+        for offset, c0, c1, width in ctx.layout.buckets:
+            span = slice(offset, offset + (c1 - c0) * width)
+            g = grad[span].view(c1 - c0, width, -1)
+            if grad_b is not None:  # padding rows carry zero gradient (no loss reads them)
+                torch.sum(g, 1, out=grad_b[c0:c1])
+            if grad_w is not None:
+                torch.sum(g * x[span].view(c1 - c0, width, -1), 1, out=grad_w[c0:c1])
+            if ctx.has_weight and grad_x is not None:
+                torch.mul(g, weight[c0:c1].unsqueeze(1), out=grad_x[span].view(c1 - c0, width, -1))
+        return grad_x, grad_w, grad_b, None
+
+
 class _Broadcast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vector, layout: PaddedLayout):
@@ -173,21 +213,31 @@ class _Broadcast(torch.autograd.Function):
 
 class _Gather(torch.autograd.Function):
     """source[index] whose backward is a segment sum (index_add_), faster than the
-    accumulating index_put of advanced indexing on CPU."""
+    accumulating index_put of advanced indexing on CPU; or, with sparse_grad, the rows' gradients
+    as a sparse tensor (no pass over the rows that were not read)."""
 
     @staticmethod
-    def forward(ctx, source, index):
+    def forward(ctx, source, index, sparse_grad):
         ctx.save_for_backward(index)
-        ctx.n = len(source)
+        ctx.n, ctx.sparse_grad = len(source), sparse_grad
         return source.index_select(0, index)
 
     @staticmethod
     def backward(ctx, grad):
         (index,) = ctx.saved_tensors
+        if ctx.sparse_grad:
+            return row_sparse(index, grad, ctx.n), None, None
         out = grad.new_zeros(ctx.n, *grad.shape[1:]).index_add_(0, index, grad)
-        return out, None
+        return out, None, None
 
 
-def gather_rows(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """source[index] along dim 0 (index: int64 [R])."""
-    return _Gather.apply(source, index)
+def gather_rows(source: torch.Tensor, index: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
+    """source[index] along dim 0 (index: int64 [R]). sparse_grad: source's gradient is a sparse
+    tensor of the R rows read (uncoalesced), for a large table of which a step reads few rows;
+    `table.sub_(grad, alpha=lr)` then touches only those rows (duplicates accumulate)."""
+    return _Gather.apply(source, index, sparse_grad)
+
+
+def row_sparse(index: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The [n, ...] sparse tensor that is zero except rows[r] added at row index[r] (index [R])."""
+    return torch.sparse_coo_tensor(index.unsqueeze(0), rows, (n, *rows.shape[1:]), check_invariants=False)

@@ -165,16 +165,57 @@ def _u32(values) -> np.ndarray:
     return (np.asarray(values, dtype=np.int64) & 0xFFFFFFFF).astype(np.uint32)
 
 
-def dropout_keep(seed: int, round_: int, epoch: int, step: int, site: int, users, items, units: int,
-                 p: float) -> np.ndarray:
-    """[N, units] bool keep-mask (True = kept, probability 1 - p) for N (user, item) rows at
-    dropout site `site` of mini-batch `step` of local epoch `epoch` of round `round_`.
-    users, items: [N] ints. The same (user, item) in the same step gets the same mask."""
+def _dropout_hashes(seed: int, round_: int, epoch: int, step: int, site: int, users, items,
+                    units: int) -> tuple[np.ndarray, np.ndarray]:
+    """([N] row hashes, [units] unit hashes) of dropout_keep's masks: bit (n, u) hashes row ^ unit."""
     with np.errstate(over="ignore"):
         head = _hash32(_u32([_DROPOUT_TAG ^ (seed & 0xFFFFFFFF)]))
         for part in (round_, epoch, step, site):
             head = _hash32(head ^ _u32([part]))
         row = _hash32(_hash32(head ^ _u32(users)) ^ _u32(items))
         unit = _hash32(_u32(np.arange(units) + 0x3C6EF372))
+    return row, unit
+
+
+def _dropout_threshold(p: float) -> np.uint32:
+    return np.uint32(min(int(round(p * 2 ** 32)), 2 ** 32 - 1))
+
+
+def dropout_keep(seed: int, round_: int, epoch: int, step: int, site: int, users, items, units: int,
+                 p: float) -> np.ndarray:
+    """[N, units] bool keep-mask (True = kept, probability 1 - p) for N (user, item) rows at
+    dropout site `site` of mini-batch `step` of local epoch `epoch` of round `round_`.
+    users, items: [N] ints. The same (user, item) in the same step gets the same mask."""
+    row, unit = _dropout_hashes(seed, round_, epoch, step, site, users, items, units)
+    with np.errstate(over="ignore"):
         bits = _hash32(row[:, None] ^ unit[None, :])
-    return bits >= np.uint32(min(int(round(p * 2 ** 32)), 2 ** 32 - 1))
+    return bits >= _dropout_threshold(p)
+
+
+_MASK_CHUNK = 1 << 15  # mask entries hashed at once by dropout_scale (its buffers stay in cache)
+
+
+def dropout_scale(seed: int, round_: int, epoch: int, step: int, site: int, users, items, units: int,
+                  p: float, dtype=np.float32) -> np.ndarray:
+    """[N, units] inverted-dropout multipliers of dropout_keep's mask: 1 / (1 - p) (rounded to
+    dtype) where kept, 0 where dropped. The same bits as dropout_keep, hashed in place in
+    cache-sized chunks rather than one pass per operation over [N, units] temporaries."""
+    row, unit = _dropout_hashes(seed, round_, epoch, step, site, users, items, units)
+    threshold, scale = _dropout_threshold(p), np.asarray(1.0 / (1.0 - p), dtype=dtype)
+    out = np.empty((len(row), units), dtype=dtype)
+    rows_per_chunk = max(1, _MASK_CHUNK // max(units, 1))
+    bits = np.empty((min(rows_per_chunk, len(row)), units), dtype=np.uint32)
+    shifted, keep = np.empty_like(bits), np.empty(bits.shape, dtype=bool)
+    for start in range(0, len(row), rows_per_chunk):
+        n = min(rows_per_chunk, len(row) - start)
+        x, t, k = bits[:n], shifted[:n], keep[:n]
+        np.bitwise_xor(row[start:start + n, None], unit[None, :], out=x)
+        for _ in range(2):  # _hash32, in place (uint32 multiplication wraps)
+            np.right_shift(x, _SHIFT, out=t)
+            np.bitwise_xor(x, t, out=x)
+            np.multiply(x, _HASH_MUL, out=x)
+        np.right_shift(x, _SHIFT, out=t)
+        np.bitwise_xor(x, t, out=x)
+        np.greater_equal(x, threshold, out=k)
+        np.multiply(k, scale, out=out[start:start + n])
+    return out

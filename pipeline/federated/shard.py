@@ -36,7 +36,7 @@ RHO = "gfmfr.rho"  # the store's entry of the clients' distillation-weight EMA (
 _EVAL_ROW_BUDGET = 1 << 21  # (user, item) rows scored at once
 _FUSION_EVAL_ROW_BUDGET = 1 << 17  # FedMR keeps several [rows, d_f] tensors per scored row
 SPAN_MAX_ITEMS = 4096  # FedMR feature projections held on the working set (K = X X^T is [I, I])
-SPAN_WIDTH_FACTOR = 0.5  # ... when 0.5 x the typical working set <= the feature width (see _spans)
+SPAN_ITEMS_PER_WIDTH = 2.0  # ... when the items are at most 2 x the feature width (see _spans)
 
 
 @dataclass
@@ -398,19 +398,18 @@ class Shard:
 
     def _spans(self, globals_: dict[str, torch.Tensor], ws: WorkingSet, n_clients: int) -> dict[str, FeatureSpan]:
         """weight name -> FeatureSpan of the module's frozen-feature projections this round.
-        Both forms are exact; a span costs about (working-set size) gathered Gram entries per
-        row where a weight copy costs (feature width) multiply-adds and a per-client weight
-        update, so a modality uses one when half the clients' working set (size-weighted mean)
-        is at most its width (SPAN_WIDTH_FACTOR): on KU (~305 rows, 512-d CLIP) both modalities
-        do; on MovieLens (~1,200 rows) the 1,280-d images do and the 384-d text does not."""
+        Both forms are exact. Per row, a span costs a Gram row (I entries) and 2 I out
+        multiply-adds; a weight copy costs the feature row (d entries), 4 d out multiply-adds
+        (forward and weight gradient) and a per-client weight update per step. So a modality
+        uses one when I <= 2 d (SPAN_ITEMS_PER_WIDTH): on KU (560 items, 512-d CLIP) both
+        modalities do; on MovieLens (1,682 items) the 1,280-d images do and the 384-d text
+        does not."""
         spans = {}
         if self.config.privacy is not None:  # clipping needs each client's weight change
             return spans
-        sizes = np.diff(ws.offsets(n_clients)).astype(np.float64)
-        typical = float((sizes ** 2).sum() / max(sizes.sum(), 1.0))
         for modality, gram in self.grams.items():
             weight = f"fedmr.proj.{modality}.weight"
-            if weight in self.model.GLOBAL_DENSE and SPAN_WIDTH_FACTOR * typical <= self.features[modality].shape[1]:
+            if weight in self.model.GLOBAL_DENSE and len(gram) <= SPAN_ITEMS_PER_WIDTH * self.features[modality].shape[1]:
                 base = torch.mm(self.features[modality], globals_[weight].T)[torch.as_tensor(ws.item)]
                 spans[weight] = FeatureSpan(modality=modality, weight=weight, table=f"fedmr.proj.{modality}.span",
                                             base=base, gram=gram, offsets=ws.offsets(n_clients))

@@ -119,10 +119,15 @@ def is_router(name: str) -> bool:
 
 
 def _norm(ctx, x: torch.Tensor, name: str, on: bool) -> torch.Tensor:
+    """LayerNorm with the row's client's gain and bias (through ctx.affine where the context has
+    one: client.PaddedRows applies them per bucket instead of broadcasting them to every row)."""
     if not on:
         return x
-    return F.layer_norm(x, x.shape[-1:], eps=LN_EPS) * ctx.vector(f"{PREFIX}{name}.weight") \
-        + ctx.vector(f"{PREFIX}{name}.bias")
+    normed = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+    weight, bias = f"{PREFIX}{name}.weight", f"{PREFIX}{name}.bias"
+    if hasattr(ctx, "affine"):
+        return ctx.affine(normed, weight, bias)
+    return normed * ctx.vector(weight) + ctx.vector(bias)
 
 
 def project(ctx, e: torch.Tensor | None, cfg) -> list[torch.Tensor]:

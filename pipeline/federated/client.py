@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.federated.grouped import PaddedLayout, gather_rows, grouped_linear, row_sparse
 from pipeline.federated.sampling import EpochRows, dropout_scale
+from pipeline.models.base import broadcast_affine
 from pipeline.models.group_fusion import kd_per_row, update_ratio_ema
 
 
@@ -287,11 +288,11 @@ class PaddedRows:
         return gather_rows(self.params[name], self.client)
 
     def affine(self, x: torch.Tensor, weight: str | None, bias: str) -> torch.Tensor:
-        """x [R, d] * vector(weight) + vector(bias) (weight None: + vector(bias) alone)."""
-        if self._moves is None:  # rows in the layout: per bucket, no [R, d] copies of the vectors
+        """models.base.broadcast_affine, per bucket (no [R, d] copies of the vectors) when the
+        rows are in the layout."""
+        if self._moves is None:
             return self.layout.affine(x, None if weight is None else self.params[weight], self.params[bias])
-        out = x if weight is None else x * self.vector(weight)
-        return out + self.vector(bias)
+        return broadcast_affine(self, x, weight, bias)
 
     def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         weight, bias = self.params[f"{name}.weight"], self.params[f"{name}.bias"]

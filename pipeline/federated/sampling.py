@@ -156,9 +156,19 @@ _DROPOUT_TAG = 0xD40F
 
 def _hash32(x: np.ndarray) -> np.ndarray:
     """A 32-bit integer finaliser (uint32 in, uint32 out)."""
-    x = ((x >> _SHIFT) ^ x) * _HASH_MUL
-    x = ((x >> _SHIFT) ^ x) * _HASH_MUL
-    return (x >> _SHIFT) ^ x
+    x = np.array(x, dtype=np.uint32)
+    return _hash32_in_place(x, np.empty_like(x))
+
+
+def _hash32_in_place(x: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """_hash32 of uint32 x, written over x (scratch: a buffer of x's shape). Returns x."""
+    for _ in range(2):
+        np.right_shift(x, _SHIFT, out=scratch)
+        np.bitwise_xor(x, scratch, out=x)
+        np.multiply(x, _HASH_MUL, out=x)  # (uint32 multiplication wraps)
+    np.right_shift(x, _SHIFT, out=scratch)
+    np.bitwise_xor(x, scratch, out=x)
+    return x
 
 
 def _u32(values) -> np.ndarray:
@@ -210,12 +220,6 @@ def dropout_scale(seed: int, round_: int, epoch: int, step: int, site: int, user
         n = min(rows_per_chunk, len(row) - start)
         x, t, k = bits[:n], shifted[:n], keep[:n]
         np.bitwise_xor(row[start:start + n, None], unit[None, :], out=x)
-        for _ in range(2):  # _hash32, in place (uint32 multiplication wraps)
-            np.right_shift(x, _SHIFT, out=t)
-            np.bitwise_xor(x, t, out=x)
-            np.multiply(x, _HASH_MUL, out=x)
-        np.right_shift(x, _SHIFT, out=t)
-        np.bitwise_xor(x, t, out=x)
-        np.greater_equal(x, threshold, out=k)
+        np.greater_equal(_hash32_in_place(x, t), threshold, out=k)
         np.multiply(k, scale, out=out[start:start + n])
     return out

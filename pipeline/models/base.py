@@ -47,6 +47,16 @@ class FusionContext(RowContext, Protocol):
     def subset(self, index: torch.Tensor) -> "FusionContext":
         """The same context on the rows `index`, in that order."""
 
+    # optional: affine(x, weight, bias) -> broadcast_affine's result, computed without [R, d]
+    # copies of the vectors (client.PaddedRows); the module's LayerNorms use it when present
+
+
+def broadcast_affine(ctx: RowContext, x: torch.Tensor, weight: str | None, bias: str) -> torch.Tensor:
+    """x [R, d] * vector(weight) + vector(bias) with the rows' clients' vectors (weight None:
+    x + vector(bias))."""
+    out = x if weight is None else x * ctx.vector(weight)
+    return out + ctx.vector(bias)
+
 
 class ScoredRows(RowContext, Protocol):
     """The context a composed model's logits(ctx) receives: the rows to score, and where the

@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.base import InitialState, linear_head_init, xavier
+from pipeline.models.base import InitialState, broadcast_affine, linear_head_init, xavier
 
 PREFIX = "fedmr."
 ID_TABLE = "fedmr_item"  # FedNCF only: the ID input table E [I, d_id]
@@ -127,7 +127,7 @@ def _norm(ctx, x: torch.Tensor, name: str, on: bool) -> torch.Tensor:
     weight, bias = f"{PREFIX}{name}.weight", f"{PREFIX}{name}.bias"
     if hasattr(ctx, "affine"):
         return ctx.affine(normed, weight, bias)
-    return normed * ctx.vector(weight) + ctx.vector(bias)
+    return broadcast_affine(ctx, normed, weight, bias)
 
 
 def project(ctx, e: torch.Tensor | None, cfg) -> list[torch.Tensor]:

@@ -464,6 +464,8 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
     if result["oracle_extrapolated"]:
         print("equal-metrics check: skipped (the oracle trained only a subset of the participants)")
         result["check"] = None
+        if args.profile:
+            profile_engine_round(shards, g, data, cfg, args.rounds)
         return result
     state = to_host(state)
     with timed() as span:

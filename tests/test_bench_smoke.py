@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from bench import engine_speed, gfmfr_server, scale
+from bench import engine_speed, fusion_ceiling, gfmfr_server, scale
 from pipeline.data.datasets import data_root
 
 
@@ -55,6 +55,20 @@ def test_engine_speed_oracle_subset_smoke(capsys):
                        "--gemm-repeats", "1"])
     result = last_json_line(capsys.readouterr().out)["backbones"]["fedrap"]
     assert result["oracle_extrapolated"] is True and result["check"] is None
+
+
+def test_fusion_ceiling_smoke(capsys):
+    returned = fusion_ceiling.main(["--quick", "--dataset", "synthetic", "--synthetic-users", "30",
+                                    "--synthetic-items", "40", "--users", "12", "--rows", "512", "--steps", "2",
+                                    "--pairs", "2"])
+    figures = last_json_line(capsys.readouterr().out)
+    assert figures["bench"] == "fusion_ceiling" == returned["bench"]
+    assert len(figures["pairs"]) == 2
+    for pair in figures["pairs"]:
+        for key in ("peak_gflops", "plain_gflops", "plain_fraction", "engine_gflops", "engine_fraction",
+                    "engine_over_plain", "engine_fused_rows"):
+            assert pair[key] > 0, key
+    assert figures["flops_per_row"] > 0 and figures["target_fraction"] == 0.5
 
 
 def test_scale_smoke(capsys):

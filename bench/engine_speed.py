@@ -296,6 +296,21 @@ def compare_states(cfg, data, negatives, shards, g, oracle_state, block: int = 6
 FUSED = "_fedmr"  # a backbone name ending so carries FedMR's fusion module
 
 
+def dataset_config(dataset: str, synthetic_users: int, synthetic_items: int) -> list[str]:
+    """Config overrides of --dataset: MovieLens-100K-MM, or the synthetic generator (no images)."""
+    if dataset == "movielens":
+        return ["data.name=movielens"]
+    return ["data.name=synthetic", f"data.synthetic={{n_users: {synthetic_users}, n_items: {synthetic_items}, "
+                                   f"images: false, seed: 0}}"]
+
+
+def require_feature_store(path: str) -> None:
+    """Exit with how to make it when `path` holds no feature store."""
+    if not Path(path).is_dir():
+        raise SystemExit(f"--features {path}: no feature store there; make it with\n  python -m pipeline "
+                         f"encode ../shared/data/movielens-100k-mm --format movielens-mm --out {path}")
+
+
 def make_config(backbone: str, participation: float, dataset_overrides: list[str], features: str | None = None):
     from pipeline.config import load_config
 
@@ -464,14 +479,18 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
     if result["oracle_extrapolated"]:
         print("equal-metrics check: skipped (the oracle trained only a subset of the participants)")
         result["check"] = None
-        if args.profile:
-            profile_engine_round(shards, g, data, cfg, args.rounds)
-        return result
-    state = to_host(state)
+    else:
+        result["check"] = check_equal_metrics(cfg, data, negatives, shards, g, to_host(state), args.rounds)
+    if args.profile:
+        profile_engine_round(shards, g, data, cfg, args.rounds)
+    return result
+
+
+def check_equal_metrics(cfg, data, negatives, shards, g, state, rounds: int) -> dict:
+    """compare_states of the engine and the oracle after the rounds, printed."""
     with timed() as span:
         check = compare_states(cfg, data, negatives, shards, g, state)
-    result["check"] = check
-    print(f"equal metrics after {args.rounds} round(s) (float32 both sides, {span.wall:.1f} s to check):")
+    print(f"equal metrics after {rounds} round(s) (float32 both sides, {span.wall:.1f} s to check):")
     print("  max |engine - oracle| globals: " + ", ".join(f"{k} {v:.3g}" for k, v in check["globals"].items())
           + "; personal: " + ", ".join(f"{k} {v:.3g}" for k, v in check["personal"].items())
           + (f"; trained-copy presence mismatches {check['copies_presence_mismatch']}"
@@ -481,9 +500,7 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
     print(f"  validation HR@10 (P1): engine {check['hr10_engine']:.6f} ({check['hits_engine']} hits), oracle "
           f"{check['hr10_oracle']:.6f} ({check['hits_oracle']} hits) -> "
           f"{'EQUAL' if check['hr10_equal'] else 'DIFFERENT'}")
-    if args.profile:
-        profile_engine_round(shards, g, data, cfg, args.rounds)
-    return result
+    return check
 
 
 def profile_engine_round(shards, g, data, cfg, round_: int, top: int = 15) -> None:
@@ -551,15 +568,10 @@ def main(argv=None) -> dict:
     print("bench.engine_speed: vectorised engine (Shard.train + apply_uploads) vs sequential oracle (oracle_round)")
     print(machine_line(threads))
     print(device_line(args.device))
-    if args.dataset == "movielens":
-        dataset_overrides = ["data.name=movielens"]
-    else:
-        dataset_overrides = ["data.name=synthetic", f"data.synthetic={{n_users: {args.synthetic_users}, "
-                                                    f"n_items: {args.synthetic_items}, images: false, seed: 0}}"]
+    dataset_overrides = dataset_config(args.dataset, args.synthetic_users, args.synthetic_items)
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    if any(b.endswith(FUSED) for b in backbones) and not Path(args.features).is_dir():
-        raise SystemExit(f"--features {args.features}: no feature store there; make it with\n  python -m pipeline "
-                         f"encode ../shared/data/movielens-100k-mm --format movielens-mm --out {args.features}")
+    if any(b.endswith(FUSED) for b in backbones):
+        require_feature_store(args.features)
     cfg0 = make_config(backbones[0], 1.0, dataset_overrides, args.features)
     with timed() as span:
         data, negatives = open_dataset(cfg0.data)

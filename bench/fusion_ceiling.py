@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,26 +36,24 @@ import torch.nn.functional as F
 
 from bench._common import emit_json, gemm_peak_gflops, machine_line, set_threads, timed
 from bench.engine_speed import (FUSION_TARGET_FRACTION, FusedRowCount, LocalTrainingLog, capture_local_training,
-                                fusion_gemm_flops, make_config)
+                                dataset_config, fusion_gemm_flops, make_config, require_feature_store)
+from pipeline.models.fusion import GlobalItems, experts, init_params, param_shapes, router
 
 ROUTER_EVERY = 4  # the plain model's mixing rows: every 4th row
 
 
-class SharedRows:
-    """A FusionContext over R rows that all read ONE shared copy of the module (plain PyTorch).
-    params: name -> leaf tensor; features: modality -> [I, width]; items: [R]."""
+class SharedRows(GlobalItems):
+    """A FusionContext over R rows that all read ONE shared copy of the module (plain PyTorch):
+    fusion.GlobalItems (vector, linear) in training mode. params: name -> leaf tensor;
+    features: modality -> [I, width]; items: [R]; dropout: torch's, with probability p."""
 
     def __init__(self, params: dict[str, torch.Tensor], features: dict[str, torch.Tensor], items: torch.Tensor,
                  dropout: float):
-        self.params, self.features, self.items, self.p = params, features, items, dropout
-
-    def vector(self, name: str) -> torch.Tensor:
-        return self.params[name]  # [d]: broadcast over the rows, never copied
-
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return F.linear(x, self.params[f"{name}.weight"], self.params[f"{name}.bias"])
+        super().__init__(params, features, items)
+        self.p = dropout
 
     def feature_linear(self, modality: str, name: str) -> torch.Tensor:
+        """The rows' features gathered, then projected (per row, as local training does)."""
         return self.linear(self.features[modality].index_select(0, self.items), name)
 
     def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
@@ -70,8 +67,6 @@ class PlainModule:
     """The fusion module as a centralized model on `rows` rows per step (see the module doc)."""
 
     def __init__(self, fusion_cfg, d_id: int, features: dict[str, torch.Tensor], rows: int, seed: int = 0):
-        from pipeline.models.fusion import init_params, param_shapes
-
         generator = torch.Generator().manual_seed(seed)
         dims = {m: f.shape[1] for m, f in features.items()}
         self.cfg = fusion_cfg
@@ -89,8 +84,6 @@ class PlainModule:
         self.compiled = None
 
     def loss(self, params: dict[str, torch.Tensor], items_table: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        from pipeline.models.fusion import experts, router
-
         ctx = SharedRows(params, self.features, self.items, self.cfg.dropout)
         outputs = experts(ctx, items_table.index_select(0, self.items), self.cfg)
         c = torch.cat([f.index_select(0, self.chosen) for f in outputs], -1)
@@ -145,21 +138,16 @@ def main(argv=None) -> dict:
     threads = set_threads(args.threads)
     print("bench.fusion_ceiling: FedMR's fusion module as plain centralized PyTorch vs the engine's local training")
     print(machine_line(threads))
-    if args.dataset == "synthetic":
-        cfg = make_config("fedrap_fedmr", 1.0, ["data.name=synthetic", f"data.synthetic={{n_users: "
-                          f"{args.synthetic_users}, n_items: {args.synthetic_items}, images: false, seed: 0}}"], "null")
-        data, negatives = open_dataset(cfg.data)
+    if args.dataset == "movielens":
+        require_feature_store(args.features)
+    overrides = dataset_config(args.dataset, args.synthetic_users, args.synthetic_items)
+    cfg = make_config("fedrap_fedmr", 1.0, overrides, args.features if args.dataset == "movielens" else "null")
+    data, negatives = open_dataset(cfg.data)
+    if args.dataset == "synthetic":  # random unit-norm features of the embedded encoders' widths
         rng = np.random.default_rng(0)
         unit = [rng.normal(size=(data.n_items, width)) for width in (384, 1280)]
         data = dataclasses.replace(data, features={m: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
                                                    for m, x in zip(("text", "image"), unit)})
-    else:
-        if not Path(args.features).is_dir():
-            raise SystemExit(f"--features {args.features}: no feature store there; make it with\n  python -m "
-                             f"pipeline encode ../shared/data/movielens-100k-mm --format movielens-mm --out "
-                             f"{args.features}")
-        cfg = make_config("fedrap_fedmr", 1.0, ["data.name=movielens"], args.features)
-        data, negatives = open_dataset(cfg.data)
     fusion, d_id = cfg.model.fusion, cfg.model.id_width()
     dims = feature_dims(data)
     per_row, per_router_row, formula = fusion_gemm_flops(fusion, d_id, dims)

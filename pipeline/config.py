@@ -23,6 +23,67 @@ BACKBONE_LR_DECAY = {"fedrap": 0.9}
 FEDMR_LR = {"fedavg": 0.1, "fedncf": 0.01}  # spec/fedmr.md §3: lr 0.1, MM-FedNCF 0.01 (one lr)
 
 
+Preset = Literal["fedmr_reference", "pfedrec_paper", "fedmf_paper", "fedncf_paper", "fedrap_paper"]
+
+# The originals' training recipes, read from their code (docs/recipes.md). A preset only sets
+# defaults under what a config file or --set gives. The negative pool is not part of a preset:
+# the originals' pool (train.neg_exclude_heldout=true) is an explicit, labelled choice.
+_TORCH_32 = {"model": {"dim": 32, "init": "torch"}, "data": {"protocol": {"tie_rule": "first"}}}
+_PFEDREC_LOOP = {"local_epochs": 1, "batch_rows": 256, "neg_ratio": 4, "neg_draw": "round", "lr": 0.1,
+                 "lr_decay": 1.0, "patience": 100}
+PRESETS: dict[str, tuple[tuple[str, ...], dict]] = {
+    # (backbones it applies to, defaults)
+    "fedmr_reference": (("fedavg", "fcf", "fedncf", "pfedrec", "fedrap"), {}),
+    # Zhangcx19/IJCAI-23-PFedRec: head lr 0.1, item table 0.1 * n * 80, 1 epoch of 256-row batches
+    "pfedrec_paper": (("pfedrec",), {**_TORCH_32, "model": {**_TORCH_32["model"], "pfedrec_eta": 80.0},
+                                     "train": _PFEDREC_LOOP}),
+    # the PFedRec paper's FedMF and FedNCF baselines: no code was published; its setting
+    # (latent 32, 1 epoch of 256 rows, 4 negatives, SGD lr 0.1) with each model's own lr rule
+    "fedmf_paper": (("fcf",), {**_TORCH_32, "train": _PFEDREC_LOOP}),
+    "fedncf_paper": (("fedncf",), {**_TORCH_32, "train": _PFEDREC_LOOP}),
+    # mtics/FedRAP: 10 epochs (tol 1e-4) of 2048-row batches, head 0.5, P and C 200, weight decay
+    # 1e-4, x0.97 per round and x0.95 per batch, lambda and mu constant at 0.1
+    "fedrap_paper": (("fedrap",), {**_TORCH_32,
+                                   "model": {**_TORCH_32["model"], "fedrap_lambda": 0.1, "fedrap_mu": 0.1,
+                                             "fedrap_reg": "l1", "fedrap_schedule": "constant"},
+                                   "train": {"local_epochs": 10, "tol": 1e-4, "batch_rows": 2048, "neg_ratio": 4,
+                                             "neg_draw": "round", "lr_groups": {"head": 0.5, "item_personal": 200.0,
+                                                                                "item_global": 200.0},
+                                             "lr_decay": 0.97, "lr_batch_decay": 0.95, "weight_decay": 1e-4,
+                                             "patience": 100}}),
+}
+
+
+ORIGINAL_NEGATIVES = "negatives exclude held-out items, as in the original code: optimistic"
+SYMMETRIC_NEGATIVES = "negatives from every item but the training positives (held-out items can be drawn)"
+
+
+def lr_value(value: float | str, n_items: int, key: str = "lr") -> float:
+    """A learning rate given as a number or as 'K*n' (K times the number of items)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        factor, star, n = str(value).replace(" ", "").partition("*")
+        try:
+            if not star or n != "n":
+                raise ValueError
+            number = float(factor) * n_items
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: expected a number or 'K*n' (K times the number of items)") from None
+    if not number > 0 or number == float("inf"):
+        raise ValueError(f"{key}={value!r}: a learning rate must be positive and finite")
+    return number
+
+
+def _merge_defaults(defaults: dict, given: dict) -> dict:
+    """given over defaults, recursively (given wins)."""
+    out = dict(defaults)
+    for key, value in given.items():
+        out[key] = _merge_defaults(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
 Modality = Literal["id", "text", "image"]
 MODALITIES: tuple[str, ...] = ("id", "text", "image")
 
@@ -151,6 +212,14 @@ class ModelConfig(BaseModel):
     fedrap_lambda: float = Field(0.1, ge=0, description="base weight of -MSE(P, C)")
     fedrap_mu: float = Field(0.1, ge=0, description="base weight of the regulariser R(C)")
     fedrap_reg: Literal["l1", "l2"] = "l1"
+    fedrap_schedule: Literal["ramp", "constant"] = Field(
+        "ramp", description="lambda_t, mu_t: ramp = tanh(t / 10) * base (the FedRAP paper); constant = base "
+                            "every round (what the FedRAP code's loss reads)")
+    init: Literal["xavier", "torch"] = Field(
+        "xavier", description="initialisation: xavier = Xavier-normal tables and weights, zero biases (FedMR "
+                              "code); torch = PyTorch's defaults as the PFedRec and FedRAP code use them: "
+                              "embedding tables N(0, 1), Linear weights and biases U(-1/sqrt(fan_in), "
+                              "1/sqrt(fan_in))")
     fusion: FusionConfig | None = Field(None, description="FedMR fusion module; null = ID only")
     gfmfr: GfmfrConfig | None = Field(None, description="GFMFR group-wise fusion and distillation; null = off")
 
@@ -184,6 +253,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    preset: Preset | None = Field(
+        None, description="an original's training recipe as defaults (PRESETS); every key can still be "
+                          "overridden. None = today's defaults (= fedmr_reference)")
     rounds: int = Field(100, ge=1)
     participation: float = Field(1.0, gt=0, le=1)
     local_epochs: int = Field(5, ge=1)
@@ -192,10 +264,24 @@ class TrainConfig(BaseModel):
     batch_rows: int | None = Field(None, ge=1, description="rows per mini-batch; overrides batch_size")
     neg_ratio: int = Field(1, ge=1)
     neg_pool: Literal["all", "train_items"] = "all"
-    neg_exclude_heldout: bool = False
+    neg_exclude_heldout: bool = Field(
+        False, description="the originals' negative pool: a user's validation and test items are never "
+                           "drawn as its training negatives (optimistic: the 99 evaluation negatives are)")
+    neg_draw: Literal["epoch", "round"] = Field(
+        "epoch", description="training negatives drawn afresh every local epoch, or once per round and "
+                             "reused (reshuffled) by every epoch of that round (the PFedRec/FedRAP code)")
     lr: float | None = Field(None, gt=0, description="client lr; None = the backbone's default")
+    lr_groups: dict[str, float | str] = Field(
+        default_factory=dict, description="lr per parameter group (head, item, item_global, item_personal, "
+                                          "user, network, fusion; the backbone says which it has): a number, "
+                                          "or 'K*n' for K times the number of items. Replaces lr and the "
+                                          "backbone's item rule for that group; decays are still applied")
     lr_decay: float | None = Field(None, gt=0, le=1, description="per-round lr factor; None = backbone default")
-    weight_decay: float = Field(0.0, ge=0)
+    lr_batch_decay: float = Field(1.0, gt=0, le=1, description="per-mini-batch lr factor inside a client's round "
+                                                              "(the k-th step of a round uses lr * factor^k; "
+                                                              "FedRAP code: 0.95)")
+    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay on every client parameter (every row "
+                                                        "of every item table, as the dense optimiser does)")
     seed: int = Field(0, ge=0, description="run seed: sampling, negatives, shuffling")
     model_seed: int = Field(0, ge=0, description="initialisation seed")
     protocol: Literal["p1", "p3"] = "p3"
@@ -213,15 +299,20 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.weight_decay > 0:
-            raise ValueError("weight_decay > 0 is not supported yet by the sparse item-table engine "
-                             "(decay touches every row); use 0")
+        for group, value in self.lr_groups.items():
+            lr_value(value, 1, f"train.lr_groups.{group}")  # raises on a malformed value
         metric = self.selection_metric
         if metric is not None:
             name, _, k = metric.partition("@")
             if name not in ("hr", "ndcg") or not k.isdigit() or int(k) not in self.eval_ks:
                 raise ValueError(f"selection_metric={metric!r}: expected hr@K or ndcg@K with K in {self.eval_ks}")
         return self
+
+    def negatives_label(self) -> str:
+        """How the training negatives were drawn, as every table, report and summary states it."""
+        if self.neg_exclude_heldout:
+            return ORIGINAL_NEGATIVES
+        return SYMMETRIC_NEGATIVES
 
     def rows_per_batch(self) -> int:
         return self.batch_rows or self.batch_size * (1 + self.neg_ratio)
@@ -301,6 +392,46 @@ class ExperimentConfig(BaseModel):
     centralized: CentralizedConfig = Field(default_factory=CentralizedConfig,
                                            description="the centralized upper bound (pipeline centralized)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, tree):
+        """train.preset's defaults under the keys given."""
+        if not isinstance(tree, dict) or not isinstance(tree.get("train"), dict):
+            return tree
+        name = tree["train"].get("preset")
+        if name is None or name not in PRESETS:
+            return tree  # (an unknown name is refused by the field's type)
+        backbones, defaults = PRESETS[name]
+        backbone = (tree.get("model") or {}).get("backbone", "fedavg")
+        if backbone not in backbones:
+            raise ValueError(f"train.preset={name} is the recipe of {', '.join(backbones)}, not of "
+                             f"model.backbone={backbone}")
+        return _merge_defaults(defaults, tree)
+
+    @model_validator(mode="after")
+    def _step_schedule(self):
+        train = self.train
+        used = [key for key, on in (("train.weight_decay", train.weight_decay > 0),
+                                    ("train.lr_batch_decay", train.lr_batch_decay != 1.0)) if on]
+        if not used:
+            return self
+        for part, present in (("model.fusion", self.model.fusion is not None),
+                              ("model.gfmfr", self.model.gfmfr is not None), ("privacy", self.privacy is not None)):
+            if present:
+                raise ValueError(f"{' and '.join(used)} with {part}: implemented for the ID backbones' local "
+                                 f"training only; remove {part} or set "
+                                 f"{' and '.join(k + ('=0' if 'weight' in k else '=1') for k in used)}")
+        return self
+
+    @model_validator(mode="after")
+    def _lr_groups(self):
+        known = set(model_lr_groups(self.model).values())
+        unknown = sorted(set(self.train.lr_groups) - known)
+        if unknown:
+            raise ValueError(f"train.lr_groups: {unknown} not a parameter group of {self.model.backbone}"
+                             f"{' + FedMR' if self.model.fusion else ''} (groups: {sorted(known)})")
+        return self
+
     @model_validator(mode="after")
     def _planted_groups(self):
         gfmfr = self.model.gfmfr
@@ -338,6 +469,13 @@ class ExperimentConfig(BaseModel):
         if self.train.lr_decay is not None:
             return self.train.lr_decay
         return BACKBONE_LR_DECAY.get(self.model.backbone, 1.0)
+
+
+def model_lr_groups(model_config: ModelConfig) -> dict[str, str]:
+    """parameter name -> its lr group, for a model config."""
+    from pipeline.models import model_for
+
+    return model_for(model_config).LR_GROUPS
 
 
 def set_dotted(tree: dict, dotted: str, value) -> None:

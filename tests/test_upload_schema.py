@@ -37,6 +37,8 @@ FEDMR = "model.fusion={d_f: 8, d_r: 6}"
 METHODS = {f"{b}{suffix}": (b, *extra) for b in BACKBONES for suffix, extra in (
     ("", ()), ("+fedmr", (FEDMR,)), ("+fedmr(grad_adam)", ("model.fusion={d_f: 8, d_r: 6, fusion_agg: grad_adam}",)),
     ("+gfmfr", ("model.gfmfr={group_num: 2}",)), ("+fedmr+gfmfr", (FEDMR, "model.gfmfr={group_num: 2}")))}
+# weight decay adds one number per global table: how much the client's decay shrank the rows it never touched
+METHODS.update({f"{b}+weight_decay": (b, "train.weight_decay=0.01") for b in BACKBONES})
 USER = 4
 
 
@@ -71,7 +73,8 @@ def schema(upload: Upload, sizes: dict[int, str]) -> dict:
     for field in dataclasses.fields(upload):
         value = getattr(upload, field.name)
         if isinstance(value, dict):
-            out[field.name] = {name: shape(t, sizes) for name, t in sorted(value.items())}
+            out[field.name] = {name: shape(t, sizes) if isinstance(t, torch.Tensor) else type(t).__name__
+                               for name, t in sorted(value.items())}
         elif isinstance(value, torch.Tensor):
             out[field.name] = shape(value, sizes)
         elif isinstance(value, np.ndarray):
@@ -113,5 +116,6 @@ def test_upload_fields_hold_no_interactions():
     """No field of an Upload can hold a client's interactions: only reduced sums, the touched
     item ids, counts, and GFMFR's per-client grouping inputs."""
     names = [f.name for f in dataclasses.fields(Upload)]
-    assert names == ["table_items", "table_sums", "dense_sums", "grad_sums", "weight", "clients", "rows", "loss_sum",
+    assert names == ["table_items", "table_sums", "dense_sums", "grad_sums", "weight", "table_scale_sums", "clients",
+                     "rows", "loss_sum",
                      "seconds", "group_users", "group_vectors", "group_alpha", "rho", "distilled", "clipped"]

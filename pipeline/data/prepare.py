@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +30,10 @@ class PrepareConfig(BaseModel):
     min_user: int = Field(5, ge=0, description="k-core: minimum interactions per user (0 disables)")
     min_item: int = Field(5, ge=0, description="k-core: minimum interactions per item (0 disables)")
     use_predefined_split: bool = Field(True, description="honour a shipped split_label column")
+    tie_rule: Literal["last", "first"] = Field(
+        "last", description="leave-one-out among a user's rows with the same latest timestamp: hold out the "
+                            "last row in file order (last) or the first (first: pandas rank(method='first') "
+                            "on descending time, as the PFedRec and FedRAP code)")
 
 
 @dataclass
@@ -163,7 +168,7 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     user_ids, item_ids = user_raw[kept_users], item_raw[kept_items]
 
     if split is None:
-        parts = _leave_one_out(user_new, time, rows, len(user_ids))
+        parts = _leave_one_out(user_new, time, rows, len(user_ids), config.tie_rule)
         stats["split"] = "chronological leave-one-out"
     else:
         parts = _predefined(user_new, time, rows, split, len(user_ids), file)
@@ -245,20 +250,23 @@ def _k_core(user: np.ndarray, item: np.ndarray, min_user: int, min_item: int) ->
         keep = new_keep
 
 
-def _leave_one_out(user: np.ndarray, time: np.ndarray, rows: np.ndarray, n_users: int):
-    """Chronological leave-one-out: last = test, second-last = validation.
+def _leave_one_out(user: np.ndarray, time: np.ndarray, rows: np.ndarray, n_users: int, tie_rule: str = "last"):
+    """Chronological leave-one-out: last = test, second-last = validation; among rows with the
+    same timestamp the later row in file order counts as later (tie_rule 'last') or the earlier
+    one does (tie_rule 'first').
 
-    Returns (training positions in per-user chronological order, [U] validation positions,
-    [U] test positions), all indices into the given arrays.
+    Returns (training positions in per-user chronological order, ties in file order, [U]
+    validation positions, [U] test positions), all indices into the given arrays.
     """
     order = np.lexsort((rows, time, user))  # stable: ties broken by file order
     counts = np.bincount(user, minlength=n_users)
     ends = np.cumsum(counts)
-    test_pos, valid_pos = order[ends - 1], order[ends - 2]
+    held_order = order if tie_rule == "last" else np.lexsort((-np.asarray(rows), time, user))
+    test_pos, valid_pos = held_order[ends - 1], held_order[ends - 2]
     is_train = np.ones(len(order), dtype=bool)
-    is_train[ends - 1] = False
-    is_train[ends - 2] = False
-    return order[is_train], valid_pos, test_pos
+    is_train[test_pos] = False
+    is_train[valid_pos] = False
+    return order[is_train[order]], valid_pos, test_pos
 
 
 def _predefined(user, time, rows, split, n_users: int, file):

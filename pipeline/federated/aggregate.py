@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, lr_value
 from pipeline.models import model_for
 from pipeline.models.base import InitialState
 
@@ -29,16 +29,25 @@ def initial_state(config: ExperimentConfig, n_users: int, n_items: int,
     feature_dims (modality -> d_m) sizes the fusion module's projections (FedMR only)."""
     generator = torch.Generator().manual_seed(config.train.model_seed)
     model = model_for(config.model)
+    scheme = config.model.init
     if config.model.fusion is None:
-        return model.init(n_users, n_items, config.model.dim, generator)
-    return model.init(n_users, n_items, config.model.dim, generator, feature_dims or {})
+        return model.init(n_users, n_items, config.model.dim, generator, scheme)
+    return model.init(n_users, n_items, config.model.dim, generator, feature_dims or {}, scheme)
 
 
 def round_lrs(config: ExperimentConfig, n_items: int, round_: int) -> dict[str, float]:
-    """lr of every parameter in round t: lr * decay^t * the backbone's multiplier."""
-    lr = config.lr() * config.lr_decay() ** round_
-    scale = model_for(config.model).lr_scale(n_items, config.model)
-    return {name: lr * factor for name, factor in scale.items()}
+    """lr of every parameter in round t: (lr * the backbone's multiplier, or the parameter's
+    group lr from train.lr_groups) * decay^t."""
+    model = model_for(config.model)
+    scale = model.lr_scale(n_items, config.model)
+    groups = config.train.lr_groups
+    decay = config.lr_decay() ** round_
+    out = {}
+    for name, factor in scale.items():
+        group = model.LR_GROUPS[name]
+        base = lr_value(groups[group], n_items, f"train.lr_groups.{group}") if group in groups else config.lr() * factor
+        out[name] = base * decay
+    return out
 
 
 def participants(n_users: int, participation: float, seed: int, round_: int) -> np.ndarray:
@@ -91,6 +100,9 @@ def apply_uploads(global_params: dict[str, torch.Tensor], uploads) -> dict[str, 
     if total <= 0:
         return global_params
     new = {name: value.clone() for name, value in global_params.items()}
+    for name in {name for upload in uploads for name in getattr(upload, "table_scale_sums", {})}:
+        # weight decay: the mean client scaled every row it never touched by its own factor
+        new[name] *= 1.0 + sum(upload.table_scale_sums.get(name, 0.0) for upload in uploads) / total
     for upload in uploads:
         for name, items in upload.table_items.items():
             new[name].index_add_(0, items, (upload.table_sums[name] / total).to(new[name].dtype))

@@ -385,6 +385,22 @@ class LocalResult:
     loss: np.ndarray
     last_grads: dict[str, torch.Tensor] = None  # model.UPLOAD_GRADS: last-batch gradients ([B, ...];
     # a FeatureSpan's under its table name, [W, out])
+    table_decay: dict[str, np.ndarray] = None  # weight decay: table name -> [B] float64, the factor by
+    # which every row outside the client's working set was multiplied this round (prod of 1 - lr wd)
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """What changes a client's SGD step besides its lr: lr x batch_decay^k at the client's k-th
+    mini-batch of the round (k counted over its epochs), and SGD weight decay on every
+    parameter the step trains (every row of a table, not only the rows of the step)."""
+
+    batch_decay: float = 1.0
+    weight_decay: float = 0.0
+
+    @property
+    def plain(self) -> bool:
+        return self.batch_decay == 1.0 and self.weight_decay == 0.0
 
 
 def client_losses(model, params: dict[str, torch.Tensor], client: torch.Tensor, ws: torch.Tensor,
@@ -421,7 +437,8 @@ CHUNK_ROWS = 1 << 15  # rows of one local epoch per block of clients (see train_
 def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows], *,
                   lrs: dict[str, float], tol: float, round_: int, model_config,
                   update: str = "joint", fusion: FusionInputs | None = None,
-                  distil: Distillation | None = None, chunk_rows: int | None = CHUNK_ROWS) -> LocalResult:
+                  distil: Distillation | None = None, chunk_rows: int | None = CHUNK_ROWS,
+                  schedule: StepSchedule = StepSchedule()) -> LocalResult:
     """Run local training of all clients in `params` (B of them) over the pre-sampled epochs.
 
     Clients are independent, so they are trained in blocks of consecutive clients of about
@@ -430,9 +447,12 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
     fusion module too: its many [rows, d_f] intermediates are streamed through memory once per
     layer). Results are the same for any blocking.
     distil: GFMFR's distillation term (its rho is updated in place).
+    schedule: per-batch lr decay and weight decay (ID backbones only).
     """
     n_clients = len(next(iter(params.vectors.values())))
-    one_block = dict(lrs=lrs, tol=tol, round_=round_, model_config=model_config, update=update)
+    if fusion is not None and not schedule.plain:
+        raise NotImplementedError("per-batch lr decay and weight decay are not implemented for a fusion module")
+    one_block = dict(lrs=lrs, tol=tol, round_=round_, model_config=model_config, update=update, schedule=schedule)
     if not epochs or chunk_rows is None:
         return _train_block(model, params, working_set, epochs, fusion=fusion, distil=distil, **one_block)
     per_client = np.bincount(epochs[0].client, minlength=n_clients)
@@ -453,6 +473,7 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
         last_grads[rename.get(name, name)] = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
     rows_done, epochs_run, loss = (np.zeros(n_clients, dtype=np.int64), np.zeros(n_clients, dtype=np.int64),
                                    np.full(n_clients, np.nan))
+    table_decay = {name: np.ones(n_clients) for name in tables}
     for c0, c1 in zip(bounds[:-1], bounds[1:]):
         w0, w1 = ws_offsets[c0], ws_offsets[c1]
         rank = None if working_set.rank is None else (
@@ -469,8 +490,10 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
         for k in last_grads:
             last_grads[k][slice(w0, w1) if k in tables else slice(c0, c1)] = result.last_grads[k]
         rows_done[c0:c1], epochs_run[c0:c1], loss[c0:c1] = result.rows, result.epochs, result.loss
+        for name, factor in result.table_decay.items():
+            table_decay[name][c0:c1] = factor
     return LocalResult(params=ClientParams(tables, vectors), rows=rows_done, epochs=epochs_run, loss=loss,
-                       last_grads=last_grads)
+                       last_grads=last_grads, table_decay=table_decay)
 
 
 def history_rows(working_set: WorkingSet, epochs: list[EpochRows]) -> np.ndarray:
@@ -501,12 +524,15 @@ def _sorted_unique(values: np.ndarray) -> np.ndarray:
 def _sparse_step(model, current: dict[str, torch.Tensor], table_names: set[str], group: tuple[str, ...],
                  client: np.ndarray, ws: torch.Tensor, label: torch.Tensor, present: np.ndarray,
                  lrs: dict[str, float], last_grads: dict[str, torch.Tensor], round_: int,
-                 model_config, distil: Distillation | None = None, update_rho: bool = True) -> np.ndarray:
+                 model_config, distil: Distillation | None = None, update_rho: bool = True,
+                 scale: np.ndarray | None = None, decay: "_WeightDecay | None" = None) -> np.ndarray:
     """One SGD step of the parameters `group` for the clients `present` on the step's R rows,
     touching only what the step reads: every table as its R gathered rows, every per-client
     tensor as its P present clients. Updates `current` in place (scatter-add of -lr * grad;
     a row met twice in the step gets both contributions, as in the dense gradient).
-    client: [R] client of each row (sorted), ws: [R] working-set rows.  Returns [P] losses."""
+    client: [R] client of each row (sorted), ws: [R] working-set rows.  scale: [P] lr factor of
+    every present client (per-batch decay; None = 1).  decay: weight decay (None = off).
+    Returns [P] losses."""
     device = ws.device
     present_t = torch.as_tensor(present).to(device)
     starts = np.empty(len(client), dtype=np.int64)  # [R] the row's client's position in present
@@ -528,11 +554,39 @@ def _sparse_step(model, current: dict[str, torch.Tensor], table_names: set[str],
         for name, grad in zip(leaves, grads):
             if grad is None:
                 continue
-            at = ws if name in table_names else present_t
+            is_table = name in table_names
+            at = ws if is_table else present_t
             if name in last_grads:
                 last_grads[name].index_copy_(0, at, grad)
+            if decay is not None:
+                if is_table:  # every row of the present clients' tables: theta <- (1 - lr wd) theta
+                    decay.shrink(current[name], name, present, lrs[name] * (1.0 if scale is None else scale))
+                else:  # the gradient of wd/2 |theta|^2, at the values the loss saw
+                    grad.add_(gathered[name].detach(), alpha=decay.weight_decay)
+            if scale is not None:
+                factor = torch.as_tensor(scale, dtype=grad.dtype, device=device)
+                grad.mul_((factor.index_select(0, slot) if is_table else factor).view(-1, *[1] * (grad.dim() - 1)))
             current[name].index_add_(0, at, grad.mul_(-lrs[name]))  # (alpha= is several times slower)
     return losses.detach().cpu().numpy()
+
+
+class _WeightDecay:
+    """SGD weight decay on working-set tables: each step multiplies every working-set row of the
+    present clients by (1 - lr wd), and records the factor per client (`factor`), by which every
+    row outside the working set (never read this round) is multiplied too. Exact: a dense
+    table's rows outside the working set get no gradient, only the decay."""
+
+    def __init__(self, weight_decay: float, ws_client: np.ndarray, n_clients: int, tables):
+        self.weight_decay, self.ws_client = weight_decay, ws_client
+        self.factor = {name: np.ones(n_clients) for name in tables}
+
+    def shrink(self, table: torch.Tensor, name: str, present: np.ndarray, lr) -> None:
+        """table [W, d] of the block; present: [P] clients stepping with lr (a number or [P])."""
+        shrink = 1.0 - np.asarray(lr, dtype=np.float64) * self.weight_decay
+        self.factor[name][present] *= shrink
+        per_client = np.ones(len(self.factor[name]))
+        per_client[present] = shrink
+        table.mul_(torch.as_tensor(per_client[self.ws_client], dtype=table.dtype, device=table.device)[:, None])
 
 
 def _fusion_step(model, current: dict[str, torch.Tensor], group: tuple[str, ...], client: torch.Tensor,
@@ -577,7 +631,8 @@ def _block_rows(rows: EpochRows, c0: int, c1: int) -> EpochRows:
 def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows], *,
                  lrs: dict[str, float], tol: float, round_: int, model_config,
                  update: str = "joint", fusion: FusionInputs | None = None,
-                 distil: Distillation | None = None, in_place: bool = False) -> LocalResult:
+                 distil: Distillation | None = None, in_place: bool = False,
+                 schedule: StepSchedule = StepSchedule()) -> LocalResult:
     """train_clients on one block of clients (all of `params`; in_place: train those tensors
     themselves, else copies).
 
@@ -608,6 +663,8 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
     else:
         groups = (tuple(current),)
     table_names = set(params.tables)
+    decay = (_WeightDecay(schedule.weight_decay, working_set.client, n_clients, table_names)
+             if schedule.weight_decay > 0 else None)
     active = np.ones(n_clients, dtype=bool)
     rows_done = np.zeros(n_clients, dtype=np.int64)
     epochs_run = np.zeros(n_clients, dtype=np.int64)
@@ -627,11 +684,14 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
             present = _sorted_unique(rows.client[chosen])
             if fusion is not None:
                 fusion.key = (fusion.seed, round_, epoch, step)
+            scale = None  # the present clients' k-th step of the round: lr x batch_decay^k
+            if schedule.batch_decay != 1.0:
+                scale = schedule.batch_decay ** (epoch * rows.n_batches[present] + step).astype(np.float64)
             for index, group in enumerate(groups):
                 if fusion is None:
                     losses = _sparse_step(model, current, table_names, group, rows.client[chosen], ws,
                                           label, present, lrs, last_grads, round_, model_config,
-                                          distil=distil, update_rho=index == 0)
+                                          distil=distil, update_rho=index == 0, scale=scale, decay=decay)
                 else:
                     client = torch.as_tensor(rows.client[chosen])
                     losses = _fusion_step(model, current, group, client, ws, label, present, n_clients, lrs,
@@ -651,4 +711,6 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
         if not active.any():
             break
     trained = ClientParams({k: current[k] for k in params.tables}, {k: current[k] for k in params.vectors})
-    return LocalResult(params=trained, rows=rows_done, epochs=epochs_run, loss=last, last_grads=last_grads)
+    table_decay = decay.factor if decay is not None else {name: np.ones(n_clients) for name in params.tables}
+    return LocalResult(params=trained, rows=rows_done, epochs=epochs_run, loss=last, last_grads=last_grads,
+                       table_decay=table_decay)

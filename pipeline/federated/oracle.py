@@ -191,13 +191,47 @@ def _item_lr(config: ExperimentConfig, round_: int, n_items: int) -> float:
     return lr  # fedavg, fedncf
 
 
-def _param_groups(backbone: str, model: nn.Module, lr: float, item_lr: float) -> list[dict]:
+def _lr_group(name: str) -> str:
+    """The train.lr_groups group of a parameter name."""
+    if name.startswith("fedmr."):
+        return "fusion"
+    if name in ("w", "b"):
+        return "head"
+    if name in ("item_personal", "item_global", "user"):
+        return name
+    if name in ("item", "item_mf", "item_mlp", "fedmr_item"):
+        return "item"
+    if name in ("user_mf", "user_mlp"):
+        return "user"
+    return "network"  # FedNCF's tower and head
+
+
+def _group_lr(config: ExperimentConfig, round_: int, n_items: int, name: str, default: float) -> float:
+    """`default`, or the parameter's group lr from train.lr_groups (a number or 'K*n') decayed
+    to round t."""
+    value = config.train.lr_groups.get(_lr_group(name))
+    if value is None:
+        return default
+    decay = config.train.lr_decay if config.train.lr_decay is not None else (
+        0.9 if config.model.backbone == "fedrap" else 1.0)
+    number = float(value) if isinstance(value, (int, float)) else float(str(value).split("*")[0]) * n_items
+    return number * decay ** round_
+
+
+def _param_groups(config: ExperimentConfig, model: nn.Module, lr: float, item_lr: float, round_: int,
+                  n_items: int, names: set[str] | None = None) -> list[dict]:
+    """One SGD parameter group per parameter (those in `names`, default all) with its lr."""
     item_names = {"item", "item_global", "item_personal", "item_mf", "item_mlp"}
-    if backbone == "fedncf":  # one lr for everything (item lr == lr anyway)
-        return [{"params": list(model.parameters()), "lr": lr}]
-    items = [p for n, p in model.named_parameters() if n in item_names]
-    rest = [p for n, p in model.named_parameters() if n not in item_names]
-    return [{"params": rest, "lr": lr}, {"params": items, "lr": item_lr}]
+    if config.model.backbone == "fedncf":
+        item_lr = lr  # one lr for everything
+    return [{"params": [p], "lr": _group_lr(config, round_, n_items, n, item_lr if n in item_names else lr)}
+            for n, p in model.named_parameters() if names is None or n in names]
+
+
+def _optimizer(config: ExperimentConfig, groups: list[dict]):
+    """(SGD over `groups`, a scheduler stepped after every mini-batch: lr x lr_batch_decay^k)."""
+    opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0, weight_decay=config.train.weight_decay)
+    return opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=config.train.lr_batch_decay)
 
 
 # --- local training of one client ------------------------------------------------------------------
@@ -243,8 +277,9 @@ def _fedrap_terms(config: ExperimentConfig, model: nn.Module, items: torch.Tenso
     """-lambda_t MSE(P_B, C_B) + mu_t R(C_B) for FedRAP (0 for other backbones)."""
     if config.model.backbone != "fedrap":
         return 0.0
-    lam = math.tanh(round_ / 10.0) * config.model.fedrap_lambda
-    mu = math.tanh(round_ / 10.0) * config.model.fedrap_mu
+    ramp = 1.0 if config.model.fedrap_schedule == "constant" else math.tanh(round_ / 10.0)
+    lam = ramp * config.model.fedrap_lambda
+    mu = ramp * config.model.fedrap_mu
     p_b, c_b = model.item_personal[items], model.item_global[items]
     reg = c_b.abs().mean() if config.model.fedrap_reg == "l1" else (c_b ** 2).mean()
     return -lam * F.mse_loss(p_b, c_b) + mu * reg
@@ -261,7 +296,7 @@ def _local_epochs(config: ExperimentConfig, data: PreparedDataset, user: int, ro
     rows_processed, epoch_losses = 0, []
     for epoch in range(train.local_epochs):
         rows = epoch_rows(cd, neg_ratio=train.neg_ratio, rows_per_batch=train.rows_per_batch(), seed=train.seed,
-                          round_=round_, epoch=epoch)
+                          round_=round_, epoch=epoch, neg_draw=train.neg_draw)
         batch_losses = []
         for batch in range(int(rows.batch.max()) + 1 if len(rows.batch) else 0):
             mask = rows.batch == batch
@@ -284,12 +319,12 @@ def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, par
     lr, item_lr = _lr(config, round_), _item_lr(config, round_, data.n_items)
     model = _build_model(backbone, params, config.model.dim)
     two_step = backbone == "pfedrec" and config.model.pfedrec_update == "two_step"
+    n = data.n_items
     if two_step:
-        head_opt = torch.optim.SGD([model.w, model.b], lr=lr, momentum=0.0, weight_decay=train.weight_decay)
-        item_opt = torch.optim.SGD([model.item], lr=item_lr, momentum=0.0, weight_decay=train.weight_decay)
+        head_opt, head_sched = _optimizer(config, _param_groups(config, model, lr, item_lr, round_, n, {"w", "b"}))
+        item_opt, item_sched = _optimizer(config, _param_groups(config, model, lr, item_lr, round_, n, {"item"}))
     else:
-        opt = torch.optim.SGD(_param_groups(backbone, model, lr, item_lr), lr=lr, momentum=0.0,
-                              weight_decay=train.weight_decay)
+        opt, sched = _optimizer(config, _param_groups(config, model, lr, item_lr, round_, n))
     dtype = next(model.parameters()).dtype
 
     def train_step(epoch, batch, items, labels) -> float:
@@ -309,11 +344,14 @@ def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, par
             item_opt.step()
             model.w.requires_grad_(True)
             model.b.requires_grad_(True)
+            head_sched.step()
+            item_sched.step()
         else:
             opt.zero_grad()
             loss = _loss(config, model, items, labels, round_, kd)
             loss.backward()
             opt.step()
+            sched.step()
         return loss.item()
 
     log = _local_epochs(config, data, user, round_, dtype, train_step, device=next(model.parameters()).device)
@@ -733,12 +771,17 @@ def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: in
     named = dict(model.named_parameters())
     tables = [p for k, p in named.items() if k in id_tables]
     rest = [p for k, p in named.items() if k not in id_tables]
+
+    def groups(names):
+        return [{"params": [p], "lr": _group_lr(config, round_, n, k, item_lr if k in id_tables else lr)}
+                for k, p in named.items() if k in names]
+
     two_step = backbone == "pfedrec" and config.model.pfedrec_update == "two_step"
     if two_step:
-        opt_a = torch.optim.SGD(rest, lr=lr, momentum=0.0)
-        opt_b = torch.optim.SGD(tables, lr=item_lr, momentum=0.0)
+        opt_a = torch.optim.SGD(groups(set(named) - id_tables), lr=lr, momentum=0.0)
+        opt_b = torch.optim.SGD(groups(id_tables), lr=item_lr, momentum=0.0)
     else:
-        opt = torch.optim.SGD([{"params": rest, "lr": lr}, {"params": tables, "lr": item_lr}], lr=lr, momentum=0.0)
+        opt = torch.optim.SGD(groups(set(named)), lr=lr, momentum=0.0)
 
     def loss_of(items, labels, mix, update=True):
         logits = model(items, mix, feats)

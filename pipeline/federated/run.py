@@ -103,6 +103,7 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
     summary = {
         "config": json.loads(config.model_dump_json()),
         "dataset": data.identity(),
+        "negatives": config.train.negatives_label(),
         **ray.get(server.summary.remote()),
         "seconds_total": round(time.perf_counter() - started, 3),
         "seconds_per_round_mean": (sum(m["time/round_seconds"] for m in history) / len(history)) if history else None,

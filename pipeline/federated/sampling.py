@@ -98,14 +98,16 @@ class EpochRows:
 
 
 def epoch_rows(clients: ClientData, *, neg_ratio: int, rows_per_batch: int, seed: int, round_: int,
-               epoch: int, sort_device: str | None = None) -> EpochRows:
-    """Positives + neg_ratio fresh negatives per positive, shuffled per client, batched.
+               epoch: int, sort_device: str | None = None, neg_draw: str = "epoch") -> EpochRows:
+    """Positives + neg_ratio negatives per positive, shuffled per client, batched. The
+    negatives are fresh every epoch (neg_draw 'epoch'), or epoch 0's in every epoch of the round
+    (neg_draw 'round'); the shuffle is fresh every epoch either way.
     sort_device: a torch device that runs the shuffle's sort (a stable sort of the same keys:
     the same rows, faster on a GPU); None sorts with numpy."""
     n_pos = clients.pos_counts()
     negatives = sample_training_negatives(clients.users, clients.excl_indptr, clients.excl_items,
                                           n_pos * neg_ratio, clients.n_items, seed=seed, round_=round_,
-                                          epoch=epoch, universe=clients.universe)
+                                          epoch=epoch if neg_draw == "epoch" else 0, universe=clients.universe)
     n_rows = n_pos * (1 + neg_ratio)
     b = clients.n_clients
     client = np.repeat(np.arange(b), n_rows)

@@ -20,8 +20,8 @@ from pipeline.config import ExperimentConfig
 from pipeline.data.negatives import EvalNegatives
 from pipeline.data.prepare import PreparedDataset
 from pipeline.eval.protocols import evaluate
-from pipeline.federated.client import (ClientParams, Distillation, FeatureSpan, FusionInputs, FusionRows, WorkingSet,
-                                      client_mixing, train_clients)
+from pipeline.federated.client import (ClientParams, Distillation, FeatureSpan, FusionInputs, FusionRows, StepSchedule,
+                                      WorkingSet, client_mixing, train_clients)
 from pipeline.federated.group_server import TeacherDownload, flatten_vectors
 from pipeline.federated.grouped import GroupPlan
 from pipeline.federated.memory import keep_freed_memory
@@ -54,6 +54,9 @@ class Upload:
     dense_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     grad_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     weight: float = 0.0
+    # weight decay: name -> sum_c w_c (f_c - 1), f_c the factor by which client c's decay scaled the
+    # rows it never touched; the server scales the whole table by 1 + this / weight (aggregate.py)
+    table_scale_sums: dict[str, float] = field(default_factory=dict)
     clients: int = 0
     rows: int = 0
     loss_sum: float = 0.0
@@ -250,7 +253,8 @@ class Shard:
                               neg_exclude_heldout=train_cfg.neg_exclude_heldout)
         sort_device = device if device.type != "cpu" else None
         epochs = [epoch_rows(clients, neg_ratio=train_cfg.neg_ratio, rows_per_batch=train_cfg.rows_per_batch(),
-                             seed=train_cfg.seed, round_=round_, epoch=e, sort_device=sort_device)
+                             seed=train_cfg.seed, round_=round_, epoch=e, sort_device=sort_device,
+                             neg_draw=train_cfg.neg_draw)
                   for e in range(train_cfg.local_epochs)]
         ws = WorkingSet.of(epochs, self.data.n_items)
         ws_client, ws_item = torch.as_tensor(ws.client).to(device), torch.as_tensor(ws.item).to(device)
@@ -276,7 +280,7 @@ class Shard:
         distil = self._distillation(teacher, users, local, ws) if teacher is not None else None
         result = train_clients(model, ClientParams(tables, vectors), ws, epochs, lrs=lrs, tol=train_cfg.tol,
                                round_=round_, model_config=self.config.model, update=update, fusion=fusion,
-                               distil=distil,
+                               distil=distil, schedule=StepSchedule(train_cfg.lr_batch_decay, train_cfg.weight_decay),
                                # blocks keep a CPU step in cache; a GPU wants one launch for everyone
                                chunk_rows=self.config.runtime.block_rows if device.type == "cpu" else None)
         trained = result.params
@@ -289,9 +293,14 @@ class Shard:
 
         for name in model.PERSONAL_DENSE:
             self.store.dense[name][local] = trained.vectors[name]
+        decayed = train_cfg.weight_decay > 0  # rows outside the working set were scaled by table_decay
+        factor = {name: torch.as_tensor(value, dtype=self.dtype).to(device) for name, value in result.table_decay.items()}
         for name in model.PERSONAL_TABLES:
-            self.store.tables[name].write(ws_local * self.data.n_items + ws_item, trained.tables[name])
-        self.store.save_copies(round_, global_params, local, ws_local, ws_item, trained.tables)
+            if decayed:
+                self.store.scale_table(name, local, factor[name])
+            self.store.write_table(name, ws_local, ws_item, trained.tables[name])
+        self.store.save_copies(round_, global_params, local, ws_local, ws_item, trained.tables,
+                               scale=factor if decayed else None)
 
         weights = torch.as_tensor(result.rows if model.AGGREGATION == "weighted" else np.ones(len(users)),
                                   dtype=self.dtype).to(device)
@@ -304,7 +313,11 @@ class Shard:
             items, inverse = _touched_items(ws.item, self.data.n_items)
             inverse = inverse.to(device)
         for name in model.GLOBAL_TABLES:
-            delta = (trained.tables[name] - tables[name]).mul_(weights.index_select(0, ws_client)[:, None])
+            start = tables[name]
+            if decayed:  # a client's change = (f_c - 1) Q on every row + this correction on its rows
+                start = start * factor[name].index_select(0, ws_client)[:, None]
+                upload.table_scale_sums[name] = float(((factor[name] - 1) * weights).sum())
+            delta = (trained.tables[name] - start).mul_(weights.index_select(0, ws_client)[:, None])
             upload.table_items[name] = items
             upload.table_sums[name] = delta.new_zeros(len(items), delta.shape[1]).index_add_(0, inverse, delta).cpu()
         grads = getattr(model, "UPLOAD_GRADS", ())

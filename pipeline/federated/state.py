@@ -84,7 +84,9 @@ class PersonalStore:
     """Personal parameters of the users of one shard, stacked, on `device`.
 
     dense: name -> [U, ...] (heads, NCF user vectors).
-    tables: name -> SparseRows over `table_base[name]` [I, d] (FedRAP P_u).
+    tables: name -> SparseRows over `table_base[name]` [I, d] (FedRAP P_u), each user's rows read
+        as table_scale[name][u] * (stored row, else the base): weight decay scales a whole table,
+        and does so by one number per user (created on the first scale_table).
     copies: name -> {round r: SparseRows} the last trained copy of global table `name`
         (PFedRec Q~_u) of every user who last trained in round r, whose untouched rows equal
         `snapshots[r][name]`; copy_round[u] = r (-1 = never trained). A round's copies are one
@@ -106,6 +108,7 @@ class PersonalStore:
         self.table_base = {name: base.to(device=device, dtype=dtype) for name, base in initial.personal_table_base.items()}
         self.tables = {name: SparseRows(n_items, base.shape[1], dtype, device)
                        for name, base in self.table_base.items()}
+        self.table_scale: dict[str, torch.Tensor] = {}
         # keep_copies=False: nothing reads the trained copies (PFedRec evaluated on the current Q)
         self.copy_names = tuple(getattr(model, "KEEP_TRAINED_COPY", ())) if keep_copies else ()
         self.copy_dims = {name: initial.global_params[name].shape[1] for name in self.copy_names}
@@ -114,6 +117,7 @@ class PersonalStore:
         self.copy_round = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.segment_users: dict[int, int] = {}  # round -> users its segment was written for
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.copy_scale: dict[str, torch.Tensor] = {}  # weight decay: name -> [U] factor of untouched rows
 
     def local_index(self, users: np.ndarray) -> np.ndarray:
         """Positions of global user ids in this shard (all must belong to it)."""
@@ -124,7 +128,22 @@ class PersonalStore:
 
     def table_rows(self, name: str, local: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
         """[R, d] personal table `name` at (local user, item) pairs."""
-        return self.tables[name].read(local * self.n_items + item, self.table_base[name].index_select(0, item))
+        rows = self.tables[name].read(local * self.n_items + item, self.table_base[name].index_select(0, item))
+        if name in self.table_scale:
+            rows.mul_(self.table_scale[name].index_select(0, local)[:, None])
+        return rows
+
+    def write_table(self, name: str, local: torch.Tensor, item: torch.Tensor, values: torch.Tensor) -> None:
+        """Set personal table `name` at (local user, item) pairs (keys unique) to `values` [R, d]."""
+        if name in self.table_scale:
+            values = values / self.table_scale[name].index_select(0, local)[:, None]
+        self.tables[name].write(local * self.n_items + item, values)
+
+    def scale_table(self, name: str, local: torch.Tensor, factor: torch.Tensor) -> None:
+        """Multiply the whole personal table `name` of users `local` by factor [len(local)]."""
+        if name not in self.table_scale:
+            self.table_scale[name] = torch.ones(len(self.users), dtype=torch.float64, device=self.device)
+        self.table_scale[name][local] *= factor.to(torch.float64)
 
     def copy_rows(self, name: str, local: torch.Tensor, item: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """[R, d] the users' trained copies of global table `name`; `current` [I, d] is the
@@ -135,15 +154,24 @@ class PersonalStore:
             at = torch.nonzero(rounds == round_).squeeze(1)
             items = item.index_select(0, at)
             fallback = self.snapshots[round_][name].index_select(0, items).to(out.dtype)
+            if name in self.copy_scale:  # weight decay scaled the rows the user never touched
+                fallback.mul_(self.copy_scale[name].index_select(0, local.index_select(0, at)).to(out.dtype)[:, None])
             out[at] = self.copies[name][round_].read(local.index_select(0, at) * self.n_items + items, fallback)
         return out
 
     def save_copies(self, round_: int, global_tables: dict[str, torch.Tensor], local: torch.Tensor,
-                    ws_local: torch.Tensor, ws_item: torch.Tensor, trained: dict[str, torch.Tensor]) -> None:
+                    ws_local: torch.Tensor, ws_item: torch.Tensor, trained: dict[str, torch.Tensor],
+                    scale: dict[str, torch.Tensor] | None = None) -> None:
         """Users `local` trained in `round_` from `global_tables`; keep their trained copies
-        (trained: name -> [W, d] rows at (ws_local, ws_item); the store takes the tensors)."""
+        (trained: name -> [W, d] rows at (ws_local, ws_item); the store takes the tensors).
+        scale: name -> [len(local)] factor of the rows they did not touch (weight decay)."""
         if not self.copy_names:
             return
+        for name in (scale or {}):
+            if name in self.copy_names:
+                if name not in self.copy_scale:
+                    self.copy_scale[name] = torch.ones(len(self.users), dtype=torch.float64, device=self.device)
+                self.copy_scale[name][local] = scale[name].to(torch.float64)
         self.snapshots[round_] = {name: global_tables[name].to(device=self.device) for name in self.copy_names}
         for name in self.copy_names:
             segment = SparseRows(self.n_items, self.copy_dims[name], self.dtype, self.device)
@@ -174,7 +202,9 @@ class PersonalStore:
                 "tables": {k: v.state_dict() for k, v in self.tables.items()},
                 "copies": {k: {r: seg.state_dict() for r, seg in segs.items()} for k, segs in self.copies.items()},
                 "copy_round": self.copy_round.cpu(), "segment_users": dict(self.segment_users),
-                "snapshots": {r: {k: v.cpu() for k, v in snap.items()} for r, snap in self.snapshots.items()}}
+                "snapshots": {r: {k: v.cpu() for k, v in snap.items()} for r, snap in self.snapshots.items()},
+                "table_scale": {k: v.cpu() for k, v in self.table_scale.items()},
+                "copy_scale": {k: v.cpu() for k, v in self.copy_scale.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if not np.array_equal(state["users"], self.users):
@@ -192,3 +222,5 @@ class PersonalStore:
         self.copy_round = state["copy_round"].to(device)
         self.segment_users = dict(state["segment_users"])
         self.snapshots = {r: {k: v.to(device) for k, v in snap.items()} for r, snap in state["snapshots"].items()}
+        self.table_scale = {k: v.to(device) for k, v in state.get("table_scale", {}).items()}
+        self.copy_scale = {k: v.to(device) for k, v in state.get("copy_scale", {}).items()}

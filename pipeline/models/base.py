@@ -91,9 +91,27 @@ def xavier(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     return tensor
 
 
-def linear_head_init(dim: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Personal Linear(d -> 1) as (w [d], b []): Xavier-normal weight, zero bias."""
-    return {"w": xavier((1, dim), generator)[0], "b": torch.zeros(())}
+def embedding(shape: tuple[int, int], generator: torch.Generator, scheme: str = "xavier") -> torch.Tensor:
+    """An embedding table [rows, d]: Xavier-normal, or N(0, 1) as torch.nn.Embedding (scheme 'torch')."""
+    if scheme == "torch":
+        return torch.randn(shape, generator=generator)
+    return xavier(shape, generator)
+
+
+def linear(fan_out: int, fan_in: int, generator: torch.Generator, scheme: str = "xavier"):
+    """(weight [fan_out, fan_in], bias [fan_out]) of a Linear: Xavier-normal weight and zero bias,
+    or torch.nn.Linear's default (scheme 'torch'): both U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    if scheme == "torch":
+        bound = 1.0 / fan_in ** 0.5
+        weight = torch.empty(fan_out, fan_in).uniform_(-bound, bound, generator=generator)
+        return weight, torch.empty(fan_out).uniform_(-bound, bound, generator=generator)
+    return xavier((fan_out, fan_in), generator), torch.zeros(fan_out)
+
+
+def linear_head_init(dim: int, generator: torch.Generator, scheme: str = "xavier") -> dict[str, torch.Tensor]:
+    """Personal Linear(d -> 1) as (w [d], b []): see `linear`."""
+    weight, bias = linear(1, dim, generator, scheme)
+    return {"w": weight[0], "b": bias[0]}
 
 
 def linear_head(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:

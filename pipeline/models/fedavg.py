@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, linear_head_teacher, xavier
+from pipeline.models.base import InitialState, RowContext, embedding, linear_head, linear_head_init, linear_head_teacher
 
 GLOBAL_TABLES = ("item",)
 GLOBAL_DENSE: tuple[str, ...] = ()
@@ -20,9 +20,12 @@ GROUP_VECTOR = ("w", "b")
 teacher_logits = linear_head_teacher
 
 
-def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:
-    item = xavier((n_items, dim), generator)
-    return InitialState(global_params={"item": item}, personal_shared=linear_head_init(dim, generator))
+LR_GROUPS = {"item": "item", "w": "head", "b": "head"}  # parameter -> its group in train.lr_groups
+
+
+def init(n_users: int, n_items: int, dim: int, generator: torch.Generator, scheme: str = "xavier") -> InitialState:
+    item = embedding((n_items, dim), generator, scheme)
+    return InitialState(global_params={"item": item}, personal_shared=linear_head_init(dim, generator, scheme))
 
 
 def lr_scale(n_items: int, config) -> dict[str, float]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.base import InitialState, RowContext, xavier
+from pipeline.models.base import InitialState, RowContext, embedding, linear
 
 GLOBAL_TABLES = ("item_mf", "item_mlp")
 GLOBAL_DENSE = ("tower.0.weight", "tower.0.bias", "tower.1.weight", "tower.1.bias",
@@ -25,15 +25,19 @@ GROUP_TABLE = "item_mlp"
 GROUP_VECTOR = GLOBAL_DENSE
 
 
-def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:
-    params = {"item_mf": xavier((n_items, dim), generator), "item_mlp": xavier((n_items, dim), generator)}
+LR_GROUPS = {"item_mf": "item", "item_mlp": "item", "user_mf": "user", "user_mlp": "user",
+             **{name: "network" for name in GLOBAL_DENSE}}
+
+
+def init(n_users: int, n_items: int, dim: int, generator: torch.Generator, scheme: str = "xavier") -> InitialState:
+    params = {"item_mf": embedding((n_items, dim), generator, scheme),
+              "item_mlp": embedding((n_items, dim), generator, scheme)}
     widths = [2 * dim, dim, dim // 2, dim // 4]
     for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-        params[f"tower.{index}.weight"] = xavier((fan_out, fan_in), generator)
-        params[f"tower.{index}.bias"] = torch.zeros(fan_out)
-    params["head.weight"] = xavier((1, dim // 4 + dim), generator)
-    params["head.bias"] = torch.zeros(1)
-    per_user = {"user_mf": xavier((n_users, dim), generator), "user_mlp": xavier((n_users, dim), generator)}
+        params[f"tower.{index}.weight"], params[f"tower.{index}.bias"] = linear(fan_out, fan_in, generator, scheme)
+    params["head.weight"], params["head.bias"] = linear(1, dim // 4 + dim, generator, scheme)
+    per_user = {"user_mf": embedding((n_users, dim), generator, scheme),
+                "user_mlp": embedding((n_users, dim), generator, scheme)}
     return InitialState(global_params=params, personal_per_user=per_user)
 
 

@@ -2,7 +2,8 @@
 
 score(u, i) = sigma(w_u . (p_{u,i} + c_i) + b_u).
 Loss on a batch B: BCE - lambda_t * MSE(P_B, C_B) + mu_t * R(C_B), R = mean |c| (L1) or mean c^2,
-lambda_t = tanh(t / 10) * lambda_base, mu_t likewise (t = 0-based round; never compounded).
+lambda_t = tanh(t / 10) * lambda_base, mu_t likewise (t = 0-based round; never compounded), or
+the base values in every round (model.fedrap_schedule=constant, as the FedRAP code reads them).
 Item lr = lr * n for P and C; every client lr decays x lr_decay per round (0.9).
 """
 
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-from pipeline.models.base import InitialState, RowContext, linear_head, linear_head_init, linear_head_teacher, xavier
+from pipeline.models.base import InitialState, RowContext, embedding, linear_head, linear_head_init, linear_head_teacher
 
 GLOBAL_TABLES = ("item_global",)
 GLOBAL_DENSE: tuple[str, ...] = ()
@@ -24,11 +25,14 @@ GROUP_VECTOR = ("w", "b")
 teacher_logits = linear_head_teacher
 
 
-def init(n_users: int, n_items: int, dim: int, generator: torch.Generator) -> InitialState:
-    item_global = xavier((n_items, dim), generator)
-    item_personal = xavier((n_items, dim), generator)
+LR_GROUPS = {"item_global": "item_global", "item_personal": "item_personal", "w": "head", "b": "head"}
+
+
+def init(n_users: int, n_items: int, dim: int, generator: torch.Generator, scheme: str = "xavier") -> InitialState:
+    item_global = embedding((n_items, dim), generator, scheme)
+    item_personal = embedding((n_items, dim), generator, scheme)
     return InitialState(global_params={"item_global": item_global},
-                        personal_shared=linear_head_init(dim, generator),
+                        personal_shared=linear_head_init(dim, generator, scheme),
                         personal_table_base={"item_personal": item_personal})
 
 
@@ -52,15 +56,17 @@ def logits(ctx: RowContext) -> torch.Tensor:
     return score(ctx, item_input(ctx))
 
 
-def ramp(round_: int, base: float) -> float:
-    """tanh(t / 10) * base: 0 in round 0, -> base; a pure function of (t, base)."""
-    return math.tanh(round_ / 10.0) * base
+def ramp(round_: int, base: float, schedule: str = "ramp") -> float:
+    """tanh(t / 10) * base: 0 in round 0, -> base; a pure function of (t, base). schedule
+    'constant': base in every round."""
+    return base if schedule == "constant" else math.tanh(round_ / 10.0) * base
 
 
 def row_regulariser(ctx: RowContext, round_: int, config) -> torch.Tensor:
     """[R] per-row extra loss; its per-client mean over a batch equals
     -lambda_t * MSE(P_B, C_B) + mu_t * R(C_B) of that client's batch."""
     p, c = ctx.table("item_personal"), ctx.table("item_global")
-    lam, mu = ramp(round_, config.fedrap_lambda), ramp(round_, config.fedrap_mu)
+    schedule = config.fedrap_schedule
+    lam, mu = ramp(round_, config.fedrap_lambda, schedule), ramp(round_, config.fedrap_mu, schedule)
     reg = c.abs() if config.fedrap_reg == "l1" else c.square()
     return -lam * (p - c).square().mean(-1) + mu * reg.mean(-1)

@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.base import InitialState, broadcast_affine, linear_head_init, xavier
+from pipeline.models.base import InitialState, broadcast_affine, embedding, linear_head_init, xavier
 
 PREFIX = "fedmr."
 ID_TABLE = "fedmr_item"  # FedNCF only: the ID input table E [I, d_id]
@@ -288,6 +288,8 @@ class FedMR:
         self.PERSONAL_DENSE = (*backbone.PERSONAL_DENSE, *local)
         self.PERSONAL_TABLES = backbone.PERSONAL_TABLES
         self.AGGREGATION = backbone.AGGREGATION
+        self.LR_GROUPS = {**backbone.LR_GROUPS, **{name: "fusion" for name in names},
+                          **({ID_TABLE: "item"} if uses_table else {})}
         self.UPLOAD_GRADS = self.fusion_global if cfg.fusion_agg == "grad_adam" else ()
         if hasattr(backbone, "KEEP_TRAINED_COPY"):
             self.KEEP_TRAINED_COPY = backbone.KEEP_TRAINED_COPY
@@ -304,18 +306,18 @@ class FedMR:
         self.teacher_logits = backbone.teacher_logits
 
     def init(self, n_users: int, n_items: int, dim: int, generator: torch.Generator,
-             feature_dims: dict[str, int]) -> InitialState:
+             feature_dims: dict[str, int], scheme: str = "xavier") -> InitialState:
         """The backbone's initial model (same draws as ID only), then: the personal head on z_i
         (Linear(d_f -> 1)) for linear-head backbones, FedNCF's table E, the module."""
         missing = [m for m in self.MODALITIES if m not in feature_dims]
         if missing:
             raise ValueError(f"fusion.modalities needs {missing} features, the dataset has "
                              f"{sorted(feature_dims) or 'none'}: encode them or drop them from fusion.modalities")
-        state = self.backbone.init(n_users, n_items, dim, generator)
+        state = self.backbone.init(n_users, n_items, dim, generator, scheme)
         if not self.additive:
-            state.personal_shared.update(linear_head_init(self.FUSION.d_f, generator))
+            state.personal_shared.update(linear_head_init(self.FUSION.d_f, generator, scheme))
         elif ID_TABLE in self.GLOBAL_TABLES:
-            state.global_params[ID_TABLE] = xavier((n_items, self.d_id), generator)
+            state.global_params[ID_TABLE] = embedding((n_items, self.d_id), generator, scheme)
         params = init_params(param_shapes(self.FUSION, self.d_id, feature_dims), generator)
         state.global_params.update({n: params[n] for n in self.fusion_global})
         state.personal_shared.update({n: params[n] for n in self.fusion_local})

@@ -146,6 +146,9 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
            "test": {}, "valid": {}, "best_round": [], "rounds_run": [], "seconds": []}
     if config.privacy is not None:
         row["label"] += privacy_label(config.privacy, [r.summary.get("privacy") for r in done])
+    if config.train.neg_exclude_heldout:
+        row["label"] += " (original negatives: optimistic)"
+    row["negatives"] = config.train.negatives_label()
     row["centralized"] = runs[0].spec.centralized
     row["private"] = config.privacy is not None
     if row["centralized"]:
@@ -373,7 +376,8 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
         parts.append(f"- **Schedule:** rounds cap {_uniform([t.rounds for t in train])}, patience "
                      f"{_uniform([t.patience for t in train])}, participation {_uniform([t.participation for t in train])}, "
                      f"local epochs {_uniform([t.local_epochs for t in train])}, neg_ratio "
-                     f"{_uniform([t.neg_ratio for t in train])}; per-backbone defaults otherwise "
+                     f"{_uniform([t.neg_ratio for t in train])}, training negatives: "
+                     f"{_uniform([t.negatives_label() for t in train])}; per-backbone defaults otherwise "
                      f"(configs: {', '.join(sorted({str(r.spec.source) for r in all_runs}))})")
         central = [c.centralized for r, c in zip(row_runs.values(), configs) if r[0].spec.centralized]
         if central:

@@ -38,8 +38,8 @@ PRESETS: dict[str, tuple[tuple[str, ...], dict]] = {
     "pfedrec_paper": (("pfedrec",), {**_TORCH_32, "model": {**_TORCH_32["model"], "pfedrec_eta": 80.0},
                                      "train": _PFEDREC_LOOP}),
     # the PFedRec paper's FedMF and FedNCF baselines: no code was published; its setting
-    # (latent 32, 1 epoch of 256 rows, 4 negatives, SGD lr 0.1) with each model's own lr rule
-    "fedmf_paper": (("fcf",), {**_TORCH_32, "train": _PFEDREC_LOOP}),
+    # (latent 32, 1 epoch of 256 rows, 4 negatives, SGD lr 0.1, item tables at 0.1 * n * 80)
+    "fedmf_paper": (("fcf",), {**_TORCH_32, "train": {**_PFEDREC_LOOP, "lr_groups": {"item": "8*n"}}}),
     "fedncf_paper": (("fedncf",), {**_TORCH_32, "train": _PFEDREC_LOOP}),
     # mtics/FedRAP: 10 epochs (tol 1e-4) of 2048-row batches, head 0.5, P and C 200, weight decay
     # 1e-4, x0.97 per round and x0.95 per batch, lambda and mu constant at 0.1

@@ -106,6 +106,8 @@ def test_presets_hold_the_originals_settings():
     assert (pfedrec.train.local_epochs, pfedrec.train.rows_per_batch(), pfedrec.train.neg_ratio) == (1, 256, 4)
     assert round_lrs(pfedrec, 1682, 5) == {"item": pytest.approx(0.1 * 1682 * 80), "w": 0.1, "b": 0.1}
     assert pfedrec.data.protocol.tie_rule == "first" and not pfedrec.train.neg_exclude_heldout
+    fedmf = load_config(None, ["model.backbone=fcf", "train.preset=fedmf_paper"])
+    assert round_lrs(fedmf, 1682, 5) == {"item": pytest.approx(0.1 * 1682 * 80), "w": 0.1, "b": 0.1}
     fedrap = load_config(None, ["model.backbone=fedrap", "train.preset=fedrap_paper"])
     lrs = round_lrs(fedrap, 1682, 2)
     assert lrs["item_personal"] == lrs["item_global"] == pytest.approx(200 * 0.97 ** 2)

@@ -315,7 +315,7 @@ def train_client(config: ExperimentConfig, data: PreparedDataset, user: int, par
     """Local training of one client from `params` (its download + its personal state, dense);
     kd: its GFMFR distillation (rho updated in place). Returns the trained parameters (same
     names) and a log."""
-    backbone, train = config.model.backbone, config.train
+    backbone = config.model.backbone
     lr, item_lr = _lr(config, round_), _item_lr(config, round_, data.n_items)
     model = _build_model(backbone, params, config.model.dim)
     two_step = backbone == "pfedrec" and config.model.pfedrec_update == "two_step"

@@ -58,7 +58,7 @@ def collect(seeds, report_only: bool, configs=CONFIGS, pools=tuple(POOLS)) -> li
             config = runs[0].spec.config
             done = [r for r in runs if r.summary is not None]
             values = [100 * r.summary["selection"]["test"]["hr@10"] for r in done]
-            best = [r.summary["selection"]["round"] for r in done]
+            best = [r.summary["selection"]["best_round"] for r in done]
             published = PUBLISHED.get(config.model.backbone)
             rows.append({
                 "method": METHOD[config.model.backbone], "recipe": config.train.preset or "default",

@@ -108,6 +108,9 @@ def test_presets_hold_the_originals_settings():
     assert pfedrec.data.protocol.tie_rule == "first" and not pfedrec.train.neg_exclude_heldout
     fedmf = load_config(None, ["model.backbone=fcf", "train.preset=fedmf_paper"])
     assert round_lrs(fedmf, 1682, 5) == {"item": pytest.approx(0.1 * 1682 * 80), "w": 0.1, "b": 0.1}
+    fedncf = load_config(None, ["model.backbone=fedncf", "train.preset=fedncf_paper"])
+    lrs = round_lrs(fedncf, 1682, 0)
+    assert (lrs["item_mf"], lrs["user_mf"], lrs["tower.0.weight"]) == (pytest.approx(0.1 * 1682 * 80), 5.0, 0.1)
     fedrap = load_config(None, ["model.backbone=fedrap", "train.preset=fedrap_paper"])
     lrs = round_lrs(fedrap, 1682, 2)
     assert lrs["item_personal"] == lrs["item_global"] == pytest.approx(200 * 0.97 ** 2)

@@ -112,3 +112,27 @@ def test_a_stopped_sweep_resumes(tmp_path):
     done = {p.parent.parent.name: p.stat().st_mtime for p in (storage / "cut").glob("*/run/summary.json")}
     assert len(done) == 3
     assert all(done[name] == mtime for name, mtime in finished.items())  # finished trials were not re-run
+
+
+def test_trial_table_ranks_by_best_validation_round(tmp_path):
+    """tune.trials: a trial's best round is the first with the highest validation metric (as
+    `pipeline train` selects), trials ranked by it, rounds run counted (ASHA stops)."""
+    from tune.trials import render, trial_rows
+
+    def trial(name, params, values):
+        folder = tmp_path / name
+        (folder / "run").mkdir(parents=True)
+        (folder / "params.json").write_text(json.dumps(params))
+        (folder / "run" / "metrics.jsonl").write_text(
+            "".join(json.dumps({"round": r, "valid/hr@10": v}) + "\n" for r, v in enumerate(values)))
+
+    trial("_trial_a_1", {"train.lr": 0.1}, [0.2, 0.5, 0.5, 0.4])
+    trial("_trial_b_2", {"train.lr": 1.0}, [0.3, 0.6])
+    (tmp_path / "_trial_c_3").mkdir()
+    (tmp_path / "_trial_c_3" / "params.json").write_text(json.dumps({"train.lr": 3.0}))  # never reported
+    rows = trial_rows(tmp_path, "valid/hr@10")
+    assert [(r["params"]["train.lr"], r["best_round"], r["value"], r["rounds"]) for r in rows] == [
+        (1.0, 1, 0.6, 2), (0.1, 1, 0.5, 4), (3.0, None, None, 0)]
+    table = render(rows, "valid/hr@10", "t", "cmd", 4)
+    assert "| 1 | 1 | 2 | 1 | 60.00 |" in table and "| 2 | 0.1 | 4 | 1 | 50.00 |" in table
+    assert "| 3 | 3 | 0 | — | — |" in table

@@ -111,6 +111,7 @@ def test_presets_hold_the_originals_settings():
     fedncf = load_config(None, ["model.backbone=fedncf", "train.preset=fedncf_paper"])
     lrs = round_lrs(fedncf, 1682, 0)
     assert (lrs["item_mf"], lrs["user_mf"], lrs["tower.0.weight"]) == (pytest.approx(0.1 * 1682 * 80), 5.0, 0.1)
+    assert round_lrs(fedncf, 1682, 10)["user_mf"] == pytest.approx(5.0 * 0.98 ** 10)
     fedrap = load_config(None, ["model.backbone=fedrap", "train.preset=fedrap_paper"])
     lrs = round_lrs(fedrap, 1682, 2)
     assert lrs["item_personal"] == lrs["item_global"] == pytest.approx(200 * 0.97 ** 2)
@@ -156,3 +157,36 @@ def test_leave_one_out_tie_rule():
     for split in (last, first):  # no ties: both rules agree
         assert (ids[split.test_item[1]], ids[split.valid_item[1]]) == (13, 12)
     assert last.fingerprint() != first.fingerprint()
+
+
+def test_weight_decay_state_survives_a_checkpoint(data):
+    """A shard's store saved and loaded mid-run (the per-user scales of FedRAP's P and of
+    PFedRec's trained copies included) continues exactly as the uninterrupted run."""
+    import copy
+
+    from pipeline.federated.aggregate import aggregate, initial_state, round_lrs, round_users
+    from pipeline.federated.shard import Shard
+
+    for variant in ("fedrap_paper", "pfedrec_paper"):
+        cfg = preset_config(variant, "train.participation=0.5")
+        init = initial_state(cfg, data.n_users, data.n_items)
+
+        def rounds(shard, g, start, stop):
+            for r in range(start, stop):
+                users = round_users(cfg, data.train_counts, r).arrived
+                g, _ = aggregate(cfg, g, [shard.train(r, g, users, round_lrs(cfg, data.n_items, r))], None, r)
+            return g
+
+        g0 = {k: v.double() for k, v in init.global_params.items()}
+        straight = Shard(cfg, data, None, np.arange(data.n_users), init, dtype=torch.float64)
+        g_straight = rounds(straight, g0, 0, 3)
+        first = Shard(cfg, data, None, np.arange(data.n_users), init, dtype=torch.float64)
+        g_mid = rounds(first, g0, 0, 2)
+        saved = copy.deepcopy(first.store.state_dict())
+        assert saved["table_scale"] or saved["copy_scale"]
+        second = Shard(cfg, data, None, np.arange(data.n_users), init, dtype=torch.float64)
+        second.store.load_state_dict(saved)
+        g_resumed = rounds(second, g_mid, 2, 3)
+        diffs = max_diffs(engine_dense([straight], g_straight, data.n_items),
+                          engine_dense([second], g_resumed, data.n_items))
+        assert max(diffs.values()) < 1e-12, (variant, diffs)

@@ -36,7 +36,7 @@ PRESET_VARIANTS = {
     "fedmf_paper": ("fcf", "train.preset=fedmf_paper", "train.lr_groups={head: 0.3, item: 0.05*n}",
                     "train.weight_decay=0.05", "train.lr_batch_decay=0.9"),
     "fedncf_paper": ("fedncf", "train.preset=fedncf_paper", "train.lr=0.3",
-                     "train.lr_groups={user: 0.5, network: 0.2}", "train.weight_decay=0.01",
+                     "train.lr_groups={item: 0.3, user: 0.5, network: 0.2}", "train.weight_decay=0.01",
                      "train.lr_batch_decay=0.9"),
     "fedrap_paper": ("fedrap", "train.preset=fedrap_paper", "train.local_epochs=3",
                      "train.lr_groups={head: 0.3, item_personal: 8, item_global: 0.05*n}",

@@ -1,7 +1,7 @@
 """Typed experiment configuration: YAML files in configs/, overridable from the command line.
 
 Unknown keys and out-of-range values are refused with a message naming the key; every option
-either takes effect or is refused (reference defect D14). Presets (spec/protocols.md §9) only
+either takes effect or is refused. Presets (train.preset, docs/recipes.md) only
 set defaults.
 """
 
@@ -17,10 +17,10 @@ from pipeline.data.datasets import DatasetConfig
 
 Backbone = Literal["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"]
 
-# spec/backbones.md defaults per backbone
+# the FedMR authors' learning rates per backbone (train.preset=fedmr_reference)
 BACKBONE_LR = {"fedavg": 0.01, "fcf": 0.1, "fedncf": 0.1, "pfedrec": 0.1, "fedrap": 0.1}
 BACKBONE_LR_DECAY = {"fedrap": 0.9}
-FEDMR_LR = {"fedavg": 0.1, "fedncf": 0.01}  # spec/fedmr.md §3: lr 0.1, MM-FedNCF 0.01 (one lr)
+FEDMR_LR = {"fedavg": 0.1, "fedncf": 0.01}  # FedMR code: lr 0.1, MM-FedNCF 0.01 (one lr)
 
 
 Preset = Literal["fedmr_reference", "pfedrec_paper", "fedmf_paper", "fedncf_paper", "fedrap_paper"]
@@ -92,9 +92,9 @@ MODALITIES: tuple[str, ...] = ("id", "text", "image")
 
 
 class FusionConfig(BaseModel):
-    """FedMR's Mixing Feature Fusion Module (spec/fedmr.md §7); `model.fusion: null` = ID only.
+    """FedMR's Mixing Feature Fusion Module (docs/methods.md); `model.fusion: null` = ID only.
 
-    Keys that only matter for some settings are refused where they would do nothing (D14):
+    Keys that only matter for some settings are refused where they would do nothing:
     router and mixing keys need fusion=moe, attention_variant needs fusion=attention,
     server_lr / server_clip need fusion_agg=grad_adam.
     """
@@ -168,7 +168,7 @@ class FusionConfig(BaseModel):
 
 
 class GfmfrConfig(BaseModel):
-    """GFMFR's group-wise fusion with preference distillation (spec/gfmfr.md §10);
+    """GFMFR's group-wise fusion with preference distillation (docs/methods.md);
     `model.gfmfr: null` = off. The server groups each round's participants, regresses every
     group's mean item table from content, and the clients distil the group's teacher scores."""
 
@@ -180,7 +180,7 @@ class GfmfrConfig(BaseModel):
                                 "synthetic generator's taste groups, not the uploads (a diagnostic: GFMFR with "
                                 "the right groups; synthetic data only, group_num = its n_groups)")
     use_pca: bool = Field(False, description="PCA keeping 95% of the variance before clustering (one default: "
-                                             "off, G9)")
+                                             "off)")
     group_fusion: Literal["mlp", "sum"] = Field("mlp", description="Fuse of the server's group fusion model")
     group_emb_dim: int = Field(512, ge=1, description="D_g, width of the learned group embeddings")
     server_epochs: int = Field(50, ge=1, description="epochs of the group fusion model per round")
@@ -195,7 +195,7 @@ class GfmfrConfig(BaseModel):
                               "reference's sequential shared EMA is not parallel and is refused")
     rho_max: float | None = Field(
         1.0, gt=0, description="project default: cap the loss-ratio EMA rho, so kappa <= rho_max * a(t); null "
-                               "= the spec (only rho >= 0). kappa * L_KD matches L_BCE in value, so uncapped its "
+                               "= uncapped (only rho >= 0). kappa * L_KD matches L_BCE in value, so uncapped its "
                                "gradient grows as student and teacher agree and runs diverge (README, GFMFR)")
     group_membership: Literal["last_round", "last_known"] = Field(
         "last_round", description="who distils in round t: last_round = only participants of round t-1 "
@@ -243,7 +243,7 @@ class ModelConfig(BaseModel):
                 raise ValueError("fusion.d_id has no effect when fusion.modalities drops id")
             if self.gfmfr is not None and "id" not in fusion.modalities:
                 raise ValueError("gfmfr with fusion.modalities without id: GFMFR's teacher feeds its group "
-                                 "embedding z into the module's ID input (spec/gfmfr.md §9); keep id")
+                                 "embedding z into the module's ID input; keep id")
         return self
 
     def id_width(self) -> int:

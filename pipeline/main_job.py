@@ -50,12 +50,12 @@ def run_main(args) -> int:
               f"{int(data.train_indptr[-1])} training interactions; features {shapes}")
     summary = train(config, resume=False, data_cache=workdir / "prepared", quiet=args.json, fresh=True)
     summaries = {args.backbone: summary}
-    if args.fedmr:  # the same run with FedMR's Mixing Feature Fusion Module (defaults of spec/fedmr.md)
+    if args.fedmr:  # the same run with FedMR's Mixing Feature Fusion Module (its defaults, docs/methods.md)
         fedmr = load_config(None, [*overrides, f"data.features={manifest['path']}", "model.fusion={}",
                                    f"runtime.out={workdir / (args.backbone + '_fedmr')}"])
         summaries[f"{args.backbone} + FedMR"] = train(fedmr, resume=False, data_cache=workdir / "prepared",
                                                       quiet=args.json, fresh=True)
-    if args.fedmr and args.gfmfr:  # + FedMR + GFMFR: group-wise fusion and distillation (spec/gfmfr.md defaults)
+    if args.fedmr and args.gfmfr:  # + FedMR + GFMFR: group-wise fusion and distillation (its defaults, docs/methods.md)
         gfmfr = load_config(None, [*overrides, f"data.features={manifest['path']}", "model.fusion={}",
                                    "model.gfmfr={}", f"runtime.out={workdir / (args.backbone + '_fedmr_gfmfr')}"])
         summaries[f"{args.backbone} + FedMR + GFMFR"] = train(gfmfr, resume=False, data_cache=workdir / "prepared",

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from pipeline.config import ExperimentConfig
+from pipeline.config import ExperimentConfig, lr_value
 from pipeline.data.prepare import PreparedDataset
 from pipeline.federated.aggregate import initial_state, round_users
 from pipeline.federated.group_server import new_group_fusion
@@ -197,7 +197,7 @@ def _lr_group(name: str) -> str:
         return "fusion"
     if name in ("w", "b"):
         return "head"
-    if name in ("item_personal", "item_global", "user"):
+    if name in ("item_personal", "item_global"):
         return name
     if name in ("item", "item_mf", "item_mlp", "fedmr_item"):
         return "item"
@@ -214,8 +214,7 @@ def _group_lr(config: ExperimentConfig, round_: int, n_items: int, name: str, de
         return default
     decay = config.train.lr_decay if config.train.lr_decay is not None else (
         0.9 if config.model.backbone == "fedrap" else 1.0)
-    number = float(value) if isinstance(value, (int, float)) else float(str(value).split("*")[0]) * n_items
-    return number * decay ** round_
+    return lr_value(value, n_items) * decay ** round_
 
 
 def _param_groups(config: ExperimentConfig, model: nn.Module, lr: float, item_lr: float, round_: int,

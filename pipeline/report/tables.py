@@ -1,4 +1,4 @@
-"""Results tables over seeds: mean ± sample std, in Markdown, with the labels spec/protocols.md §7
+"""Results tables over seeds: mean ± sample std, in Markdown, with the labels a results table needs
 requires.
 
 - One table per (dataset version, protocol, selection metric): P1 and P3 never share a table.
@@ -8,7 +8,7 @@ requires.
 - Reported test numbers are those at the best-validation round (the run's summary.json).
 - On KU the trivial rankings (no learning; exact, computed here on the same prepared split) are
   rows of the P3 table, and the authors' reported ID-only numbers (transcribed from
-  spec/reference-results.md §2) are a separate, labelled table.
+  FedVLR AAAI-26 poster, Table 1) are a separate, labelled table.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ TRIVIAL_DATASETS = None  # datasets whose tables get the trivial rows; None = ev
 TRIVIAL_RANKINGS = ("popularity", "cold-first-then-popularity", "ascending-item-id")
 BACKBONE_NAMES = {"fedavg": "FedAvg", "fcf": "FCF", "fedncf": "FedNCF", "pfedrec": "PFedRec", "fedrap": "FedRAP"}
 
-# spec/reference-results.md §2 (FedVLR AAAI-26 poster, Table 1), KU column, plain ID backbones:
+# the FedVLR AAAI-26 poster, Table 1, KU column, plain ID backbones:
 # (HR, NDCG) in %, K not stated (most likely 50), P3. Transcribed, not re-run.
 REPORTED_KU = OrderedDict([
     ("fedavg", (11.27, 5.62)),
@@ -323,7 +323,7 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
     parts += [f"# {title or DEFAULT_TITLE}", ""]
     parts.append("Values in %, mean ± sample standard deviation over run seeds. Each run's test metrics are "
                  "taken at its best-validation round (selection on validation only, strictly-better rule, "
-                 "early stopping on the same metric; spec/protocols.md §7). A seed s sets both "
+                 "early stopping on the same metric). A seed s sets both "
                  "`train.seed` and `train.model_seed` to s; the P1 evaluation negatives stay fixed "
                  "(`data.eval_seed`). Ties are ranked pessimistically (§6).")
     if overrides:
@@ -446,7 +446,7 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
             parts += [""] + [f"- {note}" for note in notes]
         if dataset == "ku" and protocol == "p3":
             parts += ["", f"### {facts['name']} — {REPORTED} (transcribed, not re-run)", "",
-                      "- Transcribed from spec/reference-results.md §2 (FedVLR AAAI-26 poster, Table 1, KU column, "
+                      "- Transcribed from the FedVLR AAAI-26 poster (Table 1, KU column, "
                       "plain ID backbones and, beside runs with a fusion module, their \"+ ours\" rows = "
                       "+ FedMR with fusion=moe). P3; K not stated in the poster (most likely 50); the authors' "
                       "hyper-parameters were chosen by test-upon-best-validation and their personal parameters are "

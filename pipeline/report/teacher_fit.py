@@ -9,7 +9,7 @@ step it evaluates on validation, under the config's protocol and its largest cut
 
 - student: the clients' own model (what the run reports);
 - teacher: every grouped user ranks the items by its group's teacher scores s_g, the scores
-  the next round distils (the group's mean head on f_phi's item table, spec/gfmfr.md §5);
+  the next round distils (the group's mean head on f_phi's item table);
 - teacher on the true targets: the same head on the group's target table itself (the members'
   mean trained table f_phi regresses from content, §3), i.e. the teacher f_phi would give if it
   fitted its targets exactly;

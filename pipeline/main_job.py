@@ -33,10 +33,13 @@ def run_main(args) -> int:
         synthetic["n_users"] = args.users
     if args.items:
         synthetic["n_items"] = args.items
-    overrides = [f"data.synthetic={json.dumps(synthetic)}", f"model.backbone={args.backbone}",
+    # the project's default recipe for the backbone (docs/recipes.md), fewer rounds
+    overrides = [f"data.synthetic={json.dumps(synthetic)}", f"model.backbone={args.backbone}", "train.preset=default",
                  f"train.rounds={args.rounds}", "train.patience=10", f"train.seed={args.seed}",
                  f"runtime.out={workdir / args.backbone}", f"runtime.progress={str(not args.json).lower()}"]
     config = load_config(None, overrides)
+    # FedMR's module at its defaults; FedNCF adds its output to the item embeddings, so it is as wide
+    fusion = f"model.fusion={{d_f: {config.model.dim}}}" if args.backbone == "fedncf" else "model.fusion={}"
 
     folder = materialize_synthetic(config.data, workdir / "prepared")
     if not args.json:
@@ -51,12 +54,12 @@ def run_main(args) -> int:
     summary = train(config, resume=False, data_cache=workdir / "prepared", quiet=args.json, fresh=True)
     summaries = {args.backbone: summary}
     if args.fedmr:  # the same run with FedMR's Mixing Feature Fusion Module (its defaults, docs/methods.md)
-        fedmr = load_config(None, [*overrides, f"data.features={manifest['path']}", "model.fusion={}",
+        fedmr = load_config(None, [*overrides, f"data.features={manifest['path']}", fusion,
                                    f"runtime.out={workdir / (args.backbone + '_fedmr')}"])
         summaries[f"{args.backbone} + FedMR"] = train(fedmr, resume=False, data_cache=workdir / "prepared",
                                                       quiet=args.json, fresh=True)
     if args.fedmr and args.gfmfr:  # + FedMR + GFMFR: group-wise fusion and distillation (its defaults, docs/methods.md)
-        gfmfr = load_config(None, [*overrides, f"data.features={manifest['path']}", "model.fusion={}",
+        gfmfr = load_config(None, [*overrides, f"data.features={manifest['path']}", fusion,
                                    "model.gfmfr={}", f"runtime.out={workdir / (args.backbone + '_fedmr_gfmfr')}"])
         summaries[f"{args.backbone} + FedMR + GFMFR"] = train(gfmfr, resume=False, data_cache=workdir / "prepared",
                                                               quiet=args.json, fresh=True)

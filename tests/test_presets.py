@@ -44,6 +44,10 @@ PRESET_VARIANTS = {
     "fedrap_paper-original-pool": ("fedrap", "train.preset=fedrap_paper", "train.neg_exclude_heldout=true",
                                    "train.lr_groups={head: 0.3, item_personal: 8, item_global: 8}",
                                    "train.weight_decay=0.01", "train.participation=0.5"),
+    # the project's defaults: PFedRec scores with the global table, FedRAP without the -lambda term
+    "default-pfedrec": ("pfedrec", "train.preset=default", "model.pfedrec_eta=0.5", "train.participation=0.5"),
+    "default-fedrap": ("fedrap", "train.preset=default", "train.lr_groups={head: 0.3, item_global: 0.05*n}",
+                       "model.fedrap_mu=1.0"),
 }
 
 
@@ -56,6 +60,8 @@ def preset_config(variant, *more):
 def test_engine_matches_oracle_under_preset(data, variant):
     cfg = preset_config(variant)
     assert cfg.train.preset is not None and cfg.model.init == "torch" and cfg.train.neg_draw == "round"
+    if variant == "default-pfedrec":
+        assert cfg.model.pfedrec_eval_table == "global"
     rounds = 3
     shards, g = run_engine(cfg, data, rounds, n_shards=3)
     oracle = run_oracle(cfg, data, rounds)
@@ -64,6 +70,11 @@ def test_engine_matches_oracle_under_preset(data, variant):
         for user in oracle.personal:
             if "item" in oracle.personal[user]:
                 initial.personal[user]["item"] = initial.globals["item"]
+    if cfg.model.pfedrec_eval_table == "global" and cfg.model.backbone == "pfedrec":
+        # the engine keeps no fine-tuned copies when they never score; the oracle's are unused
+        for user in oracle.personal:
+            oracle.personal[user].pop("item", None)
+            initial.personal[user].pop("item", None)
     assert moved(initial, oracle) > 1e-2
     diffs = max_diffs(engine_dense(shards, g, data.n_items), oracle)
     assert max(diffs.values()) < ATOL, diffs
@@ -125,7 +136,20 @@ def test_presets_hold_the_originals_settings():
     reference = load_config(None, ["model.backbone=fcf", "train.preset=fedmr_reference"])
     assert reference.model_dump(exclude={"train": {"preset"}}) == load_config(
         None, ["model.backbone=fcf"]).model_dump(exclude={"train": {"preset"}})
-    assert set(PRESETS) == {"fedmr_reference", "pfedrec_paper", "fedmf_paper", "fedncf_paper", "fedrap_paper"}
+    assert set(PRESETS) == {"default", "fedmr_reference", "pfedrec_paper", "fedmf_paper", "fedncf_paper",
+                            "fedrap_paper"}
+
+
+@pytest.mark.parametrize("backbone", ["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"])
+def test_default_recipe_serves_every_backbone_with_fusion(backbone):
+    """train.preset=default has a recipe for every backbone, in the PFedRec paper's loop, and
+    sets nothing the fusion path refuses, so FedMR and GFMFR configs can name it too."""
+    cfg = load_config(None, [f"model.backbone={backbone}", "train.preset=default"])
+    assert (cfg.model.init, cfg.model.dim, cfg.train.local_epochs, cfg.train.rows_per_batch()) == ("torch", 32, 1, 256)
+    assert cfg.train.weight_decay == 0 and cfg.train.lr_batch_decay == 1 and not cfg.train.neg_exclude_heldout
+    fused = load_config(None, [f"model.backbone={backbone}", "train.preset=default", "model.fusion={d_f: 32}",
+                               "model.gfmfr={}"])
+    assert fused.model.fusion is not None and fused.train.lr_groups == cfg.train.lr_groups
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -74,3 +74,18 @@ def test_reproduction_table_from_runs_then_from_records(workspace):
     shutil.rmtree(workspace / "runs" / "reproduction")
     assert reproduction.main([*argv, "--report-only"]) == 0
     assert json.loads((workspace / "results" / "reproduction.json").read_text()) == rows
+
+
+def test_default_rows_carry_their_target(workspace):
+    """A `train.preset: default` config gives a row with recipe "default" and its target, and the
+    table says whether the mean reaches it."""
+    (workspace / "configs" / "tiny_default.yaml").write_text(
+        TINY.replace("tiny-pfedrec-paper", "tiny-pfedrec-default").replace("pfedrec_paper", "default"))
+    argv = ["--seeds", "0", "--configs", "configs/tiny_default.yaml", "--negatives", "symmetric",
+            "--out", "results/default.md"]
+    assert reproduction.main(argv) == 0
+    [row] = json.loads((workspace / "results" / "default.json").read_text())
+    assert (row["recipe"], row["negatives"], row["target"], row["seeds"]) == ("default", "symmetric", 58.7, [0])
+    verdict = "met" if row["mean"] >= 58.7 else "not met"
+    assert f"| {row['mean']:.2f} | {row['per_seed'][0]:.2f} |" in (workspace / "results" / "default.md").read_text()
+    assert f"| ≥ 58.7: {verdict} |" in (workspace / "results" / "default.md").read_text()

@@ -22,10 +22,13 @@ TINY = ["data.synthetic={n_users: 40, n_items: 30, images: false, seed: 1}", "tr
         "train.local_epochs=1"]
 
 
-def write_space(tmp_path: Path) -> Path:
+START = {"train.lr": 0.3, "model.dim": 16}  # a known recipe the search tries first
+
+
+def write_space(tmp_path: Path, **more) -> Path:
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({"base": "configs/synthetic/fcf.yaml", "set": TINY, "pools": 1, "params": {
-        "train.lr": {"loguniform": [0.05, 0.5]}, "model.dim": {"choice": [8, 16]}}}))
+        "train.lr": {"loguniform": [0.05, 0.5]}, "model.dim": {"choice": [8, 16]}}, **more}))
     return path
 
 
@@ -59,17 +62,23 @@ def test_space_keys_are_checked_by_name(tmp_path):
     bad.write_text(yaml.safe_dump({"base": "configs/synthetic/fcf.yaml", "params": {"model.dim": {"choice": [8, -1]}}}))
     with pytest.raises(Exception, match="dim"):  # a later choice that makes no valid config
         SearchSpace.load(bad)
+    with pytest.raises(ValueError, match="start point 1 must give a value for every key"):
+        SearchSpace.load(write_space(tmp_path, start=[{"train.lr": 0.1}]))
+    with pytest.raises(Exception, match="dim"):  # a start point that makes no valid config
+        SearchSpace.load(write_space(tmp_path, start=[{"train.lr": 0.1, "model.dim": -1}]))
 
 
 def test_sweep_tensorboard_and_best_config(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    space = write_space(tmp_path)
+    space = write_space(tmp_path, start=[START])
     done = sweep("--space", str(space), "--samples", "3", "--concurrency", "1", "--storage", str(tmp_path / "s"),
                  "--name", "tiny", "--seed", "3", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(summary["trials"]) == 3 and not any(t["error"] for t in summary["trials"])
+    points = [json.loads((Path(t["trial"]) / "params.json").read_text()) for t in summary["trials"]]
+    assert START in points and sum(p == START for p in points) == 1  # the start point, then the search
     for trial in summary["trials"]:  # every trial's TensorBoard events, under the storage path
         run = Path(trial["trial"]) / "run"
         assert str(run).startswith(str(tmp_path / "s" / "tiny"))

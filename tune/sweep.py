@@ -12,6 +12,8 @@ A search space is a YAML file next to the experiment configs (configs/sweeps/*.y
       train.lr: {loguniform: [0.01, 1.0]}
       model.fusion.d_f: {choice: [16, 32, 64]}
       model.fusion.dropout: {uniform: [0.0, 0.3]}
+    start:                                      # points tried first, e.g. known recipes (optional)
+      - {train.lr: 0.1, model.fusion.d_f: 32, model.fusion.dropout: 0.0}
 
 Distributions: choice [values], uniform [low, high], loguniform [low, high], randint [low, high).
 Each trial runs the federated job (pipeline.federated.run.train) in a placement group holding
@@ -37,26 +39,35 @@ class SearchSpace:
     overrides: list[str] = field(default_factory=list)
     metric: str | None = None
     pools: int = 1
+    start: list[dict] = field(default_factory=list)
 
     @staticmethod
     def load(path: str | Path) -> "SearchSpace":
         path = Path(path)
         raw = yaml.safe_load(path.read_text()) or {}
-        unknown = set(raw) - {"base", "set", "metric", "pools", "params"}
+        unknown = set(raw) - {"base", "set", "metric", "pools", "params", "start"}
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected base, set, metric, pools, params)")
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected base, set, metric, pools, params, "
+                             f"start)")
         if "base" not in raw or not raw.get("params"):
             raise ValueError(f"{path}: needs `base` (an experiment config) and a non-empty `params`")
         for key, spec in raw["params"].items():
             if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
                 raise ValueError(f"{path}: params.{key}: one of {DISTRIBUTIONS} with its arguments, got {spec!r}")
+        start = raw.get("start") or []
+        for number, point in enumerate(start, 1):
+            if not isinstance(point, dict) or set(point) != set(raw["params"]):
+                raise ValueError(f"{path}: start point {number} must give a value for every key of params "
+                                 f"({sorted(raw['params'])}), got {point!r}")
         space = SearchSpace(base=raw["base"], params=raw["params"], overrides=list(raw.get("set") or []),
-                            metric=raw.get("metric"), pools=int(raw.get("pools", 1)))
+                            metric=raw.get("metric"), pools=int(raw.get("pools", 1)), start=list(start))
         examples = space.example()
         space.config(examples)  # every key must exist
         for key, spec in space.params.items():  # and every choice must make a valid config
             for value in spec.get("choice", ())[1:]:
                 space.config({**examples, key: value})
+        for point in space.start:
+            space.config(point)
         return space
 
     def config(self, point: dict, extra: list[str] = ()):
@@ -123,7 +134,8 @@ def run_sweep(space_path: str | Path, *, samples: int, concurrency: int, storage
     else:
         if path.exists():
             raise FileExistsError(f"{path} already holds a sweep: pass --resume to continue it, or another --name")
-        searcher = ConcurrencyLimiter(OptunaSearch(metric=metric, mode="max", seed=seed), max_concurrent=concurrency)
+        optuna = OptunaSearch(metric=metric, mode="max", seed=seed, points_to_evaluate=space.start or None)
+        searcher = ConcurrencyLimiter(optuna, max_concurrent=concurrency)
         scheduler = ASHAScheduler(time_attr="round", metric=metric, mode="max", max_t=base.train.rounds,
                                   grace_period=min(grace_rounds, base.train.rounds))
         tuner = tune.Tuner(trainable, param_space=space.tune_space(),

@@ -145,3 +145,6 @@ def test_trial_table_ranks_by_best_validation_round(tmp_path):
     table = render(rows, "valid/hr@10", "t", "cmd", 4)
     assert "| 1 | 1 | 2 | 1 | 60.00 |" in table and "| 2 | 0.1 | 4 | 1 | 50.00 |" in table
     assert "| 3 | 3 | 0 | — | — |" in table
+    marked = render(rows, "valid/hr@10", "t", "cmd", 4, starts=[{"train.lr": 0.1}], notes=["Why it ended."])
+    assert "| 2 (*start*) | 0.1 | 4 | 1 | 50.00 |" in marked and "| 1 | 1 | 2 | 1 | 60.00 |" in marked
+    assert marked.endswith("\n\nWhy it ended.")

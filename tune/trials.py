@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -45,20 +46,23 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def render(rows: list[dict], metric: str, title: str, command: str, planned_rounds: int | None) -> str:
+def render(rows: list[dict], metric: str, title: str, command: str, planned_rounds: int | None,
+           starts: list[dict] = (), notes: list[str] = ()) -> str:
     keys = sorted({key for row in rows for key in row["params"]})
     lines = [f"<!-- made by: {command} -->", f"# {title}", "",
              f"{len(rows)} trials, best first, by validation {metric.split('/')[-1].upper()} at each trial's best "
              f"round (the first round with the highest value, as `pipeline train` selects). "
              f"Trials that ran fewer rounds{f' than {planned_rounds}' if planned_rounds else ''} were stopped early "
-             f"by ASHA.", "",
+             f"by ASHA. A trial marked *start* is one of the space's start points (a known recipe, tried first); "
+             f"the others are Optuna's.", "",
              "| " + " | ".join(["rank", *keys, "rounds run", "best round", f"valid {metric.split('/')[-1]}"]) + " |",
              "|" + "---|" * (len(keys) + 4)]
     for rank, row in enumerate(rows, 1):
         value = f"{100 * row['value']:.2f}" if row["value"] is not None else "—"
-        lines.append("| " + " | ".join([str(rank), *(_fmt(row["params"].get(k)) for k in keys), str(row["rounds"]),
+        mark = " (*start*)" if row["params"] in starts else ""
+        lines.append("| " + " | ".join([f"{rank}{mark}", *(_fmt(row["params"].get(k)) for k in keys), str(row["rounds"]),
                                         "—" if row["best_round"] is None else str(row["best_round"]), value]) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, *(f"\n{note}" for note in notes)])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--space", type=Path, required=True, help="the sweep's search space YAML")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (else print it)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph under the table (repeatable)")
     args = parser.parse_args(argv)
     from pipeline.data.store import write_text_atomically
     from tune.sweep import SearchSpace
@@ -80,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    command = f"python -m tune.trials {args.sweep_dir} --space {args.space}" + (f" --out {args.out}" if args.out else "")
-    markdown = render(rows, metric, f"Sweep {args.sweep_dir.name}: {args.space}", command, base.train.rounds)
+    command = f"python -m tune.trials {args.sweep_dir} --space {args.space}" + (f" --out {args.out}" if args.out else "") \
+        + "".join(f" --note {shlex.quote(note)}" for note in args.note)
+    markdown = render(rows, metric, f"Sweep {args.sweep_dir.name}: {args.space}", command, base.train.rounds,
+                      starts=space.start, notes=args.note)
     if args.out:
         write_text_atomically(args.out, markdown + "\n")
     else:

@@ -110,6 +110,7 @@ def cmd_data_prepare(args) -> int:
 
 def cmd_data_synth(args) -> int:
     from pipeline.data import synthetic
+    from pipeline.outputs import check_output
 
     overrides = {key: value for key, value in (("n_users", args.users), ("n_items", args.items),
                                                ("n_groups", args.groups), ("seed", args.seed))
@@ -117,7 +118,8 @@ def cmd_data_synth(args) -> int:
     if args.no_images:
         overrides["images"] = False
     config = synthetic.SyntheticConfig(**overrides)
-    folder = synthetic.write(synthetic.generate(config), args.out)
+    check_output(args.out, synthetic.SYNTHETIC_OUTPUT, overwrite=args.overwrite)  # before generating
+    folder = synthetic.write(synthetic.generate(config), args.out, overwrite=args.overwrite)
     print(f"wrote synthetic dataset ({config.n_users} users, {config.n_items} items) to {folder}")
     return 0
 
@@ -278,10 +280,14 @@ def cmd_recommend(args) -> int:
 
 def cmd_export(args) -> int:
     """A trained run's model as safetensors + a JSON model card."""
-    from pipeline.trained import TrainedRun
+    from pipeline.federated.run import DATA_CACHE
+    from pipeline.outputs import check_output
+    from pipeline.trained import EXPORT_OUTPUT, TrainedRun
 
+    inputs = [args.run, args.data_cache or DATA_CACHE]
+    check_output(args.out, EXPORT_OUTPUT, inputs=inputs, overwrite=args.overwrite)  # before anything loads
     run = TrainedRun.open(args.run, checkpoint=args.checkpoint, data_cache=args.data_cache)
-    out = run.export(args.out)
+    out = run.export(args.out, overwrite=args.overwrite, inputs=inputs)
     card = run.model_card()
     if args.json:
         print(json.dumps({"export": str(out), **{k: card[k] for k in ("method", "round", "metrics_at_best_round")}},
@@ -319,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", type=Path, required=True, help="folder for prepared datasets")
     prep.set_defaults(func=cmd_data_prepare)
     synth = data_commands.add_parser("synth", help="write the synthetic multimodal dataset")
-    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--out", type=Path, required=True, help="a new folder (or an earlier synthetic dataset "
+                       "with --overwrite)")
+    synth.add_argument("--overwrite", action="store_true", help="replace an earlier `data synth` output in --out")
     synth.add_argument("--users", type=int)
     synth.add_argument("--items", type=int)
     synth.add_argument("--groups", type=int)
@@ -398,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--user", required=True, help="the user's id as in the dataset's files")
             command.add_argument("--k", type=int, default=10)
         else:
-            command.add_argument("--out", type=Path, required=True, help="the export folder (replaced atomically)")
+            command.add_argument("--out", type=Path, required=True, help="the export folder (a new one, or an "
+                                 "earlier export with --overwrite)")
+            command.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
         command.set_defaults(func=func)
 
     report = commands.add_parser("report", help="a Markdown report (results table, PNG plots) of trained runs")

@@ -21,9 +21,22 @@ import torch
 import yaml
 
 from pipeline.config import ExperimentConfig
+from pipeline.outputs import OutputKind, check_output
 
 EXPORT_TENSORS = "model.safetensors"
 MODEL_CARD = "model_card.json"
+EXPORT_FORMAT = "fedmm-pipeline export 1"
+
+
+def _is_export(folder: Path) -> bool:
+    try:
+        card = json.loads((Path(folder) / MODEL_CARD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(card, dict) and str(card.get("format", "")).startswith("fedmm-pipeline export")
+
+
+EXPORT_OUTPUT = OutputKind("export", "an export", MODEL_CARD, frozenset({EXPORT_TENSORS, MODEL_CARD}), _is_export)
 
 
 class RunError(ValueError):
@@ -153,20 +166,22 @@ class TrainedRun:
                                           "test": selection.get("test")},
                 "privacy": self.summary.get("privacy"), "config": json.loads(self.config.model_dump_json())}
 
-    def export(self, out_dir) -> Path:
+    def export(self, out_dir, *, overwrite: bool = True, inputs=()) -> Path:
         """model.safetensors (globals and every pool's personal state) + model_card.json, written
-        atomically."""
+        atomically. `out_dir` must not hold anything but an earlier export (replaced only with
+        `overwrite`) nor overlap the checkpoint read or `inputs` (pipeline.outputs.check_output)."""
         from safetensors.torch import save_file
 
         from pipeline.data.store import write_atomically
 
+        check_output(out_dir, EXPORT_OUTPUT, inputs=[self.source, *inputs], overwrite=overwrite)
         tensors = {f"globals/{name}": t.contiguous() for name, t in self.globals.items()}
         pool_meta = []
         for i, shard in enumerate(self.shards):
             flat, meta = _flatten(shard.store.state_dict(), f"pool{i}/")
             tensors.update(flat)
             pool_meta.append(meta)
-        card = {**self.model_card(), "pool_meta": pool_meta, "format": "fedmm-pipeline export 1"}
+        card = {**self.model_card(), "pool_meta": pool_meta, "format": EXPORT_FORMAT}
 
         def fill(tmp: Path) -> None:
             save_file(tensors, str(tmp / EXPORT_TENSORS), metadata={"format": card["format"]})

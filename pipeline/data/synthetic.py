@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from pipeline.data.schema import Catalogue, Interactions, RawDataset
 from pipeline.data.store import write_atomically
+from pipeline.outputs import OutputKind, check_output
 
 # --------------------------------------------------------------------------------------------
 # Vocabularies (immutable)
@@ -611,15 +612,31 @@ def generate(config: SyntheticConfig, *, progress: bool = True) -> SyntheticData
     return SyntheticData(config=config, dataset=dataset, truth=truth)
 
 
-def write(data: SyntheticData, directory: Path, *, progress: bool = True) -> Path:
+def _is_synthetic(folder: Path) -> bool:
+    try:
+        load_config(folder)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+SYNTHETIC_OUTPUT = OutputKind("data synth", "a synthetic dataset", "synthetic.json",
+                              frozenset({"interactions.parquet", "catalogue.csv", "images", "truth.npz",
+                                         "synthetic.json"}), _is_synthetic)
+
+
+def write(data: SyntheticData, directory: Path, *, progress: bool = True, overwrite: bool = True) -> Path:
     """Write `data` in the generic format under `directory` and return it.
 
     interactions.parquet (user_id, item_id, timestamp: int64), catalogue.csv (item_id, text,
     image_path relative to the directory, '' without images), images/<item_id>.png when
     config.images, truth.npz, synthetic.json (the config). Everything is written into a
     temporary sibling directory that replaces `directory` at the end, so a crash leaves
-    either the old directory or the new one, never a half-written one.
+    either the old directory or the new one, never a half-written one. Only an earlier synthetic
+    dataset is replaced (with `overwrite`), nothing else (pipeline.outputs.check_output).
     """
+    check_output(directory, SYNTHETIC_OUTPUT, overwrite=overwrite)
+
     def fill(staging: Path) -> None:
         _write_interactions(data.dataset.interactions, staging / "interactions.parquet")
         paths = _write_images(data, staging, progress) if data.config.images else [""] * data.config.n_items

@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("catalogue", type=Path,
                         help="catalogue file (.csv, .tsv, .parquet, .jsonl with item_id, text, image_path) or a "
                              "folder holding catalogue.*; with --format, a dataset folder")
-    parser.add_argument("--out", type=Path, required=True, help="feature store directory (replaced atomically)")
+    parser.add_argument("--out", type=Path, required=True, help="feature store directory (a new one, or an "
+                                                                    "earlier store with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier feature store in --out")
     parser.add_argument("--format", choices=FORMATS, help="take the catalogue of a dataset read by this loader")
     parser.add_argument("--config", type=Path, help="YAML with EncodeConfig options (flags given here win)")
     parser.add_argument("--text-model", help=f"{' | '.join(choices(TEXT))} (default minilm)")
@@ -42,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="empty texts: mean feature, or 'missing' in the prompt (auto: missing with a prompt)")
     parser.add_argument("--batch-size", type=int, help="items per model call (default 32)")
     parser.add_argument("--actors", type=int, help="model actors per modality (default one per GPU, else up to 4 per node)")
-    parser.add_argument("--force", action="store_true", help="re-encode even if the store is up to date")
+    parser.add_argument("--force", action="store_true",
+                        help="re-encode even if the store is up to date (replacing it needs --overwrite)")
     parser.add_argument("--ray-address", help="join this Ray cluster (default: RAY_ADDRESS, else a local one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (items/s are still logged)")
     parser.add_argument("--json", action="store_true", help="print the manifest and figures as one JSON document")
@@ -63,7 +66,10 @@ def run(args) -> int:
     """Run the encode job for parsed arguments; prints a summary (or JSON) and returns 0."""
     from pipeline.data.schema import DataError
     from pipeline.encode.job import encode_items
+    from pipeline.encode.store import STORE_OUTPUT
+    from pipeline.outputs import check_output
 
+    check_output(args.out, STORE_OUTPUT, inputs=[args.catalogue], overwrite=True)  # before the catalogue loads
     _setup_logging()
     config = config_from_args(args)
     catalogue = args.catalogue
@@ -77,7 +83,7 @@ def run(args) -> int:
             raise DataError(args.catalogue, f"the {args.format} loader found no item catalogue here")
         catalogue = from_catalogue(loaded, source=f"{args.format}:{Path(args.catalogue).resolve()}")
     manifest = encode_items(catalogue, args.out, config, force=args.force, progress=not args.no_progress,
-                            ray_address=args.ray_address)
+                            ray_address=args.ray_address, overwrite=args.overwrite, inputs=[args.catalogue])
     if args.json:
         print(json.dumps(manifest, indent=2, default=str))
     else:

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -30,14 +31,21 @@ RESIZE = "short side to S (bicubic), centre crop S x S, RGB"
 
 
 def encode_items(catalogue, out, config: EncodeConfig | None = None, *, force: bool = False,
-                 progress: bool = True, ray_address: str | None = None) -> dict:
+                 progress: bool = True, ray_address: str | None = None, overwrite: bool = True,
+                 inputs=()) -> dict:
     """Encode a catalogue into the feature store at `out` and return its manifest.
 
     catalogue: a catalogue file or folder (see pipeline.encode.catalogue), a loader's
     Catalogue, or an ItemTable. Re-running on unchanged inputs and settings reuses the store
     (no Ray, no model) unless `force`. The returned manifest has two extra keys: "reused" and
-    "path". Bad input raises DataError and leaves `out` untouched.
+    "path". Bad input raises DataError and leaves `out` untouched. `out` must not overlap the
+    catalogue or `inputs`, nor hold anything but an earlier store, which is replaced only with
+    `overwrite` (pipeline.outputs.check_output raises OutputError before Ray starts).
     """
+    from pipeline.outputs import check_output
+
+    inputs = [*inputs, *([catalogue] if isinstance(catalogue, (str, Path)) else [])]
+    check_output(out, store.STORE_OUTPUT, inputs=inputs, overwrite=True)  # overlap or another's folder
     config = config or EncodeConfig()
     started = time.perf_counter()
     table = _table(catalogue)
@@ -49,6 +57,7 @@ def encode_items(catalogue, out, config: EncodeConfig | None = None, *, force: b
         log.info("feature store %s is up to date (inputs %s); reusing it", out, input_hash[:12])
         return {**manifest, "reused": True, "path": str(out)}
 
+    check_output(out, store.STORE_OUTPUT, inputs=inputs, overwrite=overwrite)  # an earlier store: --overwrite
     texts = config.prompted_texts(table.text) if TEXT in specs else None
     empty_text = table.text == ""
     has_file = np.array([is_file(p) for p in table.image], dtype=bool)

@@ -21,10 +21,20 @@ import numpy as np
 
 from pipeline.data.schema import DataError, Features, RawDataset
 from pipeline.data.store import write_atomically
+from pipeline.outputs import OutputKind
 
 FORMAT = "pipeline.encode/feature-store@1"
 MANIFEST, IDS, PARQUET = "manifest.json", "item_ids.npy", "features.parquet"
 ITEM_ORDER = "item_id ascending (the catalogue's ids, sorted)"
+
+
+def _is_store(folder: Path) -> bool:
+    return read_manifest(folder) is not None
+
+
+# what `encode` may replace: an earlier feature store, nothing else (pipeline.outputs.check_output)
+STORE_OUTPUT = OutputKind("encode", "a feature store", MANIFEST,
+                          frozenset({IDS, PARQUET, MANIFEST, "text.npy", "image.npy"}), _is_store)
 
 
 def matrix_file(modality: str) -> str:

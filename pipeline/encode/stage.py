@@ -56,19 +56,12 @@ def ensure_ray(address: str | None = None) -> bool:
     """Start or join Ray unless it is already initialised; True when this call started it.
 
     address (or RAY_ADDRESS, as under ``ray job submit``) joins that cluster; otherwise a local
-    instance with this machine's CPUs and no dashboard.
+    instance of its own with this machine's CPUs and no dashboard (pipeline.ray_cluster), never
+    whichever cluster happens to run on the machine.
     """
-    import ray
+    from pipeline.ray_cluster import ensure_ray as start_or_join
 
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, configure_logging=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
-                 log_to_driver=True)
-    return True
+    return start_or_join(address, num_cpus=os.cpu_count(), log_to_driver=True)
 
 
 def cluster_plan(actors: int | None, decode: bool) -> StagePlan:

@@ -11,7 +11,6 @@ Run directory:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -29,13 +28,11 @@ DATA_CACHE = Path("runs/prepared")
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to a cluster (`address`, RAY_ADDRESS, or the job's own) or start a local one."""
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    # no address: always a new embedded cluster ("local"), never whichever cluster happens to run here
-    kwargs = {"include_dashboard": False} if not address else {}
-    ray.init(address=address or "local", log_to_driver=False, configure_logging=False, **kwargs)
+    """Join `address` (or RAY_ADDRESS), else start this job's own local instance
+    (pipeline.ray_cluster: never whichever cluster happens to run here)."""
+    from pipeline.ray_cluster import ensure_ray as start_or_join
+
+    start_or_join(address, log_to_driver=False)
 
 
 def _scalars(metrics: dict) -> dict[str, float]:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
 from pipeline.data.datasets import open_dataset
-from pipeline.federated.run import DATA_CACHE, _scalars, ensure_ray
+from pipeline.federated.run import DATA_CACHE, _scalars, empty_run_dir, ensure_ray
+from pipeline.rundir import RunLock, check_resume
 from pipeline.federated.selection import Selection
 
 STATE_FILE = "state.pt"
@@ -124,11 +125,7 @@ def _summary_selection(config: ExperimentConfig, history: list[dict]) -> Selecti
 def train_centralized(config: ExperimentConfig, *, resume: bool = False, address: str | None = None,
                       data_cache: Path = DATA_CACHE, quiet: bool = False, fresh: bool = False) -> dict:
     """Run (or resume) the centralized job of `config` on Ray Train; returns the summary."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     started = time.perf_counter()
-    central = config.centralized
     if config.model.gfmfr is not None:
         raise ValueError("model.gfmfr: GFMFR's groups and distillation are federated mechanisms with no pooled "
                          "counterpart; train the centralized bound of the backbone (+ FedMR) without it")
@@ -136,13 +133,25 @@ def train_centralized(config: ExperimentConfig, *, resume: bool = False, address
         raise ValueError("privacy: client-level DP bounds what clients upload; pooled training has no uploads. "
                          "Drop the privacy section for the centralized bound")
     run_dir = Path(config.runtime.out).resolve()
-    if fresh and not resume:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    restored = latest_checkpoint(run_dir)
-    if restored is not None and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                              f"or choose another runtime.out")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(run_dir):  # one writer per run directory (a second job there fails at once)
+        if fresh and not resume:
+            empty_run_dir(run_dir)
+        restored = latest_checkpoint(run_dir)
+        if restored is not None and not resume:
+            raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                                  f"or choose another runtime.out")
+        if resume:
+            check_resume(run_dir, config)  # the stored config, up to epochs, patience and display keys
+        return _train_centralized(config, run_dir, restored, started, address=address, data_cache=data_cache,
+                                  quiet=quiet)
+
+
+def _train_centralized(config: ExperimentConfig, run_dir: Path, restored: Path | None, started: float, *,
+                       address: str | None, data_cache: Path, quiet: bool) -> dict:
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    central = config.centralized
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
     history = json.loads((restored / "history.json").read_text()) if restored is not None else []
     if restored is None:  # a fresh start: what an interrupted first epoch left goes

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
 from pipeline.data.datasets import open_dataset
+from pipeline.rundir import LOCK, RunLock, check_resume
 
 DATA_CACHE = Path("runs/prepared")
 
@@ -44,20 +45,42 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
           data_cache: Path = DATA_CACHE, quiet: bool = False, fresh: bool = False,
           on_round: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) the federated job of `config`; returns the summary.
-    fresh: delete what an earlier run left in the run directory first.
-    on_round: called with every new round's metrics once they are written (a Tune trial reports them)."""
+    fresh: delete what an earlier run left in the run directory first (not a running job's).
+    on_round: called with every new round's metrics once they are written (a Tune trial reports them).
+    The run directory is locked while the job writes it (pipeline.rundir.RunLock: a second job there
+    fails at once); a resume must use the run's config up to rounds, patience and display keys
+    (pipeline.rundir.check_resume)."""
+    started = time.perf_counter()
+    run_dir = Path(config.runtime.out).resolve()
+    with RunLock(run_dir):  # one writer per run directory, from here to the summary
+        if fresh and not resume:
+            empty_run_dir(run_dir)
+        if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+            raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                                  f"or choose another runtime.out")
+        if resume:
+            check_resume(run_dir, config)  # before anything is written or Ray starts
+        return _train(config, run_dir, started, resume=resume, address=address, data_cache=data_cache,
+                      quiet=quiet, on_round=on_round)
+
+
+def empty_run_dir(run_dir: Path) -> None:
+    """Remove what an earlier run left in `run_dir`, all but the lock this job holds."""
+    for entry in run_dir.iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: bool, address: str | None,
+           data_cache: Path, quiet: bool, on_round: Callable[[dict], None] | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from pipeline.federated.server import Server
 
-    started = time.perf_counter()
-    run_dir = Path(config.runtime.out).resolve()
-    if fresh and not resume:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                              f"or choose another runtime.out")
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
 
     data, negatives = open_dataset(config.data, cache=data_cache)
@@ -78,6 +101,8 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
     bar = tqdm(total=config.train.rounds, initial=next_round, desc=f"{config.model.backbone} rounds",
                unit="round", disable=quiet or not config.runtime.progress)
     stopped = bool(history and history[-1]["stop"])
+    if stopped and resume:  # a run that reached its train.rounds goes on when a resume raises them
+        stopped = ray.get(server.stopped_early.remote())
     while not stopped and next_round < config.train.rounds:
         metrics = ray.get(server.run_round.remote())
         history.append(metrics)

@@ -256,6 +256,7 @@ class Server:
         if self.groups is not None:
             self.groups.load_state_dict(state["groups"])
         self.selection.load_state_dict(state["selection"])
+        self.selection.patience = self.config.train.patience  # a resume may change the patience
         round_ = manifest["round"]
         _get_while_restarting(lambda: [pool.load.remote(str(checkpoint / f"pool-{i}.pt"), round_)
                                        for i, pool in enumerate(self.pools)])
@@ -277,6 +278,10 @@ class Server:
 
     def history_so_far(self) -> list[dict]:
         return self.history
+
+    def stopped_early(self) -> bool:
+        """The validation metric has not improved for more than train.patience evaluations."""
+        return self.selection.should_stop()
 
     def summary(self) -> dict:
         privacy = self.config.privacy

@@ -1,0 +1,263 @@
+"""Nothing lost: commands never delete or replace what they did not make, a resume continues the
+run it names under that run's config, one job at a time writes a run directory, and every command
+starts its own Ray unless told an address. The real CLI in subprocesses, on tiny synthetic data;
+each refusal is checked by its message and by a digest of the target before and after."""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data.synthetic={n_users: 30, n_items: 25, images: false}", "runtime.pools=1", "runtime.progress=false"]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def run_cli(cwd: Path, *args, timeout=240, **env):
+    """`python -m pipeline ARGS` in `cwd` (its runs/prepared cache is the test's own)."""
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd, env=_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def digest(path: Path) -> dict:
+    """Every path under `path` (or the file itself) with its size and sha256."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    files = [path] if path.is_file() else sorted(path.rglob("*"))
+    return {p.relative_to(path).as_posix() if p != path else ".":
+            "dir" if p.is_dir() else (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()) for p in files}
+
+
+def refused(done, *needles):
+    """A clean refusal: non-zero exit, no traceback, the message's pieces on stderr."""
+    assert done.returncode != 0, done.stdout[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    for needle in needles:
+        assert needle in done.stderr, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("work")
+
+
+@pytest.fixture(scope="module")
+def trained(work):
+    """A 2-round run, trained while a second job tried to train into the same run directory."""
+    run = work / "run"
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--out", str(run), "--set", *TINY,
+                              "train.rounds=2"], cwd=work, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / ".lock").is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        second = run_cli(work, "train", "--out", run, "--set", *TINY, "train.rounds=2")
+        second_seconds = time.monotonic() - started
+        first_running = first.poll() is None
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err[-3000:]
+    return {"run": run, "first_pid": first.pid, "second": second, "second_seconds": second_seconds,
+            "first_running": first_running}
+
+
+@pytest.fixture(scope="module")
+def dataset(work):
+    """A tiny synthetic dataset folder (catalogue.csv, interactions) for encode to read."""
+    from pipeline.data import synthetic
+
+    config = synthetic.SyntheticConfig(n_users=30, n_items=20, images=False)
+    return synthetic.write(synthetic.generate(config, progress=False), work / "dataset", progress=False)
+
+
+# -------------------------------------------------------------------------------- export
+
+
+def test_export_onto_its_run_directory_is_refused(trained, work):
+    run = trained["run"]
+    before = digest(run)
+    for extra in ([], ["--overwrite"]):
+        done = run_cli(work, "export", "--run", run, "--out", run, *extra)
+        refused(done, f"refusing to write an export to {run}: it is the input {run}")
+    inside = run_cli(work, "export", "--run", run, "--out", run / "export", "--overwrite")
+    refused(inside, "it is inside the input")
+    assert digest(run) == before
+
+
+def test_export_onto_a_user_file_is_refused(trained, work):
+    mine = work / "some_file.txt"
+    mine.write_text("my notes\n")
+    before = digest(mine)
+    done = run_cli(work, "export", "--run", trained["run"], "--out", mine, "--overwrite")
+    refused(done, f"refusing to replace {mine}: it exists and is not a folder `pipeline export` wrote")
+    assert digest(mine) == before
+
+
+def test_export_replaces_an_earlier_export_only_with_overwrite(trained, work):
+    out = work / "export"
+    assert run_cli(work, "export", "--run", trained["run"], "--out", out).returncode == 0
+    before = digest(out)
+    again = run_cli(work, "export", "--run", trained["run"], "--out", out)
+    refused(again, f"{out} already holds an export from an earlier `pipeline export`; pass --overwrite")
+    assert digest(out) == before
+    done = run_cli(work, "export", "--run", trained["run"], "--out", out, "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(digest(out)) == ["model.safetensors", "model_card.json"]
+    (out / "notes.txt").write_text("mine")  # an export folder with a user's file in it is not replaced
+    before = digest(out)
+    refused(run_cli(work, "export", "--run", trained["run"], "--out", out, "--overwrite"),
+            "it holds notes.txt, which `pipeline export` did not write")
+    assert digest(out) == before
+
+
+# -------------------------------------------------------------------------------- encode and data synth
+
+
+def test_encode_onto_its_input_is_refused(dataset, work):
+    before = digest(dataset)
+    for source in (dataset, dataset / "catalogue.csv"):
+        done = run_cli(work, "encode", source, "--out", dataset, "--overwrite", "--text-model", "tiny-clip",
+                       "--image-model", "none")
+        refused(done, f"refusing to write a feature store to {dataset}: it ")
+    assert digest(dataset) == before
+
+
+def test_data_synth_onto_a_user_folder_is_refused(work):
+    mine = work / "my_folder"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("chapter one\n")
+    before = digest(mine)
+    for extra in ([], ["--overwrite"]):
+        done = run_cli(work, "data", "synth", "--out", mine, "--users", 30, "--items", 20, "--no-images", *extra)
+        refused(done, f"refusing to replace {mine}: it exists and is not a synthetic dataset written by "
+                      f"`pipeline data synth`")
+    assert digest(mine) == before
+    assert sorted(p.name for p in work.iterdir() if p.name.startswith(".my_folder")) == []
+
+
+def test_data_synth_replaces_its_own_output_only_with_overwrite(work):
+    out = work / "synth"
+    args = ("data", "synth", "--out", out, "--users", 30, "--items", 20, "--no-images")
+    assert run_cli(work, *args).returncode == 0
+    before = digest(out)
+    refused(run_cli(work, *args, "--seed", 1), f"{out} already holds a synthetic dataset from an earlier "
+                                               f"`pipeline data synth`; pass --overwrite to replace it")
+    assert digest(out) == before
+    done = run_cli(work, *args, "--seed", 1, "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "synthetic.json").read_text())["seed"] == 1
+
+
+# -------------------------------------------------------------------------------- run directories
+
+
+def test_a_second_writer_fails_at_once_and_the_first_is_intact(trained):
+    second, run = trained["second"], trained["run"]
+    refused(second, f"{run} is being written by another job: pid {trained['first_pid']} on host "
+                    f"{socket.gethostname()}")
+    assert trained["first_running"], "the first job ended before the second was refused"
+    assert trained["second_seconds"] < 60
+    rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1]
+    assert not (run / ".lock").exists()
+
+
+def test_resume_with_another_config_is_refused(trained, work):
+    run = work / "resume_refused"
+    shutil.copytree(trained["run"], run)
+    before = digest(run)
+    done = run_cli(work, "train", "--resume", "--out", run, "--set", *TINY, "train.rounds=3", "model.dim=32",
+                   "train.seed=7")
+    refused(done, f"cannot resume {run} with another config", "model.dim: 64 in the run, 32 now",
+            "train.seed: 0 in the run, 7 now")
+    assert "train.rounds:" not in done.stderr and "runtime.out:" not in done.stderr
+    assert digest(run) == before
+
+
+def test_resume_with_more_rounds_takes_over_a_stale_lock(trained, work):
+    run = work / "resume_more"
+    shutil.copytree(trained["run"], run)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process that held the lock and died without removing it
+    (run / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid, "since": "earlier"}))
+    done = run_cli(work, "train", "--resume", "--out", run, "--set", *TINY, "train.rounds=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"was left by pid {gone.pid} on host {socket.gethostname()}" in done.stderr
+    assert "which no longer runs: a stale lock; taking the run directory over" in done.stderr
+    rounds = [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2]
+    assert not (run / ".lock").exists()
+
+
+# -------------------------------------------------------------------------------- Ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_encode_starts_its_own_ray_beside_a_running_head(dataset, work):
+    """`ray start --head` on the machine (its address file in a temp dir of the test's own, so
+    nobody else's ray.init sees it): encode still starts a local instance of its own."""
+    ray_tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths live under it
+    port = _free_port()
+    ray_bin = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", "--block"], env=_env(RAY_TMPDIR=ray_tmp),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address_file = Path(ray_tmp) / "ray" / "ray_current_cluster"
+        deadline = time.monotonic() + 120
+        while not address_file.is_file() and head.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert address_file.is_file(), "the Ray head did not start"
+        out = work / "features"
+        done = run_cli(work, "encode", dataset / "catalogue.csv", "--out", out, "--text-model", "tiny-clip",
+                       "--image-model", "none", "--no-progress", "--json", RAY_TMPDIR=ray_tmp)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "num_cpus and num_gpus must not be provided" not in done.stderr
+        assert json.loads(done.stdout)["item_count"] == 20
+        assert (out / "text.npy").is_file()
+    finally:
+        _stop(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """End the head this test started: its own process group, by id (never `ray stop`, which
+    would stop every Ray instance on the machine)."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            head.wait(timeout=wait)
+            time.sleep(0.5)
+            os.killpg(head.pid, 0)  # children of the group still alive?
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue

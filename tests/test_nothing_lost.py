@@ -261,3 +261,40 @@ def _stop(head: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+# -------------------------------------------------------------------------------- the rules, in-process
+
+
+def test_output_rules(tmp_path):
+    from pipeline.outputs import OutputError, check_output
+    from pipeline.trained import EXPORT_OUTPUT
+
+    other_run = tmp_path / "other_run"
+    (other_run / "checkpoints").mkdir(parents=True)
+    (other_run / "config.yaml").write_text("name: x\n")
+    with pytest.raises(OutputError, match="it is a training run directory"):
+        check_output(other_run, EXPORT_OUTPUT, overwrite=True)
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty", EXPORT_OUTPUT)  # nothing there to lose
+    check_output(tmp_path / "new", EXPORT_OUTPUT)
+    (tmp_path / "link").symlink_to(other_run)
+    with pytest.raises(OutputError, match="it is the input"):
+        check_output(tmp_path / "link", EXPORT_OUTPUT, inputs=[other_run], overwrite=True)
+    with pytest.raises(OutputError, match="it contains the input"):
+        check_output(tmp_path, EXPORT_OUTPUT, inputs=[other_run / "checkpoints"], overwrite=True)
+
+
+def test_a_held_lock_refuses_a_second_holder_and_goes_with_its_job(tmp_path):
+    from pipeline.rundir import LOCK, RunLock, RunLockedError
+
+    with RunLock(tmp_path / "run", command="first"):
+        holder = json.loads((tmp_path / "run" / LOCK).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()} on host .* \\(first\\)"):
+            RunLock(tmp_path / "run").acquire()
+    assert not (tmp_path / "run" / LOCK).exists()
+    with pytest.raises(KeyError):
+        with RunLock(tmp_path / "run"):
+            raise KeyError("an error in the job")
+    assert not (tmp_path / "run" / LOCK).exists()

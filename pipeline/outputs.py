@@ -61,8 +61,8 @@ def check_output(out, kind: OutputKind, *, inputs: Iterable = (), overwrite: boo
             continue
         resolved = Path(source).expanduser().resolve()
         if (relation := _relation(out, resolved)) is not None:
-            raise OutputError(f"refusing to write {kind.what} to {shown}: it {relation} the input {source}; "
-                              f"choose an --out outside the command's inputs")
+            raise OutputError(f"refusing to write {kind.what} to {shown}: it {relation} the command's input "
+                              f"{source}; choose an --out outside its inputs")
     if not out.exists() and not out.is_symlink():
         return
     if is_run_directory(out):

@@ -96,9 +96,9 @@ def test_export_onto_its_run_directory_is_refused(trained, work):
     before = digest(run)
     for extra in ([], ["--overwrite"]):
         done = run_cli(work, "export", "--run", run, "--out", run, *extra)
-        refused(done, f"refusing to write an export to {run}: it is the input {run}")
+        refused(done, f"refusing to write an export to {run}: it is the command's input {run}")
     inside = run_cli(work, "export", "--run", run, "--out", run / "export", "--overwrite")
-    refused(inside, "it is inside the input")
+    refused(inside, "it is inside the command's input")
     assert digest(run) == before
 
 
@@ -279,9 +279,9 @@ def test_output_rules(tmp_path):
     check_output(tmp_path / "empty", EXPORT_OUTPUT)  # nothing there to lose
     check_output(tmp_path / "new", EXPORT_OUTPUT)
     (tmp_path / "link").symlink_to(other_run)
-    with pytest.raises(OutputError, match="it is the input"):
+    with pytest.raises(OutputError, match="it is the command's input"):
         check_output(tmp_path / "link", EXPORT_OUTPUT, inputs=[other_run], overwrite=True)
-    with pytest.raises(OutputError, match="it contains the input"):
+    with pytest.raises(OutputError, match="it contains the command's input"):
         check_output(tmp_path, EXPORT_OUTPUT, inputs=[other_run / "checkpoints"], overwrite=True)
 
 

@@ -91,6 +91,7 @@ def dataset(work):
 # -------------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow  # real Ray (the trained fixture or a Ray head)
 def test_export_onto_its_run_directory_is_refused(trained, work):
     run = trained["run"]
     before = digest(run)
@@ -102,6 +103,7 @@ def test_export_onto_its_run_directory_is_refused(trained, work):
     assert digest(run) == before
 
 
+@pytest.mark.slow  # real Ray (the trained fixture or a Ray head)
 def test_export_onto_a_user_file_is_refused(trained, work):
     mine = work / "some_file.txt"
     mine.write_text("my notes\n")
@@ -111,6 +113,7 @@ def test_export_onto_a_user_file_is_refused(trained, work):
     assert digest(mine) == before
 
 
+@pytest.mark.slow  # real Ray (the trained fixture or a Ray head)
 def test_export_replaces_an_earlier_export_only_with_overwrite(trained, work):
     out = work / "export"
     assert run_cli(work, "export", "--run", trained["run"], "--out", out).returncode == 0
@@ -169,6 +172,7 @@ def test_data_synth_replaces_its_own_output_only_with_overwrite(work):
 # -------------------------------------------------------------------------------- run directories
 
 
+@pytest.mark.slow  # real Ray (the trained fixture or a Ray head)
 def test_a_second_writer_fails_at_once_and_the_first_is_intact(trained):
     second, run = trained["second"], trained["run"]
     refused(second, f"{run} is being written by another job: pid {trained['first_pid']} on host "
@@ -180,6 +184,7 @@ def test_a_second_writer_fails_at_once_and_the_first_is_intact(trained):
     assert not (run / ".lock").exists()
 
 
+@pytest.mark.slow  # real Ray (the trained fixture or a Ray head)
 def test_resume_with_another_config_is_refused(trained, work):
     run = work / "resume_refused"
     shutil.copytree(trained["run"], run)
@@ -192,6 +197,7 @@ def test_resume_with_another_config_is_refused(trained, work):
     assert digest(run) == before
 
 
+@pytest.mark.slow  # real Ray (the trained fixture or a Ray head)
 def test_resume_with_more_rounds_takes_over_a_stale_lock(trained, work):
     run = work / "resume_more"
     shutil.copytree(trained["run"], run)
@@ -216,6 +222,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # real Ray (the trained fixture or a Ray head)
 def test_encode_starts_its_own_ray_beside_a_running_head(dataset, work):
     """`ray start --head` on the machine (its address file in a temp dir of the test's own, so
     nobody else's ray.init sees it): encode still starts a local instance of its own."""

@@ -7,13 +7,15 @@ set defaults.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.data.datasets import DatasetConfig
+from pipeline.strict import ConfigModel
 
 Backbone = Literal["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"]
 
@@ -110,7 +112,7 @@ Modality = Literal["id", "text", "image"]
 MODALITIES: tuple[str, ...] = ("id", "text", "image")
 
 
-class FusionConfig(BaseModel):
+class FusionConfig(ConfigModel):
     """FedMR's Mixing Feature Fusion Module (docs/methods.md); `model.fusion: null` = ID only.
 
     Keys that only matter for some settings are refused where they would do nothing:
@@ -186,7 +188,7 @@ class FusionConfig(BaseModel):
         return self
 
 
-class GfmfrConfig(BaseModel):
+class GfmfrConfig(ConfigModel):
     """GFMFR's group-wise fusion with preference distillation (docs/methods.md);
     `model.gfmfr: null` = off. The server groups each round's participants, regresses every
     group's mean item table from content, and the clients distil the group's teacher scores."""
@@ -221,7 +223,7 @@ class GfmfrConfig(BaseModel):
                                   "(reference); last_known = anyone ever grouped, with its latest id")
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(ConfigModel):
     """The backbone and its hyper-parameters."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -270,7 +272,7 @@ class ModelConfig(BaseModel):
         return self.fusion.d_id if self.fusion is not None and self.fusion.d_id is not None else self.dim
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(ConfigModel):
     """Local training, sampling, schedule and selection."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -324,11 +326,18 @@ class TrainConfig(BaseModel):
     def _checks(self):
         for group, value in self.lr_groups.items():
             lr_value(value, 1, f"train.lr_groups.{group}")  # raises on a malformed value
-        metric = self.selection_metric
-        if metric is not None:
-            name, _, k = metric.partition("@")
-            if name not in ("hr", "ndcg") or not k.isdigit() or int(k) not in self.eval_ks:
-                raise ValueError(f"selection_metric={metric!r}: expected hr@K or ndcg@K with K in {self.eval_ks}")
+        if not self.eval_ks or any(k < 1 for k in self.eval_ks):
+            raise ValueError(f"train.eval_ks={list(self.eval_ks)}: expected one or more cut-offs K >= 1")
+        metric = self.selection()  # the default too: it is read from the validation metrics every round
+        name, _, k = metric.partition("@")
+        if name not in ("hr", "ndcg") or not k.isdigit() or int(k) not in self.eval_ks:
+            ks = ", ".join(map(str, self.eval_ks))
+            if self.selection_metric is None:
+                raise ValueError(f"train.eval_ks=[{ks}] lacks {k}, the K of the default selection metric {metric} "
+                                 f"(protocol {self.protocol}): add {k} to train.eval_ks or set "
+                                 f"train.selection_metric to hr@K or ndcg@K with K in [{ks}]")
+            raise ValueError(f"train.selection_metric={metric!r}: expected hr@K or ndcg@K with K in "
+                             f"train.eval_ks=[{ks}]")
         return self
 
     def negatives_label(self) -> str:
@@ -344,7 +353,7 @@ class TrainConfig(BaseModel):
         return self.selection_metric or ("hr@10" if self.protocol == "p1" else "hr@50")
 
 
-class PrivacyConfig(BaseModel):
+class PrivacyConfig(ConfigModel):
     """Client-level differential privacy on the aggregate (DP-FedAvg): every client's update is
     clipped to L2 norm `clip`, the server adds N(0, (noise_multiplier * clip)^2) to every
     coordinate of the sum, and (epsilon, delta) is tracked with Opacus' RDP accountant."""
@@ -356,7 +365,7 @@ class PrivacyConfig(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1, description="the delta of the reported (epsilon, delta)")
 
 
-class RuntimeConfig(BaseModel):
+class RuntimeConfig(ConfigModel):
     """Where and how the run executes; none of it changes the numbers."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -381,7 +390,7 @@ class RuntimeConfig(BaseModel):
     tensorboard: bool = True
 
 
-class CentralizedConfig(BaseModel):
+class CentralizedConfig(ConfigModel):
     """The centralized upper bound (pipeline/centralized/): the same model trained on pooled data
     with Ray Train. Negatives (neg_ratio, neg_pool, neg_exclude_heldout), seeds, protocol,
     selection metric and eval_ks come from `train`; these keys are its own."""
@@ -403,7 +412,7 @@ class CentralizedConfig(BaseModel):
                                                  "1 worker to ~1e-12; float32 drifts apart at Adam's float noise)")
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "experiment"
@@ -509,16 +518,84 @@ def set_dotted(tree: dict, dotted: str, value) -> None:
     tree[leaf] = value
 
 
+class ConfigError(ValueError):
+    """A config that cannot run, in one line: the file (or --set override), the key and the reason."""
+
+
+def yaml_error(source, error: yaml.YAMLError, *, one_line: bool = False) -> str:
+    """`source:line:column: the parser's reason` of a YAML syntax error (one_line: a --set value,
+    `source: ... (column C)`)."""
+    mark = getattr(error, "problem_mark", None)
+    reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    reason += f" ({context})" if context else ""
+    if mark is None:
+        return f"{source}: not valid YAML: {reason}"
+    if one_line:
+        return f"{source}: not a YAML value: {reason} (column {mark.column + 1})"
+    return f"{source}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {reason}"
+
+
+def read_yaml(path) -> object:
+    """A YAML file's document; ConfigError (file:line:column and the reason) when it does not parse."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(yaml_error(path, error)) from None
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def describe_validation(error: ValidationError, path=None, overrides: dict[str, str] | None = None) -> str:
+    """One line per ValidationError, joined by '; ': where the value came from (the --set override
+    or the file), its dotted key, the reason and the value given."""
+    overrides = overrides or {}
+    parts = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"] if not str(part).startswith(("function-", "json-or-python"))]
+        key = ".".join(loc)
+        reason = item["msg"].removeprefix("Value error, ")
+        given = [k for k in overrides if k == key or k.startswith(key + ".") or key.startswith(k + ".")] if key \
+            else []
+        source = (f"--set {given[0]}={overrides[given[0]]}" if len(given) == 1 else
+                  str(path) if path is not None else "--set " + " ".join(f"{k}={v}" for k, v in overrides.items())
+                  if overrides else "the config")
+        if item["type"] not in ("value_error", "assertion_error", "missing") and "input" in item:
+            reason += f" (got {_shown(item['input'])})"
+        named = not key or reason.startswith(key + ".")  # a model's own check names its keys in full
+        parts.append(f"{source}: {'' if named else key + ': '}{reason}")
+    return "; ".join(parts)
+
+
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """YAML file (optional) plus `key.sub=value` overrides (values parsed as YAML scalars)."""
+    """YAML file (optional) plus `key.sub=value` overrides (values parsed as YAML scalars).
+    Raises ConfigError, one line naming the file or override, the key and the reason."""
     tree: dict = {}
     if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found")
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
-            raise ValueError(f"{path}: a config file must hold a mapping at top level")
+            raise ConfigError(f"{path}: a config file must hold a mapping at top level")
+    given: dict[str, str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r}: expected key=value, e.g. train.rounds=5")
-        set_dotted(tree, key.strip(), yaml.safe_load(raw))
-    return ExperimentConfig.model_validate(tree)
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.rounds=5")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(yaml_error(f"--set {item}", error, one_line=True)) from None
+        given[key.strip()] = raw
+        try:
+            set_dotted(tree, key.strip(), value)
+        except (AttributeError, TypeError):
+            raise ConfigError(f"--set {item}: {key.strip()} lies under a key that holds a value, not a section") \
+                from None
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(describe_validation(error, path, given)) from None

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from pipeline.data import loaders
 from pipeline.data.negatives import EvalNegatives, sample_eval_negatives
 from pipeline.data.prepare import PrepareConfig, PreparedDataset, prepare
 from pipeline.data.schema import DataError, RawDataset
 from pipeline.data.store import load_prepared, save_prepared
+from pipeline.strict import ConfigModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,7 @@ def data_root() -> Path:
     return Path(os.environ.get("PIPELINE_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 
 
-class DatasetConfig(BaseModel):
+class DatasetConfig(ConfigModel):
     """Which data, how to read it, and the preparation protocol."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from pipeline.data.schema import TEST, TRAIN, VALID, Catalogue, DataError, RawDataset
+from pipeline.strict import ConfigModel
 
 MIN_USER_INTERACTIONS = 3  # one train + one validation + one test item, always enforced
 
 
-class PrepareConfig(BaseModel):
+class PrepareConfig(ConfigModel):
     """Options of the preparation protocol; defaults are the FedMR preprocessing."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -44,13 +44,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from pipeline.data.schema import Catalogue, Interactions, RawDataset
 from pipeline.data.store import write_atomically
 from pipeline.outputs import OutputKind, check_output
+from pipeline.strict import ConfigModel
 
 # --------------------------------------------------------------------------------------------
 # Vocabularies (immutable)
@@ -115,7 +116,7 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 # Config and containers
 
 
-class SyntheticConfig(BaseModel):
+class SyntheticConfig(ConfigModel):
     """What to generate. Unknown keys and out-of-range values are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -16,6 +16,9 @@ A search space is a YAML file next to the experiment configs (configs/sweeps/*.y
       - {train.lr: 0.1, model.fusion.d_f: 32, model.fusion.dropout: 0.0}
 
 Distributions: choice [values], uniform [low, high], loguniform [low, high], randint [low, high).
+A space is checked whole when it loads, before Ray starts: every choice, both bounds of every
+uniform, loguniform and randint (low below high, a loguniform above 0) and every start point must
+make a valid config, or the sweep stops at once naming the file and the key.
 Each trial runs the federated job (pipeline.federated.run.train) in a placement group holding
 its driver and its pools; its run directory (metrics.jsonl, tb/, checkpoints/) is the trial's
 `run/` folder, so `tensorboard --logdir <storage>/<name>` shows every trial.
@@ -24,6 +27,7 @@ its driver and its pools; its run directory (metrics.jsonl, tb/, checkpoints/) i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,31 +47,58 @@ class SearchSpace:
 
     @staticmethod
     def load(path: str | Path) -> "SearchSpace":
+        """Read a space and check it whole before anything runs: every distribution over its whole
+        range (both bounds, every choice; a randint of up to RANDINT_CHECKED values at every value)
+        and every start point must make a valid config. ValueError, naming the file and the key."""
+        from pipeline.config import read_yaml
+
         path = Path(path)
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise ValueError(f"{path}: search space file not found")
+        raw = read_yaml(path) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a search space must hold a mapping at top level")
         unknown = set(raw) - {"base", "set", "metric", "pools", "params", "start"}
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)} (expected base, set, metric, pools, params, "
                              f"start)")
-        if "base" not in raw or not raw.get("params"):
-            raise ValueError(f"{path}: needs `base` (an experiment config) and a non-empty `params`")
+        if "base" not in raw or not raw.get("params") or not isinstance(raw["params"], dict):
+            raise ValueError(f"{path}: needs `base` (an experiment config) and a non-empty `params` mapping")
         for key, spec in raw["params"].items():
-            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                raise ValueError(f"{path}: params.{key}: one of {DISTRIBUTIONS} with its arguments, got {spec!r}")
+            _check_distribution(path, key, spec)
+        pools = raw.get("pools", 1)
+        if isinstance(pools, bool) or not isinstance(pools, int) or pools < 1:
+            raise ValueError(f"{path}: pools: expected a whole number >= 1, got {pools!r}")
         start = raw.get("start") or []
+        if not isinstance(start, list):
+            raise ValueError(f"{path}: start: expected a list of points, got {start!r}")
         for number, point in enumerate(start, 1):
             if not isinstance(point, dict) or set(point) != set(raw["params"]):
                 raise ValueError(f"{path}: start point {number} must give a value for every key of params "
                                  f"({sorted(raw['params'])}), got {point!r}")
         space = SearchSpace(base=raw["base"], params=raw["params"], overrides=list(raw.get("set") or []),
-                            metric=raw.get("metric"), pools=int(raw.get("pools", 1)), start=list(start))
-        examples = space.example()
-        space.config(examples)  # every key must exist
-        for key, spec in space.params.items():  # and every choice must make a valid config
-            for value in spec.get("choice", ())[1:]:
-                space.config({**examples, key: value})
-        for point in space.start:
-            space.config(point)
+                            metric=raw.get("metric"), pools=pools, start=list(start))
+        try:
+            space.config({})  # the base and the fixed overrides
+        except ValueError as error:
+            raise ValueError(f"{path}: base {space.base} with set {space.overrides}: {error}") from None
+        for key, spec in space.params.items():  # every value each distribution can draw
+            for value in _values_to_check(spec):
+                try:
+                    space.config({key: value})
+                except ValueError as error:
+                    reason = str(error).removeprefix(f"--set {key}={json.dumps(value)}: ")
+                    raise ValueError(f"{path}: params.{key}: {_describe(spec)} can draw {value!r}, which the "
+                                     f"config refuses: {reason}") from None
+        try:
+            space.config(space.example())
+        except ValueError as error:
+            raise ValueError(f"{path}: the first value of every distribution together: {error}") from None
+        for number, point in enumerate(space.start, 1):
+            try:
+                space.config(point)
+            except ValueError as error:
+                raise ValueError(f"{path}: start point {number}: {error}") from None
         return space
 
     def config(self, point: dict, extra: list[str] = ()):
@@ -88,6 +119,58 @@ class SearchSpace:
         make = {"choice": lambda a: tune.choice(list(a)), "uniform": lambda a: tune.uniform(*a),
                 "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
         return {key: make[name](args) for key, spec in self.params.items() for name, args in spec.items()}
+
+
+RANDINT_CHECKED = 256  # a randint over at most this many values is checked at each of them, else at its bounds
+
+
+def _describe(spec: dict) -> str:
+    name, args = next(iter(spec.items()))
+    return f"{{{name}: {json.dumps(args)}}}"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_distribution(path: Path, key: str, spec) -> None:
+    """ValueError naming the file and key unless `spec` is one well-formed distribution."""
+    where = f"{path}: params.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ValueError(f"{where}: one of {', '.join(DISTRIBUTIONS)} with its arguments, e.g. "
+                         f"{{uniform: [0.0, 0.3]}}, got {spec!r}")
+    name, args = next(iter(spec.items()))
+    if name == "choice":
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{where}: choice needs a non-empty list of values, got {args!r}")
+        return
+    if not isinstance(args, list) or len(args) != 2:
+        raise ValueError(f"{where}: {name} needs [low, high], got {args!r}")
+    low, high = args
+    if name == "randint":
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in args):
+            raise ValueError(f"{where}: randint needs two whole numbers [low, high) (high excluded), got {args!r}")
+        if not low < high:
+            raise ValueError(f"{where}: randint [{low}, {high}) is empty: low must be below high (high is excluded)")
+        return
+    if not all(_number(v) for v in args):
+        raise ValueError(f"{where}: {name} needs two finite numbers [low, high], got {args!r}")
+    if not low < high:
+        raise ValueError(f"{where}: {name} [{low}, {high}]: low must be below high")
+    if name == "loguniform" and not low > 0:
+        raise ValueError(f"{where}: loguniform [{low}, {high}]: low must be above 0 (a log scale)")
+
+
+def _values_to_check(spec: dict) -> list:
+    """Every value of a choice, both bounds of a uniform or loguniform (the config's number ranges are
+    intervals, so a range valid at both ends is valid inside), every value of a small randint."""
+    name, args = next(iter(spec.items()))
+    if name == "choice":
+        return list(args)
+    if name == "randint":
+        low, high = args
+        return list(range(low, high)) if high - low <= RANDINT_CHECKED else [low, high - 1]
+    return list(args)
 
 
 def _trial(point: dict, space: SearchSpace, cwd: str) -> None:

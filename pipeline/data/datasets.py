@@ -152,6 +152,9 @@ def _input_key(config: DatasetConfig) -> str:
         if not manifest.is_file():
             raise DataError(manifest, "not a feature store; run `python -m pipeline encode` first")
         digest.update(manifest.read_bytes())
+        for file in sorted(Path(config.features).glob("*.npy")):  # the matrices themselves: an edited
+            digest.update(file.name.encode())                        # store is read (and checked) again
+            digest.update(file.read_bytes())
     fmt, path = config.resolved()
     if path is not None:
         files = [path] if Path(path).is_file() else sorted(

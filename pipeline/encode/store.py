@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.loaders._read import check_finite
 from pipeline.data.schema import DataError, Features, RawDataset
 from pipeline.data.store import write_atomically
 from pipeline.outputs import OutputKind
@@ -92,16 +93,24 @@ def load_features(directory) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     if manifest is None:
         raise DataError(directory / MANIFEST, "not a feature store (manifest.json missing, unreadable or "
                                               "of another format); run `python -m pipeline encode` first")
-    n = manifest["item_count"]
+    try:
+        n = int(manifest["item_count"])
+        dims = {name: int(info["dim"]) for name, info in manifest["modalities"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise DataError(directory / MANIFEST, "damaged manifest: item_count or modalities.<name>.dim missing or "
+                                              "not a number; re-encode the store") from None
     item_ids = _load_array(directory / IDS)
     if item_ids.shape != (n,):
         raise DataError(directory / IDS, f"expected {n} item ids (manifest item_count), found {item_ids.shape}")
+    if len(np.unique(item_ids)) != n:
+        raise DataError(directory / IDS, "an item id appears more than once; re-encode the store")
     matrices = {}
-    for name, info in manifest["modalities"].items():
+    for name, dim in dims.items():
         matrix = _load_array(directory / matrix_file(name))
-        if matrix.dtype != np.float32 or matrix.shape != (n, info["dim"]):
-            raise DataError(directory / matrix_file(name), f"expected float32 [{n}, {info['dim']}] as the "
+        if matrix.dtype != np.float32 or matrix.shape != (n, dim):
+            raise DataError(directory / matrix_file(name), f"expected float32 [{n}, {dim}] as the "
                                                           f"manifest says, found {matrix.dtype} {list(matrix.shape)}")
+        check_finite(directory / matrix_file(name), matrix, item_ids)
         matrices[name] = matrix
     return item_ids, matrices, manifest
 
@@ -143,5 +152,5 @@ def reusable(directory, key: str) -> dict | None:
 def _load_array(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:
         raise DataError(path, f"cannot read feature store file: {error}") from None

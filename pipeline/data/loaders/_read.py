@@ -561,8 +561,17 @@ def read_matrix(path) -> np.ndarray:
         raise DataError(path, f"feature matrix is empty (shape {list(m.shape)})")
     with np.errstate(over="ignore"):  # overflow becomes inf, reported below
         m = m.astype(np.float32, copy=False)
-    bad = ~np.isfinite(m).all(axis=1)
+    check_finite(path, m)
+    return m
+
+
+def check_finite(path, matrix: np.ndarray, item_ids: np.ndarray | None = None) -> None:
+    """DataError naming the first row of a feature matrix [n, d] that holds NaN or inf, its item
+    (item_ids[r], or r itself when rows are item ids) and how many rows do."""
+    bad = ~np.isfinite(matrix).all(axis=1)
     if bad.any():
         r = int(np.argmax(bad))
-        raise DataError(path, f"NaN or inf in feature row {r} (0-based, = item id {r})")
-    return m
+        item = f"item id {item_ids[r]}" if item_ids is not None else f"= item id {r}"
+        more = f"; {int(bad.sum())} rows in all" if bad.sum() > 1 else ""
+        raise DataError(path, f"NaN or inf in feature row {r} (0-based, {item}){more}: features must be finite; "
+                              f"re-encode them")

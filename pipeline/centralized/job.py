@@ -28,8 +28,7 @@ from ray.train import UserCallback
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
-from pipeline.data.datasets import open_dataset
-from pipeline.federated.run import DATA_CACHE, _scalars, empty_run_dir, ensure_ray
+from pipeline.federated.run import DATA_CACHE, _scalars, empty_run_dir, ensure_ray, new_run_directory, open_checked
 from pipeline.rundir import RunLock, check_resume
 from pipeline.federated.selection import Selection
 
@@ -133,7 +132,7 @@ def train_centralized(config: ExperimentConfig, *, resume: bool = False, address
         raise ValueError("privacy: client-level DP bounds what clients upload; pooled training has no uploads. "
                          "Drop the privacy section for the centralized bound")
     run_dir = Path(config.runtime.out).resolve()
-    with RunLock(run_dir):  # one writer per run directory (a second job there fails at once)
+    with new_run_directory(run_dir), RunLock(run_dir):  # one writer per run directory (a second job fails at once)
         if fresh and not resume:
             empty_run_dir(run_dir)
         restored = latest_checkpoint(run_dir)
@@ -152,6 +151,7 @@ def _train_centralized(config: ExperimentConfig, run_dir: Path, restored: Path |
     from ray.train.torch import TorchTrainer
 
     central = config.centralized
+    data, negatives = open_checked(config, data_cache)  # before anything is written or Ray starts
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
     history = json.loads((restored / "history.json").read_text()) if restored is not None else []
     if restored is None:  # a fresh start: what an interrupted first epoch left goes
@@ -161,7 +161,6 @@ def _train_centralized(config: ExperimentConfig, run_dir: Path, restored: Path |
         for metrics in history:
             log.write(json.dumps(metrics) + "\n")
 
-    data, negatives = open_dataset(config.data, cache=data_cache)
     # Ray Train's controller takes a report every health-check interval (default 2 s): an epoch
     # of a small dataset is shorter. Set before a local cluster starts, so its processes inherit it
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +53,7 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
     (pipeline.rundir.check_resume)."""
     started = time.perf_counter()
     run_dir = Path(config.runtime.out).resolve()
-    with RunLock(run_dir):  # one writer per run directory, from here to the summary
+    with new_run_directory(run_dir), RunLock(run_dir):  # one writer per run directory, to the summary
         if fresh and not resume:
             empty_run_dir(run_dir)
         if not resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
@@ -62,6 +63,29 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
             check_resume(run_dir, config)  # before anything is written or Ray starts
         return _train(config, run_dir, started, resume=resume, address=address, data_cache=data_cache,
                       quiet=quiet, on_round=on_round)
+
+
+@contextmanager
+def new_run_directory(run_dir: Path):
+    """A run directory this job creates is removed again when the job fails before writing into it
+    (a refused dataset or config leaves no empty folder behind)."""
+    existed = run_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+
+
+def open_checked(config: ExperimentConfig, data_cache: Path):
+    """The prepared dataset and P1 negatives, checked against what the config reads (the fusion
+    module's feature modalities): every such mistake is reported before Ray starts."""
+    from pipeline.models.fusion import check_features
+
+    data, negatives = open_dataset(config.data, cache=data_cache)
+    check_features(config.model.fusion, data.features, data.name)
+    return data, negatives
 
 
 def empty_run_dir(run_dir: Path) -> None:
@@ -81,9 +105,8 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
 
     from pipeline.federated.server import Server
 
+    data, negatives = open_checked(config, data_cache)  # before anything is written or Ray starts
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-
-    data, negatives = open_dataset(config.data, cache=data_cache)
     ensure_ray(address)
     refs = [ray.put(data), ray.put(negatives)]
     # the server lives on the driver's node (losing another node costs pools, which recover);

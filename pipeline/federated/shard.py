@@ -30,6 +30,7 @@ from pipeline.federated.sampling import client_data, epoch_rows
 from pipeline.federated.state import PersonalStore
 from pipeline.models import model_for
 from pipeline.models.base import InitialState
+from pipeline.models.fusion import check_features
 from pipeline.models.group_fusion import group_delta_sums
 
 RHO = "gfmfr.rho"  # the store's entry of the clients' distillation-weight EMA (not a parameter)
@@ -213,10 +214,8 @@ class Shard:
         self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype, self.device,
                                    keep_copies=config.model.pfedrec_eval_table == "personal")
         self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)
+        check_features(config.model.fusion, data.features, data.name)
         for modality in getattr(self.model, "MODALITIES", ()):
-            if modality not in data.features:
-                raise ValueError(f"fusion.modalities includes {modality!r} but dataset {data.name!r} has "
-                                 f"{sorted(data.features) or 'no'} features: encode them or drop {modality!r}")
             self.features[modality] = torch.as_tensor(np.asarray(data.features[modality])).to(dtype)
         # Gram matrices of the frozen features: client projections live on the working set
         # (client.FeatureSpan); above SPAN_MAX_ITEMS each client holds its own projection weights

@@ -45,6 +45,23 @@ SITE_MLP, SITE_GATE, SITE_ROUTER, SITE_ATTENTION = 1, 2, 5, 6  # gate of modalit
 LN_EPS = 1e-5
 
 
+def check_features(fusion, features, dataset: str | None = None) -> None:
+    """ValueError unless the dataset has a feature matrix for every modality the fusion module
+    reads (model.fusion.modalities besides id); fusion None (ID only) needs none. Checked on the
+    driver before Ray starts, and again where the module is built."""
+    if fusion is None:
+        return
+    needed = [m for m in fusion.modalities if m != "id"]
+    missing = [m for m in needed if m not in features]
+    if missing:
+        have = ", ".join(sorted(features)) or "none"
+        named = f"dataset {dataset!r}" if dataset else "the dataset"
+        raise ValueError(f"model.fusion reads {' and '.join(needed)} features but {named} has "
+                         f"{have}: set data.features to a feature store (python -m pipeline encode), or drop "
+                         f"{' and '.join(missing)} from model.fusion.modalities, or set model.fusion: null (ID only)")
+
+
+
 # --- parameters --------------------------------------------------------------------------------
 
 
@@ -309,10 +326,7 @@ class FedMR:
              feature_dims: dict[str, int], scheme: str = "xavier") -> InitialState:
         """The backbone's initial model (same draws as ID only), then: the personal head on z_i
         (Linear(d_f -> 1)) for linear-head backbones, FedNCF's table E, the module."""
-        missing = [m for m in self.MODALITIES if m not in feature_dims]
-        if missing:
-            raise ValueError(f"fusion.modalities needs {missing} features, the dataset has "
-                             f"{sorted(feature_dims) or 'none'}: encode them or drop them from fusion.modalities")
+        check_features(self.FUSION, feature_dims)
         state = self.backbone.init(n_users, n_items, dim, generator, scheme)
         if not self.additive:
             state.personal_shared.update(linear_head_init(self.FUSION.d_f, generator, scheme))

@@ -142,7 +142,9 @@ class TrainedRun:
         return out
 
     def recommend(self, user, k: int = 10) -> list[Recommendation]:
-        """The user's top-k items by score, its training items excluded."""
+        """The user's top-k items by score, its training items excluded (k >= 1; a bool is refused)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"recommend k={k!r}: the number of items to recommend must be a whole number >= 1")
         index = self.user_index(user)
         scores = self.scores(np.array([index]))[0].double()
         trained = self.data.train_items[self.data.train_indptr[index]:self.data.train_indptr[index + 1]]

@@ -38,6 +38,9 @@ def _add_dataset_args(parser: argparse.ArgumentParser, positional: bool = True, 
                        help="k-core minimum per item (0 disables; default 5, movielens 0)")
     group.add_argument("--allow-duplicates", action="store_true",
                        help="let exact duplicate rows through (the protocol drops them)")
+    group.add_argument("--skip-missing", action="store_true",
+                       help="drop rows with an empty user, item or timestamp (or a line cut short) and count "
+                            "them, instead of refusing the file")
     group.add_argument("--ignore-split-label", action="store_true", help="re-split even if a split ships")
     group.add_argument("--eval-seed", type=int, default=0, help="seed of the P1 negatives")
     group.add_argument("--synthetic-users", type=int, default=None)
@@ -54,7 +57,8 @@ def _dataset_config(args, name: str | None = None) -> DatasetConfig:
         name=name,
         format=args.format,
         path=getattr(args, "path", None),
-        loader_options={"allow_duplicates": True} if args.allow_duplicates else {},
+        loader_options={**({"allow_duplicates": True} if args.allow_duplicates else {}),
+                        **({"skip_missing": True} if args.skip_missing else {})},
         protocol=PrepareConfig(**{key: value for key, value in (
             ("rating_threshold", args.rating_threshold), ("min_user", args.min_user), ("min_item", args.min_item),
             ("use_predefined_split", False if args.ignore_split_label else None)) if value is not None}),
@@ -74,6 +78,7 @@ def cmd_data_stats(args) -> int:
         "dataset": data.name,
         "raw": {"users": int(len(set(inter.user.tolist()))), "items": int(len(set(inter.item.tolist()))),
                 "interactions": len(inter)},
+        "skipped_rows_missing_fields": int(raw.source.get("dropped_missing", 0)),
         "users": data.n_users,
         "items": data.n_items,
         "interactions": int(data.train_indptr[-1]) + 2 * data.n_users,
@@ -207,6 +212,9 @@ def cmd_train(args) -> int:
             print(f"client-level DP: ({privacy['epsilon']:.3g}, {privacy['delta']:g})-DP after {privacy['rounds']} "
                   f"rounds (clip {privacy['clip']:g}, noise multiplier {privacy['noise_multiplier']:g}, sampling "
                   f"rate {privacy['sample_rate']:g}; {privacy['accountant']})")
+        skipped = summary.get("dataset", {}).get("skipped_rows_missing_fields")
+        if skipped:
+            print(f"input rows skipped for an empty user, item or timestamp (skip_missing): {skipped}")
         if summary.get("damaged_checkpoints"):
             print(f"damaged checkpoints skipped: {'; '.join(summary['damaged_checkpoints'])}")
         print(f"run directory: {summary['run_dir']} (TensorBoard: tensorboard --logdir {summary['run_dir']}/tb)")

@@ -183,7 +183,8 @@ def test_fedmr_bad_rating(tmp_path, value, reason):
 
 def test_fedmr_every_row_dropped(tmp_path):
     inter = HEADER + ",1,1,10,0\n0,,1,20,1\n0,3,1,,2\n"
-    expect(lambda: fedmr.load(ku(tmp_path, inter)), file="inter.csv", reason="no usable rows: all 3 rows")
+    expect(lambda: fedmr.load(ku(tmp_path, inter), skip_missing=True), file="inter.csv",
+           reason="no usable rows: all 3 rows")
 
 
 def test_fedmr_feature_file_not_npy(tmp_path):
@@ -332,7 +333,8 @@ def test_movielens_duplicate_ratings(tmp_path):
 
 
 def test_movielens_every_row_dropped(tmp_path):
-    expect(lambda: movielens.load(ml(tmp_path, "\t10\t5\t1\n1\t\t4\t2\n")), file="u.data", reason="no usable rows")
+    expect(lambda: movielens.load(ml(tmp_path, "\t10\t5\t1\n1\t\t4\t2\n"), skip_missing=True), file="u.data",
+           reason="no usable rows")
 
 
 def test_movielens_threshold_leaves_nothing(tmp_path):
@@ -438,7 +440,8 @@ def test_microlens_user_on_two_lines(tmp_path):
 
 
 def test_microlens_every_line_dropped(tmp_path):
-    expect(lambda: microlens.load(mic(tmp_path, "\t5 6\n2\t\n")), file="X_pairs.tsv", reason="no usable rows")
+    expect(lambda: microlens.load(mic(tmp_path, "\t5 6\n2\t\n"), skip_missing=True), file="X_pairs.tsv",
+           reason="no usable rows")
 
 
 @pytest.mark.parametrize("titles, row, column, reason", [
@@ -588,13 +591,13 @@ def test_generic_duplicate_rows_parquet(tmp_path):
 
 
 def test_generic_every_row_dropped(tmp_path):
-    expect(lambda: generic.load(gen(tmp_path, G_HEADER + ",1,1,1\n1,,1,1\n")), file="interactions.csv",
+    expect(lambda: generic.load(gen(tmp_path, G_HEADER + ",1,1,1\n1,,1,1\n"), skip_missing=True), file="interactions.csv",
            reason="no usable rows: all 2 rows")
 
 
 def test_generic_every_row_dropped_parquet(tmp_path):
     to_parquet(tmp_path, pd.DataFrame({"user_id": [None, "a"], "item_id": ["x", ""], "timestamp": [1, 2]}))
-    expect(lambda: generic.load(tmp_path), file="interactions.parquet", reason="no usable rows")
+    expect(lambda: generic.load(tmp_path, skip_missing=True), file="interactions.parquet", reason="no usable rows")
 
 
 @pytest.mark.parametrize("cat, row, column, reason", [

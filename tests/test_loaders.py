@@ -124,7 +124,9 @@ def test_fedmr_float_timestamps_become_float64(tmp_path):
 
 def test_fedmr_drops_rows_with_missing_fields_and_counts_them(tmp_path):
     rows = "userID,itemID,rating,timestamp,split_label\n0,1,1,5,0\n,2,1,6,0\n0,,1,7,0\n0,3,1,,0\n\n1,1,1,9,2\n"
-    ds = fedmr.load(fedmr_dir(tmp_path, rows))
+    with pytest.raises(DataError, match=r"row 3, column 'userID': empty userID \(3 such rows in all\); .*skip_missing"):
+        fedmr.load(fedmr_dir(tmp_path, rows))  # refused unless asked to skip
+    ds = fedmr.load(fedmr_dir(tmp_path, rows), skip_missing=True)
     np.testing.assert_array_equal(ds.interactions.item, [1, 1])
     assert ds.source["dropped_missing"] == 3
 
@@ -152,9 +154,12 @@ def test_fedmr_bom_and_padded_header(tmp_path):
 
 
 def test_fedmr_ragged_and_whitespace_lines(tmp_path):
-    """Short rows and whitespace-only lines take the exact reader; short rows count as missing."""
+    """Short rows and whitespace-only lines take the exact reader; a short row is refused as cut
+    short, or with skip_missing counted as missing."""
     rows = "userID,itemID,rating,timestamp\n0,1,1,5\n   \n0,2\n0,3,1,7\n"
-    ds = fedmr.load(fedmr_dir(tmp_path, rows, n_items=None))
+    with pytest.raises(DataError, match=r"row 4, column 'timestamp': the line has 2 of 4 fields \(cut short\?\)"):
+        fedmr.load(fedmr_dir(tmp_path, rows, n_items=None))
+    ds = fedmr.load(fedmr_dir(tmp_path, rows, n_items=None), skip_missing=True)
     np.testing.assert_array_equal(ds.interactions.item, [1, 3])
     assert ds.source["dropped_missing"] == 1
 
@@ -257,7 +262,7 @@ def test_microlens_explicit_files_and_no_titles(tmp_path):
 
 
 def test_microlens_drops_lines_with_empty_user_or_items(tmp_path):
-    ds = microlens.load(microlens_dir(tmp_path, "1\t5 6\n\t7\n2\t\n3\t7\n"))
+    ds = microlens.load(microlens_dir(tmp_path, "1\t5 6\n\t7\n2\t\n3\t7\n"), skip_missing=True)
     np.testing.assert_array_equal(ds.interactions.user, [1, 1, 3])
     assert ds.source["dropped_missing"] == 2
 
@@ -283,10 +288,10 @@ def test_generic_integer_ids_and_catalogue_paths(tmp_path):
 
 
 def test_generic_string_ids_stay_strings(tmp_path):
-    write(tmp_path / "interactions.csv", "user_id,item_id,timestamp\nalice,1.5,5\nbob,007,6\n42,x,7\n")
+    write(tmp_path / "interactions.csv", "user_id,item_id,timestamp\nalice,v1.5,5\nbob,007,6\n42,x,7\n")
     inter = generic.load(tmp_path).interactions
     assert inter.user.dtype == object and list(inter.user) == ["alice", "bob", "42"]
-    assert list(inter.item) == ["1.5", "007", "x"]
+    assert list(inter.item) == ["v1.5", "007", "x"]
     assert all(type(v) is str for v in inter.user)
 
 
@@ -312,7 +317,9 @@ def test_generic_explicit_files_and_parquet(tmp_path):
 def test_generic_parquet_nulls_are_dropped(tmp_path):
     df = pd.DataFrame({"user_id": [1, None, 3], "item_id": [1, 2, 3], "timestamp": [1.0, 2.0, None]})
     df.to_parquet(tmp_path / "interactions.parquet")
-    ds = generic.load(tmp_path)
+    with pytest.raises(DataError, match="empty user_id"):
+        generic.load(tmp_path)
+    ds = generic.load(tmp_path, skip_missing=True)
     np.testing.assert_array_equal(ds.interactions.user, [1])
     assert ds.interactions.user.dtype == np.int64 and ds.source["dropped_missing"] == 2
 
@@ -329,7 +336,7 @@ def test_generic_parquet_keeps_large_ids_exact_and_ignores_extra_columns(tmp_pat
         "flag": pa.array([True, False, True]),
     })
     pq.write_table(table, tmp_path / "interactions.parquet")
-    inter = generic.load(tmp_path).interactions
+    inter = generic.load(tmp_path, skip_missing=True).interactions
     assert inter.user.tolist() == [big, 5] and inter.item.tolist() == [1, 3]
 
 
@@ -423,7 +430,7 @@ def test_error_row_is_the_editor_line(notes, blanks, bad, crlf, ragged):
     with tempfile.TemporaryDirectory() as d:
         write(Path(d) / "interactions.csv", text)
         with pytest.raises(DataError) as err:
-            generic.load(d)
+            generic.load(d, skip_missing=True)  # the ragged row is dropped, the bad timestamp refused
     assert err.value.row == expected and err.value.column == "timestamp"
 
 

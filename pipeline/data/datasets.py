@@ -48,7 +48,9 @@ class DatasetConfig(ConfigModel):
     name: str = Field("synthetic", description="ku, movielens, synthetic, or a label for `path`")
     format: Format | None = Field(None, description="loader; implied by a named dataset")
     path: Path | None = Field(None, description="dataset folder or file; implied by a named dataset")
-    loader_options: dict = Field(default_factory=dict, description="extra loader keyword arguments")
+    loader_options: dict = Field(default_factory=dict, description="extra loader keyword arguments: "
+                                 "allow_duplicates, skip_missing (drop and count rows with an empty user, item or "
+                                 "timestamp instead of refusing the file), ...")
     protocol: PrepareConfig = Field(default_factory=PrepareConfig)
     eval_seed: int = Field(0, ge=0, description="seed of the persisted P1 negatives")
     features: Path | None = Field(None, description="feature store folder (python -m pipeline encode); "

@@ -103,9 +103,10 @@ class PreparedDataset:
 
     def identity(self) -> dict:
         """The `dataset` block of run summaries and model cards: name, sizes, the split's and the
-        features' fingerprints."""
+        features' fingerprints, and the input rows skipped for an empty field (skip_missing)."""
         return {"name": self.name, "users": self.n_users, "items": self.n_items,
-                "fingerprint": self.fingerprint(), "features": self.features_fingerprint()}
+                "fingerprint": self.fingerprint(), "features": self.features_fingerprint(),
+                "skipped_rows_missing_fields": int(self.stats.get("skipped_rows_missing_fields", 0))}
 
     def mismatch(self, identity: dict) -> str | None:
         """Why a run described by `identity` (an `identity()` block) was not made on this data, or None."""
@@ -129,7 +130,8 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     """Apply the whole protocol to a loaded dataset."""
     config = config or PrepareConfig()
     inter = raw.interactions
-    stats: dict = {"raw_interactions": len(inter), **raw.source.get("stats", {})}
+    stats: dict = {"raw_interactions": len(inter), **raw.source.get("stats", {}),
+                   "skipped_rows_missing_fields": int(raw.source.get("dropped_missing", 0))}
     file = raw.source.get("interactions", raw.name)
 
     keep = _implicit_mask(inter.rating, config.rating_threshold, len(inter))

@@ -1,6 +1,7 @@
 """Dataset loaders: read and validate raw files into :class:`~pipeline.data.schema.RawDataset`.
 
-Loaders only read and validate (and drop rows with an empty user, item or timestamp);
+Loaders only read and validate (a row with an empty user, item or timestamp is refused, or
+dropped and counted with the loaders' skip_missing option);
 filtering, k-core, remapping and splitting happen in :mod:`pipeline.data.prepare`.
 Every bad input raises :class:`~pipeline.data.schema.DataError`.
 """

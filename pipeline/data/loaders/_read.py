@@ -15,7 +15,7 @@ import csv
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +110,7 @@ class Table:
     encoding: str = "utf-8"
     quoting: int = csv.QUOTE_MINIMAL
     blank_skipped: bool = False
+    short: dict = field(default_factory=dict)  # record position -> its field count, for lines cut short
 
     def line(self, pos: int) -> int:
         """1-based line (as an editor shows it) where record `pos` starts; parquet: pos + 1."""
@@ -185,6 +186,7 @@ def read_text_table(
     except (pa.ArrowException, csv.Error, UnicodeDecodeError, StopIteration):
         # anything unusual (ragged rows, bad bytes): the exact reader words the error
         table = table.with_frame(_read_exact(table))
+        table = replace(table, short=_short_records(table, table.frame.shape[1]))
     frame = table.frame
     frame = frame.set_axis([str(c).strip().lstrip("\ufeff") for c in frame.columns], axis=1) if header else frame
     frame = frame.apply(lambda col: col.str.strip())
@@ -245,6 +247,20 @@ def _read_exact(t: Table) -> pd.DataFrame:
         # pandas silently turns a surplus leading column into the index
         raise DataError(t.path, "data rows have more fields than the header", row=2)
     return frame
+
+
+def _short_records(t: Table, width: int) -> dict[int, int]:
+    """{record position: field count} of the non-blank records with fewer than `width` fields (a
+    line cut short: the exact reader fills the fields it lacks with '', as if they were empty)."""
+    short = {}
+    with open(t.path, newline="", encoding=t.encoding) as f:
+        reader = csv.reader(f, delimiter=t.sep, quoting=t.quoting)
+        if t.header:
+            next(reader, None)
+        for position, record in enumerate(reader):
+            if record and len(record) < width:
+                short[position] = len(record)
+    return short
 
 
 def read_parquet_table(path, columns: Sequence[str] | None = None) -> Table:
@@ -334,8 +350,13 @@ def is_missing(s: pd.Series) -> np.ndarray:
     return m
 
 
-def drop_missing(table: Table, columns: Sequence[str]) -> tuple[Table, int]:
-    """Drop rows with an empty value in any of `columns` (protocol step 2).
+SKIP_MISSING = "skip_missing=True (CLI: --skip-missing)"
+
+
+def drop_missing(table: Table, columns: Sequence[str], *, skip: bool = False) -> tuple[Table, int]:
+    """Rows with an empty value in any of `columns` (a field left empty, or a line cut short):
+    refused with a DataError naming the first one, unless `skip` (the loaders' skip_missing
+    option), which drops them (the protocol's cleaning step) and counts them.
 
     Returns the table of kept rows (original positions kept in the index) and the
     number dropped. DataError if no row survives.
@@ -344,8 +365,21 @@ def drop_missing(table: Table, columns: Sequence[str]) -> tuple[Table, int]:
     for c in columns:
         drop |= is_missing(table.frame[c])
     n = int(drop.sum())
+    if n and not skip:
+        i = int(np.argmax(drop))
+        column = next(c for c in columns if is_missing(table.frame[c].iloc[i:i + 1])[0])
+        position = int(table.frame.index[i])
+        if position in table.short:
+            reason = (f"the line has {table.short[position]} of {table.frame.shape[1]} fields (cut short?), "
+                      f"so its {column} is missing")
+        else:
+            reason = f"empty {column}"
+        more = f" ({n} such rows in all)" if n > 1 else ""
+        raise DataError(table.path, f"{reason}{more}; fix the file, or pass {SKIP_MISSING} to drop rows with an "
+                                    f"empty {' / '.join(map(str, columns))} (they are counted in `data stats` and "
+                                    f"the run summary)", row=table.line(position), column=str(column))
     if n == len(drop):
-        raise DataError(table.path, f"no usable rows: all {n} rows have an empty {' / '.join(columns)}")
+        raise DataError(table.path, f"no usable rows: all {n} rows have an empty {' / '.join(map(str, columns))}")
     kept = table.frame[~drop] if n else table.frame
     return table.with_frame(kept), n
 
@@ -472,6 +506,16 @@ def _digits_only(s: pd.Series) -> np.ndarray | None:
         return pc.cast(arr, pa.int64()).to_numpy()
     except pa.ArrowInvalid:  # too large for int64
         return None
+
+
+def refuse_decimal_ids(s: pd.Series, where: Where, column: str) -> None:
+    """A text id column may hold integers or names, not decimal numbers: one '1.5' among integer
+    ids would turn the whole column into text. DataError naming the first such id."""
+    if not is_text(s) or _digits_only(s) is not None:
+        return
+    decimal = s.str.fullmatch(_FLOAT_RE).to_numpy(dtype=bool) & ~s.str.fullmatch(_INT_RE).to_numpy(dtype=bool)
+    where.fail(decimal, column, lambda v: f"id {show(v)} is not an integer: ids are whole numbers or names, "
+                                          f"not decimal numbers", s)
 
 
 def all_int(s: pd.Series) -> bool:

@@ -20,19 +20,19 @@ KEYS = ("userID", "itemID", "timestamp")
 SPLIT_COLUMNS = ("split_label", "x_label")
 
 
-def load(path, *, allow_duplicates: bool = False) -> RawDataset:
+def load(path, *, allow_duplicates: bool = False, skip_missing: bool = False) -> RawDataset:
     """Read and validate a FedMR/MMRec dataset directory.
 
     Returns interactions [N] (int64 ids, timestamps, float32 rating, int8 split when the
     file has one) and, when feature files exist, Features with item_id = arange(n_items)
-    and float32 matrices [n_items, d_m]. Rows with an empty userID/itemID/timestamp are
-    dropped and counted in ``source['dropped_missing']``.
+    and float32 matrices [n_items, d_m]. A row with an empty userID/itemID/timestamp
+    is refused, or with skip_missing dropped and counted in ``source['dropped_missing']``.
     """
     root = _read.require_dir(path)
     table = _read.read_text_table(root / INTERACTIONS)
     _read.require_columns(table, KEYS)
     n_read = len(table.frame)
-    table, dropped = _read.drop_missing(table, KEYS)
+    table, dropped = _read.drop_missing(table, KEYS, skip=skip_missing)
     interactions = _parse_interactions(table, allow_duplicates)
     features = _load_features(root)
     if features is not None:

@@ -4,7 +4,10 @@
 (required) and rating (optional); other columns are ignored.
 ``catalogue.csv`` or ``catalogue.parquet`` (optional): item_id (required), text and
 image_path (optional; image_path relative to the catalogue file's folder unless absolute).
-Ids are int64 when every id of the column is an integer, else str; negative integers fail.
+Ids are int64 when every id of the column is an integer, else str (names); negative integers
+and decimal numbers (1.5, 2e3) fail. A row with an empty user_id, item_id or timestamp, or a line
+cut short, fails unless skip_missing (CLI: --skip-missing) asks to drop such rows; they are counted
+in `data stats` and in the run summary.
 Item ids of interactions and catalogue share one type.
 """
 
@@ -23,20 +26,22 @@ CATALOGUE = ("catalogue.csv", "catalogue.parquet")
 KEYS = ("user_id", "item_id", "timestamp")
 
 
-def load(path=None, *, interactions=None, catalogue=None, allow_duplicates: bool = False) -> RawDataset:
+def load(path=None, *, interactions=None, catalogue=None, allow_duplicates: bool = False,
+         skip_missing: bool = False) -> RawDataset:
     """Read and validate a generic dataset.
 
     Either `path`, a directory with one interactions file and at most one catalogue file,
     or explicit `interactions` (and optional `catalogue`) files (.csv, .tsv, .parquet).
     Returns interactions [N] in file order (ids int64 or str objects; timestamp int64 or
-    float64; rating float32 or None) and a catalogue [M] or None. Rows with an empty
-    user_id/item_id/timestamp are dropped and counted in ``source['dropped_missing']``.
+    float64; rating float32 or None) and a catalogue [M] or None. A row with an empty
+    user_id/item_id/timestamp (a field left empty, or a line cut short) is refused, or with
+    skip_missing dropped and counted in ``source['dropped_missing']``.
     """
     inter_path, cat_path, name = _resolve(path, interactions, catalogue)
     table = _read.read_table(inter_path, columns=(*KEYS, "rating"))
     _read.require_columns(table, KEYS)
     n_read = len(table.frame)
-    table, dropped = _read.drop_missing(table, KEYS)
+    table, dropped = _read.drop_missing(table, KEYS, skip=skip_missing)
     cat_table = _read_catalogue_table(cat_path) if cat_path else None
     items_are_int = _read.all_int(table.frame["item_id"]) and (
         cat_table is None or _read.all_int(cat_table.frame["item_id"])
@@ -66,6 +71,8 @@ def _resolve(path, interactions, catalogue) -> tuple[Path, Path | None, str]:
 
 def _parse_interactions(table: _read.Table, item_strings: bool, allow_duplicates: bool) -> Interactions:
     frame, where = table.frame, table.where()
+    _read.refuse_decimal_ids(frame["user_id"], where, "user_id")
+    _read.refuse_decimal_ids(frame["item_id"], where, "item_id")
     user_strings = not _read.all_int(frame["user_id"])
     user = _read.parse_ids(frame["user_id"], where, "user_id", strings=user_strings)
     item = _read.parse_ids(frame["item_id"], where, "item_id", strings=item_strings)
@@ -81,6 +88,7 @@ def _read_catalogue_table(path: Path) -> _read.Table:
     _read.require_columns(table, ("item_id",))
     col = table.frame["item_id"]
     table.where().fail(_read.is_missing(col), "item_id", lambda v: "empty item_id", col)
+    _read.refuse_decimal_ids(col, table.where(), "item_id")
     return table
 
 

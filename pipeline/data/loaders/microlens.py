@@ -19,14 +19,16 @@ from pipeline.data.schema import Catalogue, Interactions, RawDataset
 PAIRS_GLOB, TITLES_GLOB, IMAGES = "*_pairs.tsv", "*_titles.csv", "images"
 
 
-def load(path=None, *, pairs=None, titles=None, allow_duplicates: bool = False) -> RawDataset:
+def load(path=None, *, pairs=None, titles=None, allow_duplicates: bool = False,
+         skip_missing: bool = False) -> RawDataset:
     """Read and validate MicroLens data.
 
     Either `path`, a directory holding one ``*_pairs.tsv`` and at most one
     ``*_titles.csv``, or explicit `pairs` (and optional `titles`) files.
     Returns interactions [N] (int64 user, item, position timestamps; file order) and a
     catalogue [M] (text = title, image = cover path or "") when titles exist.
-    Lines with an empty user or item list are dropped (``source['dropped_missing']``).
+    A line with an empty user or item list is refused, or with skip_missing dropped and counted
+    (``source['dropped_missing']``).
     allow_duplicates is accepted for a uniform API: with one line per user and positional
     timestamps an exact (user, item, timestamp) duplicate cannot occur.
     """
@@ -37,7 +39,7 @@ def load(path=None, *, pairs=None, titles=None, allow_duplicates: bool = False) 
         exact=True,
     )
     n_read = len(table.frame)
-    table, dropped = _read.drop_missing(table, ("user", "items"))
+    table, dropped = _read.drop_missing(table, ("user", "items"), skip=skip_missing)
     inter = _explode(table)
     catalogue = _read_titles(titles_path) if titles_path else None
     files = {"interactions": str(table.path)}

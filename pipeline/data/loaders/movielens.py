@@ -21,7 +21,8 @@ RATINGS, ITEMS, TMDB, POSTERS = "u.data", "u.item", "items_tmdb.csv", "posters"
 KEYS = ("user", "item", "timestamp")
 
 
-def load(path, *, rating_threshold: float | None = None, allow_duplicates: bool = False) -> RawDataset:
+def load(path, *, rating_threshold: float | None = None, allow_duplicates: bool = False,
+         skip_missing: bool = False) -> RawDataset:
     """Read and validate MovieLens-100K-MM.
 
     rating_threshold: keep ratings >= threshold (None keeps all).
@@ -35,7 +36,7 @@ def load(path, *, rating_threshold: float | None = None, allow_duplicates: bool 
     ratings = _read.read_text_table(root / RATINGS, sep="\t", header=False, quoting=csv.QUOTE_NONE)
     ratings = _read.name_columns(ratings, ("user", "item", "rating", "timestamp"), exact=True)
     n_read = len(ratings.frame)
-    ratings, dropped = _read.drop_missing(ratings, KEYS)
+    ratings, dropped = _read.drop_missing(ratings, KEYS, skip=skip_missing)
     inter = _parse_ratings(ratings, catalogue.item_id, allow_duplicates)
     overviews, tmdb_info = _read_overviews(root / TMDB)
     catalogue = _with_content(catalogue, overviews, root / POSTERS)

@@ -267,10 +267,10 @@ def cmd_run(args) -> int:
 
 def cmd_recommend(args) -> int:
     """A user's top-K items from a trained run (its own personal state + the globals)."""
-    from pipeline.trained import MODEL_CARD, TrainedRun
-
     if args.k < 1:  # before the run is opened
         raise ValueError(f"recommend --k {args.k}: the number of items to recommend must be 1 or more")
+    from pipeline.trained import MODEL_CARD, TrainedRun
+
     if (args.run / MODEL_CARD).is_file():  # an export folder
         run = TrainedRun.open_export(args.run, data_cache=args.data_cache)
     else:

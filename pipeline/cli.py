@@ -131,7 +131,10 @@ def cmd_data_synth(args) -> int:
 
 def cmd_baselines(args) -> int:
     from pipeline.eval.baselines import evaluate_baselines
+    from pipeline.outputs import check_report_file
 
+    if args.out and not args.json:  # before any dataset is read
+        check_report_file(args.out, "baselines", inputs=[getattr(args, "path", None)])
     names = args.dataset or ["synthetic"]
     rows, described = [], []
     for name in names:
@@ -309,8 +312,11 @@ def cmd_export(args) -> int:
 
 def cmd_report(args) -> int:
     """A Markdown report (table + PNG plots) of trained runs."""
-    from pipeline.report.runs import report_runs
+    from pipeline.outputs import check_output
+    from pipeline.report.runs import REPORT_OUTPUT, report_runs
 
+    # its own earlier report is refreshed; anything else, a run directory or an input is refused
+    check_output(args.out, REPORT_OUTPUT, inputs=args.runs, overwrite=True)
     command = "python -m pipeline report " + " ".join(shlex.quote(str(d)) for d in args.runs) + f" --out {args.out}"
     report = report_runs(args.runs, args.out, title=args.title, command=command)
     if args.json:

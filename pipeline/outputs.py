@@ -9,6 +9,11 @@ it does, check_output refuses
     command does not write,
   - an earlier output of the same command unless the user asked to replace it (--overwrite).
 An empty folder is no loss and is accepted.
+
+A command that writes one Markdown report file (baselines, experiments) replaces it as a whole:
+check_report_file refuses an --out that is one of the command's inputs, a folder, or an existing
+file whose first line is not the command's own `<!-- made by: python -m pipeline <command> ... -->`.
+An earlier report of the same command is replaced (re-running a command refreshes its report).
 """
 
 from __future__ import annotations
@@ -52,17 +57,21 @@ def _relation(out: Path, source: Path) -> str | None:
     return None
 
 
-def check_output(out, kind: OutputKind, *, inputs: Iterable = (), overwrite: bool = False) -> None:
-    """Raise OutputError unless `kind.command` may write `out` (see the module's docstring)."""
-    shown = Path(out)
-    out = shown.expanduser().resolve()
+def _check_inputs(shown: Path, out: Path, what: str, inputs: Iterable) -> None:
     for source in inputs:
         if source is None:
             continue
         resolved = Path(source).expanduser().resolve()
         if (relation := _relation(out, resolved)) is not None:
-            raise OutputError(f"refusing to write {kind.what} to {shown}: it {relation} the command's input "
+            raise OutputError(f"refusing to write {what} to {shown}: it {relation} the command's input "
                               f"{source}; choose an --out outside its inputs")
+
+
+def check_output(out, kind: OutputKind, *, inputs: Iterable = (), overwrite: bool = False) -> None:
+    """Raise OutputError unless `kind.command` may write `out` (see the module's docstring)."""
+    shown = Path(out)
+    out = shown.expanduser().resolve()
+    _check_inputs(shown, out, kind.what, inputs)
     if not out.exists() and not out.is_symlink():
         return
     if is_run_directory(out):
@@ -85,3 +94,35 @@ def check_output(out, kind: OutputKind, *, inputs: Iterable = (), overwrite: boo
     if not overwrite:
         raise OutputError(f"{shown} already holds {kind.what} from an earlier `pipeline {kind.command}`; "
                           f"pass --overwrite to replace it")
+
+
+MADE_BY = "<!-- made by: "
+
+
+def made_by(path, *programs: str) -> bool:
+    """Whether the file's first line is a `<!-- made by: PROGRAM ...` header of one of `programs`
+    (e.g. "python -m pipeline baselines")."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            first = handle.readline(4096)
+    except OSError:
+        return False
+    return any(first.startswith(f"{MADE_BY}{program} ") or first.startswith(f"{MADE_BY}{program} -->")
+               for program in programs)
+
+
+def check_report_file(out, command: str, *, programs: Iterable[str] = (), inputs: Iterable = ()) -> None:
+    """Raise OutputError unless `pipeline <command>` may write its Markdown report to the file `out`
+    (see the module's docstring); `programs`: other invocations of the same command whose header
+    it accepts as its own (e.g. "python -m pipeline.report.cli")."""
+    shown = Path(out)
+    out = shown.expanduser().resolve()
+    _check_inputs(shown, out, "a report", inputs)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir():
+        raise OutputError(f"refusing to write a report to {shown}: it is a folder; --out names the Markdown file")
+    if out.is_symlink() or not made_by(out, f"python -m pipeline {command}", *programs):
+        raise OutputError(f"refusing to replace {shown}: it exists and is not a report written by "
+                          f"`pipeline {command}` (its first line is not `{MADE_BY}python -m pipeline {command} "
+                          f"... -->`); choose another --out")

@@ -107,8 +107,12 @@ def _plot(args, results) -> list[tuple[str, str]]:
 def cmd_experiments(args) -> int:
     from pipeline.report.tables import build_report
 
+    from pipeline.outputs import check_report_file
+
     started = time.perf_counter()
     paths = expand_configs(args.configs)
+    if args.out:  # before any run starts
+        check_report_file(args.out, "experiments", programs=["python -m pipeline.report.cli"], inputs=paths)
     specs = []
     for protocol in args.protocol or [None]:
         overrides = [*(args.set or []), *([f"train.protocol={protocol}"] if protocol else [])]

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ExperimentConfig
+from pipeline.outputs import OutputKind
 from pipeline.report.experiments import RunResult, RunSpec
 
 
@@ -38,6 +39,17 @@ def read_run(run_dir: Path) -> RunResult:
     if not summary_file.is_file():
         return RunResult(spec=spec, status="missing", error="no summary.json: the run has not finished")
     return RunResult(spec=spec, status="skipped", summary=json.loads(summary_file.read_text()))
+
+
+def _is_report(folder: Path) -> bool:
+    from pipeline.outputs import made_by
+
+    return made_by(Path(folder) / "report.md", "python -m pipeline report")
+
+
+# what `report --out` may replace: an earlier report of trained runs (pipeline.outputs.check_output)
+REPORT_OUTPUT = OutputKind("report", "a report of trained runs", "report.md",
+                           frozenset({"report.md", "validation.png", "costs.png"}), _is_report)
 
 
 def report_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None, command: str = "") -> dict:

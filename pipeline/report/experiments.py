@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import glob
 import json
-import shutil
 import sys
 import time
 import traceback
@@ -31,7 +30,9 @@ import yaml
 
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.data.prepare import identity_mismatch
+from pipeline.outputs import OutputError, is_run_directory
 from pipeline.report import records
+from pipeline.rundir import RunLock, RunLockedError
 
 DEFAULT_RUNS_DIR = Path("runs/experiments")
 DEFAULT_SEEDS = (0, 1, 2)
@@ -227,6 +228,22 @@ def keep_record(result: RunResult, records_dir: Path) -> None:
     records.write_record(records_dir, records.make_record(result.spec.key, result.spec.seed, result.summary, rows))
 
 
+# what train, centralized and a failed run leave in a run directory
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "summary.json", "tb", "checkpoints", "ray_train", "error.txt", ".lock"}
+
+
+def start_over(run_dir: Path) -> None:
+    """--force: empty a run directory under its lock, so a job still writing it is never deleted
+    from under it (RunLockedError names the job); a folder that is not a run directory is refused."""
+    from pipeline.federated.run import empty_run_dir
+
+    entries = {entry.name for entry in run_dir.iterdir()} if run_dir.is_dir() and not run_dir.is_symlink() else None
+    if entries is None or not (is_run_directory(run_dir) or entries <= RUN_ENTRIES):
+        raise OutputError(f"--force: refusing to delete {run_dir}: it is not a run directory")
+    with RunLock(run_dir, command="experiments --force"):
+        empty_run_dir(run_dir)
+
+
 def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = False,
             records_dir: Path | None = None) -> RunResult:
     """Run, resume, skip or read from its record one (config, seed); never raises for a failing
@@ -239,7 +256,7 @@ def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = Fa
     started = time.perf_counter()
     try:
         if force and spec.run_dir.exists():
-            shutil.rmtree(spec.run_dir)
+            start_over(spec.run_dir)
         state = run_state(spec)
         if state == "done":
             result = RunResult(spec, "skipped", summary=json.loads(spec.summary_path.read_text()))
@@ -256,7 +273,7 @@ def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = Fa
         if records_dir is not None:
             keep_record(result, records_dir)
         return result
-    except (StaleRunError, records.RecordError) as error:
+    except (StaleRunError, records.RecordError, RunLockedError, OutputError) as error:
         return RunResult(spec, "failed", error=str(error), seconds=time.perf_counter() - started)
     except Exception as error:  # a failing run is reported, the others go on
         detail = traceback.format_exc()

@@ -305,3 +305,66 @@ def test_a_held_lock_refuses_a_second_holder_and_goes_with_its_job(tmp_path):
         with RunLock(tmp_path / "run"):
             raise KeyError("an error in the job")
     assert not (tmp_path / "run" / LOCK).exists()
+
+
+# -------------------------------------------------------------------------------- reports and --force
+
+
+def test_report_commands_never_replace_a_file_they_did_not_write(tmp_path):
+    """baselines, experiments and report refuse an --out holding something else, before any work."""
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    folder = tmp_path / "my_folder"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("chapter one\n")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"name: tiny\ndata:\n  synthetic: {{n_users: 30, n_items: 25, images: false}}\n")
+    before = digest(tmp_path)
+    refused(run_cli(tmp_path, "baselines", "--out", notes),
+            f"error: refusing to replace {notes}: it exists and is not a report written by `pipeline baselines` "
+            f"(its first line is not `<!-- made by: python -m pipeline baselines ... -->`); choose another --out")
+    refused(run_cli(tmp_path, "experiments", "--configs", config, "--seeds", 0, "--runs-dir", tmp_path / "runs",
+                    "--out", notes),
+            f"error: refusing to replace {notes}: it exists and is not a report written by `pipeline experiments`")
+    refused(run_cli(tmp_path, "experiments", "--configs", config, "--seeds", 0, "--runs-dir", tmp_path / "runs",
+                    "--out", config), f"error: refusing to write a report to {config}: it is the command's input")
+    refused(run_cli(tmp_path, "report", tmp_path / "runs" / "tiny" / "seed-0", "--out", folder),
+            f"error: refusing to replace {folder}: it exists and is not a report of trained runs written by "
+            f"`pipeline report` (no report.md of its own)")
+    assert digest(tmp_path) == before
+
+
+def test_a_report_file_is_replaced_only_when_its_command_wrote_it(tmp_path):
+    from pipeline.outputs import OutputError, check_report_file
+
+    own = tmp_path / "baselines.md"
+    own.write_text("<!-- made by: python -m pipeline baselines --out baselines.md -->\n# Trivial baselines\n")
+    check_report_file(own, "baselines")  # its own earlier report: refreshed
+    check_report_file(tmp_path / "new.md", "baselines")
+    with pytest.raises(OutputError, match="is not a report written by `pipeline experiments`"):
+        check_report_file(own, "experiments")  # another command's report
+    table = tmp_path / "table.md"
+    table.write_text("<!-- made by: python -m pipeline.report.cli --configs a.yaml -->\n")
+    check_report_file(table, "experiments", programs=["python -m pipeline.report.cli"])
+    with pytest.raises(OutputError, match="it is a folder"):
+        check_report_file(tmp_path, "baselines")
+
+
+def test_experiments_force_leaves_a_run_directory_a_job_is_writing(tmp_path):
+    from pipeline.rundir import RunLock
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(f"name: tiny\ndata:\n  synthetic: {{n_users: 30, n_items: 25, images: false}}\n")
+    run = tmp_path / "runs" / "tiny" / "seed-0"
+    (run / "checkpoints" / "round-0").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: tiny\n")
+    (run / "metrics.jsonl").write_text('{"round": 0}\n')
+    with RunLock(run, command="a running job"):
+        before = digest(run)
+        done = run_cli(tmp_path, "experiments", "--configs", config, "--seeds", 0, "--runs-dir", tmp_path / "runs",
+                       "--force")
+        assert digest(run) == before
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert f"{run.resolve()} is being written by another job: pid {os.getpid()} on host {socket.gethostname()}" \
+        in done.stdout + done.stderr

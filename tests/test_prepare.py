@@ -159,7 +159,7 @@ def test_identity_names_the_split_and_the_features():
     data = prepare(raw_from(user, item, range(6), features=features), config)
     identity = data.identity()
     assert identity == {"name": data.name, "users": 2, "items": 3, "fingerprint": data.fingerprint(),
-                        "features": data.features_fingerprint()}
+                        "features": data.features_fingerprint(), "skipped_rows_missing_fields": 0}
     assert data.mismatch(identity) is None
     # the same split with features changed in one value: same split fingerprint, other features
     other = prepare(raw_from(user, item, range(6), features=Features(

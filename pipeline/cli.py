@@ -447,5 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, ValidationError, FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        from pipeline.strict import one_line
+
+        print(f"error: {one_line(error) if isinstance(error, ValidationError) else error}", file=sys.stderr)
         return 2

@@ -7,7 +7,6 @@ set defaults.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -15,7 +14,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.data.datasets import DatasetConfig
-from pipeline.strict import ConfigModel
+from pipeline.strict import ConfigModel, validation_reasons
 
 Backbone = Literal["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"]
 
@@ -544,27 +543,17 @@ def read_yaml(path) -> object:
         raise ConfigError(yaml_error(path, error)) from None
 
 
-def _shown(value) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def describe_validation(error: ValidationError, path=None, overrides: dict[str, str] | None = None) -> str:
     """One line per ValidationError, joined by '; ': where the value came from (the --set override
     or the file), its dotted key, the reason and the value given."""
     overrides = overrides or {}
     parts = []
-    for item in error.errors():
-        loc = [str(part) for part in item["loc"] if not str(part).startswith(("function-", "json-or-python"))]
-        key = ".".join(loc)
-        reason = item["msg"].removeprefix("Value error, ")
+    for key, reason in validation_reasons(error):
         given = [k for k in overrides if k == key or k.startswith(key + ".") or key.startswith(k + ".")] if key \
             else []
         source = (f"--set {given[0]}={overrides[given[0]]}" if len(given) == 1 else
                   str(path) if path is not None else "--set " + " ".join(f"{k}={v}" for k, v in overrides.items())
                   if overrides else "the config")
-        if item["type"] not in ("value_error", "assertion_error", "missing") and "input" in item:
-            reason += f" (got {_shown(item['input'])})"
         named = not key or reason.startswith(key + ".")  # a model's own check names its keys in full
         parts.append(f"{source}: {'' if named else key + ': '}{reason}")
     return "; ".join(parts)

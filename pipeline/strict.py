@@ -7,10 +7,11 @@ numbers, with the key in the error's location. Everything else validates as pyda
 
 from __future__ import annotations
 
+import json
 import types
 from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationInfo, field_validator
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 _NUMBERS = (int, float)
 
@@ -57,3 +58,27 @@ class ConfigModel(BaseModel):
         if field is not None and (why := misplaced_bool(field.annotation, value)) is not None:
             raise ValueError(why)
         return value
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def validation_reasons(error: ValidationError) -> list[tuple[str, str]]:
+    """(dotted key, reason) of every error of a ValidationError, the value given appended where
+    pydantic's own message does not say it (a model's own checks name their keys themselves)."""
+    found = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"] if not str(part).startswith(("function-", "json-or-python")))
+        reason = item["msg"].removeprefix("Value error, ")
+        if item["type"] not in ("value_error", "assertion_error", "missing") and "input" in item:
+            reason += f" (got {_shown(item['input'])})"
+        found.append((key, reason))
+    return found
+
+
+def one_line(error: ValidationError) -> str:
+    """A ValidationError as one line: `key: reason; key: reason`."""
+    return "; ".join(f"{key}: {reason}" if key and not reason.startswith(key + ".") else reason
+                     for key, reason in validation_reasons(error))

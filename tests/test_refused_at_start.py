@@ -55,6 +55,10 @@ def test_bool_for_a_number_is_refused_everywhere_in_a_config():
         with pytest.raises(ConfigError, match=f"{key}: .*the boolean"):
             load_config(None, [override])
     assert load_config(None, ["runtime.progress=false", "train.neg_exclude_heldout=true"]).train.neg_exclude_heldout
+    with pytest.raises(ConfigError) as error:  # the generator's settings too, with the rest of the config
+        load_config(None, ["data.synthetic={n_users: true}"])
+    assert str(error.value) == ("--set data.synthetic={n_users: true}: data.synthetic: n_users: expected an integer, "
+                                "got the boolean true")
 
 
 # -------------------------------------------------------------------------------- sweeps

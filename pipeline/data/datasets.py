@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.data import loaders
 from pipeline.data.negatives import EvalNegatives, sample_eval_negatives
 from pipeline.data.prepare import PrepareConfig, PreparedDataset, prepare
 from pipeline.data.schema import DataError, RawDataset
 from pipeline.data.store import load_prepared, save_prepared
-from pipeline.strict import ConfigModel
+from pipeline.strict import ConfigModel, one_line
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +56,18 @@ class DatasetConfig(ConfigModel):
     features: Path | None = Field(None, description="feature store folder (python -m pipeline encode); "
                                                     "replaces any features the dataset ships")
     synthetic: dict = Field(default_factory=dict, description="SyntheticConfig fields")
+
+    @field_validator("synthetic")
+    @classmethod
+    def _synthetic_fields(cls, value: dict) -> dict:
+        """The generator's settings, checked with the rest of the config (before anything starts)."""
+        from pipeline.data.synthetic import SyntheticConfig
+
+        try:
+            SyntheticConfig(**value)
+        except ValidationError as error:
+            raise ValueError(one_line(error)) from None
+        return value
 
     def effective_protocol(self) -> PrepareConfig:
         """The protocol with a named dataset's defaults under the keys set explicitly."""

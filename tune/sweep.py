@@ -200,10 +200,14 @@ def run_sweep(space_path: str | Path, *, samples: int, concurrency: int, storage
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipeline.federated.run import ensure_ray
+    from pipeline.federated.run import DATA_CACHE, ensure_ray, open_checked
 
     space = SearchSpace.load(space_path)
     base = space.config(space.example())
+    try:  # the data and its features, before Ray (the trials reuse the prepared cache)
+        open_checked(base, DATA_CACHE)
+    except ValueError as error:
+        raise ValueError(f"{space_path}: {error}") from None
     metric = space.metric or f"valid/{base.train.selection()}"
     storage = Path(storage).resolve()
     ensure_ray()

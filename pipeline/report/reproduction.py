@@ -91,7 +91,7 @@ def _cell(mean, std) -> str:
 
 
 def render(rows: list[dict], command: str) -> str:
-    lines = [f"<!-- made by: {command} -->", "# Reproduction: the originals' recipes on MovieLens-100K", "",
+    lines = [f"<!-- made by: {command} -->", "# Reproduction: the originals' recipes and the project's defaults on MovieLens-100K", "",
              "Test HR@10 in % (P1: the held-out item among 99 sampled negatives, the same evaluator and split for "
              "every row), mean ± sample std over seeds; a seed s sets train.seed = train.model_seed = s. Each run "
              "trains 100 rounds with every user in every round, and its test metric is read at its best "

@@ -325,7 +325,7 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                  "taken at its best-validation round (selection on validation only, strictly-better rule, "
                  "early stopping on the same metric). A seed s sets both "
                  "`train.seed` and `train.model_seed` to s; the P1 evaluation negatives stay fixed "
-                 "(`data.eval_seed`). Ties are ranked pessimistically (§6).")
+                 "(`data.eval_seed`). Ties are ranked pessimistically (an item tied with the target ranks above it).")
     if overrides:
         parts.append("")
         parts.append("Overrides applied to every config: " + ", ".join(f"`{o}`" for o in overrides) + "."
@@ -450,7 +450,7 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                       "plain ID backbones and, beside runs with a fusion module, their \"+ ours\" rows = "
                       "+ FedMR with fusion=moe). P3; K not stated in the poster (most likely 50); the authors' "
                       "hyper-parameters were chosen by test-upon-best-validation and their personal parameters are "
-                      "never restored at evaluation (reference-results.md §6), so these are not targets to match.",
+                      "never restored at evaluation, so these are not targets to match.",
                       "- Compare them with the HR@50 / NDCG@50 columns above only with these labels in view.",
                       "", render_reported_ku(with_fedmr=any(r.get("fusion") for r in rows))]
         tables_json.append({"dataset": facts, "protocol": protocol, "selection_metric": metric, "ks": list(ks),

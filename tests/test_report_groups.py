@@ -68,7 +68,7 @@ def test_teacher_without_planted_groups(tmp_path):
                                                                             index=False)
     config = {"name": "tiny-real", "data": {"name": "tiny", "format": "generic", "path": str(tmp_path / "log"),
                                             "protocol": {"min_user": 0, "min_item": 0}},
-              "model": {"backbone": "fcf", "gfmfr": {"group_num": 2}}, "train": {"protocol": "p3", "eval_ks": [10]}}
+              "model": {"backbone": "fcf", "gfmfr": {"group_num": 2}}, "train": {"protocol": "p3", "eval_ks": [10], "selection_metric": "hr@10"}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     known = np.arange(30) % 2
@@ -77,7 +77,7 @@ def test_teacher_without_planted_groups(tmp_path):
     assert groups.main(["--configs", str(path), "--seeds", "0", "--runs-dir", str(tmp_path / "runs")]) == 0
     rows = groups.grouping_rows(groups_specs(path, tmp_path / "runs"))
     assert rows[0]["ari"] is None and rows[0]["student"] == 0.5
-    assert rows[0]["teacher"] == 0.0  # all scores tied: ranked pessimistically (spec/protocols.md §6)
+    assert rows[0]["teacher"] == 0.0  # all scores tied: ranked pessimistically
 
 
 def groups_specs(path, runs_dir):
@@ -100,7 +100,7 @@ def test_teacher_fit_traces_student_teacher_and_targets(tmp_path):
                                            "protocol": {"min_user": 0, "min_item": 0}},
               "model": {"backbone": "fcf", "dim": 8, "gfmfr": {"group_num": 2, "server_epochs": 2,
                                                                "group_emb_dim": 8}},
-              "train": {"protocol": "p3", "eval_ks": [10], "local_epochs": 1}}
+              "train": {"protocol": "p3", "eval_ks": [10], "selection_metric": "hr@10", "local_epochs": 1}}
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(ValueError, match="not a GFMFR config"):

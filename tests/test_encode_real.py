@@ -59,7 +59,7 @@ def test_real_encoders_put_similar_items_close(tmp_path):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         manifest = encode_items(tmp_path / "items.parquet", tmp_path / "store", EncodeConfig(actors=1), progress=False)
     finally:

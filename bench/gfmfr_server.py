@@ -5,7 +5,7 @@
     python -m bench.gfmfr_server --fedmr                  # + FedMR + GFMFR (configs/<dataset>/<b>_fedmr_gfmfr.yaml)
     python -m bench.gfmfr_server --quick                  # 2 rounds
 
-configs/<dataset>/<backbone>_gfmfr.yaml (spec/gfmfr.md defaults: G = 5, spectral grouping, the
+configs/<dataset>/<backbone>_gfmfr.yaml (GFMFR's defaults: G = 5, spectral grouping, the
 group fusion model trained 50 epochs of SGD at batch 256 on every (group, item) pair) on one
 Shard holding every user, in this process (no Ray), float32. Per round, wall and process-CPU
 seconds of: the clients' local training (Shard.train: round 0 without a teacher, then with the

@@ -174,7 +174,7 @@ def _baseline_report(rows, described, args) -> str:
                      f"P1 negatives seed {info['eval_seed']} ({info['p1_short_users']} users with < 99); "
                      f"fingerprint `{info['fingerprint']}`")
     parts.append("- No learning, no encoder, no run seed: each number is exact for its split. "
-                 "Ties are ranked pessimistically (protocols.md §6). Values in %.")
+                 "Ties are ranked pessimistically. Values in %.")
     for protocol in args.protocol:
         title = {"p3": "P3: full ranking, training items masked",
                  "p1": "P1: held-out item among 99 sampled negatives"}[protocol]

@@ -1,6 +1,6 @@
 """The vectorised engine (pipeline/federated/shard.py + client.py + models) against the textbook
 one-client-at-a-time oracle (pipeline/federated/oracle.py), written independently from
-spec/backbones.md: same global parameters, same personal parameters of every user and same
+the methods' equations: same global parameters, same personal parameters of every user and same
 evaluation scores after a few rounds (float64, atol 1e-5), for every backbone, with several
 pools (shards), uneven client sizes, several local epochs and mini-batches, partial
 participation and early stopping."""

@@ -1,4 +1,4 @@
-"""One test per known defect of the FedMR reference implementation (spec/fedmr.md §9, D1-D15),
+"""One test per known defect of the FedMR reference implementation,
 each showing the project's correct behaviour on the engine with FedMR plugged in."""
 
 from __future__ import annotations

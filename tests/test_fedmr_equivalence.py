@@ -1,6 +1,6 @@
 """FedMR on the vectorised engine (pipeline/models/fusion.py on shard.py + client.py) against
 the textbook one-client-at-a-time FedMR of pipeline/federated/oracle.py (nn.Module per client,
-written from spec/fedmr.md): same global parameters (backbone and fusion module), same personal
+written from FedMR's equations): same global parameters (backbone and fusion module), same personal
 parameters of every user (heads, routers, P_u, Q~_u, NCF user vectors) and same evaluation
 scores after 3 rounds, float64, for every backbone with fusion=moe and for the other fusion
 types and options: several pools, uneven clients, several mini-batches and local epochs,

@@ -1,6 +1,6 @@
-"""GFMFR's behaviour on the engine (spec/gfmfr.md): grouping recovers the generator's planted
+"""GFMFR's behaviour on the engine: grouping recovers the generator's planted
 taste groups from real client uploads, a client receives exactly its group's scores at its
-own items, a diverging loss is a hard failure (G3), and configs that cannot work are refused."""
+own items, a diverging loss is a hard failure, and configs that cannot work are refused."""
 
 from __future__ import annotations
 

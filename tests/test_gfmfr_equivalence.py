@@ -1,6 +1,6 @@
 """GFMFR on the vectorised engine (Shard + client.Distillation + the pools' per-group reductions +
 group_server.GroupServer) against the one-client-at-a-time oracle (oracle.OracleKD and
-_oracle_group_step, written from spec/gfmfr.md): same globals, personal parameters, rho of every
+_oracle_group_step, written from GFMFR's equations): same globals, personal parameters, rho of every
 client and scores after 4 rounds (float64), for every backbone, several pools, uneven clients,
 several mini-batches, early stopping, full and partial participation, both memberships and
 both rho scopes. The clustering and the group fusion model are shared server code (tested in
@@ -60,7 +60,7 @@ VARIANTS = {
 
 
 MOE = "model.fusion={d_f: 8, d_r: 6, dropout: 0.2}"
-# GFMFR + FedMR (spec/gfmfr.md §9): the teacher passes z through the aggregated module
+# GFMFR + FedMR: the teacher passes z through the aggregated module
 FEDMR_VARIANTS = {
     "fcf+fedmr": ("fcf", MOE, "train.lr=0.01", "train.tol=0.05"),
     # FedNCF: uncapped, rounding differences grow 1e-16 -> 1e-6 in one round here (see RUN)

@@ -1,4 +1,4 @@
-"""GFMFR server math and distillation term (pipeline/models/group_fusion.py, spec/gfmfr.md §3-§6)."""
+"""GFMFR server math and distillation term (pipeline/models/group_fusion.py)."""
 
 from __future__ import annotations
 

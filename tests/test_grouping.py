@@ -1,4 +1,4 @@
-"""GFMFR grouping (pipeline/federated/grouping.py, spec/gfmfr.md §2)."""
+"""GFMFR grouping (pipeline/federated/grouping.py)."""
 
 from __future__ import annotations
 

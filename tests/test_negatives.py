@@ -1,4 +1,4 @@
-"""P1 evaluation negatives and training negatives (spec/protocols.md §3-4)."""
+"""P1 evaluation negatives and training negatives."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The preparation protocol (spec/protocols.md §1) against its invariants and a textbook
+"""The preparation protocol against its invariants and a textbook
 per-user reference implementation."""
 
 import numpy as np

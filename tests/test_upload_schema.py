@@ -4,7 +4,7 @@ For each backbone alone, with FedMR (weight averaging and grad_adam), with GFMFR
 both, one client trains one round and its Upload is reduced to a schema (field -> parameter
 name -> shape, with K = items the client touched, d = dim; one client) that must equal the
 pinned one in tests/upload_schema.json. Beside it: no personal parameter is ever uploaded
-(GFMFR's grouping vectors excepted: spec/gfmfr.md §2 sends the personal head for grouping, and
+(GFMFR's grouping vectors excepted: GFMFR sends the personal head for grouping, and
 the schema says so), no raw interactions (no field holds per-interaction rows), and the item ids
 uploaded are exactly the rows the client touched (its positives and the negatives it sampled).
 

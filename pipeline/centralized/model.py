@@ -214,7 +214,7 @@ class PooledRows:
 
     def fusion_rows(self, history: bool) -> FusionRows:
         """The distinct (user, item) rows scored, plus every training positive of their users when
-        `history` (S_u = H_u, spec/fedmr.md §2), grouped by user; how the scored rows map to them."""
+        `history` (S_u = H_u), grouped by user; how the scored rows map to them."""
         n_items = self.pooled.n_items
         device = self.user.device
         key = (self.user * n_items + self.item).cpu().numpy()

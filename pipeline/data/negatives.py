@@ -2,7 +2,7 @@
 
 Both are vectorised over users. Training negatives use a counter-based generator keyed by
 (run_seed, round, epoch, user, draw index), so a client's negatives never depend on which
-worker trains it or on the other clients in its batch (spec/protocols.md §3).
+worker trains it or on the other clients in its batch.
 
 Shapes: U = users, I = items, B = clients in a batch, P = positives of those clients.
 """

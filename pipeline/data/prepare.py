@@ -1,4 +1,4 @@
-"""Data preparation protocol (spec/protocols.md §1), vectorised over all rows.
+"""Data preparation protocol, vectorised over all rows.
 
 implicit feedback → clean (drop missing, exact duplicates, collapse repeated (u, i) to the
 earliest) → k-core → id remap (ascending original id) → chronological leave-one-out (or the

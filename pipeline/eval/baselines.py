@@ -34,7 +34,7 @@ def cold_first_then_popularity(data: PreparedDataset):
 
 def ascending_item_id(data: PreparedDataset):
     """Lower item id first (no ties): what an all-tied model looks like under lowest-index
-    tie-breaking (spec/reference-results.md §8)."""
+    tie-breaking."""
     return _broadcast(-np.arange(data.n_items, dtype=np.float64))
 
 

@@ -1,4 +1,4 @@
-"""Ranks with pessimistic ties and HR / NDCG at K (spec/protocols.md §6). Pure torch.
+"""Ranks with pessimistic ties and HR / NDCG at K. Pure torch.
 
 Shapes: B = users in a batch, C = candidates per user, I = items.
 """

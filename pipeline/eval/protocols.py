@@ -2,7 +2,7 @@
 
 A model is evaluated through a scorer: a callable mapping a batch of user ids [B] (int64
 tensor) to scores over all items [B, I] (float tensor; logits or probabilities, only the
-order matters). Each user's scores come from that user's own model (spec/protocols.md §7).
+order matters). Each user's scores come from that user's own model.
 Users are processed in batches; everything inside a batch is one tensor operation.
 
 Results are averages over users, as fractions in [0, 1]; tables print them in %.

@@ -1,4 +1,4 @@
-"""Result tables in Markdown. P1 and P3 never share a table (spec/protocols.md §7)."""
+"""Result tables in Markdown. P1 and P3 never share a table."""
 
 from __future__ import annotations
 

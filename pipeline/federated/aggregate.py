@@ -120,7 +120,7 @@ def server_lr(config: ExperimentConfig) -> float:
 def apply_fusion_grads(global_params: dict[str, torch.Tensor], uploads, state: dict | None, *, lr: float,
                        clip: float | None = None, betas: tuple[float, float] = (0.9, 0.999),
                        eps: float = 1e-8) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """fusion_agg=grad_adam (spec/fedmr.md §6): g = sum_c w_c g_c / sum_c w_c over the uploaded
+    """fusion_agg=grad_adam: g = sum_c w_c g_c / sum_c w_c over the uploaded
     last-batch gradients, optionally clipped to global norm `clip` (as clip_grad_norm_), then
     exactly one Adam step on the server's copy. `state` (step, exp_avg, exp_avg_sq) persists
     across rounds and belongs in the server's checkpoint. Returns (new params, new state);

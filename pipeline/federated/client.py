@@ -85,7 +85,7 @@ class ClientParams:
 
 @dataclass
 class FusionInputs:
-    """What a fusion module reads besides parameters during a round (spec/fedmr.md).
+    """What a fusion module reads besides parameters during a round.
 
     features: modality -> [I, d_m] frozen item features.  ws_client, ws_item: [W] int64 of the
     working set.  users: [B] global user ids (they key the dropout masks, with `seed`).
@@ -120,7 +120,7 @@ class FusionInputs:
 
 @dataclass
 class Distillation:
-    """GFMFR's distillation term for B clients in a round (spec/gfmfr.md §6).
+    """GFMFR's distillation term for B clients in a round.
 
     teacher: [W] the client's teacher score s_{g(u)}[i] at every working-set row (NaN: the
     client has no group and trains on its own loss only).  grouped: [B] bool, the client has a
@@ -234,7 +234,7 @@ class StepRows:
 
     def fusion_rows(self, history: bool) -> FusionRows:
         """The distinct (client, item) rows of this step, plus every training positive of the
-        step's clients when `history` (spec/fedmr.md §2: S_u = H_u, in the same forward pass),
+        step's clients when `history` (S_u = H_u, in the same forward pass),
         in a padded layout (PaddedRows)."""
         info = self.fusion
         ws = self.ws.numpy()
@@ -408,7 +408,7 @@ def client_losses(model, params: dict[str, torch.Tensor], client: torch.Tensor, 
                   fusion: FusionInputs | None = None, distil=None) -> torch.Tensor:
     """[B] mean loss of each client over its rows of this step (0 for clients without rows).
     distil: (teacher [R] of the step's rows, NaN = no group; kappa(bce [B], kd [B], grouped [B])
-    -> [B]): adds GFMFR's kappa_u * L_KD (spec/gfmfr.md §6)."""
+    -> [B]): adds GFMFR's kappa_u * L_KD."""
     ctx = StepRows(params, client, ws, fusion)
     logit = model.logits(ctx)
     bce = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
@@ -506,7 +506,7 @@ def history_rows(working_set: WorkingSet, epochs: list[EpochRows]) -> np.ndarray
 def client_mixing(model, params: ClientParams, working_set: WorkingSet, epochs: list[EpochRows],
                   fusion: FusionInputs) -> torch.Tensor:
     """[B, 3] every client's FedMR mixing weights alpha_u over its training positives H_u, in
-    evaluation mode, with its trained parameters (GFMFR's upload, spec/gfmfr.md §8)."""
+    evaluation mode, with its trained parameters (GFMFR's upload)."""
     history = history_rows(working_set, epochs)
     inputs = replace(fusion, dropout=0.0, history=history)
     ctx = StepRows(params.all(), torch.as_tensor(fusion.ws_client[history]), torch.as_tensor(history), inputs)

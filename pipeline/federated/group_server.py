@@ -1,4 +1,4 @@
-"""GFMFR on the server (spec/gfmfr.md §1-§7): its state across rounds and its group step.
+"""GFMFR on the server: its state across rounds and its group step.
 Pure (no Ray): the Server actor feeds it the pools' uploads, the equivalence tests feed it
 Shards directly.
 
@@ -158,7 +158,7 @@ class GroupServer:
         losses = train_group_fusion(self.fusion, targets, members, self.features, epochs=self.cfg.server_epochs,
                                     lr=self.cfg.server_lr, weight_decay=self.cfg.server_weight_decay,
                                     batch=self.cfg.server_batch, seed=cluster_seed(self.config.train.seed, round_))
-        if not math.isfinite(losses[-1]):  # a hard failure, like a client's (spec/gfmfr.md G3)
+        if not math.isfinite(losses[-1]):  # a hard failure, like a client's
             raise FloatingPointError(f"round {round_}: the group fusion model's loss is {losses[-1]} (the group "
                                      f"targets, the members' trained tables, have diverged)")
         fitted = time.perf_counter()

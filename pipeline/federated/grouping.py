@@ -1,4 +1,4 @@
-"""GFMFR's grouping of a round's participants (spec/gfmfr.md §2), pure numpy + scikit-learn + scipy.
+"""GFMFR's grouping of a round's participants, pure numpy + scikit-learn + scipy.
 
 From the participants' grouping vectors x_u (their locally trained score-function parameters):
 standardise per feature over the round's participants, optionally reduce with PCA, cluster

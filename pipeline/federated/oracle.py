@@ -1,19 +1,19 @@
 """Textbook one-client-at-a-time federated trainer: the test oracle of the vectorised engine.
 
-Written from spec/backbones.md alone, deliberately naive: every client holds dense full
+Written from the methods' equations alone (docs/methods.md), deliberately naive: every client holds dense full
 tensors (personal item tables as [I, d]), trains with `torch.optim.SGD` and autograd, one
 mini-batch at a time, and the server averages full tensors. Nothing here imports the math
 of pipeline/models/*.py or pipeline/federated/client.py; the only shared pieces are the
 seeded initial model, the participant stream and the row sampler (shared randomness, not
 math), so both sides see the same clients, rows and starting point.
 
-FedMR (spec/fedmr.md, `model.fusion` set) is written here again from the spec, as one
+FedMR (`model.fusion` set) is written here again from its equations, as one
 nn.Module per client (`FedMRClient`, nn.Linear / nn.LayerNorm, row by row, no dedup), with
 the server's grad_adam step as torch.optim.Adam. Shared with the engine besides the above:
 the dropout mask function (sampling.dropout_keep: masks keyed by user and item, so the same
 item in the same mini-batch gets the same mask) and the parameter names.
 
-GFMFR (spec/gfmfr.md, `model.gfmfr` set): the clients' distillation term and its rho (OracleKD),
+GFMFR (`model.gfmfr` set): the clients' distillation term and its rho (OracleKD),
 the grouping vectors, group targets, group heads and teacher scores are written here again;
 the server's clustering (grouping.group_users) and group fusion model (GroupFusion,
 train_group_fusion) are shared with the engine: they run on the server alone, and their own
@@ -43,7 +43,7 @@ from pipeline.federated.privacy import gaussian_noise
 from pipeline.federated.sampling import client_data, dropout_keep, epoch_rows
 from pipeline.models.group_fusion import train_group_fusion
 
-# --- what each backbone downloads/uploads and keeps (spec/backbones.md §6) ----------------------
+# --- what each backbone downloads/uploads and keeps ----------------------
 
 GLOBAL_NAMES = {
     "fedavg": ("item",),
@@ -83,7 +83,7 @@ class ClientLog:
 
 def initial_dense_state(config: ExperimentConfig, n_users: int, n_items: int,
                         feature_dims: dict[str, int] | None = None) -> DenseState:
-    """The engine's seeded initial model (spec §0.3), expanded to dense per-user parameters."""
+    """The engine's seeded initial model, expanded to dense per-user parameters."""
     if config.model.fusion is not None:
         return _fedmr_initial_state(config, n_users, n_items, feature_dims)
     init = initial_state(config, n_users, n_items)
@@ -170,7 +170,7 @@ def _model_params(backbone: str, model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-# --- learning rates (spec §1-§5: item lr rules; §5 lr decay) -------------------------------------
+# --- learning rates (each backbone's item lr rule; lr decay) -------------------------------------------
 
 
 def _lr(config: ExperimentConfig, round_: int) -> float:
@@ -250,7 +250,7 @@ def _loss(config: ExperimentConfig, model: nn.Module, items: torch.Tensor, label
 
 @dataclass
 class OracleKD:
-    """One client's GFMFR distillation (spec/gfmfr.md §6), written from the spec: its group's
+    """One client's GFMFR distillation, written from the spec: its group's
     teacher scores [N], its loss-ratio EMA rho (NaN: unset) and a(t)."""
 
     teacher: torch.Tensor
@@ -418,7 +418,7 @@ def oracle_round(config: ExperimentConfig, data: PreparedDataset, state: DenseSt
     return DenseState(globals=new_globals, personal=new_personal, server=server)
 
 
-# === GFMFR's server step (spec/gfmfr.md §2-§5, §7), ID backbones ================================
+# === GFMFR's server step, ID backbones ================================
 # Shared with the engine: the clustering (grouping.group_users) and the group fusion model
 # (GroupFusion, train_group_fusion, initialised by group_server.new_group_fusion); written
 # again here: grouping vectors, group targets (dense means), group heads, the teacher.
@@ -429,7 +429,7 @@ GROUP_VECTORS = {"fedncf": ("tower.0.weight", "tower.0.bias", "tower.1.weight", 
 
 
 def _teacher_weight(config: ExperimentConfig, round_: int) -> float:
-    """a(t) of spec/gfmfr.md §6."""
+    """a(t): the distillation weight's schedule."""
     t, rounds = round_, config.train.rounds
     return {"cosine": math.cos(math.pi * t / (2 * rounds)), "constant": 1.0, "linear_increase": t / rounds,
             "exponential_increase": 1 - math.exp(-t / 10)}[config.model.gfmfr.kd_schedule]
@@ -459,7 +459,7 @@ def _end_rhos(config: ExperimentConfig, server: dict, rhos: dict, finals: list[f
 def _oracle_group_step(config: ExperimentConfig, data: PreparedDataset, server: dict, round_: int,
                        users: list[int], trained: dict[int, dict[str, torch.Tensor]], dtype,
                        table: str | None = None, fuse=None) -> None:
-    """fuse(z [N, d_id], members' trained params) -> [N, d]: FedMR's teacher input (§9)."""
+    """fuse(z [N, d_id], members' trained params) -> [N, d]: FedMR's teacher input."""
     gfmfr, backbone = config.model.gfmfr, config.model.backbone
     n_groups = gfmfr.group_num
     names = GROUP_VECTORS.get(backbone, ("w", "b"))
@@ -529,8 +529,8 @@ def oracle_scores(config: ExperimentConfig, state: DenseState, users: list[int],
     return torch.stack(out)
 
 
-# === FedMR (spec/fedmr.md) ===========================================================================
-# What is local (spec/fedmr.md §5): the backbone's personal parts, the personal head on z_i, and the
+# === FedMR ===========================================================================
+# What is local: the backbone's personal parts, the personal head on z_i, and the
 # router when router_scope=local. Everything else of the module is global, as is FedNCF's table E.
 
 
@@ -563,7 +563,7 @@ class _Part(nn.Module):
 
 
 class OracleFusion(nn.Module):
-    """The Mixing Feature Fusion Module of one client (spec/fedmr.md §2), nn.Modules only."""
+    """The Mixing Feature Fusion Module of one client, nn.Modules only."""
 
     def __init__(self, fcfg, d_id: int, dims: dict[str, int], dtype):
         super().__init__()
@@ -733,7 +733,7 @@ class FedMRClient(nn.Module):
 
 def _fedmr_lr(config: ExperimentConfig, round_: int) -> float:
     base = config.train.lr
-    if base is None:  # spec/fedmr.md §3: lr 0.1, MM-FedNCF 0.01
+    if base is None:  # the FedMR code: lr 0.1, MM-FedNCF 0.01
         base = 0.01 if config.model.backbone == "fedncf" else 0.1
     decay = config.train.lr_decay if config.train.lr_decay is not None else (
         0.9 if config.model.backbone == "fedrap" else 1.0)
@@ -818,7 +818,7 @@ def train_client_fedmr(config: ExperimentConfig, data: PreparedDataset, user: in
     model.fedmr.drop_key = None
     trained = {k: p.detach().clone() for k, p in model.named_parameters()}
     if config.model.gfmfr is not None and config.model.fusion.fusion == "moe":
-        with torch.no_grad():  # GFMFR's upload: alpha_u over H_u in eval mode (spec/gfmfr.md §8)
+        with torch.no_grad():  # GFMFR's upload: alpha_u over H_u in eval mode
             history = torch.as_tensor(data.train_items[data.train_indptr[user]:data.train_indptr[user + 1]],
                                       dtype=torch.int64)
             s = model.fedmr.route(model.fedmr.experts(model.id_input(history), {m: f[history] for m, f in feats.items()},
@@ -919,7 +919,7 @@ def _private_mean(config: ExperimentConfig, downloaded: dict, trained: list[dict
 
 
 def _fedmr_teacher_input(config: ExperimentConfig, data: PreparedDataset, new_globals: dict, dtype):
-    """z_{g,i} through the aggregated module in eval mode, mixed by the group's mean alpha (§9)."""
+    """z_{g,i} through the aggregated module in eval mode, mixed by the group's mean alpha."""
     fcfg = config.model.fusion
     feats = _features(data, config, dtype)
     d_id = new_globals["fedmr.proj.id.weight"].shape[1]

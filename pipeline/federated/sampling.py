@@ -149,7 +149,7 @@ def _shuffle_order(client: np.ndarray, keys: np.ndarray, n_clients: int, sort_de
 # --- dropout masks -------------------------------------------------------------------------------
 # A counter-based hash, so that a client's dropout masks depend only on
 # (seed, round, epoch, step, user, item, site, unit): never on which pool trains it or which
-# other clients share its step (spec/protocols.md §3). uint32 arithmetic (wraps by definition).
+# other clients share its step. uint32 arithmetic (wraps by definition).
 
 _HASH_MUL = np.uint32(0x45D9F3B)
 _SHIFT = np.uint32(16)

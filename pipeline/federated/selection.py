@@ -1,5 +1,5 @@
-"""Model selection on validation only, early stopping, and the test report at the best round
-(spec/protocols.md §7). A round improves only if strictly better than the best so far."""
+"""Model selection on validation only, early stopping, and the test report at the best round.
+A round improves only if strictly better than the best so far."""
 
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ class Upload:
     rows: int = 0
     loss_sum: float = 0.0
     seconds: float = 0.0
-    # GFMFR (spec/gfmfr.md §8): the clients in upload order, their grouping vectors [B, F], their
+    # GFMFR: the clients in upload order, their grouping vectors [B, F], their
     # FedMR mixing weights [B, 3] (moe), and the (sum, count) of their final rho (shared_round)
     group_users: np.ndarray | None = None
     group_vectors: torch.Tensor | None = None
@@ -125,7 +125,7 @@ class EvalRows:
         present, plan = self._plan
         return plan.apply(x, dense[f"{name}.weight"][self.user_local[present]]) + self.vector(f"{name}.bias")
 
-    # -- what a fusion module needs (spec/fedmr.md): evaluation mode --------------------------
+    # -- what a fusion module needs: evaluation mode --------------------------
 
     def feature_linear(self, modality: str, name: str) -> torch.Tensor:
         """The global projection of the frozen features, computed once per item."""
@@ -284,7 +284,7 @@ class Shard:
                                chunk_rows=self.config.runtime.block_rows if device.type == "cpu" else None)
         trained = result.params
         diverged = ~np.isfinite(result.loss) & (result.epochs > 0)
-        if diverged.any():  # a hard failure, never a skipped batch (spec/gfmfr.md G3)
+        if diverged.any():  # a hard failure, never a skipped batch
             raise FloatingPointError(
                 f"round {round_}: the training loss of {int(diverged.sum())} client(s) is not finite (users "
                 f"{users[diverged][:5].tolist()}...); lower train.lr (GFMFR: the loss-ratio weight of the "

@@ -1,7 +1,7 @@
 """Private state of a shard of users, stored compactly (DESIGN "State stays where it lives").
 
 Personal item tables are `base + sparse rows`: with plain SGD a client only changes the rows
-it touched, so storing the touched rows is exact (spec/backbones.md §7).
+it touched, so storing the touched rows is exact.
 
 Shapes: U = users of the shard (local index = position in `users`), I = items, d = dim.
 """

@@ -4,7 +4,7 @@ A backbone is pure math over *rows* (one row = one (client, item) pair to score)
 `logits(ctx)` serves local training of many clients at once, the one-client case, and
 evaluation: the context decides where per-client parameters come from.
 
-Parameter kinds (spec/backbones.md §6):
+Parameter kinds:
   global tables   [I, d] item tables that are downloaded, trained per client and aggregated
   global dense    other global weights (FedNCF tower and head), trained per client, aggregated
   personal dense  per-client vectors (linear head, NCF user vectors), persisted, never uploaded
@@ -69,7 +69,7 @@ class ScoredRows(RowContext, Protocol):
 
 @dataclass
 class InitialState:
-    """A backbone's initial parameters (spec/backbones.md §0.3).
+    """A backbone's initial parameters.
 
     global_params: name -> full tensor ([I, d] tables, dense weights).
     personal_shared: name -> initial value every client starts from (heads: [d], []).
@@ -120,6 +120,6 @@ def linear_head(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:
 
 
 def linear_head_teacher(head: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:
-    """GFMFR's group teacher of a linear head (spec/gfmfr.md §5): [G, N] logits
+    """GFMFR's group teacher of a linear head: [G, N] logits
     w̄_g . z_{g,i} + b̄_g from the groups' mean heads (w [G, d], b [G]) and z [G, N, d]."""
     return torch.einsum("gnd,gd->gn", z, head["w"]) + head["b"][:, None]

@@ -14,7 +14,7 @@ GLOBAL_DENSE: tuple[str, ...] = ()
 PERSONAL_DENSE = ("w", "b")
 PERSONAL_TABLES: tuple[str, ...] = ()
 AGGREGATION = "weighted"
-# GFMFR (spec/gfmfr.md): the table a group's target averages, and the grouping vector x_u
+# GFMFR: the table a group's target averages, and the grouping vector x_u
 GROUP_TABLE = "item"
 GROUP_VECTOR = ("w", "b")
 teacher_logits = linear_head_teacher

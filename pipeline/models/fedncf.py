@@ -20,7 +20,7 @@ PERSONAL_TABLES: tuple[str, ...] = ()
 AGGREGATION = "uniform"
 LAYERS = ("tower.0", "tower.1", "tower.2")
 # GFMFR: the teacher feeds z into the MLP item slot, and clients are grouped by their trained
-# tower and head (spec/gfmfr.md §2-§5)
+# tower and head
 GROUP_TABLE = "item_mlp"
 GROUP_VECTOR = GLOBAL_DENSE
 
@@ -45,7 +45,7 @@ def lr_scale(n_items: int, config) -> dict[str, float]:
     return {name: 1.0 for name in (*GLOBAL_TABLES, *GLOBAL_DENSE, *PERSONAL_DENSE)}
 
 
-FUSION_PLUG = "additive"  # FedMR adds z_i [R, d] to both item embeddings (spec/fedmr.md §4)
+FUSION_PLUG = "additive"  # FedMR adds z_i [R, d] to both item embeddings
 
 
 def teacher_logits(head: dict[str, torch.Tensor], z: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""FedMR's Mixing Feature Fusion Module (spec/fedmr.md), and its composition with a backbone.
+"""FedMR's Mixing Feature Fusion Module, and its composition with a backbone.
 
 Per item i at client u (inputs: e_i [d_id] from the backbone, frozen t_i [d_t], v_i [d_v]):
   h_m = LN_m(W_m x_m + b_m) in R^{d_f}                   m in modalities (id, text, image)
@@ -248,7 +248,7 @@ def fuse(rows, outputs: list[torch.Tensor], cfg, of_row: torch.Tensor | None = N
 
 class GlobalItems:
     """A FusionContext over rows that are items, read with the global weights in evaluation
-    mode (GFMFR's teacher on the server, spec/gfmfr.md §9). items: [R] item of every row."""
+    mode (GFMFR's teacher on the server). items: [R] item of every row."""
 
     def __init__(self, params: dict[str, torch.Tensor], features: dict[str, torch.Tensor], items: torch.Tensor):
         self.params, self.features, self.items = params, features, items
@@ -315,7 +315,7 @@ class FedMR:
             self.TWO_STEP_GROUPS = ((*head, *names), *rest)
         if hasattr(backbone, "row_regulariser"):  # FedRAP's terms on the batch rows, unchanged
             self.row_regulariser = backbone.row_regulariser
-        # GFMFR (spec/gfmfr.md §9): groups regress the ID table that feeds the module, are formed
+        # GFMFR: groups regress the ID table that feeds the module, are formed
         # from the personal head on z_i (FedNCF: its tower and head), and the teacher passes
         # z_{g,i} through the global module (fuse_teacher) before the backbone's teacher head
         self.GROUP_TABLE = ID_TABLE if self.additive else backbone.GROUP_TABLE
@@ -370,7 +370,7 @@ class FedMR:
 
     def mixing_weights(self, ctx) -> torch.Tensor:
         """[n_segments, 3] alpha_u of the clients of ctx over their training positives (the
-        history rows), whatever mixing_source says (GFMFR's upload, spec/gfmfr.md §8)."""
+        history rows), whatever mixing_source says (GFMFR's upload)."""
         rows = ctx.fusion_rows(history=True)
         outputs, _ = self._experts(rows.ctx)
         return mixing(rows, outputs, self.FUSION.model_copy(update={"mixing_source": "history"}))

@@ -1,4 +1,4 @@
-"""GFMFR's math (spec/gfmfr.md §3-§6), pure torch: group targets (the pools' per-group sums, the
+"""GFMFR's math, pure torch: group targets (the pools' per-group sums, the
 server's means), the group fusion model f_phi trained to regress them, and the clients'
 distillation term with its adaptive weight (teacher heads: each backbone's teacher_logits).
 
@@ -20,7 +20,7 @@ KD_SCHEDULES = ("cosine", "linear_increase", "exponential_increase", "constant")
 EMA_DECAY = 0.9
 
 
-# --- §3 group targets ------------------------------------------------------------------------------
+# --- group targets ---------------------------------------------------------------------------------
 
 
 def group_delta_sums(delta: torch.Tensor, row_client: torch.Tensor, row_item: torch.Tensor,
@@ -41,7 +41,7 @@ def targets_from_sums(global_table: torch.Tensor, sums: torch.Tensor, members: t
     return global_table[None] + sums / members.clamp(min=1).to(sums.dtype)[:, None, None]
 
 
-# --- §4 group fusion model ------------------------------------------------------------------------
+# --- group fusion model ---------------------------------------------------------------------------
 
 
 class GroupFusion(torch.nn.Module):
@@ -120,7 +120,7 @@ def train_group_fusion(model: GroupFusion, targets: torch.Tensor, members: torch
     return losses
 
 
-# --- §6 client distillation -----------------------------------------------------------------------
+# --- client distillation --------------------------------------------------------------------------
 
 
 def kd_per_row(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Where a model's hits come from: users whose held-out item never occurs in training ("cold")
-against the others ("warm"), beside the trivial rankings (spec/reference-results.md §8).
+against the others ("warm"), beside the trivial rankings.
 
     python -m pipeline.report.cold_items --configs configs/ku/fcf.yaml configs/ku/fcf_fedmr.yaml \
         --seeds 0 --out results/ku_cold_items.md [--set KEY=VALUE ...] [--note TEXT]

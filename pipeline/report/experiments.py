@@ -1,8 +1,7 @@
 """Run a set of experiment configs over several seeds; collect each run's summary.json.
 
 A seed s sets both train.seed (sampling, negatives, shuffling) and train.model_seed
-(initialisation); the P1 evaluation negatives (data.eval_seed) stay fixed across seeds
-(spec/protocols.md §7).
+(initialisation); the P1 evaluation negatives (data.eval_seed) stay fixed across seeds.
 
 Run directory: <runs_dir>/<key>/seed-<s>, where key is the config's `name`, suffixed with
 `-<protocol>` when the overrides change the protocol from the file's own (so a P1 config re-run

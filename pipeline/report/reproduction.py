@@ -69,7 +69,7 @@ def collect(seeds, report_only: bool, configs=None, pools=tuple(POOLS)) -> list[
             best = [r.summary["selection"]["best_round"] for r in done]
             published = PUBLISHED.get(config.model.backbone)
             rows.append({
-                "method": METHOD[config.model.backbone], "recipe": config.train.preset or "default",
+                "method": METHOD[config.model.backbone], "recipe": config.train.preset or "fedmr_reference",
                 "negatives": pool, "negatives_label": label, "dataset": config.data.name,
                 "protocol": config.train.protocol, "metric": METRIC,
                 "mean": round(statistics.mean(values), 2) if values else None,

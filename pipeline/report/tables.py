@@ -41,7 +41,7 @@ REPORTED_KU = OrderedDict([
 
 
 # The same table's "+ ours" rows: the backbone + FedMR's Sum/MLP/Gate mixture with the router
-# (fusion=moe). FCF + ours (55.39 / 15.97) equals the ascending-item-id ranking (§8).
+# (fusion=moe). FCF + ours (55.39 / 15.97) equals the ascending-item-id ranking.
 REPORTED_KU_FEDMR = OrderedDict([
     ("fedavg", (54.90, 16.04)),
     ("fcf", (55.39, 15.97)),

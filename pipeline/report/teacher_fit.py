@@ -11,7 +11,7 @@ step it evaluates on validation, under the config's protocol and its largest cut
 - teacher: every grouped user ranks the items by its group's teacher scores s_g, the scores
   the next round distils (the group's mean head on f_phi's item table);
 - teacher on the true targets: the same head on the group's target table itself (the members'
-  mean trained table f_phi regresses from content, §3), i.e. the teacher f_phi would give if it
+  mean trained table f_phi regresses from content), i.e. the teacher f_phi would give if it
   fitted its targets exactly;
 
 and f_phi's relative error |f_phi - target| / |target| (1: no better than predicting zeros).

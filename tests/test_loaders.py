@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 import tempfile
 from pathlib import Path
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.data import loaders
-from pipeline.data.loaders import fedmr, generic, microlens, movielens
+from pipeline.data.loaders import _read, fedmr, generic, microlens, movielens
 from pipeline.data.schema import TEST, TRAIN, VALID, DataError
 
 # ----------------------------------------------------------------------------- writers
@@ -351,6 +352,7 @@ _ID_TEXT = (
     st.text(alphabet=string.ascii_letters + string.digits + "_,.\"' ", min_size=1, max_size=6)
     .map(str.strip)
     .filter(lambda s: s != "" and not s.lstrip("+-").isdigit())
+    .filter(lambda s: not re.fullmatch(_read._FLOAT_RE, s))  # decimal numbers are refused as ids, not names
 )
 _INT_IDS = st.integers(0, 2**62)
 _ROWS = st.lists(

@@ -89,6 +89,69 @@ def test_a_sweep_space_is_checked_whole_before_ray(tmp_path, request, spec, reas
     assert str(error.value) == message
 
 
+def test_a_sweep_space_is_checked_in_every_combination(tmp_path):
+    """Two keys valid alone but not together: refused when the space loads, naming the point."""
+    from tune.sweep import SearchSpace
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"base": str(REPO / "configs/synthetic/fcf.yaml"), "params": {
+        "train.eval_ks": {"choice": [[10, 50], [10, 20, 50]]},
+        "train.selection_metric": {"choice": ["hr@50", "ndcg@20"]}}}))
+    with pytest.raises(ValueError) as error:
+        SearchSpace.load(space)
+    assert str(error.value).startswith(f'{space}: the point {{train.eval_ks: [10, 50], train.selection_metric: '
+                                       f'"ndcg@20"}}: ')
+    assert "train.selection_metric='ndcg@20': expected hr@K or ndcg@K with K in train.eval_ks=[10, 50]" \
+        in str(error.value)
+
+
+def _fusion_base(folder, features=None, modalities="[id, text]"):
+    base = folder / "base.yaml"
+    base.write_text("name: tiny\ndata:\n  synthetic: {n_users: 30, n_items: 25, images: false}\n"
+                    + (f"  features: {features}\n" if features else "")
+                    + f"model:\n  fusion: {{modalities: {modalities}}}\n"
+                    + "train: {rounds: 2}\nruntime: {pools: 1, progress: false}\n")
+    return base
+
+
+def test_a_sweep_checks_the_features_of_every_point_before_ray(tmp_path):
+    """The feature store of a point other than the first sampled one holds NaN: refused before Ray
+    starts, naming the point; no sweep folder, the stores unchanged."""
+    good = _feature_store(tmp_path / "good", 25, bad_row=None)
+    bad = _feature_store(tmp_path / "bad", 25, bad_row=3)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"base": str(_fusion_base(tmp_path, features=good)), "params": {
+        "data.features": {"choice": [str(good), str(bad)]}, "train.lr": {"uniform": [0.01, 0.1]}}}))
+    before = digest(good), digest(bad)
+    done = run_cli(tmp_path, "sweep", "--space", space, "--name", "s", "--storage", tmp_path / "sweeps")
+    refused_at_start(done, f'{space}: the point {{data.features: "{bad}"}}: {bad / "text.npy"}: NaN or inf in '
+                           f'feature row 3 (0-based, item id 3): features must be finite; re-encode them')
+    assert (digest(good), digest(bad)) == before and not (tmp_path / "sweeps").exists()
+
+
+def test_a_sweep_checks_the_modalities_of_every_point(tmp_path):
+    """A fusion module that reads text at one choice, on data without features (and the check counts
+    one opening per distinct data and modalities, not one per point)."""
+    from tune.sweep import SearchSpace, check_points_data
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"base": str(_fusion_base(tmp_path, modalities="[id]")), "params": {
+        "model.fusion.modalities": {"choice": [["id"], ["id", "text"]]}, "train.lr": {"uniform": [0.01, 0.1]}}}))
+    loaded = SearchSpace.load(space)
+    assert len(loaded.points()) == 4
+    with pytest.raises(ValueError) as error:
+        check_points_data(loaded, space, tmp_path / "cache")
+    assert str(error.value) == (f'{space}: the point {{model.fusion.modalities: ["id", "text"]}}: model.fusion reads '
+                                f"text features but dataset 'synthetic' has none: set data.features to a feature "
+                                f"store (python -m pipeline encode), or drop text from model.fusion.modalities, or "
+                                f"set model.fusion: null (ID only)")
+    good = _feature_store(tmp_path / "good", 25, bad_row=None)
+    space.write_text(yaml.safe_dump({"base": str(_fusion_base(tmp_path, features=good, modalities="[id]")),
+                                     "params": {"model.fusion.modalities": {"choice": [["id"], ["id", "text"]]},
+                                                "train.lr": {"uniform": [0.01, 0.1]}}}))
+    assert check_points_data(SearchSpace.load(space), space, tmp_path / "cache") == 2
+
+
 # -------------------------------------------------------------------------------- data
 
 

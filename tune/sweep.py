@@ -18,7 +18,12 @@ A search space is a YAML file next to the experiment configs (configs/sweeps/*.y
 Distributions: choice [values], uniform [low, high], loguniform [low, high], randint [low, high).
 A space is checked whole when it loads, before Ray starts: every choice, both bounds of every
 uniform, loguniform and randint (low below high, a loguniform above 0) and every start point must
-make a valid config, or the sweep stops at once naming the file and the key.
+make a valid config, or the sweep stops at once naming the file and the key. So must every
+combination of those values (a point where two keys are valid alone but not together, e.g. the
+selection metric's K and train.eval_ks), up to POINTS_CHECKED combinations. Before Ray starts, the
+sweep also opens the data of every such point and start point and checks it against what the
+point's fusion module reads (its feature store: finite, complete, and present where a modality
+needs it), naming the point that fails.
 Each trial runs the federated job (pipeline.federated.run.train) in a placement group holding
 its driver and its pools; its run directory (metrics.jsonl, tb/, checkpoints/) is the trial's
 `run/` folder, so `tensorboard --logdir <storage>/<name>` shows every trial.
@@ -26,6 +31,7 @@ its driver and its pools; its run directory (metrics.jsonl, tb/, checkpoints/) i
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -94,6 +100,11 @@ class SearchSpace:
             space.config(space.example())
         except ValueError as error:
             raise ValueError(f"{path}: the first value of every distribution together: {error}") from None
+        for point in space.points(start=False):  # the values checked above, in every combination
+            try:
+                space.config(point)
+            except ValueError as error:
+                raise ValueError(f"{path}: the point {_point_text(point)}: {error}") from None
         for number, point in enumerate(space.start, 1):
             try:
                 space.config(point)
@@ -109,6 +120,25 @@ class SearchSpace:
         return load_config(self.base, [*self.overrides, *extra, *(f"{k}={json.dumps(v)}" for k, v in point.items()),
                                        f"runtime.pools={self.pools}", "runtime.cpus_per_pool=1"])
 
+    def points(self, start: bool = True) -> list[dict]:
+        """The points checked before a sweep runs: every combination of every distribution's checked
+        values (each choice, both bounds of a uniform, loguniform or randint) when there are at most
+        POINTS_CHECKED; else every combination of the keys that change what a trial reads (data.*,
+        model.fusion*), the other keys at their first value, and each key's values alone. Then the
+        start points (start=True)."""
+        values = {key: _corner_values(spec) for key, spec in self.params.items()}
+        alone = []
+        if math.prod(map(len, values.values())) > POINTS_CHECKED:
+            first = self.example()
+            alone = [{**first, key: value} for key, options in values.items() for value in options]
+            values = {key: options if _reads_data(key) else [first[key]] for key, options in values.items()}
+            while math.prod(map(len, values.values())) > POINTS_CHECKED:  # still too many: the largest at its ends
+                widest = max(values, key=lambda key: len(values[key]))
+                values[widest] = [values[widest][0], values[widest][-1]]
+        keys = list(values)
+        combos = [dict(zip(keys, combo)) for combo in itertools.product(*(values[key] for key in keys))]
+        return combos + alone + (list(self.start) if start else [])
+
     def example(self) -> dict:
         """One point of the space: the first argument of every distribution."""
         return {key: next(iter(spec.values()))[0] for key, spec in self.params.items()}
@@ -122,6 +152,46 @@ class SearchSpace:
 
 
 RANDINT_CHECKED = 256  # a randint over at most this many values is checked at each of them, else at its bounds
+POINTS_CHECKED = 4096  # combinations of the distributions' checked values tried together (about 2 ms each)
+
+
+def _corner_values(spec: dict) -> list:
+    """A distribution's values tried in combination with the other keys': every choice, the bounds of a range."""
+    name, args = next(iter(spec.items()))
+    if name == "choice":
+        return list(args)
+    return [args[0], args[1] - 1] if name == "randint" else list(args)
+
+
+def _reads_data(key: str) -> bool:
+    """Whether a dotted key changes the data a trial opens or the features its fusion module reads."""
+    return key in ("data", "model") or key.startswith(("data.", "model.fusion"))
+
+
+def _point_text(point: dict) -> str:
+    return "{" + ", ".join(f"{key}: {json.dumps(value)}" for key, value in point.items()) + "}"
+
+
+def check_points_data(space: SearchSpace, space_path, data_cache) -> int:
+    """Open the data of every point of space.points() and check it against the point's fusion module
+    (pipeline.federated.run.open_checked: the feature store finite and complete, and present where the
+    module reads it), once per distinct data and modalities; ValueError naming the file, and the point
+    where the points differ in what they read. Returns how many distinct (data, modalities) were checked."""
+    from pipeline.federated.run import open_checked
+
+    checked: dict[tuple, dict] = {}
+    for point in space.points():
+        config = space.config(point)
+        fusion = config.model.fusion
+        key = (config.data.model_dump_json(), None if fusion is None else tuple(fusion.modalities))
+        if key not in checked:
+            checked[key] = {k: v for k, v in point.items() if _reads_data(k)}
+            try:
+                open_checked(config, data_cache)
+            except ValueError as error:
+                where = f" the point {_point_text(checked[key])}:" if checked[key] else ""
+                raise ValueError(f"{space_path}:{where} {error}") from None
+    return len(checked)
 
 
 def _describe(spec: dict) -> str:
@@ -200,14 +270,11 @@ def run_sweep(space_path: str | Path, *, samples: int, concurrency: int, storage
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipeline.federated.run import DATA_CACHE, ensure_ray, open_checked
+    from pipeline.federated.run import DATA_CACHE, ensure_ray
 
     space = SearchSpace.load(space_path)
     base = space.config(space.example())
-    try:  # the data and its features, before Ray (the trials reuse the prepared cache)
-        open_checked(base, DATA_CACHE)
-    except ValueError as error:
-        raise ValueError(f"{space_path}: {error}") from None
+    check_points_data(space, space_path, DATA_CACHE)  # every point's data and features, before Ray
     metric = space.metric or f"valid/{base.train.selection()}"
     storage = Path(storage).resolve()
     ensure_ray()

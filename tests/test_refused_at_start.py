@@ -219,6 +219,27 @@ def test_a_line_cut_short_is_refused_or_skipped_and_counted(interactions):
     assert digest(interactions.parent) == before
 
 
+@pytest.mark.slow  # real Ray: a federated run on the file
+def test_skipped_rows_are_counted_in_the_run_summary(interactions):
+    """skip_missing through a training run: the run summary's dataset block and train's output
+    give the number of rows dropped; the file itself is left as it is."""
+    text = interactions.read_text().rstrip("\n")
+    lines = text.splitlines()
+    user, item, _ = lines[3].split(",")
+    lines[3] = f"{user},{item},"  # an empty timestamp
+    interactions.write_text("\n".join(lines[:-1]) + "\n" + lines[-1].rsplit(",", 1)[0] + "\n")  # and a cut line
+    before = digest(interactions)
+    run = interactions.parent.parent / "run"
+    done = run_cli(interactions.parent.parent, "train", "--out", run, "--set", "runtime.pools=1",
+                   "runtime.progress=false", "train.rounds=1", f"data.path={interactions.parent}", "data.format=generic",
+                   "data.name=mine", "data.loader_options={skip_missing: true}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"]["skipped_rows_missing_fields"] == 2
+    assert "input rows skipped for an empty user, item or timestamp (skip_missing): 2" in done.stdout
+    assert digest(interactions) == before
+
+
 def test_a_decimal_id_is_refused(interactions):
     lines = interactions.read_text().splitlines()
     user, _, timestamp = lines[5].split(",")

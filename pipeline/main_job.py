@@ -58,9 +58,10 @@ def run_main(args) -> int:
                                    f"runtime.out={workdir / (args.backbone + '_fedmr')}"])
         summaries[f"{args.backbone} + FedMR"] = train(fedmr, resume=False, data_cache=workdir / "prepared",
                                                       quiet=args.json, fresh=True)
-    if args.fedmr and args.gfmfr:  # + FedMR + GFMFR: group-wise fusion and distillation (its defaults, docs/methods.md)
+    if args.fedmr and args.gfmfr:  # + FedMR + GFMFR: group-wise fusion and distillation (its defaults, docs/methods.md,
+        # with the distillation weight capped at 0.25 as in every config of the default recipe, docs/recipes.md)
         gfmfr = load_config(None, [*overrides, f"data.features={manifest['path']}", fusion,
-                                   "model.gfmfr={}", f"runtime.out={workdir / (args.backbone + '_fedmr_gfmfr')}"])
+                                   "model.gfmfr={rho_max: 0.25}", f"runtime.out={workdir / (args.backbone + '_fedmr_gfmfr')}"])
         summaries[f"{args.backbone} + FedMR + GFMFR"] = train(gfmfr, resume=False, data_cache=workdir / "prepared",
                                                               quiet=args.json, fresh=True)
     baseline = evaluate_baselines(data, negatives, names=("popularity",), protocols=("p3",), ks=KS)

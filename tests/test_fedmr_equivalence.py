@@ -201,7 +201,7 @@ def test_blocks_of_clients_match_oracle(data, variant, spans, monkeypatch):
 
 def test_batch_mixing_p1_candidates(data):
     """mixing_source=batch under P1: alpha_u from the user's 100 candidates only (engine:
-    Shard.scores(candidates=...)), the same as the oracle scoring over those candidates."""
+    Shard.row_scores(candidates=...)), the same as the oracle scoring over those candidates."""
     cfg = make_config("fcf", f"{MOE}, mixing_source: batch")
     shards, g = run_engine(cfg, data, 2, n_shards=2)
     oracle = run_oracle(cfg, data, 2)
@@ -210,7 +210,7 @@ def test_batch_mixing_p1_candidates(data):
     engine = torch.empty(data.n_users, data.n_items, dtype=torch.float64)
     for shard in shards:
         users = torch.as_tensor(shard.users)
-        engine[users] = shard.scores(g, users, candidates[users])
+        engine[users] = shard.row_scores(g, users, candidates[users])
     expected = oracle_scores_fedmr(cfg, data, oracle, list(range(data.n_users)), candidates)
     assert (engine - expected).abs().max().item() < ATOL
     everything = oracle_scores_fedmr(cfg, data, oracle, list(range(data.n_users)))

@@ -3,6 +3,9 @@
 A model is evaluated through a scorer: a callable mapping a batch of user ids [B] (int64
 tensor) to scores over all items [B, I] (float tensor; logits or probabilities, only the
 order matters). Each user's scores come from that user's own model.
+A scorer may also score given items only: `scorer.score_candidates(users [B], items [B, C])`
+-> [B, C] scores of those items (an item may repeat in a row: the user's candidate set is the
+distinct items of its row). P1 then asks only for each user's target and negatives.
 Users are processed in batches; everything inside a batch is one tensor operation.
 
 Results are averages over users, as fractions in [0, 1]; tables print them in %.
@@ -81,12 +84,19 @@ def evaluate_sampled(scorer: Scorer, data: PreparedDataset, negatives: EvalNegat
     targets = _targets(data, split)
     table = negatives.valid if split == "valid" else negatives.test
     per_user: dict[str, list[torch.Tensor]] = {}
+    by_candidates = hasattr(scorer, "score_candidates")
     for batch in _user_batches(data.n_users, batch_users, users):
-        scores = scorer(torch.as_tensor(batch)).to(torch.float64)
         neg = torch.as_tensor(table[batch].astype(np.int64))
         valid = neg >= 0
-        neg_scores = scores.gather(1, neg.clamp(min=0))
-        target_score = scores.gather(1, torch.as_tensor(targets[batch])[:, None]).squeeze(1)
+        target = torch.as_tensor(targets[batch]).to(torch.int64)
+        if by_candidates:  # the target, then the negatives (a padding slot repeats the target)
+            items = torch.cat([target[:, None], torch.where(valid, neg, target[:, None])], 1)
+            scores = scorer.score_candidates(torch.as_tensor(batch), items).to(torch.float64)
+            target_score, neg_scores = scores[:, 0], scores[:, 1:]
+        else:
+            scores = scorer(torch.as_tensor(batch)).to(torch.float64)
+            neg_scores = scores.gather(1, neg.clamp(min=0))
+            target_score = scores.gather(1, target[:, None]).squeeze(1)
         rank = rank_of_target(neg_scores, target_score, valid)
         for name, value in hit_ndcg(rank, ks).items():
             per_user.setdefault(name, []).append(value)

@@ -26,6 +26,7 @@ from pipeline.federated.group_server import TeacherDownload, flatten_vectors
 from pipeline.federated.grouped import GroupPlan
 from pipeline.federated.memory import keep_freed_memory
 from pipeline.federated.privacy import clip_factors
+from pipeline.federated.scoring import BlockScorer
 from pipeline.federated.sampling import client_data, epoch_rows
 from pipeline.federated.state import PersonalStore
 from pipeline.models import model_for
@@ -34,8 +35,7 @@ from pipeline.models.fusion import check_features
 from pipeline.models.group_fusion import group_delta_sums
 
 RHO = "gfmfr.rho"  # the store's entry of the clients' distillation-weight EMA (not a parameter)
-_EVAL_ROW_BUDGET = 1 << 21  # (user, item) rows scored at once
-_FUSION_EVAL_ROW_BUDGET = 1 << 17  # FedMR keeps several [rows, d_f] tensors per scored row
+_EVAL_ROW_BUDGET = 1 << 21  # (user, item) scores the evaluator ranks at once
 SPAN_MAX_ITEMS = 4096  # FedMR feature projections held on the working set (K = X X^T is [I, I])
 SPAN_ITEMS_PER_WIDTH = 2.0  # ... when the items are at most 2 x the feature width (see _spans)
 
@@ -80,11 +80,12 @@ class Upload:
 class EvalRows:
     """RowContext for scoring B users (local indices `local`) against items: by default all I
     items (R = B * I rows, user-major); else rows (row_user [R] in 0..B-1, sorted; item [R]).
-    candidates: [B, I] bool, the items a user's scores are asked for (FedMR batch mixing)."""
+    candidates: [B, I] bool, the items a user's scores are asked for (FedMR batch mixing);
+    or count: [R] how often each of the given rows counts in them (0 for a repeated row)."""
 
     def __init__(self, shard: "Shard", global_params: dict[str, torch.Tensor], local: torch.Tensor,
                  row_user: torch.Tensor | None = None, item: torch.Tensor | None = None,
-                 candidates: torch.Tensor | None = None):
+                 candidates: torch.Tensor | None = None, count: torch.Tensor | None = None):
         self.shard, self.globals = shard, global_params
         self.grid = row_user is None  # every user against every item
         if row_user is None:
@@ -95,6 +96,7 @@ class EvalRows:
         self.local = local[row_user]
         self.user_local = local
         self.candidates = candidates
+        self.count = count
         self.base_only = False  # personal tables read as their shared base (item_rows)
         self._plan = None
 
@@ -156,7 +158,7 @@ class EvalRows:
 
     def subset(self, index: torch.Tensor) -> "EvalRows":
         return EvalRows(self.shard, self.globals, self.user_local, self.row_user[index], self.item[index],
-                        self.candidates)
+                        self.candidates, None if self.count is None else self.count[index])
 
     def fusion_rows(self, history: bool) -> FusionRows:
         """The scored rows; mixing rows: each user's training positives (history: the same
@@ -168,7 +170,9 @@ class EvalRows:
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
         positives = torch.as_tensor(data.train_items[np.repeat(starts, counts) + offsets])
         dtype = next(iter(self.globals.values())).dtype
-        if self.candidates is None:
+        if self.count is not None:
+            count = self.count.to(dtype)
+        elif self.candidates is None:
             count = torch.ones(len(self.item), dtype=dtype)
         else:
             count = self.candidates[self.row_user, self.item].to(dtype)
@@ -427,10 +431,16 @@ class Shard:
                                             base=base, gram=gram, offsets=ws.offsets(n_clients))
         return spans
 
-    def scores(self, global_params: dict[str, torch.Tensor], users: torch.Tensor,
-               candidates: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, I] logits of users (global ids of this shard) over all items. candidates [B, I]
-        bool: the items that will be read (only FedMR's batch mixing depends on it)."""
+    def scores(self, global_params: dict[str, torch.Tensor], users: torch.Tensor) -> torch.Tensor:
+        """[B, I] logits of users (global ids of this shard) over all items, as the evaluator
+        ranks them (scoring.BlockScorer: matrix products in bounded blocks)."""
+        return self.scorer(global_params)(users)
+
+    def row_scores(self, global_params: dict[str, torch.Tensor], users: torch.Tensor,
+                   candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """The same [B, I] logits computed one row per (user, item) pair (the reference that
+        scoring.BlockScorer is tested against). candidates [B, I] bool: the items that will be
+        read (only FedMR's batch mixing depends on it)."""
         local = torch.as_tensor(self.store.local_index(np.asarray(users))).to(self.device)
         globals_ = {name: value.to(device=self.device, dtype=self.dtype) for name, value in global_params.items()}
         with torch.no_grad():
@@ -459,15 +469,22 @@ class Shard:
     def evaluate(self, global_params: dict[str, torch.Tensor], protocol: str, split: str,
                  ks: tuple[int, ...]) -> tuple[dict[str, float], int]:
         """Mean metrics over this shard's users and their count (for a weighted reduce)."""
-        budget = _EVAL_ROW_BUDGET if self.config.model.fusion is None else _FUSION_EVAL_ROW_BUDGET
-        batch = max(1, budget // self.data.n_items)
-        metrics = evaluate(self.scorer(global_params, protocol, split), self.data, protocol, split,
+        width = self.data.n_items if protocol == "p3" else 1 + self.negatives.test.shape[1]
+        batch = max(1, _EVAL_ROW_BUDGET // width)  # the scorer splits its own work further
+        metrics = evaluate(self.scorer(global_params), self.data, protocol, split,
                            negatives=self.negatives, ks=ks, batch_users=batch, users=self.users)
         return metrics, len(self.users)
 
-    def scorer(self, global_params: dict[str, torch.Tensor], protocol: str, split: str):
-        """users -> [B, I] logits with these globals, for the evaluator (under P1 a FedMR model
-        with batch mixing is passed each user's candidates of `split`)."""
+    def scorer(self, global_params: dict[str, torch.Tensor], protocol: str | None = None,
+               split: str | None = None) -> BlockScorer:
+        """users -> [B, I] logits with these globals, and score_candidates(users, items [B, C])
+        -> [B, C] (what P1 asks for), for the evaluator. protocol and split change nothing: P1
+        passes each user's candidates (FedMR's batch mixing reads them)."""
+        return BlockScorer(self, global_params)
+
+    def row_scorer(self, global_params: dict[str, torch.Tensor], protocol: str, split: str):
+        """users -> [B, I] logits one row per pair (row_scores), the reference evaluator input
+        (under P1 a FedMR model with batch mixing is passed each user's candidates of `split`)."""
         if self._needs_candidates(protocol):
-            return lambda users: self.scores(global_params, users, self.candidates(np.asarray(users), split))
-        return lambda users: self.scores(global_params, users)
+            return lambda users: self.row_scores(global_params, users, self.candidates(np.asarray(users), split))
+        return lambda users: self.row_scores(global_params, users)

@@ -4,7 +4,7 @@ uniform mean over participants."""
 from __future__ import annotations
 
 from pipeline.models.fedavg import (FUSION_PLUG, GLOBAL_DENSE, GLOBAL_TABLES, GROUP_TABLE,  # noqa: F401
-                                    GROUP_VECTOR, LR_GROUPS, PERSONAL_DENSE, PERSONAL_TABLES, init, item_input, logits,
+                                    GROUP_VECTOR, ITEM_INPUT, LR_GROUPS, PERSONAL_DENSE, PERSONAL_TABLES, init, item_input, logits,
                                     score, teacher_logits)
 
 AGGREGATION = "uniform"

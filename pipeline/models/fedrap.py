@@ -41,6 +41,7 @@ def lr_scale(n_items: int, config) -> dict[str, float]:
 
 
 FUSION_PLUG = "input"
+ITEM_INPUT = ("item_personal", "item_global")  # item_input = their sum; score: the linear head
 
 
 def item_input(ctx: RowContext) -> torch.Tensor:

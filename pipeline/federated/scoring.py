@@ -1,0 +1,329 @@
+"""A shard's evaluation scores as matrix products: a block of users against all items (P3) or
+against each user's candidates only (P1). What the evaluator (pipeline/eval/protocols.py) ranks.
+
+Linear-head models (FedAvg, FCF, PFedRec, FedRAP: the backbone declares ITEM_INPUT; with FedMR
+the head scores z) give s(u, i) = w_u . r_{u,i} + b_u. Wherever user u holds no own row of a
+personal item table at i, r_{u,i} is the row i of a table shared by a group of users (the global
+table, FedRAP's base of P, the snapshot of Q a PFedRec user's copy was trained from), times a
+per-user factor (weight decay). So a group's scores over all items are one product
+[b, d] @ [d, I], over candidates a batched product of [b, C, d] rows with [b, d]; the (user,
+item) pairs where the user holds an own row are scored exactly, one row each, and overwrite.
+
+FedMR: r_{u,i} = z_{u,i} = sum_k alpha_uk f_k(e_{u,i}, t_i, v_i). The experts f_k are computed
+once per item and group (the same e for the whole group), and per own pair; alpha_u from the
+router at the user's mixing rows (history: its training positives; batch: its scored items),
+which is all the method needs per (user, item) pair. Then s = [alpha_u1 w_u; alpha_u2 w_u;
+alpha_u3 w_u] . [f_1(i); f_2(i); f_3(i)] + b_u: again one product per group.
+
+FedNCF's tower is not a product: its pairs are scored as rows (EvalRows), only the candidates
+under P1. Every path works on sub-blocks of users whose rows fit a row budget, so memory is
+bounded by the budget, not by the number of users.
+
+Shapes: B = users of a block, I = items, C = candidates per user, d = item width, P = own pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.federated.client import FusionRows
+from pipeline.models.fusion import GlobalItems, experts, mixing
+
+ROW_BUDGET = 1 << 21  # (user, item) pairs of a sub-block: scores, or rows of FedNCF's tower
+ROW_BUDGET_FUSION = 1 << 17  # FedMR rows through the module or the router ([3 d_f] each)
+ELEMENT_BUDGET = 1 << 23  # P1: gathered candidate rows x their width
+
+
+def first_occurrence(items: torch.Tensor) -> torch.Tensor:
+    """[B, C] bool: True at the first occurrence of each item in its row."""
+    ordered, order = torch.sort(items, dim=1, stable=True)
+    first = torch.ones_like(items, dtype=torch.bool)
+    first.scatter_(1, order[:, 1:], ordered[:, 1:] != ordered[:, :-1])
+    return first
+
+
+@dataclass
+class _View:
+    """How the users of a block read item table `name` where they hold no own row:
+    tables[group[u]] [I, d] times coef[u] (None: 1). own: (rows store, user mask [B]) of the
+    personal rows that override it. keys: one hashable per table (caches per group)."""
+
+    tables: list[torch.Tensor]
+    keys: list[tuple]
+    group: torch.Tensor
+    coef: torch.Tensor | None
+    own: list[tuple[object, torch.Tensor]]
+
+
+class BlockScorer:
+    """The scorer of a shard with given global parameters: users [B] -> [B, I] logits (P3) and
+    score_candidates(users [B], items [B, C]) -> [B, C] logits (P1, items may repeat in a row)."""
+
+    def __init__(self, shard, global_params: dict[str, torch.Tensor]):
+        self.shard, self.model = shard, shard.model
+        self.device, self.dtype = shard.device, shard.dtype
+        self.globals = {name: value.to(device=self.device, dtype=self.dtype) for name, value in global_params.items()}
+        self.n_items = shard.data.n_items
+        self.fusion = getattr(self.model, "FUSION", None)
+        self.backbone = getattr(self.model, "backbone", self.model)
+        self.moe = self.fusion is not None and self.fusion.fusion == "moe"
+        self.batch_mixing = self.moe and self.fusion.mixing_source == "batch"
+        self.linear_head = hasattr(self.backbone, "ITEM_INPUT") and not getattr(self.model, "additive", False)
+        if self.fusion is not None and self.linear_head and (shard.store.table_scale or shard.store.copy_scale):
+            self.linear_head = False  # a scaled ID input changes every expert (never with FedMR's configs)
+        self._experts: dict[tuple, torch.Tensor] = {}  # group key -> [I, K d_f] expert outputs
+
+    # -- the two entry points ---------------------------------------------------------------------
+
+    def __call__(self, users: torch.Tensor) -> torch.Tensor:
+        return self._blocks(users, None)
+
+    def score_candidates(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self._blocks(users, torch.as_tensor(items, dtype=torch.int64))
+
+    def _blocks(self, users: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        local = torch.as_tensor(self.shard.store.local_index(np.asarray(users))).to(self.device)
+        width = self.n_items if items is None else items.shape[1]
+        step = max(1, self._step(width, items is None))
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(local), step):
+                part = None if items is None else items[start:start + step].to(self.device)
+                block = local[start:start + step]
+                scores = self._matrix(block, part) if self.linear_head else self._rows(block, part)
+                out.append(scores.cpu())
+        if not out:
+            return torch.zeros(0, width, dtype=self.dtype)
+        return torch.cat(out)
+
+    def _step(self, width: int, grid: bool) -> int:
+        """Users per sub-block: the block's rows within the budget of the path."""
+        if not self.linear_head:
+            return (ROW_BUDGET if self.fusion is None else ROW_BUDGET_FUSION) // max(width, 1)
+        if grid:  # the product writes the scores only (batch mixing: every pair through the router)
+            return (ROW_BUDGET_FUSION if self.batch_mixing else ROW_BUDGET) // max(width, 1)
+        k = self._width() if self.fusion is not None else self.shard.store.dense["w"].shape[1]
+        return ELEMENT_BUDGET // max(width * k, 1)
+
+    # -- FedNCF (and any model without ITEM_INPUT): rows ---------------------------------------------
+
+    def _rows(self, local: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        from pipeline.federated.shard import EvalRows
+
+        if items is None:
+            return self.model.logits(EvalRows(self.shard, self.globals, local)).view(len(local), self.n_items)
+        row = torch.arange(len(local), device=self.device).repeat_interleave(items.shape[1])
+        ctx = EvalRows(self.shard, self.globals, local, row, items.reshape(-1),
+                       count=first_occurrence(items).reshape(-1))
+        return self.model.logits(ctx).view(items.shape)
+
+    # -- linear heads: products ---------------------------------------------------------------------
+
+    def _view(self, name: str, local: torch.Tensor) -> _View:
+        store, n = self.shard.store, len(local)
+        zeros = torch.zeros(n, dtype=torch.int64, device=self.device)
+        if name in store.tables:  # FedRAP's P_u: base + own rows, scaled per user
+            coef = store.table_scale[name].index_select(0, local).to(self.dtype) if name in store.table_scale else None
+            return _View([store.table_base[name]], [(name, "base")], zeros, coef,
+                         [(store.tables[name], torch.ones(n, dtype=torch.bool, device=self.device))])
+        if name in store.copies and self.shard.config.model.pfedrec_eval_table == "personal":
+            rounds = store.copy_round.index_select(0, local)
+            tables, keys, own = [], [], []
+            group = torch.empty(n, dtype=torch.int64, device=self.device)
+            for g, round_ in enumerate(torch.unique(rounds).tolist()):
+                mine = rounds == round_
+                group[mine] = g
+                keys.append((name, round_))
+                if round_ < 0:  # never trained: the current table
+                    tables.append(self.globals[name])
+                else:
+                    tables.append(store.snapshots[round_][name].to(device=self.device, dtype=self.dtype))
+                    own.append((store.copies[name][round_], mine))
+            coef = None
+            if name in store.copy_scale:
+                scale = store.copy_scale[name].index_select(0, local).to(self.dtype)
+                coef = torch.where(rounds >= 0, scale, torch.ones_like(scale))
+            return _View(tables, keys, group, coef, own)
+        return _View([self.globals[name]], [(name, "global")], zeros, None, [])
+
+    def _own_grid(self, views: list[_View], local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row [P], item [P]) of the pairs of the block where a user holds an own row."""
+        keys = []
+        for view in views:
+            for rows, mine in view.own:
+                users = local[mine]
+                row = torch.nonzero(mine).squeeze(1)
+                lo = torch.searchsorted(rows.keys, users * self.n_items)
+                hi = torch.searchsorted(rows.keys, (users + 1) * self.n_items)
+                counts = hi - lo
+                at = torch.repeat_interleave(lo - (torch.cumsum(counts, 0) - counts), counts)
+                found = rows.keys[at + torch.arange(int(counts.sum()), device=self.device)]
+                keys.append(torch.repeat_interleave(row, counts) * self.n_items + found % self.n_items)
+        if not keys:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, empty
+        keys = torch.unique(torch.cat(keys))
+        return keys // self.n_items, keys % self.n_items
+
+    def _own_candidates(self, views: list[_View], local: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """[B, C] bool: the candidate pairs where the user holds an own row."""
+        row = torch.arange(len(local), device=self.device)[:, None].expand_as(items)
+        keys = (local[:, None] * self.n_items + items).reshape(-1)
+        own = torch.zeros(items.numel(), dtype=torch.bool, device=self.device)
+        for view in views:
+            for rows, mine in view.own:
+                own |= rows.lookup(keys)[0] & mine[row].reshape(-1)
+        return own.view(items.shape)
+
+    def _matrix(self, local: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        dense = self.shard.store.dense
+        w, b = dense["w"].index_select(0, local), dense["b"].index_select(0, local)
+        views = [self._view(name, local) for name in self.backbone.ITEM_INPUT]
+        if self.fusion is not None and "id" not in self.fusion.modalities:  # z does not read e
+            own_row = own_item = own_col = torch.zeros(0, dtype=torch.int64, device=self.device)
+        elif items is None:
+            own_row, own_item = self._own_grid(views, local)
+        else:
+            own_mask = self._own_candidates(views, local, items)
+            own_row, own_col = torch.nonzero(own_mask, as_tuple=True)
+            own_item = items[own_row, own_col]
+        if self.fusion is None:
+            terms = self._id_terms(views, w)
+            own_scores = self._own_id(local, own_row, own_item, w, b)
+        else:
+            terms, own_scores = self._fusion_terms(views, local, items, w, b, own_row, own_item)
+        scores = self._products(terms, items, len(local)) + b[:, None]
+        if len(own_row):
+            if items is None:
+                scores[own_row, own_item] = own_scores
+            else:
+                scores[own_row, own_col] = own_scores
+        return scores
+
+    def _products(self, terms, items: torch.Tensor | None, n: int) -> torch.Tensor:
+        """sum of the terms (rows [b] of the block, U [b, k], V [I, k]): U V^T over all items
+        or U . V[items] over each row's candidates."""
+        width = self.n_items if items is None else items.shape[1]
+        scores = torch.zeros(n, width, dtype=self.dtype, device=self.device)
+        for rows, u, v in terms:
+            if items is None:
+                part = u @ v.T
+            else:
+                part = torch.bmm(v[items.index_select(0, rows)], u[:, :, None]).squeeze(2)
+            scores.index_add_(0, rows, part)
+        return scores
+
+    def _id_terms(self, views: list[_View], w: torch.Tensor):
+        terms = []
+        for view in views:
+            for g, table in enumerate(view.tables):
+                rows = torch.nonzero(view.group == g).squeeze(1)
+                u = w.index_select(0, rows)
+                if view.coef is not None:
+                    u = u * view.coef.index_select(0, rows)[:, None]
+                terms.append((rows, u, table))
+        return terms
+
+    def _own_id(self, local, row, item, w, b) -> torch.Tensor:
+        from pipeline.federated.shard import EvalRows
+
+        if not len(row):
+            return w.new_zeros(0)
+        rep = self.backbone.item_input(EvalRows(self.shard, self.globals, local, row, item))
+        return (rep * w.index_select(0, row)).sum(-1) + b.index_select(0, row)
+
+    # -- FedMR on a linear head ---------------------------------------------------------------------
+
+    def _groups(self, views: list[_View]) -> tuple[torch.Tensor, list[tuple]]:
+        """(group [B] of every user, a key per group): users reading the same ID input tables."""
+        if "id" not in self.fusion.modalities:
+            return torch.zeros(len(views[0].group), dtype=torch.int64, device=self.device), [("no-id",)]
+        stacked = torch.stack([view.group for view in views], 1)
+        distinct, group = torch.unique(stacked, dim=0, return_inverse=True)
+        keys = [tuple(view.keys[int(g)] for view, g in zip(views, combo)) for combo in distinct.tolist()]
+        return group, keys
+
+    def _group_experts(self, key: tuple, views: list[_View]) -> torch.Tensor:
+        """[I, K d_f] the experts of every item with the ID input of group `key` (one key of each
+        view: e = the sum of those tables), cached for the whole evaluation."""
+        if key not in self._experts:
+            e = None
+            if "id" in self.fusion.modalities:
+                e = sum(view.tables[view.keys.index(part)] for view, part in zip(views, key))
+            ctx = GlobalItems(self.globals, self.shard.features, torch.arange(self.n_items, device=self.device))
+            self._experts[key] = torch.cat(experts(ctx, e, self.fusion), -1)
+        return self._experts[key]
+
+    def _pair_experts(self, local, row, item, group, keys, views, own=None) -> torch.Tensor:
+        """[R, K d_f] the experts at (row, item) pairs of the block: the group's per-item outputs,
+        computed exactly where the user holds an own row (own [R] bool; None: looked up)."""
+        from pipeline.federated.shard import EvalRows
+
+        out = torch.empty(len(row), self._width(), dtype=self.dtype, device=self.device)
+        pair_group = group.index_select(0, row)
+        for g, key in enumerate(keys):
+            at = torch.nonzero(pair_group == g).squeeze(1)
+            out[at] = self._group_experts(key, views).index_select(0, item.index_select(0, at))
+        if "id" not in self.fusion.modalities:
+            return out
+        if own is None:
+            pair_keys = local.index_select(0, row) * self.n_items + item
+            own = torch.zeros(len(row), dtype=torch.bool, device=self.device)
+            for view in views:
+                for rows, mine in view.own:
+                    own |= rows.lookup(pair_keys)[0] & mine.index_select(0, row)
+        at = torch.nonzero(own).squeeze(1)
+        if len(at):
+            ctx = EvalRows(self.shard, self.globals, local, row.index_select(0, at), item.index_select(0, at))
+            out[at] = torch.cat(experts(ctx, self.model.id_input(ctx), self.fusion), -1)
+        return out
+
+    def _width(self) -> int:
+        return (3 if self.moe else 1) * self.fusion.d_f
+
+    def _alpha(self, local, items, group, keys, views) -> torch.Tensor:
+        """[B, 3] the users' mixing weights over their mixing rows."""
+        from pipeline.federated.shard import EvalRows
+
+        n = len(local)
+        if self.batch_mixing:
+            if items is None:  # every item, once
+                row = torch.arange(n, device=self.device).repeat_interleave(self.n_items)
+                item = torch.arange(self.n_items, device=self.device).repeat(n)
+                count = torch.ones(len(row), dtype=self.dtype, device=self.device)
+            else:
+                row = torch.arange(n, device=self.device).repeat_interleave(items.shape[1])
+                item = items.reshape(-1)
+                count = first_occurrence(items).reshape(-1).to(self.dtype)
+            history = torch.zeros(len(row), dtype=torch.bool, device=self.device)
+        else:  # the users' training positives
+            data, users = self.shard.data, self.shard.store.users[local.cpu().numpy()]
+            starts, stops = data.train_indptr[users], data.train_indptr[users + 1]
+            counts = stops - starts
+            offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+            row = torch.as_tensor(np.repeat(np.arange(n), counts)).to(self.device)
+            item = torch.as_tensor(data.train_items[np.repeat(starts, counts) + offsets]).to(self.device)
+            history = torch.ones(len(row), dtype=torch.bool, device=self.device)
+            count = torch.zeros(len(row), dtype=self.dtype, device=self.device)
+        outputs = self._pair_experts(local, row, item, group, keys, views).split(self.fusion.d_f, -1)
+        rows = FusionRows(ctx=EvalRows(self.shard, self.globals, local, row, item), index=None, history=history,
+                          count=count, segment=row, n_segments=n)
+        return mixing(rows, list(outputs), self.fusion)
+
+    def _fusion_terms(self, views, local, items, w, b, own_row, own_item):
+        group, keys = self._groups(views)
+        alpha = self._alpha(local, items, group, keys, views) if self.moe else None
+        head = w if alpha is None else torch.cat([alpha[:, k, None] * w for k in range(3)], -1)
+        terms = []
+        for g, key in enumerate(keys):
+            rows = torch.nonzero(group == g).squeeze(1)
+            terms.append((rows, head.index_select(0, rows), self._group_experts(key, views)))
+        own_scores = w.new_zeros(0)
+        if len(own_row):
+            outs = self._pair_experts(local, own_row, own_item, group, keys, views,
+                                      own=torch.ones(len(own_row), dtype=torch.bool, device=self.device))
+            own_scores = (outs * head.index_select(0, own_row)).sum(-1) + b.index_select(0, own_row)
+        return terms, own_scores

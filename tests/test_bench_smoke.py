@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from bench import engine_speed, fusion_ceiling, gfmfr_server, scale
+from bench import engine_speed, fusion_ceiling, gfmfr_server, scale, scale_eval
 from pipeline.data.datasets import data_root
 
 
@@ -84,6 +84,18 @@ def test_scale_smoke(capsys):
         for key in ("population", "per_round", "s_per_round", "round_seconds", "peak_rss_gb", "store_mb", "stopped"):
             assert key in setting, (name, key)
         assert setting["rounds_run"] == 2  # one warm-up + one timed
+
+
+def test_scale_eval_smoke(capsys):
+    returned = scale_eval.main(["--users", "300", "--items", "120", "--train-users", "50", "--baseline-users", "100"])
+    figures = last_json_line(capsys.readouterr().out)
+    assert figures["bench"] == "scale_eval" == returned["bench"]
+    for key in ("users", "items", "eval_s_p1", "eval_s_p3", "baseline_eval_s_p1", "baseline_eval_s_p3",
+                "speedup_p1", "speedup_p3", "baseline_users", "baseline_measured"):
+        assert key in figures, key
+    assert figures["baseline_users"] == 100 and not figures["baseline_measured"]
+    # the two scorers rank the sample's held-out items the same
+    assert figures["max_metric_diff_p1"] < 1e-9 and figures["max_metric_diff_p3"] < 1e-9
 
 
 @pytest.mark.realdata

@@ -1,0 +1,140 @@
+"""Evaluation at scale: P3 and P1 of every user of a synthetic population (default about 50,000
+users x 15,000 items, ID only), the matrix-product scorer against today's row-per-pair scorer.
+
+    python -m bench.scale_eval            # 50,000 users x 15,000 items; the baseline on a user sample
+    python -m bench.scale_eval --quick    # 4,000 users x 1,500 items; the baseline on every user
+
+One in-process Shard holds every user (no Ray; as one ClientPool would, on --threads torch
+threads). After one training round of --train-users clients (so personal state is not the
+initial one), the same evaluator (pipeline/eval/protocols.evaluate, the test split) ranks:
+
+  new       Shard.scorer: a block of users x all items as matrix products (P3), or only each
+            user's target + 99 persisted negatives (P1: score_candidates)
+  baseline  Shard.row_scorer: one (user, item) row per pair over all items (P3 and P1)
+
+Both are timed on the same user sample (--baseline-users; every user with --quick) in this
+process, and their metrics compared; the new scorer is then timed on every user (eval_s_p3,
+eval_s_p1). baseline_eval_s_p3 / _p1 extrapolate the sample linearly to every user where the
+sample is not every user (baseline_measured says which). Peak RSS per phase (Linux VmHWM).
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from bench._common import (GB, emit_json, machine_line, phase_peak_rss_bytes, process_peak_rss_bytes,
+                           release_memory, reset_phase_peak, set_threads, timed)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench.scale_eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="4,000 users x 1,500 items, the baseline on every user")
+    p.add_argument("--users", type=int, default=None, help="synthetic users (default 50,000; quick 4,000)")
+    p.add_argument("--items", type=int, default=None, help="synthetic items (default 15,000; quick 1,500)")
+    p.add_argument("--backbone", default="fcf", help="ID backbone (default fcf)")
+    p.add_argument("--baseline-users", type=int, default=None,
+                   help="users the row-per-pair baseline scores (default 2,000; quick: every user)")
+    p.add_argument("--train-users", type=int, default=2000, help="clients of the one training round")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, one pool's share)")
+    p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    args = p.parse_args(argv)
+    args.users = args.users or (4000 if args.quick else 50_000)
+    args.items = args.items or (1500 if args.quick else 15_000)
+    if args.baseline_users is None:
+        args.baseline_users = 0 if args.quick else 2000  # 0: every user
+    return args
+
+
+def make_data(n_users: int, n_items: int, seed: int):
+    from pipeline.data.negatives import sample_eval_negatives
+    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.data.synthetic import SyntheticConfig, generate
+
+    with timed() as span:
+        raw = generate(SyntheticConfig(n_users=n_users, n_items=n_items, images=False, seed=seed),
+                       progress=False).dataset
+        data = prepare(raw, PrepareConfig())
+        del raw
+        data.catalogue = None
+        negatives = sample_eval_negatives(data, seed=seed)
+    release_memory()
+    print(f"data: synthetic {n_users:,} x {n_items:,} -> {data.n_users:,} users, {data.n_items:,} items, "
+          f"{int(data.train_counts.sum()):,} training positives; P1 negatives {negatives.test.shape[1]} per user "
+          f"({span.wall:.1f} s)", flush=True)
+    return data, negatives
+
+
+def evaluate_timed(scorer, data, negatives, protocol: str, users: np.ndarray,
+                   baseline: bool = False) -> tuple[dict, float, float]:
+    """(metrics, wall seconds, phase peak RSS GB) of the test split over `users`, in the user
+    batches Shard.evaluate uses (the baseline: those it used before, all items per user)."""
+    from pipeline.eval.protocols import evaluate
+    from pipeline.federated import shard as shard_module
+
+    width = data.n_items if protocol == "p3" or baseline else 1 + negatives.test.shape[1]
+    batch = max(1, shard_module._EVAL_ROW_BUDGET // width)
+    release_memory()
+    reset_phase_peak()
+    with timed() as span:
+        metrics = evaluate(scorer, data, protocol, "test", negatives=negatives, users=users, batch_users=batch)
+    return metrics, span.wall, phase_peak_rss_bytes() / GB
+
+
+def main(argv=None) -> dict:
+    from pipeline.config import load_config
+    from pipeline.federated.aggregate import apply_uploads, initial_state, round_lrs
+    from pipeline.federated.shard import Shard
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    threads = set_threads(args.threads)
+    print(f"bench.scale_eval: {args.backbone} (ID only) evaluation of every user, matrix products vs rows per pair")
+    print(machine_line(threads))
+    data, negatives = make_data(args.users, args.items, args.seed)
+    cfg = load_config(None, [f"model.backbone={args.backbone}"])
+    init = initial_state(cfg, data.n_users, data.n_items)
+    shard = Shard(cfg, data, negatives, np.arange(data.n_users), init)
+    g = init.global_params
+    rng = np.random.default_rng(args.seed)
+    trained = np.sort(rng.choice(data.n_users, size=min(args.train_users, data.n_users), replace=False))
+    with timed() as span:
+        g = apply_uploads(g, [shard.train(0, g, trained, round_lrs(cfg, data.n_items, 0))])
+    print(f"one training round of {len(trained):,} clients: {span.wall:.1f} s", flush=True)
+
+    everyone = np.arange(data.n_users)
+    sample = everyone if args.baseline_users <= 0 or args.baseline_users >= data.n_users else \
+        np.sort(rng.choice(data.n_users, size=args.baseline_users, replace=False))
+    scale = data.n_users / len(sample)
+    figures = {"bench": "scale_eval", "quick": bool(args.quick), "threads": threads, "backbone": args.backbone,
+               "users": data.n_users, "items": data.n_items, "baseline_users": len(sample),
+               "baseline_measured": bool(len(sample) == data.n_users)}
+    new = shard.scorer(g)
+    for protocol in ("p3", "p1"):
+        old = shard.row_scorer(g, protocol, "test")
+        base_metrics, base_s, base_rss = evaluate_timed(old, data, negatives, protocol, sample, baseline=True)
+        same_metrics, same_s, _ = evaluate_timed(new, data, negatives, protocol, sample)
+        diff = max(abs(base_metrics[k] - same_metrics[k]) for k in base_metrics)
+        full_metrics, full_s, full_rss = evaluate_timed(new, data, negatives, protocol, everyone)
+        figures[f"eval_s_{protocol}"] = full_s
+        figures[f"eval_peak_rss_gb_{protocol}"] = full_rss
+        figures[f"baseline_eval_s_{protocol}"] = base_s * scale
+        figures[f"baseline_sample_s_{protocol}"] = base_s
+        figures[f"baseline_peak_rss_gb_{protocol}"] = base_rss
+        figures[f"sample_s_{protocol}"] = same_s
+        figures[f"speedup_{protocol}"] = base_s / same_s if same_s > 0 else None
+        figures[f"max_metric_diff_{protocol}"] = diff
+        figures[f"hr@10_{protocol}"] = full_metrics["hr@10"]
+        print(f"{protocol.upper()}: on {len(sample):,} users: rows per pair {base_s:.2f} s, matrix products "
+              f"{same_s:.2f} s -> x{figures[f'speedup_{protocol}']:.1f}; largest metric difference {diff:.2e}. "
+              f"Every user ({data.n_users:,}): {full_s:.2f} s (peak RSS {full_rss:.2f} GB); rows per pair "
+              f"{'measured' if scale == 1 else 'extrapolated'} {base_s * scale:.1f} s", flush=True)
+    figures["process_peak_rss_gb"] = process_peak_rss_bytes() / GB
+    emit_json(figures)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -39,6 +39,11 @@ def parse_args(argv):
     p.add_argument("--baseline-users", type=int, default=None,
                    help="users the row-per-pair baseline scores (default 2,000; quick: every user)")
     p.add_argument("--train-users", type=int, default=2000, help="clients of the one training round")
+    p.add_argument("--fedmr", action="store_true", help="also FedMR (id + random text features) on the same data")
+    p.add_argument("--text-width", type=int, default=384, help="FedMR's text feature width")
+    p.add_argument("--fedmr-train-users", type=int, default=500, help="clients of FedMR's training round")
+    p.add_argument("--fedmr-baseline-users", type=int, default=None,
+                   help="users FedMR's row-per-pair baseline scores (default 100; quick: every user)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, one pool's share)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     args = p.parse_args(argv)
@@ -46,6 +51,8 @@ def parse_args(argv):
     args.items = args.items or (1500 if args.quick else 15_000)
     if args.baseline_users is None:
         args.baseline_users = 0 if args.quick else 2000  # 0: every user
+    if args.fedmr_baseline_users is None:
+        args.fedmr_baseline_users = 0 if args.quick else 100
     return args
 
 
@@ -84,33 +91,26 @@ def evaluate_timed(scorer, data, negatives, protocol: str, users: np.ndarray,
     return metrics, span.wall, phase_peak_rss_bytes() / GB
 
 
-def main(argv=None) -> dict:
-    from pipeline.config import load_config
-    from pipeline.federated.aggregate import apply_uploads, initial_state, round_lrs
+def measure(label: str, prefix: str, cfg, data, negatives, args, train_users: int, baseline_users: int) -> dict:
+    """One model: a training round of `train_users` clients, then both scorers on a user sample
+    (0: every user) and the new one on every user. Figures keyed `prefix` + name."""
+    from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, round_lrs
     from pipeline.federated.shard import Shard
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    threads = set_threads(args.threads)
-    print(f"bench.scale_eval: {args.backbone} (ID only) evaluation of every user, matrix products vs rows per pair")
-    print(machine_line(threads))
-    data, negatives = make_data(args.users, args.items, args.seed)
-    cfg = load_config(None, [f"model.backbone={args.backbone}"])
-    init = initial_state(cfg, data.n_users, data.n_items)
+    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
     shard = Shard(cfg, data, negatives, np.arange(data.n_users), init)
     g = init.global_params
     rng = np.random.default_rng(args.seed)
-    trained = np.sort(rng.choice(data.n_users, size=min(args.train_users, data.n_users), replace=False))
+    trained = np.sort(rng.choice(data.n_users, size=min(train_users, data.n_users), replace=False))
     with timed() as span:
         g = apply_uploads(g, [shard.train(0, g, trained, round_lrs(cfg, data.n_items, 0))])
-    print(f"one training round of {len(trained):,} clients: {span.wall:.1f} s", flush=True)
+    print(f"\n== {label}: one training round of {len(trained):,} clients: {span.wall:.1f} s", flush=True)
 
     everyone = np.arange(data.n_users)
-    sample = everyone if args.baseline_users <= 0 or args.baseline_users >= data.n_users else \
-        np.sort(rng.choice(data.n_users, size=args.baseline_users, replace=False))
+    sample = everyone if baseline_users <= 0 or baseline_users >= data.n_users else \
+        np.sort(rng.choice(data.n_users, size=baseline_users, replace=False))
     scale = data.n_users / len(sample)
-    figures = {"bench": "scale_eval", "quick": bool(args.quick), "threads": threads, "backbone": args.backbone,
-               "users": data.n_users, "items": data.n_items, "baseline_users": len(sample),
-               "baseline_measured": bool(len(sample) == data.n_users)}
+    figures = {"baseline_users": len(sample), "baseline_measured": bool(len(sample) == data.n_users)}
     new = shard.scorer(g)
     for protocol in ("p3", "p1"):
         old = shard.row_scorer(g, protocol, "test")
@@ -131,6 +131,38 @@ def main(argv=None) -> dict:
               f"{same_s:.2f} s -> x{figures[f'speedup_{protocol}']:.1f}; largest metric difference {diff:.2e}. "
               f"Every user ({data.n_users:,}): {full_s:.2f} s (peak RSS {full_rss:.2f} GB); rows per pair "
               f"{'measured' if scale == 1 else 'extrapolated'} {base_s * scale:.1f} s", flush=True)
+    del shard, new
+    release_memory()
+    return {prefix + key: value for key, value in figures.items()}
+
+
+def with_text(data, width: int, seed: int):
+    """Random L2-normalised text features [I, width] (FedMR's frozen input; scale, not quality)."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(data.n_items, width)).astype(np.float32)
+    return dataclasses.replace(data, features={"text": x / np.linalg.norm(x, axis=1, keepdims=True)})
+
+
+def main(argv=None) -> dict:
+    from pipeline.config import load_config
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    threads = set_threads(args.threads)
+    print(f"bench.scale_eval: {args.backbone} evaluation of every user, matrix products vs rows per pair")
+    print(machine_line(threads))
+    data, negatives = make_data(args.users, args.items, args.seed)
+    figures = {"bench": "scale_eval", "quick": bool(args.quick), "threads": threads, "backbone": args.backbone,
+               "users": data.n_users, "items": data.n_items}
+    cfg = load_config(None, [f"model.backbone={args.backbone}"])
+    figures.update(measure("ID only", "", cfg, data, negatives, args, args.train_users, args.baseline_users))
+    if args.fedmr:
+        data = with_text(data, args.text_width, args.seed)
+        cfg = load_config(None, [f"model.backbone={args.backbone}", "model.fusion={modalities: [id, text]}"])
+        figures["text_width"] = args.text_width
+        figures.update(measure(f"+ FedMR (id + text {args.text_width})", "fedmr_", cfg, data, negatives, args,
+                               args.fedmr_train_users, args.fedmr_baseline_users))
     figures["process_peak_rss_gb"] = process_peak_rss_bytes() / GB
     emit_json(figures)
     return figures

@@ -87,15 +87,21 @@ def test_scale_smoke(capsys):
 
 
 def test_scale_eval_smoke(capsys):
-    returned = scale_eval.main(["--users", "300", "--items", "120", "--train-users", "50", "--baseline-users", "100"])
+    returned = scale_eval.main(["--users", "300", "--items", "120", "--train-users", "50", "--baseline-users", "100",
+                                "--fedmr", "--text-width", "16", "--fedmr-train-users", "20",
+                                "--fedmr-baseline-users", "30"])
     figures = last_json_line(capsys.readouterr().out)
     assert figures["bench"] == "scale_eval" == returned["bench"]
     for key in ("users", "items", "eval_s_p1", "eval_s_p3", "baseline_eval_s_p1", "baseline_eval_s_p3",
                 "speedup_p1", "speedup_p3", "baseline_users", "baseline_measured"):
         assert key in figures, key
     assert figures["baseline_users"] == 100 and not figures["baseline_measured"]
-    # the two scorers rank the sample's held-out items the same
-    assert figures["max_metric_diff_p1"] < 1e-9 and figures["max_metric_diff_p3"] < 1e-9
+    # the two scorers rank the sample's held-out items the same (float32: at most one user's
+    # near-tie may fall the other way on another CPU's kernels)
+    assert figures["max_metric_diff_p1"] <= 1 / 100 and figures["max_metric_diff_p3"] <= 1 / 100
+    assert figures["fedmr_baseline_users"] == 30 and figures["text_width"] == 16
+    assert figures["fedmr_max_metric_diff_p1"] <= 1 / 30 and figures["fedmr_max_metric_diff_p3"] <= 1 / 30
+    assert figures["fedmr_eval_s_p3"] > 0 and figures["fedmr_eval_s_p1"] > 0
 
 
 @pytest.mark.realdata

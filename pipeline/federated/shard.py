@@ -469,7 +469,7 @@ class Shard:
     def evaluate(self, global_params: dict[str, torch.Tensor], protocol: str, split: str,
                  ks: tuple[int, ...]) -> tuple[dict[str, float], int]:
         """Mean metrics over this shard's users and their count (for a weighted reduce)."""
-        width = self.data.n_items if protocol == "p3" else 1 + self.negatives.test.shape[1]
+        width = self.data.n_items if protocol != "p1" or self.negatives is None else 1 + self.negatives.test.shape[1]
         batch = max(1, _EVAL_ROW_BUDGET // width)  # the scorer splits its own work further
         metrics = evaluate(self.scorer(global_params), self.data, protocol, split,
                            negatives=self.negatives, ks=ks, batch_users=batch, users=self.users)

@@ -53,7 +53,7 @@ def evaluate_full(scorer: Scorer, data: PreparedDataset, split: Split = "test", 
     other = data.test_item if split == "valid" else data.valid_item
     per_user: dict[str, list[torch.Tensor]] = {}
     for batch in _user_batches(data.n_users, batch_users, users):
-        scores = scorer(torch.as_tensor(batch)).to(torch.float64).clone()
+        scores = scorer(torch.as_tensor(batch)).to(torch.float64, copy=True)  # masked below: never the scorer's own
         rows, cols = _train_entries(data, batch)
         scores[rows, cols] = -torch.inf
         if mask_heldout_other:

@@ -127,6 +127,8 @@ FEDMR_OPTIONS = {
     "fedrap-batch": ("fedrap", f"{MOE}, mixing_source: batch"),
     "pfedrec-batch": ("pfedrec", f"{MOE}, mixing_source: batch, router_scope: global"),
     "fedncf-batch": ("fedncf", f"{MOE}, mixing_source: batch"),
+    "fedncf-gate": ("fedncf", "d_f: 8, fusion: gate"),
+    "fedncf-text_only": ("fedncf", f"{MOE}, modalities: [text]"),
     "fedrap-no_id": ("fedrap", f"{MOE}, modalities: [text, image]"),
     "pfedrec-sum": ("pfedrec", "d_f: 8, fusion: sum"),
     "fedrap-gate": ("fedrap", "d_f: 8, fusion: gate"),
@@ -172,3 +174,20 @@ def test_sub_blocks_do_not_change_scores(data, negatives, monkeypatch):
         monkeypatch.setattr(scoring, name, 1)
     assert (shards[0].scorer(g)(users) - whole).abs().max().item() < ATOL
     assert (shards[0].scorer(g).score_candidates(users, items) - candidates).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("fusion", [None, f"{MOE}, mixing_source: batch"])
+def test_rows_fallback_equals_rows(data, negatives, fusion):
+    """A model with neither a linear head nor FedNCF's tower is scored as rows (candidates only
+    under P1): forced here on FedNCF."""
+    cfg = make_config("fedncf", *((f"model.fusion={{{fusion}}}",) if fusion else ()))
+    shards, g = trained_shards(cfg, data, negatives, rounds=2, n_shards=1)
+    shard, users = shards[0], torch.as_tensor(shards[0].users)
+    scorer = shard.scorer(g)
+    scorer.ncf = False
+    assert (scorer(users) - shard.row_scores(g, users)).abs().max().item() < ATOL
+    for protocol in ("p1", "p3"):
+        ours = evaluate(scorer, data, protocol, "test", negatives=negatives, users=shard.users)
+        theirs = evaluate(shard.row_scorer(g, protocol, "test"), data, protocol, "test", negatives=negatives,
+                          users=shard.users)
+        assert ours == pytest.approx(theirs, abs=1e-12)

@@ -15,9 +15,12 @@ router at the user's mixing rows (history: its training positives; batch: its sc
 which is all the method needs per (user, item) pair. Then s = [alpha_u1 w_u; alpha_u2 w_u;
 alpha_u3 w_u] . [f_1(i); f_2(i); f_3(i)] + b_u: again one product per group.
 
-FedNCF's tower is not a product: its pairs are scored as rows (EvalRows), only the candidates
-under P1. Every path works on sub-blocks of users whose rows fit a row budget, so memory is
-bounded by the budget, not by the number of users.
+FedNCF's tower is not a product, but its first layer and its GMF half are: tower.0 on
+[m_u; q_i] is A m_u + B q_i + c (a [b, d0] and an [I, d0] product, added per pair), the GMF
+term head_gmf . (m_u * q_i) is (m_u * head_gmf) @ Q^T; only the tower's later layers run per
+(user, item) pair, on the candidates only under P1. With FedMR z_{u,i} = sum_k alpha_uk f_k(i)
+enters both linearly. Every path works on sub-blocks of users whose rows fit a row budget, so
+memory is bounded by the budget, not by the number of users.
 
 Shapes: B = users of a block, I = items, C = candidates per user, d = item width, P = own pairs.
 """
@@ -71,6 +74,7 @@ class BlockScorer:
         self.backbone = getattr(self.model, "backbone", self.model)
         self.moe = self.fusion is not None and self.fusion.fusion == "moe"
         self.batch_mixing = self.moe and self.fusion.mixing_source == "batch"
+        self.ncf = hasattr(self.backbone, "LAYERS") and getattr(self.backbone, "FUSION_PLUG", "") == "additive"
         self.linear_head = hasattr(self.backbone, "ITEM_INPUT") and not getattr(self.model, "additive", False)
         if self.fusion is not None and self.linear_head and (shard.store.table_scale or shard.store.copy_scale):
             self.linear_head = False  # a scaled ID input changes every expert (never with FedMR's configs)
@@ -93,7 +97,12 @@ class BlockScorer:
             for start in range(0, len(local), step):
                 part = None if items is None else items[start:start + step].to(self.device)
                 block = local[start:start + step]
-                scores = self._matrix(block, part) if self.linear_head else self._rows(block, part)
+                if self.linear_head:
+                    scores = self._matrix(block, part)
+                elif self.ncf:
+                    scores = self._ncf(block, part)
+                else:
+                    scores = self._rows(block, part)
                 out.append(scores.cpu())
         if not out:
             return torch.zeros(0, width, dtype=self.dtype)
@@ -101,6 +110,8 @@ class BlockScorer:
 
     def _step(self, width: int, grid: bool) -> int:
         """Users per sub-block: the block's rows within the budget of the path."""
+        if self.ncf:  # [b, width, d0] activations per tower layer (batch mixing: the router too)
+            return (ROW_BUDGET_FUSION if self.batch_mixing and grid else ROW_BUDGET) // max(width, 1)
         if not self.linear_head:
             return (ROW_BUDGET if self.fusion is None else ROW_BUDGET_FUSION) // max(width, 1)
         if grid:  # the product writes the scores only (batch mixing: every pair through the router)
@@ -237,10 +248,10 @@ class BlockScorer:
 
     # -- FedMR on a linear head ---------------------------------------------------------------------
 
-    def _groups(self, views: list[_View]) -> tuple[torch.Tensor, list[tuple]]:
+    def _groups(self, views: list[_View], n: int) -> tuple[torch.Tensor, list[tuple]]:
         """(group [B] of every user, a key per group): users reading the same ID input tables."""
         if "id" not in self.fusion.modalities:
-            return torch.zeros(len(views[0].group), dtype=torch.int64, device=self.device), [("no-id",)]
+            return torch.zeros(n, dtype=torch.int64, device=self.device), [("no-id",)]
         stacked = torch.stack([view.group for view in views], 1)
         distinct, group = torch.unique(stacked, dim=0, return_inverse=True)
         keys = [tuple(view.keys[int(g)] for view, g in zip(views, combo)) for combo in distinct.tolist()]
@@ -314,7 +325,7 @@ class BlockScorer:
         return mixing(rows, list(outputs), self.fusion)
 
     def _fusion_terms(self, views, local, items, w, b, own_row, own_item):
-        group, keys = self._groups(views)
+        group, keys = self._groups(views, len(local))
         alpha = self._alpha(local, items, group, keys, views) if self.moe else None
         head = w if alpha is None else torch.cat([alpha[:, k, None] * w for k in range(3)], -1)
         terms = []
@@ -327,3 +338,58 @@ class BlockScorer:
                                       own=torch.ones(len(own_row), dtype=torch.bool, device=self.device))
             own_scores = (outs * head.index_select(0, own_row)).sum(-1) + b.index_select(0, own_row)
         return terms, own_scores
+
+    # -- FedNCF: the tower's first layer and the GMF half as products ---------------------------------
+
+    def _ncf(self, local: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+        g, dense, layers = self.globals, self.shard.store.dense, self.backbone.LAYERS
+        user_mlp, user_mf = dense["user_mlp"].index_select(0, local), dense["user_mf"].index_select(0, local)
+        d = user_mlp.shape[1]
+        first = g[f"{layers[0]}.weight"]
+        head = g["head.weight"][0]
+        d_last = len(head) - d
+        user_half = user_mlp @ first[:, :d].T + g[f"{layers[0]}.bias"]  # [b, d0]
+        gmf_user = user_mf * head[d_last:]  # [b, d]: the GMF half of the head, per user
+        tables = [g["item_mlp"]]  # [I, d] inputs of the item half, mixed per user by `mix`
+        mf_tables = [g["item_mf"]]
+        mix = None  # [b, K]: the weight of each table per user (None: one table, weight 1)
+        if self.fusion is not None:
+            outputs = self._ncf_experts(local, items)
+            alpha = self._ncf_alpha(local, items) if self.moe else None
+            tables += outputs
+            mf_tables += outputs
+            ones = torch.ones(len(local), 1, dtype=self.dtype, device=self.device)
+            mix = torch.cat([ones, ones if alpha is None else alpha], 1)
+        item_halves = [table @ first[:, d:].T for table in tables]  # [I, d0] each
+        if items is None:
+            hidden = user_half[:, None, :] + item_halves[0][None]
+            gmf = gmf_user @ mf_tables[0].T
+            for k in range(1, len(tables)):
+                hidden = hidden + mix[:, k, None, None] * item_halves[k][None]
+                gmf = gmf + mix[:, k, None] * (gmf_user @ mf_tables[k].T)
+        else:
+            hidden = user_half[:, None, :] + item_halves[0][items]
+            gmf = torch.bmm(mf_tables[0][items], gmf_user[:, :, None]).squeeze(2)
+            for k in range(1, len(tables)):
+                hidden = hidden + mix[:, k, None, None] * item_halves[k][items]
+                gmf = gmf + mix[:, k, None] * torch.bmm(mf_tables[k][items], gmf_user[:, :, None]).squeeze(2)
+        hidden = torch.relu_(hidden)
+        for layer in layers[1:]:
+            hidden = torch.relu_(torch.nn.functional.linear(hidden, g[f"{layer}.weight"], g[f"{layer}.bias"]))
+        return hidden @ head[:d_last] + gmf + g["head.bias"][0]
+
+    def _ncf_experts(self, local, items) -> list[torch.Tensor]:
+        """FedMR on FedNCF: the expert outputs [I, d_f] of every item (global ID table E)."""
+        from pipeline.models.fusion import ID_TABLE
+
+        key = ("ncf",)
+        if key not in self._experts:
+            e = self.globals[ID_TABLE] if "id" in self.fusion.modalities else None
+            ctx = GlobalItems(self.globals, self.shard.features, torch.arange(self.n_items, device=self.device))
+            self._experts[key] = torch.cat(experts(ctx, e, self.fusion), -1)
+        return list(self._experts[key].split(self.fusion.d_f, -1))
+
+    def _ncf_alpha(self, local, items) -> torch.Tensor:
+        """[b, 3] FedNCF users' mixing weights (the experts do not depend on the user)."""
+        group = torch.zeros(len(local), dtype=torch.int64, device=self.device)
+        return self._alpha(local, items, group, [("ncf",)], [])  # the cached ("ncf",) outputs

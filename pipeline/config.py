@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.data.datasets import DatasetConfig
 from pipeline.strict import ConfigModel, validation_reasons
@@ -311,7 +311,18 @@ class TrainConfig(ConfigModel):
     protocol: Literal["p1", "p3"] = "p3"
     selection_metric: str | None = Field(None, description="validation metric; default hr@10 (P1), hr@50 (P3)")
     patience: int = Field(20, ge=0)
-    eval_every: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=1, description="evaluate after rounds 0, k, 2k, ... (k = eval_every; round 0 "
+                                                 "only with eval_round0)")
+    eval_round0: bool = Field(True, description="evaluate after round 0 (false: the first evaluation is after "
+                                                "round eval_every)")
+    eval_users: int | float | None = Field(
+        None, description="users of a scheduled evaluation: None = every user; a count >= 1 or a fraction in "
+                          "(0, 1] = a fixed sample drawn once from eval_seed (the same users every round). "
+                          "Selection and early stopping read the sample's validation metric; a round that "
+                          "improves it, and the last round, are evaluated again on every user, and the "
+                          "summary reports those (docs/methods.md, evaluation schedules)")
+    eval_seed: int = Field(0, ge=0, description="seed of the eval_users sample (independent of train.seed, so "
+                                                "runs of every seed are evaluated on the same users)")
     eval_ks: tuple[int, ...] = (10, 20, 50)
     dropout: float = Field(0.0, ge=0, lt=1, description="probability that a sampled client drops out of a round "
                                                          "(its upload never arrives; it keeps its state)")
@@ -321,12 +332,35 @@ class TrainConfig(ConfigModel):
     speed_spread: float = Field(0.5, ge=0, description="sigma of a client's log device speed, drawn per round; "
                                                        "simulated time = training rows x local epochs / speed")
 
+    @field_validator("eval_users", mode="before")
+    @classmethod
+    def _eval_users_number(cls, value):
+        """One clear line for a value that is no number (pydantic would report the int and the
+        float reading apart); 1 is one user, 1.0 every user."""
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if value is not None and not isinstance(value, (int, float)):
+            raise ValueError(f"expected a count >= 1, a fraction in (0, 1], or null for every user (got {value!r})")
+        return value
+
     @model_validator(mode="after")
     def _checks(self):
         for group, value in self.lr_groups.items():
             lr_value(value, 1, f"train.lr_groups.{group}")  # raises on a malformed value
         if not self.eval_ks or any(k < 1 for k in self.eval_ks):
             raise ValueError(f"train.eval_ks={list(self.eval_ks)}: expected one or more cut-offs K >= 1")
+        if isinstance(self.eval_users, float) and not 0 < self.eval_users <= 1:
+            raise ValueError(f"train.eval_users={self.eval_users}: a fraction must be in (0, 1]; give a whole "
+                             f"number for a count of users, or null for every user")
+        if isinstance(self.eval_users, int) and self.eval_users < 1:
+            raise ValueError(f"train.eval_users={self.eval_users}: expected a count >= 1, a fraction in (0, 1], "
+                             f"or null for every user")
         metric = self.selection()  # the default too: it is read from the validation metrics every round
         name, _, k = metric.partition("@")
         if name not in ("hr", "ndcg") or not k.isdigit() or int(k) not in self.eval_ks:

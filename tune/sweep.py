@@ -183,7 +183,8 @@ def check_points_data(space: SearchSpace, space_path, data_cache) -> int:
     for point in space.points():
         config = space.config(point)
         fusion = config.model.fusion
-        key = (config.data.model_dump_json(), None if fusion is None else tuple(fusion.modalities))
+        key = (config.data.model_dump_json(), None if fusion is None else tuple(fusion.modalities),
+               config.train.eval_users)  # open_checked also checks train.eval_users against the data
         if key not in checked:
             checked[key] = {k: v for k, v in point.items() if _reads_data(k)}
             try:

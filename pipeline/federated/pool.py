@@ -64,8 +64,9 @@ class ClientPool:
         self._expect(round_)
         return self.shard.group_sums(ids, n_groups)
 
-    def evaluate(self, global_params: dict, protocol: str, split: str, ks: tuple[int, ...]):
-        return self.shard.evaluate(global_params, protocol, split, ks)
+    def evaluate(self, global_params: dict, protocol: str, split: str, ks: tuple[int, ...],
+                 users: np.ndarray | None = None):
+        return self.shard.evaluate(global_params, protocol, split, ks, users)
 
     def scores(self, global_params: dict, users: np.ndarray) -> torch.Tensor:
         return self.shard.scores(global_params, torch.as_tensor(users))

@@ -80,11 +80,13 @@ def new_run_directory(run_dir: Path):
 
 def open_checked(config: ExperimentConfig, data_cache: Path):
     """The prepared dataset and P1 negatives, checked against what the config reads (the fusion
-    module's feature modalities): every such mistake is reported before Ray starts."""
+    module's feature modalities, train.eval_users): every such mistake is reported before Ray starts."""
+    from pipeline.federated.schedule import eval_user_count
     from pipeline.models.fusion import check_features
 
     data, negatives = open_dataset(config.data, cache=data_cache)
     check_features(config.model.fusion, data.features, data.name)
+    eval_user_count(config.train, data.n_users)  # train.eval_users: a count within the dataset's users
     return data, negatives
 
 

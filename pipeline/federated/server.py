@@ -29,6 +29,7 @@ from pipeline.federated.group_server import GroupServer
 from pipeline.federated.placement import plan_pools
 from pipeline.federated.pool import ClientPool, StaleState
 from pipeline.federated.privacy import privacy_report
+from pipeline.federated.schedule import evaluates, eval_sample
 from pipeline.federated.selection import Selection
 
 KEEP_CHECKPOINTS = 2
@@ -98,6 +99,10 @@ class Server:
             .remote(config_json, data_ref, negatives_ref, users, initial_ref, plan.threads, plan.gpus_per_pool)
             for users in self.shards
         ]
+        # train.eval_users: the fixed sample of every scheduled evaluation, per pool (None: every user)
+        sample = eval_sample(self.config.train, self.n_users)
+        self.eval_users = self.n_users if sample is None else len(sample)
+        self.sample_per_pool = None if sample is None else [shard[np.isin(shard, sample)] for shard in self.shards]
         self.round = 0
         self.selection = Selection(self.config.train.selection(), self.config.train.patience)
         self.history: list[dict] = []
@@ -161,14 +166,21 @@ class Server:
             **group_metrics,
             **(self._privacy_metrics(round_, uploads) if self.config.privacy is not None else {}),
         }
-        if round_ % self.config.train.eval_every == 0:
-            for split in ("valid", "test"):
-                for name, value in self._evaluate(split).items():
-                    metrics[f"{split}/{name}"] = value
-            metrics["improved"] = self.selection.update(round_, metrics)
+        sampled = self.sample_per_pool is not None
+        if evaluates(self.config.train, round_):
+            metrics.update(self._evaluate_splits(self.sample_per_pool))
+            metrics["eval/users"], metrics["eval/sampled"] = self.eval_users, sampled
+            # a sampled evaluation that improves the selection metric: this state on every user too,
+            # so the selected round's valid and test are reported on every user
+            full = self._evaluate_splits(None) if sampled and self.selection.improves(metrics) else None
+            metrics["improved"] = self.selection.update(round_, metrics, full)
+            if full is not None:
+                metrics.update(self._full(full))
             if metrics["improved"] and self.config.runtime.keep_best:
                 self._checkpoint(round_, name=BEST)
         metrics["stop"] = self.selection.should_stop() or round_ + 1 >= self.config.train.rounds
+        if metrics["stop"] and sampled and "full/users" not in metrics:  # the final state on every user
+            metrics.update(self._full(self._evaluate_splits(None)))
         metrics["time/round_seconds"] = time.perf_counter() - started
         self.history.append(metrics)
         every = self.config.runtime.checkpoint_every
@@ -194,12 +206,24 @@ class Server:
 
         return self.groups.step(round_, uploads, reduce, downloaded, self.globals)
 
-    def _evaluate(self, split: str) -> dict[str, float]:
-        """Pools score their own users; the means are reduced weighted by user counts."""
+    def _full(self, full: dict) -> dict:
+        """An evaluation on every user as row keys: full/valid/<m>, full/test/<m>, full/users."""
+        return {**{f"full/{k}": v for k, v in full.items()}, "full/users": self.n_users}
+
+    def _evaluate_splits(self, users_per_pool: list | None) -> dict[str, float]:
+        """valid/<m> and test/<m> on every user (None) or on each pool's users of the sample."""
+        return {f"{split}/{name}": value for split in ("valid", "test")
+                for name, value in self._evaluate(split, users_per_pool).items()}
+
+    def _evaluate(self, split: str, users_per_pool: list | None = None) -> dict[str, float]:
+        """Pools score their own users (or their users of `users_per_pool`); the means are reduced
+        weighted by user counts."""
         train = self.config.train
         global_ref = ray.put(self.globals)
-        results = ray.get([pool.evaluate.remote(global_ref, train.protocol, split, train.eval_ks)
-                           for pool in self.pools])
+        mine = users_per_pool or [None] * len(self.pools)
+        results = ray.get([pool.evaluate.remote(global_ref, train.protocol, split, train.eval_ks, users)
+                           for pool, users in zip(self.pools, mine) if users is None or len(users)])
+        results = [(m, count) for m, count in results if count]
         total = sum(count for _, count in results)
         return {name: sum(m[name] * count for m, count in results) / total for name in results[0][0]}
 
@@ -287,9 +311,27 @@ class Server:
         privacy = self.config.privacy
         if privacy is not None:
             privacy = privacy_report(privacy, self.config.train.participation, len(self.history))
-        return {"selection": self.selection.report(), "rounds_run": len(self.history), "privacy": privacy,
+        train = self.config.train
+        evaluation = {"every": train.eval_every, "round0": train.eval_round0, "users": self.eval_users,
+                      "sampled": self.sample_per_pool is not None, "seed": train.eval_seed,
+                      "final": self._final()}
+        return {"selection": self.selection.report(), "evaluation": evaluation,
+                "rounds_run": len(self.history), "privacy": privacy,
                 "recoveries": self.recoveries, "damaged_checkpoints": self.damaged_checkpoints, "pools": len(self.pools),
                 "users_per_pool": [len(s) for s in self.shards], "machines": self.machines()}
+
+    def _final(self) -> dict | None:
+        """The last round's state on every user: its full/ evaluation under a sample, else its
+        scheduled evaluation when the last round had one (None otherwise)."""
+        if not self.history:
+            return None
+        last = self.history[-1]
+        prefix = "full/" if "full/users" in last else ""
+        if f"{prefix}valid/{self.selection.metric}" not in last or (not prefix and last.get("eval/sampled")):
+            return None
+        pick = lambda split: {k[len(prefix) + len(split) + 1:]: v for k, v in last.items()  # noqa: E731
+                              if k.startswith(f"{prefix}{split}/")}
+        return {"round": last["round"], "users": self.n_users, "valid": pick("valid"), "test": pick("test")}
 
     def machines(self) -> list[dict]:
         """The distinct machines (CPU model, kernels, threads, versions) the pools trained on."""

@@ -467,13 +467,17 @@ class Shard:
         return mask
 
     def evaluate(self, global_params: dict[str, torch.Tensor], protocol: str, split: str,
-                 ks: tuple[int, ...]) -> tuple[dict[str, float], int]:
-        """Mean metrics over this shard's users and their count (for a weighted reduce)."""
+                 ks: tuple[int, ...], users: np.ndarray | None = None) -> tuple[dict[str, float], int]:
+        """Mean metrics over this shard's users (or `users`, a subset of them: a sampled evaluation)
+        and their count (for a weighted reduce)."""
+        users = self.users if users is None else np.asarray(users, dtype=np.int64)
+        if len(users) == 0:
+            return {}, 0
         width = self.data.n_items if protocol != "p1" or self.negatives is None else 1 + self.negatives.test.shape[1]
         batch = max(1, _EVAL_ROW_BUDGET // width)  # the scorer splits its own work further
         metrics = evaluate(self.scorer(global_params), self.data, protocol, split,
-                           negatives=self.negatives, ks=ks, batch_users=batch, users=self.users)
-        return metrics, len(self.users)
+                           negatives=self.negatives, ks=ks, batch_users=batch, users=users)
+        return metrics, len(users)
 
     def scorer(self, global_params: dict[str, torch.Tensor], protocol: str | None = None,
                split: str | None = None) -> BlockScorer:

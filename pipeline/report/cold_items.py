@@ -48,6 +48,7 @@ def subset_metrics(scorer, data, negatives, protocol: str, split: str, ks) -> di
 def train_and_break_down(config, data, negatives, log=print) -> dict:
     """Train `config` in-process; returns {best_round, rounds_run, valid: {subset: m}, test: {...}}."""
     from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs
+    from pipeline.federated.schedule import evaluates
     from pipeline.federated.selection import Selection
     from pipeline.federated.shard import Shard
 
@@ -62,7 +63,7 @@ def train_and_break_down(config, data, negatives, log=print) -> dict:
     for round_ in range(train.rounds):
         users = participants(data.n_users, train.participation, train.seed, round_)
         g = apply_uploads(g, [shard.train(round_, g, users, round_lrs(config, data.n_items, round_))])
-        if round_ % train.eval_every:
+        if not evaluates(train, round_):
             continue
         found = {split: subset_metrics(shard.scorer(g, train.protocol, split), data, negatives, train.protocol,
                                        split, train.eval_ks)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.robustness import stop_group
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["data.synthetic={n_users: 30, n_items: 25, images: false}", "runtime.pools=1", "runtime.progress=false"]
 
@@ -246,28 +248,8 @@ def test_encode_starts_its_own_ray_beside_a_running_head(dataset, work):
         assert json.loads(done.stdout)["item_count"] == 20
         assert (out / "text.npy").is_file()
     finally:
-        _stop(head)
+        stop_group(head)  # its own process group, never `ray stop` (every Ray instance here)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _stop(head: subprocess.Popen) -> None:
-    """End the head this test started: its own process group, by id (never `ray stop`, which
-    would stop every Ray instance on the machine)."""
-    import signal
-
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(head.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            head.wait(timeout=wait)
-            time.sleep(0.5)
-            os.killpg(head.pid, 0)  # children of the group still alive?
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # -------------------------------------------------------------------------------- the rules, in-process

@@ -202,6 +202,74 @@ def _touched_items(ws_item: np.ndarray, n_items: int) -> tuple[torch.Tensor, tor
     return torch.as_tensor(np.flatnonzero(touched)), torch.as_tensor(rank[ws_item])
 
 
+class _RoundSums:
+    """A round's upload summed over the blocks of clients Shard.train trains one after the other.
+
+    Every figure of an Upload is a sum over clients, so a block adds its share and lets its
+    rows go: table_sums per item into [I, d] (touched: [I] bool), the frozen-feature spans per
+    item into [I, out] (multiplied by the features once, in upload()), dense and gradient sums.
+    What stays per client across blocks is what the round must keep anyway: GFMFR's grouping
+    vectors, mixing weights and group-table changes (the server clusters them), and `personal`,
+    the trained rows the store keeps (Shard._write_personal_tables)."""
+
+    def __init__(self, n_items: int, copy_names: tuple[str, ...]):
+        self.n_items = n_items
+        self.tables: dict[str, torch.Tensor] = {}
+        self.touched: dict[str, torch.Tensor] = {}
+        self.spans: dict[str, tuple[str, bool, torch.Tensor]] = {}  # weight -> (modality, is grad, [I, out])
+        self.dense: dict[str, torch.Tensor] = {}
+        self.grad: dict[str, torch.Tensor] = {}
+        self.table_scale: dict[str, float] = {}
+        self.personal: list = []  # (local, ws_local, ws_item, name -> rows, copy scale or None) per block
+        self.group_users: list[np.ndarray] = []
+        self.group_vectors: list[torch.Tensor] = []
+        self.group_alpha: list[torch.Tensor] = []
+        self.group_rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (client, item, delta)
+        self.weight = 0.0
+        self.clients = self.rows = self.clipped = self.distilled = 0
+        self.loss_sum = 0.0
+        self.rho = (0.0, 0)
+
+    @staticmethod
+    def add(sums: dict, name: str, value):
+        """sums[name] += value (the first block's value is taken as it is)."""
+        sums[name] = value if name not in sums else sums[name] + value
+
+    def add_table(self, name: str, items: torch.Tensor, values: torch.Tensor) -> None:
+        """values [K, d]: a block's sum_c w_c delta_c at its distinct items [K]."""
+        if name not in self.tables:
+            self.tables[name] = values.new_zeros(self.n_items, values.shape[1])
+            self.touched[name] = torch.zeros(self.n_items, dtype=torch.bool, device=values.device)
+        self.tables[name].index_add_(0, items, values)
+        self.touched[name][items] = True
+
+    def add_span(self, weight: str, modality: str, is_grad: bool, ws_item: torch.Tensor, rows: torch.Tensor) -> None:
+        """rows [W, out]: a block's weighted span rows at its working-set items."""
+        if weight not in self.spans:
+            self.spans[weight] = (modality, is_grad, rows.new_zeros(self.n_items, rows.shape[1]))
+        self.spans[weight][2].index_add_(0, ws_item, rows)
+
+    def upload(self, features: dict[str, torch.Tensor], privacy: bool) -> Upload:
+        """The Upload of every block added (its tensors on the CPU)."""
+        upload = Upload(weight=float(self.clients) if privacy else self.weight, table_scale_sums=self.table_scale,
+                        clients=self.clients, rows=self.rows, loss_sum=self.loss_sum, rho=self.rho,
+                        distilled=self.distilled, clipped=self.clipped)
+        for name, sums in self.tables.items():
+            items = torch.nonzero(self.touched[name]).squeeze(1)
+            upload.table_items[name] = items.cpu()
+            upload.table_sums[name] = sums.index_select(0, items).cpu()
+        for weight, (modality, is_grad, per_item) in self.spans.items():  # sum_c w_c dW_c = (w A)^T X
+            (upload.grad_sums if is_grad else upload.dense_sums)[weight] = torch.mm(per_item.T, features[modality])
+        upload.dense_sums.update({name: value.cpu() for name, value in self.dense.items()})
+        upload.grad_sums.update({name: value.cpu() for name, value in self.grad.items()})
+        if self.group_users:
+            upload.group_users = np.concatenate(self.group_users)
+            upload.group_vectors = torch.cat(self.group_vectors)
+            if self.group_alpha:
+                upload.group_alpha = torch.cat(self.group_alpha)
+        return upload
+
+
 class Shard:
     """The users `users` of a prepared dataset, with their personal state."""
 
@@ -237,20 +305,44 @@ class Shard:
     def train(self, round_: int, global_params: dict[str, torch.Tensor], users: np.ndarray,
               lrs: dict[str, float], teacher: TeacherDownload | None = None) -> Upload:
         """Local training of `users` (global ids of this shard) in round `round_`; with GFMFR,
-        clients with a group in `teacher` distil its scores."""
+        clients with a group in `teacher` distil its scores.
+
+        Clients are independent, so they are trained in blocks of at most
+        runtime.train_block_clients consecutive clients (of the order below): each block builds
+        its own rows, working set and per-client copies of the global weights, trains, writes
+        its clients' personal state back and adds its contributions to the round's sums
+        (_RoundSums), then lets all of it go. Peak memory follows the block, not the number of
+        clients; the upload is the same up to the summation order of its sums."""
         started = time.perf_counter()
-        upload = Upload()
         self._for_groups = None
         if len(users) == 0:
-            return upload
-        model, train_cfg = self.model, self.config.train
+            return Upload()
         users = np.sort(np.asarray(users, dtype=np.int64))
         if self.config.model.fusion is not None:
             # clients ordered by size: the fusion module's per-client layers run one bmm per
             # contiguous range of similar clients (grouped.PaddedLayout). Clients are
             # independent, so the order changes nothing but the summation order of uploads.
             users = users[np.argsort(self.data.train_counts[users], kind="stable")]
-        device = self.device
+        globals_ = {name: value.to(device=self.device, dtype=self.dtype) for name, value in global_params.items()}
+        sums = _RoundSums(self.data.n_items, self.store.copy_names)
+        projections = self._span_projections(globals_)
+        size = self.config.runtime.train_block_clients or len(users)
+        for start in range(0, len(users), size):
+            self._train_block(round_, globals_, projections, users[start:start + size], lrs, teacher, sums)
+        del projections
+        self._write_personal_tables(round_, global_params, sums)
+        upload = sums.upload(self.features, self.config.privacy is not None)
+        if sums.group_rows:
+            self._for_groups = tuple(torch.cat(parts) for parts in zip(*sums.group_rows))
+        upload.seconds = time.perf_counter() - started
+        return upload
+
+    def _train_block(self, round_: int, globals_: dict[str, torch.Tensor], projections: dict[str, torch.Tensor],
+                     users: np.ndarray, lrs: dict[str, float], teacher: TeacherDownload | None,
+                     sums: "_RoundSums") -> None:
+        """One block of a round's clients (Shard.train): train them, write their personal
+        vectors, and add their upload contributions and pending table rows to `sums`."""
+        model, train_cfg, device = self.model, self.config.train, self.device
         local = torch.as_tensor(self.store.local_index(users)).to(device)
         clients = client_data(self.data, users, neg_pool=train_cfg.neg_pool,
                               neg_exclude_heldout=train_cfg.neg_exclude_heldout)
@@ -259,15 +351,15 @@ class Shard:
                              seed=train_cfg.seed, round_=round_, epoch=e, sort_device=sort_device,
                              neg_draw=train_cfg.neg_draw)
                   for e in range(train_cfg.local_epochs)]
+        del clients
         ws = WorkingSet.of(epochs, self.data.n_items)
         ws_client, ws_item = torch.as_tensor(ws.client).to(device), torch.as_tensor(ws.item).to(device)
         ws_local = local.index_select(0, ws_client)
-        globals_ = {name: value.to(device=device, dtype=self.dtype) for name, value in global_params.items()}
 
         tables = {name: globals_[name].index_select(0, ws_item) for name in model.GLOBAL_TABLES}
         tables.update({name: self.store.table_rows(name, ws_local, ws_item) for name in model.PERSONAL_TABLES})
         vectors = {name: self.store.dense[name].index_select(0, local) for name in model.PERSONAL_DENSE}
-        spans = self._spans(globals_, ws, len(users))
+        spans = self._spans(projections, ws, len(users))
         # copies of global weights: broadcast views (train_clients copies what it trains)
         vectors.update({name: globals_[name].expand(len(users), *globals_[name].shape)
                         for name in model.GLOBAL_DENSE if name not in spans})
@@ -301,17 +393,18 @@ class Shard:
         for name in model.PERSONAL_TABLES:
             if decayed:
                 self.store.scale_table(name, local, factor[name])
-            self.store.write_table(name, ws_local, ws_item, trained.tables[name])
-        self.store.save_copies(round_, global_params, local, ws_local, ws_item, trained.tables,
-                               scale=factor if decayed else None)
+        # table rows the store keeps (personal tables, trained copies): written once per round
+        kept = {name: trained.tables[name] for name in (*model.PERSONAL_TABLES, *self.store.copy_names)}
+        if kept:
+            sums.personal.append((local, ws_local, ws_item, kept,
+                                  {name: factor[name] for name in self.store.copy_names} if decayed else None))
 
         weights = torch.as_tensor(result.rows if model.AGGREGATION == "weighted" else np.ones(len(users)),
                                   dtype=self.dtype).to(device)
-        privacy = self.config.privacy
-        if privacy is not None:  # uniform weights, each client's update scaled to norm <= clip
+        if self.config.privacy is not None:  # uniform weights, each client's update scaled to norm <= clip
             squared = self._update_norms(trained, tables, vectors, result.last_grads, ws_client, len(users))
-            weights = clip_factors(squared, privacy.clip)
-            upload.clipped = int((weights < 1).sum())
+            weights = clip_factors(squared, self.config.privacy.clip)
+            sums.clipped += int((weights < 1).sum())
         if model.GLOBAL_TABLES:
             items, inverse = _touched_items(ws.item, self.data.n_items)
             inverse = inverse.to(device)
@@ -319,46 +412,59 @@ class Shard:
             start = tables[name]
             if decayed:  # a client's change = (f_c - 1) Q on every row + this correction on its rows
                 start = start * factor[name].index_select(0, ws_client)[:, None]
-                upload.table_scale_sums[name] = float(((factor[name] - 1) * weights).sum())
+                sums.add(sums.table_scale, name, float(((factor[name] - 1) * weights).sum()))
             delta = (trained.tables[name] - start).mul_(weights.index_select(0, ws_client)[:, None])
-            upload.table_items[name] = items
-            upload.table_sums[name] = delta.new_zeros(len(items), delta.shape[1]).index_add_(0, inverse, delta).cpu()
+            sums.add_table(name, items.to(device), delta.new_zeros(len(items), delta.shape[1]).index_add_(0, inverse, delta))
         grads = getattr(model, "UPLOAD_GRADS", ())
         for name, span in spans.items():  # sum_c w_c dW_c = (w A)^T X[ws_item], summed per item first
             rows = result.last_grads[span.table] if name in grads else trained.tables[span.table]
-            per_item = rows.new_zeros(self.data.n_items, rows.shape[1]).index_add_(
-                0, ws_item, rows * weights[ws_client][:, None])
-            summed = torch.mm(per_item.T, self.features[span.modality])
-            (upload.grad_sums if name in grads else upload.dense_sums)[name] = summed
+            sums.add_span(name, span.modality, name in grads, ws_item, rows * weights[ws_client][:, None])
         for name in model.GLOBAL_DENSE:
             if name in spans:
                 continue
             if name in grads:  # grad_adam: the last-batch gradient, not the trained weights
                 grad = result.last_grads[name]
-                upload.grad_sums[name] = (grad * weights.view(-1, *[1] * (grad.dim() - 1))).sum(0).cpu()
+                sums.add(sums.grad, name, (grad * weights.view(-1, *[1] * (grad.dim() - 1))).sum(0))
                 continue
             delta = trained.vectors[name] - vectors[name]
-            upload.dense_sums[name] = (delta * weights.view(-1, *[1] * (delta.dim() - 1))).sum(0).cpu()
+            sums.add(sums.dense, name, (delta * weights.view(-1, *[1] * (delta.dim() - 1))).sum(0))
         gfmfr = self.config.model.gfmfr
         if gfmfr is not None:
             if distil is not None:
-                upload.distilled = int(distil.grouped.sum())
+                sums.distilled += int(distil.grouped.sum())
                 if gfmfr.ema_scope == "client":
                     self.store.dense[RHO][local] = torch.as_tensor(distil.rho).to(self.store.dense[RHO].device)
                 else:
                     final = distil.rho[~np.isnan(distil.rho)]
-                    upload.rho = (float(final.sum()), len(final))
-            upload.group_users = users
-            upload.group_vectors = flatten_vectors(model, trained.vectors, len(users)).cpu()
+                    sums.rho = (sums.rho[0] + float(final.sum()), sums.rho[1] + len(final))
+            sums.group_users.append(users)
+            sums.group_vectors.append(flatten_vectors(model, trained.vectors, len(users)).cpu())
             if self.config.model.fusion is not None and self.config.model.fusion.fusion == "moe":
-                upload.group_alpha = client_mixing(model, trained, ws, epochs, fusion).cpu()
-            name = model.GROUP_TABLE
-            self._for_groups = (ws_client, ws_item, trained.tables[name] - tables[name])
-        upload.weight = float(weights.sum()) if privacy is None else float(len(users))
-        upload.clients, upload.rows = len(users), int(result.rows.sum())
-        upload.loss_sum = float(np.nansum(result.loss))
-        upload.seconds = time.perf_counter() - started
-        return upload
+                sums.group_alpha.append(client_mixing(model, trained, ws, epochs, fusion).cpu())
+            name = model.GROUP_TABLE  # client positions in upload order
+            sums.group_rows.append((ws_client + sums.clients, ws_item, trained.tables[name] - tables[name]))
+        sums.weight += float(weights.sum())
+        sums.clients += len(users)
+        sums.rows += int(result.rows.sum())
+        sums.loss_sum += float(np.nansum(result.loss))
+
+    def _write_personal_tables(self, round_: int, global_params: dict[str, torch.Tensor], sums: "_RoundSums") -> None:
+        """The round's trained rows of personal tables and of kept copies, into the store at once
+        (a SparseRows write merges with everything stored: once per round, not per block)."""
+        if not sums.personal:
+            return
+        pieces = sums.personal
+        sums.personal = []
+        local = torch.cat([piece[0] for piece in pieces])
+        ws_local, ws_item = torch.cat([piece[1] for piece in pieces]), torch.cat([piece[2] for piece in pieces])
+        trained = {name: torch.cat([piece[3][name] for piece in pieces]) for name in pieces[0][3]}
+        scale = None
+        if pieces[0][4] is not None:  # weight decay: the factor of the rows each user did not touch
+            scale = {name: torch.cat([piece[4][name] for piece in pieces]) for name in pieces[0][4]}
+        del pieces
+        for name in self.model.PERSONAL_TABLES:
+            self.store.write_table(name, ws_local, ws_item, trained[name])
+        self.store.save_copies(round_, global_params, local, ws_local, ws_item, trained, scale=scale)
 
     def _update_norms(self, trained, tables: dict, vectors: dict, last_grads: dict, ws_client: torch.Tensor,
                       n_clients: int) -> torch.Tensor:
@@ -412,23 +518,32 @@ class Shard:
                                          n_groups, self.data.n_items)
         return sums.cpu(), members.cpu()
 
-    def _spans(self, globals_: dict[str, torch.Tensor], ws: WorkingSet, n_clients: int) -> dict[str, FeatureSpan]:
-        """weight name -> FeatureSpan of the module's frozen-feature projections this round.
-        Both forms are exact. Per row, a span costs a Gram row (I entries) and 2 I out
-        multiply-adds; a weight copy costs the feature row (d entries), 4 d out multiply-adds
-        (forward and weight gradient) and a per-client weight update per step. So a modality
-        uses one when I <= 2 d (SPAN_ITEMS_PER_WIDTH): on KU (560 items, 512-d CLIP) both
-        modalities do; on MovieLens (1,682 items) the 1,280-d images do and the 384-d text
-        does not."""
-        spans = {}
+    def _span_projections(self, globals_: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """weight name -> [I, out] the frozen features projected by the global weight, for every
+        projection this round holds as working-set spans (see _spans): computed once per round."""
         if self.config.privacy is not None:  # clipping needs each client's weight change
-            return spans
+            return {}
+        out = {}
         for modality, gram in self.grams.items():
             weight = f"fedmr.proj.{modality}.weight"
             if weight in self.model.GLOBAL_DENSE and len(gram) <= SPAN_ITEMS_PER_WIDTH * self.features[modality].shape[1]:
-                base = torch.mm(self.features[modality], globals_[weight].T)[torch.as_tensor(ws.item)]
-                spans[weight] = FeatureSpan(modality=modality, weight=weight, table=f"fedmr.proj.{modality}.span",
-                                            base=base, gram=gram, offsets=ws.offsets(n_clients))
+                out[weight] = torch.mm(self.features[modality], globals_[weight].T)
+        return out
+
+    def _spans(self, projections: dict[str, torch.Tensor], ws: WorkingSet, n_clients: int) -> dict[str, FeatureSpan]:
+        """weight name -> FeatureSpan of the module's frozen-feature projections for the clients of
+        `ws` (projections: _span_projections). Both forms are exact. Per row, a span costs a Gram
+        row (I entries) and 2 I out multiply-adds; a weight copy costs the feature row (d entries),
+        4 d out multiply-adds (forward and weight gradient) and a per-client weight update per
+        step. So a modality uses one when I <= 2 d (SPAN_ITEMS_PER_WIDTH): on KU (560 items,
+        512-d CLIP) both modalities do; on MovieLens (1,682 items) the 1,280-d images do and the
+        384-d text does not."""
+        spans = {}
+        for weight, projected in projections.items():
+            modality = weight.split(".")[2]
+            spans[weight] = FeatureSpan(modality=modality, weight=weight, table=f"fedmr.proj.{modality}.span",
+                                        base=projected[torch.as_tensor(ws.item)], gram=self.grams[modality],
+                                        offsets=ws.offsets(n_clients))
         return spans
 
     def scores(self, global_params: dict[str, torch.Tensor], users: torch.Tensor) -> torch.Tensor:

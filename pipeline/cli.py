@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from pipeline.data.cache import data_cache_root
 from pipeline.data.datasets import NAMED, DatasetConfig, load_raw, open_dataset
 from pipeline.data.loaders import FORMATS
 from pipeline.data.prepare import PrepareConfig
@@ -22,6 +23,8 @@ from pipeline.data.schema import DataError
 from pipeline.data.store import write_text_atomically
 
 DEFAULT_WORKDIR = Path("runs")
+DATA_CACHE_HELP = ("prepared-data cache (default: $PIPELINE_DATA_CACHE, else "
+                   "$XDG_CACHE_HOME/fedmm-pipeline/prepared, i.e. ~/.cache/fedmm-pipeline/prepared)")
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser, positional: bool = True, many: bool = False) -> None:
@@ -134,13 +137,12 @@ def cmd_baselines(args) -> int:
     from pipeline.outputs import check_report_file
 
     if args.out and not args.json:  # before any dataset is read
-        check_report_file(args.out, "baselines", inputs=[getattr(args, "path", None)])
-    names = args.dataset or ["synthetic"]
+        check_report_file(args.out, "baselines", inputs=[*args.paths, *(args.config or [])])
     rows, described = [], []
-    for name in names:
-        config = _dataset_config(args, name=name)
+    cache = args.workdir / "prepared" if args.workdir is not None else data_cache_root(args.data_cache)
+    for config in _baseline_datasets(args):
         started = time.perf_counter()
-        data, negatives = open_dataset(config, cache=args.workdir / "prepared")
+        data, negatives = open_dataset(config, cache=cache)
         rows += evaluate_baselines(data, negatives, names=args.baseline, protocols=args.protocol, ks=args.k)
         described.append(_describe(data, config, negatives, time.perf_counter() - started))
     if args.json:
@@ -152,6 +154,20 @@ def cmd_baselines(args) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             write_text_atomically(Path(args.out), text + "\n")
     return 0
+
+
+def _baseline_datasets(args) -> list[DatasetConfig]:
+    """The datasets of `baselines`, in order: each --dataset name, each PATH (a folder or file read
+    by the --format loader), each --config's data section (everything the config says
+    about its dataset: format, path, features, protocol, P1 seed); synthetic when none is given.
+    The protocol options (--rating-threshold, --min-user, ...) apply to names and paths."""
+    from pipeline.config import load_config
+
+    found = [_dataset_config(args, name=name) for name in args.dataset or []]
+    for path in args.paths:
+        found.append(_dataset_config(argparse.Namespace(**{**vars(args), "path": path, "dataset": None})))
+    found += [load_config(config, []).data for config in args.config or []]
+    return found or [_dataset_config(args, name="synthetic")]
 
 
 def _describe(data, config: DatasetConfig, negatives, seconds: float) -> dict:
@@ -293,11 +309,11 @@ def cmd_recommend(args) -> int:
 
 def cmd_export(args) -> int:
     """A trained run's model as safetensors + a JSON model card."""
-    from pipeline.federated.run import DATA_CACHE
+    from pipeline.data.cache import data_cache_root
     from pipeline.outputs import check_output
     from pipeline.trained import EXPORT_OUTPUT, TrainedRun
 
-    inputs = [args.run, args.data_cache or DATA_CACHE]
+    inputs = [args.run, data_cache_root(args.data_cache)]
     check_output(args.out, EXPORT_OUTPUT, inputs=inputs, overwrite=args.overwrite)  # before anything loads
     run = TrainedRun.open(args.run, checkpoint=args.checkpoint, data_cache=args.data_cache)
     out = run.export(args.out, overwrite=args.overwrite, inputs=inputs)
@@ -353,11 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     base = commands.add_parser("baselines", help="trivial rankings under P1 and P3, as tables")
     _add_dataset_args(base, positional=False, many=True)
+    base.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                      help="dataset folders or files (their loader: --format); before --dataset, "
+                           "whose names run to the next option")
+    base.add_argument("--config", nargs="+", type=Path, metavar="YAML",
+                      help="experiment configs: the dataset of each one's data: section, as a run of it reads it")
     base.add_argument("--baseline", nargs="+", default=["popularity"],
                       choices=["popularity", "cold-first-then-popularity", "ascending-item-id"])
     base.add_argument("--protocol", nargs="+", default=["p3", "p1"], choices=["p1", "p3"])
     base.add_argument("-k", "--k", nargs="+", type=int, default=[10, 20, 50])
-    base.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    base.add_argument("--data-cache", type=Path, help=DATA_CACHE_HELP)
+    base.add_argument("--workdir", type=Path, default=None, help="(older spelling) cache under WORKDIR/prepared")
     base.add_argument("--out", type=Path, help="also write the Markdown report here")
     base.add_argument("--json", action="store_true")
     base.set_defaults(func=cmd_baselines)
@@ -416,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="a run directory (runtime.out of a train job)" + (" or an export folder" if name == "recommend" else ""))
         command.add_argument("--checkpoint", choices=["best", "last"], default="best",
                              help="best: the best validation round (default); last: the newest checkpoint")
-        command.add_argument("--data-cache", type=Path, help="prepared-data cache of the run (default runs/prepared)")
+        command.add_argument("--data-cache", type=Path, help=DATA_CACHE_HELP)
         command.add_argument("--json", action="store_true")
         if name == "recommend":
             command.add_argument("--user", required=True, help="the user's id as in the dataset's files")

@@ -197,9 +197,9 @@ class TrainedRun:
 
 def _prepared(config: ExperimentConfig, data_cache: Path | None):
     from pipeline.data.datasets import open_dataset
-    from pipeline.federated.run import DATA_CACHE
+    from pipeline.data.cache import data_cache_root
 
-    return open_dataset(config.data, cache=data_cache or DATA_CACHE)
+    return open_dataset(config.data, cache=data_cache_root(data_cache))
 
 
 def _title(text) -> str:

@@ -228,7 +228,7 @@ def test_experiments_table_has_centralized_rows_and_the_gap(local_ray, tmp_path,
     one table, the centralized row labelled, the gap stated per backbone; GFMFR has no bound."""
     from pipeline.report.cli import main as experiments
 
-    monkeypatch.chdir(tmp_path)  # the jobs' data cache (runs/prepared) is relative
+    monkeypatch.chdir(tmp_path)  # the runs (--runs-dir runs/exp) are relative
     config = tmp_path / "tiny.yaml"
     config.write_text("name: tiny-fcf\ndata:\n  name: synthetic\n  synthetic: {n_users: 60, n_items: 80, "
                       "mean_interactions: 12, seed: 3, images: false}\nmodel:\n  backbone: fcf\n  dim: 8\n"

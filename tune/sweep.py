@@ -244,7 +244,7 @@ def _values_to_check(spec: dict) -> list:
     return list(args)
 
 
-def _trial(point: dict, space: SearchSpace, cwd: str) -> None:
+def _trial(point: dict, space: SearchSpace, cwd: str, data_cache: str | None = None) -> None:
     """One trial: the federated job of this point, reporting every round to Tune."""
     import os
 
@@ -257,7 +257,7 @@ def _trial(point: dict, space: SearchSpace, cwd: str) -> None:
     config = space.config(point, [f"runtime.out={trial_dir / 'run'}", "runtime.progress=false"])
     checkpoints = trial_dir / "run" / "checkpoints"
     resume = checkpoints.is_dir() and any(checkpoints.glob("round-*/manifest.json"))
-    train(config, resume=resume, quiet=True,
+    train(config, resume=resume, quiet=True, data_cache=data_cache,
           on_round=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}))
 
 
@@ -271,15 +271,18 @@ def run_sweep(space_path: str | Path, *, samples: int, concurrency: int, storage
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    from pipeline.federated.run import DATA_CACHE, ensure_ray
+    from pipeline.data.cache import data_cache_root
+    from pipeline.federated.run import ensure_ray
 
     space = SearchSpace.load(space_path)
     base = space.config(space.example())
-    check_points_data(space, space_path, DATA_CACHE)  # every point's data and features, before Ray
+    data_cache = data_cache_root()
+    check_points_data(space, space_path, data_cache)  # every point's data and features, before Ray
     metric = space.metric or f"valid/{base.train.selection()}"
     storage = Path(storage).resolve()
     ensure_ray()
-    trainable = tune.with_resources(tune.with_parameters(_trial, space=space, cwd=os.getcwd()),
+    trainable = tune.with_resources(tune.with_parameters(_trial, space=space, cwd=os.getcwd(),
+                                                                 data_cache=str(data_cache)),
                                     tune.PlacementGroupFactory([{"CPU": 1}] + [{"CPU": 1}] * space.pools))
     path = storage / name
     if resume:

@@ -28,7 +28,7 @@ from ray.train import UserCallback
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.run import DATA_CACHE, _scalars, empty_run_dir, ensure_ray, new_run_directory, open_checked
+from pipeline.federated.run import _scalars, empty_run_dir, ensure_ray, new_run_directory, open_checked
 from pipeline.rundir import RunLock, check_resume
 from pipeline.federated.selection import Selection
 
@@ -122,7 +122,7 @@ def _summary_selection(config: ExperimentConfig, history: list[dict]) -> Selecti
 
 
 def train_centralized(config: ExperimentConfig, *, resume: bool = False, address: str | None = None,
-                      data_cache: Path = DATA_CACHE, quiet: bool = False, fresh: bool = False) -> dict:
+                      data_cache: Path | None = None, quiet: bool = False, fresh: bool = False) -> dict:
     """Run (or resume) the centralized job of `config` on Ray Train; returns the summary."""
     started = time.perf_counter()
     if config.model.gfmfr is not None:

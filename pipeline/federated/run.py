@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
+from pipeline.data.cache import data_cache_root
 from pipeline.data.datasets import open_dataset
 from pipeline.rundir import LOCK, RunLock, check_resume
 
@@ -43,7 +44,7 @@ def _scalars(metrics: dict) -> dict[str, float]:
 
 
 def train(config: ExperimentConfig, *, resume: bool = False, address: str | None = None,
-          data_cache: Path = DATA_CACHE, quiet: bool = False, fresh: bool = False,
+          data_cache: Path | None = None, quiet: bool = False, fresh: bool = False,
           on_round: Callable[[dict], None] | None = None) -> dict:
     """Run (or resume) the federated job of `config`; returns the summary.
     fresh: delete what an earlier run left in the run directory first (not a running job's).
@@ -78,13 +79,13 @@ def new_run_directory(run_dir: Path):
         raise
 
 
-def open_checked(config: ExperimentConfig, data_cache: Path):
+def open_checked(config: ExperimentConfig, data_cache: Path | None = None):
     """The prepared dataset and P1 negatives, checked against what the config reads (the fusion
     module's feature modalities, train.eval_users): every such mistake is reported before Ray starts."""
     from pipeline.federated.schedule import eval_user_count
     from pipeline.models.fusion import check_features
 
-    data, negatives = open_dataset(config.data, cache=data_cache)
+    data, negatives = open_dataset(config.data, cache=data_cache_root(data_cache))
     check_features(config.model.fusion, data.features, data.name)
     eval_user_count(config.train, data.n_users)  # train.eval_users: a count within the dataset's users
     return data, negatives
@@ -102,7 +103,7 @@ def empty_run_dir(run_dir: Path) -> None:
 
 
 def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: bool, address: str | None,
-           data_cache: Path, quiet: bool, on_round: Callable[[dict], None] | None) -> dict:
+           data_cache: Path | None, quiet: bool, on_round: Callable[[dict], None] | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from pipeline.federated.server import Server

@@ -139,20 +139,21 @@ def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str
     return specs
 
 
-_IDENTITIES: dict[tuple[str, str], dict] = {}
+_IDENTITIES: dict[tuple[str, ...], dict] = {}
 
 
 def current_identity(config: ExperimentConfig) -> dict:
     """PreparedDataset.identity() of the data a run of `config` would use now (the train job's
-    cache), computed once per (working folder, data config)."""
+    cache, pipeline.data.cache), computed once per (working folder, data cache, data config)."""
     import os
 
+    from pipeline.data.cache import data_cache_root
     from pipeline.data.datasets import open_dataset
-    from pipeline.federated.run import DATA_CACHE
 
-    key = (os.getcwd(), config.data.model_dump_json())
+    cache = data_cache_root()
+    key = (os.getcwd(), str(cache), config.data.model_dump_json())
     if key not in _IDENTITIES:
-        data, _ = open_dataset(config.data, cache=DATA_CACHE)
+        data, _ = open_dataset(config.data, cache=cache)
         _IDENTITIES[key] = data.identity()
     return _IDENTITIES[key]
 

@@ -179,9 +179,9 @@ def dataset_facts(config) -> tuple[dict, object, object]:
     import numpy as np
 
     from pipeline.data.datasets import open_dataset
-    from pipeline.federated.run import DATA_CACHE
+    from pipeline.data.cache import data_cache_root
 
-    data, negatives = open_dataset(config.data, cache=DATA_CACHE)
+    data, negatives = open_dataset(config.data, cache=data_cache_root())
     popularity = data.item_popularity()
     item_total = popularity + np.bincount(data.valid_item, minlength=data.n_items) \
         + np.bincount(data.test_item, minlength=data.n_items)

@@ -1,0 +1,39 @@
+"""Prepared data lives under one data root, never the working directory, and `baselines` reads any
+dataset a path or an experiment config names."""
+
+import json
+from pathlib import Path
+
+
+def test_the_data_cache_is_one_root_never_the_working_directory(tmp_path, monkeypatch):
+    from pipeline.data.cache import ENV, data_cache_root
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data_cache_root() == tmp_path / "xdg" / "fedmm-pipeline" / "prepared"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert data_cache_root() == Path.home().resolve() / ".cache" / "fedmm-pipeline" / "prepared"
+    monkeypatch.setenv(ENV, "rel/cache")  # resolved once: a later chdir changes nothing
+    assert data_cache_root() == tmp_path / "rel" / "cache"
+    assert data_cache_root("given") == tmp_path / "given"  # an explicit --data-cache wins
+
+
+def test_baselines_take_a_dataset_path_and_a_config(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+
+    monkeypatch.setenv("PIPELINE_DATA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "mine"
+    assert main(["data", "synth", "--out", str(folder), "--users", "80", "--items", "60", "--no-images"]) == 0
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"data:\n  name: from-config\n  format: generic\n  path: {folder}\n")
+    capsys.readouterr()
+    assert main(["baselines", str(folder), "--format", "generic", "--config", str(config), "--protocol", "p3",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    described = {d["dataset"]: d for d in report["datasets"]}
+    assert set(described) == {folder.name, "from-config"}
+    assert described[folder.name]["fingerprint"] == described["from-config"]["fingerprint"]
+    assert described[folder.name]["users"] <= 80
+    assert {row["dataset"] for row in report["rows"]} == set(described)
+    assert (tmp_path / "cache").is_dir()

@@ -191,8 +191,8 @@ def test_sampled_schedule_on_ray(local_ray, tmp_path):
     assert evaluation["final"]["test"] == pytest.approx(
         {k[5:]: v for k, v in full[4].items() if k.startswith("test/")}, abs=1e-9)
 
-    # deterministic: the second run is the first, row for row (timings aside)
+    # deterministic: the second run is the first, row for row (timings and peak memory aside)
     assert summaries[1]["selection"] == selection
     assert summaries[1]["evaluation"] == evaluation
-    strip = lambda row: {k: v for k, v in row.items() if not k.startswith("time/")}  # noqa: E731
+    strip = lambda row: {k: v for k, v in row.items() if not k.startswith(("time/", "mem/"))}  # noqa: E731
     assert [strip(r) for r in rows[1]] == [strip(r) for r in history]

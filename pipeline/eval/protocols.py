@@ -13,6 +13,7 @@ Results are averages over users, as fractions in [0, 1]; tables print them in %.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Literal
 
 import numpy as np
@@ -32,10 +33,28 @@ def _targets(data: PreparedDataset, split: Split) -> np.ndarray:
     return data.valid_item if split == "valid" else data.test_item
 
 
+_progress: Callable[[int], None] | None = None  # see reporting_progress
+
+
+@contextmanager
+def reporting_progress(callback: Callable[[int], None]):
+    """While inside, every evaluation in this process calls callback(n) after each batch of n users
+    it has ranked (a progress display counts users evaluated; the callback should be cheap)."""
+    global _progress
+    before, _progress = _progress, callback
+    try:
+        yield
+    finally:
+        _progress = before
+
+
 def _user_batches(n_users: int, batch_users: int, users: np.ndarray | None):
     users = np.arange(n_users) if users is None else np.asarray(users)
     for start in range(0, len(users), batch_users):
-        yield users[start:start + batch_users]
+        batch = users[start:start + batch_users]
+        yield batch
+        if _progress is not None:  # the batch has been ranked
+            _progress(len(batch))
 
 
 def _mean(per_user: dict[str, list[torch.Tensor]]) -> dict[str, float]:

@@ -28,3 +28,14 @@ def describe(device: str = "cpu") -> dict:
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size since it started (Linux /proc VmHWM; None elsewhere)."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return None
+    for line in status.read_text(errors="replace").splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # kB
+    return None

@@ -8,6 +8,7 @@ A pool is restartable: after a crash Ray re-creates it with its initial state, a
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,9 @@ import ray
 import torch
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.machine import describe
+from pipeline.federated.machine import describe, peak_rss_bytes
+
+PROGRESS_SECONDS = 0.5  # at most two progress reports a second per pool
 
 
 class StaleState(RuntimeError):
@@ -65,8 +68,30 @@ class ClientPool:
         return self.shard.group_sums(ids, n_groups)
 
     def evaluate(self, global_params: dict, protocol: str, split: str, ks: tuple[int, ...],
-                 users: np.ndarray | None = None):
-        return self.shard.evaluate(global_params, protocol, split, ks, users)
+                 users: np.ndarray | None = None, progress: tuple | None = None):
+        """Mean metrics over this pool's users (or `users`) and their count. progress: (the server
+        actor, phase, pool index): the users ranked so far are reported to the server's
+        report_progress as the evaluator goes (throttled; what the progress bar shows)."""
+        if progress is None:
+            return self.shard.evaluate(global_params, protocol, split, ks, users)
+        from pipeline.eval.protocols import reporting_progress
+
+        server, phase, index = progress
+        ranked, last = 0, time.monotonic()
+
+        def report(n: int) -> None:
+            nonlocal ranked, last
+            ranked += n
+            if time.monotonic() - last >= PROGRESS_SECONDS:
+                last = time.monotonic()
+                server.report_progress.remote(phase, index, ranked)  # fire and forget
+
+        with reporting_progress(report):
+            return self.shard.evaluate(global_params, protocol, split, ks, users)
+
+    def peak_rss(self) -> int | None:
+        """This pool process's peak resident set size in bytes (VmHWM; None off Linux)."""
+        return peak_rss_bytes()
 
     def scores(self, global_params: dict, users: np.ndarray) -> torch.Tensor:
         return self.shard.scores(global_params, torch.as_tensor(users))

@@ -1,8 +1,14 @@
 """The federated training job: the round loop on the driver, short enough to read at once.
 
 The driver prepares the data, starts the Server actor (which starts the ClientPools), asks
-for one round at a time, and writes what a user watches: a progress bar, TensorBoard
-scalars, metrics.jsonl (one line per round) and summary.json at the end.
+for one round at a time, and writes what a user watches: a progress bar (with what the round in
+flight is doing: clients trained, users evaluated), TensorBoard scalars, metrics.jsonl (one line
+per round) and summary.json at the end.
+
+Ctrl-C (SIGINT) at any phase stops the job within a poll interval: the Server and its pools are
+killed, a checkpoint being written is dropped (checkpoints are renamed into place when complete,
+so the last complete one stays intact), no summary.json is written, and `--resume` continues
+from that checkpoint.
 
 Run directory:
   config.yaml  metrics.jsonl  summary.json  tb/  checkpoints/
@@ -25,9 +31,14 @@ from tqdm import tqdm
 from pipeline.config import ExperimentConfig
 from pipeline.data.cache import data_cache_root
 from pipeline.data.datasets import open_dataset
+from pipeline.federated.machine import peak_rss_bytes
 from pipeline.rundir import LOCK, RunLock, check_resume
 
-DATA_CACHE = Path("runs/prepared")
+POLL_SECONDS = 0.5  # how often the driver asks the Server what the round in flight is doing
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the job; the message says where and what a --resume continues from."""
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -51,7 +62,9 @@ def train(config: ExperimentConfig, *, resume: bool = False, address: str | None
     on_round: called with every new round's metrics once they are written (a Tune trial reports them).
     The run directory is locked while the job writes it (pipeline.rundir.RunLock: a second job there
     fails at once); a resume must use the run's config up to rounds, patience and display keys
-    (pipeline.rundir.check_resume)."""
+    (pipeline.rundir.check_resume).
+    data_cache: the prepared-data cache (None: pipeline.data.cache.data_cache_root()).
+    Ctrl-C raises Interrupted (a KeyboardInterrupt) once the job's actors are stopped."""
     started = time.perf_counter()
     run_dir = Path(config.runtime.out).resolve()
     with new_run_directory(run_dir), RunLock(run_dir):  # one writer per run directory, to the summary
@@ -129,31 +142,48 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
     stopped = bool(history and history[-1]["stop"])
     if stopped and resume:  # a run that reached its train.rounds goes on when a resume raises them
         stopped = ray.get(server.stopped_early.remote())
-    while not stopped and next_round < config.train.rounds:
-        metrics = ray.get(server.run_round.remote())
-        history.append(metrics)
-        with open(run_dir / "metrics.jsonl", "a") as log:
-            log.write(json.dumps(metrics) + "\n")
+    rounds_started = time.perf_counter()
+    show = bar if not bar.disable else None
+    try:
+        while not stopped and next_round < config.train.rounds:
+            metrics = _await_round(server, show)
+            history.append(metrics)
+            with open(run_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+            if writer:
+                driver_peak = peak_rss_bytes()
+                extra = {} if driver_peak is None else {"mem/peak_rss_gb/driver": driver_peak / 2 ** 30}
+                for name, value in {**_scalars(metrics), **extra}.items():
+                    writer.add_scalar(name, value, metrics["round"])
+                writer.flush()
+            shown = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k == f"valid/{config.train.selection()}"}
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", **shown)
+            bar.update()
+            if on_round is not None:
+                on_round(metrics)
+            next_round, stopped = metrics["round"] + 1, metrics["stop"]
+    except KeyboardInterrupt:
+        bar.close()
         if writer:
-            for name, value in _scalars(metrics).items():
-                writer.add_scalar(name, value, metrics["round"])
-            writer.flush()
-        shown = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k == f"valid/{config.train.selection()}"}
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", **shown)
-        bar.update()
-        if on_round is not None:
-            on_round(metrics)
-        next_round, stopped = metrics["round"] + 1, metrics["stop"]
+            writer.close()
+        raise Interrupted(_stop_interrupted(server, run_dir)) from None
     bar.close()
     if writer:
         writer.close()
 
+    server_summary = ray.get(server.summary.remote())
+    driver_peak = peak_rss_bytes()
+    if driver_peak is not None:
+        server_summary["peak_rss_gb"]["driver"] = round(driver_peak / 2 ** 30, 4)
     summary = {
         "config": json.loads(config.model_dump_json()),
         "dataset": data.identity(),
         "negatives": config.train.negatives_label(),
-        **ray.get(server.summary.remote()),
+        **server_summary,
         "seconds_total": round(time.perf_counter() - started, 3),
+        "timing": timing(history, startup_s=rounds_started - started),
+        # the mean of time/round_seconds: training, evaluation and the rest of a round together
+        # (checkpoints excluded); timing separates them
         "seconds_per_round_mean": (sum(m["time/round_seconds"] for m in history) / len(history)) if history else None,
         "clients_per_second_mean": (sum(m["time/clients_per_second"] for m in history) / len(history)) if history else None,
         "run_dir": str(run_dir),
@@ -161,3 +191,63 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     ray.kill(server)
     return summary
+
+
+def timing(history: list[dict], startup_s: float) -> dict:
+    """Where the time went, in seconds. startup_s: this invocation's start-up (data, Ray, actors,
+    restoring a checkpoint) before its first round; train_s, eval_s, checkpoint_s and rounds_s:
+    sums over every round of the history (a resumed run's earlier rounds as they were recorded;
+    the last checkpoint a run restored from is not timed); per_round_train_s: train_s per round;
+    per_eval_s: eval_s per evaluated round."""
+    def total(key: str) -> float:
+        return float(sum(m.get(key, 0.0) for m in history))
+
+    evaluated = [m for m in history if m.get("time/eval_seconds", 0.0) > 0 and any(k.startswith("valid/") for k in m)]
+    train_s, eval_s = total("time/train_seconds"), total("time/eval_seconds")
+    rounds = len(history)
+    return {"startup_s": round(startup_s, 3), "train_s": round(train_s, 3), "eval_s": round(eval_s, 3),
+            "checkpoint_s": round(total("time/checkpoint_seconds"), 3),
+            "rounds_s": round(total("time/round_seconds") + total("time/checkpoint_seconds"), 3),
+            "rounds": rounds, "evaluated_rounds": len(evaluated),
+            "per_round_train_s": round(train_s / rounds, 4) if rounds else None,
+            "per_eval_s": round(eval_s / len(evaluated), 4) if evaluated else None}
+
+
+def progress_text(progress: dict) -> str:
+    """The bar's postfix while a round runs: e.g. 'round 3: valid 1,200/4,000 users'."""
+    phase, done, total = progress.get("phase"), progress.get("done", 0), progress.get("total", 0)
+    if phase in (None, "start") or not total:
+        return f"round {progress.get('round', '?')}: {phase or 'start'}"
+    unit = "clients" if phase == "train" else "pools" if phase.startswith("checkpoint") else "users"
+    return f"round {progress['round']}: {phase} {done:,}/{total:,} {unit}"
+
+
+def _await_round(server, bar) -> dict:
+    """The next round's metrics; meanwhile (every POLL_SECONDS) `bar` shows what the round is
+    doing. Waiting in short steps also lets Ctrl-C through at once."""
+    pending = server.run_round.remote()
+    while True:
+        ready, _ = ray.wait([pending], timeout=POLL_SECONDS)
+        if ready:
+            return ray.get(pending)
+        if bar is not None:
+            bar.set_postfix_str(progress_text(ray.get(server.progress.remote())))
+
+
+def _stop_interrupted(server, run_dir: Path) -> str:
+    """Ctrl-C: say what the round in flight was doing, kill the Server (its pools go with it),
+    drop a half-written checkpoint folder, and name the checkpoint a resume continues from."""
+    from pipeline.federated.checkpoints import newest_intact
+
+    try:
+        doing = progress_text(ray.get(server.progress.remote(), timeout=2))
+    except Exception:  # noqa: BLE001 - the server may already be gone; the message says less
+        doing = "round in flight"
+    ray.kill(server, no_restart=True)
+    folder = run_dir / "checkpoints"
+    for partial in folder.glob(".*") if folder.is_dir() else ():  # write_atomically's temporary folders
+        shutil.rmtree(partial, ignore_errors=True)
+    last, _ = newest_intact(folder)
+    where = (f"the last complete checkpoint is {last}; `--resume` continues from it" if last is not None
+             else "no checkpoint was complete; `--resume` starts again from round 0")
+    return f"interrupted ({doing}): {where}"

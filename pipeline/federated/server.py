@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from pipeline.data.store import write_atomically
 from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
 from pipeline.federated.checkpoints import newest_intact, sha256_of
 from pipeline.federated.group_server import GroupServer
+from pipeline.federated.machine import peak_rss_bytes
 from pipeline.federated.placement import plan_pools
 from pipeline.federated.pool import ClientPool, StaleState
 from pipeline.federated.privacy import privacy_report
@@ -72,7 +74,12 @@ def _pool_strategy():
     return PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+def _gb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else round(nbytes / 2 ** 30, 4)
+
+
+# the "progress" group answers progress() and report_progress() while a round runs in the default group
+@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"progress": 1})
 class Server:
     def __init__(self, config_json: str, refs: list, run_dir: str):
         self.config = ExperimentConfig.model_validate_json(config_json)
@@ -108,6 +115,12 @@ class Server:
         self.history: list[dict] = []
         self.recoveries = 0
         self.damaged_checkpoints: list[str] = []
+        # what the round in flight is doing, for progress(): {round, phase, done, total}
+        self._lock = threading.Lock()
+        self._phase_id = 0
+        self._phase = {"round": self.round, "phase": "start", "done": 0, "total": 0}
+        self._done_per_pool: dict[int, int] = {}
+        self.peak_rss: dict[str, float] = {}  # GB per process (pool-<i>, server): the highest seen
 
     def _new_groups(self) -> GroupServer | None:
         if self.config.model.gfmfr is None:
@@ -141,9 +154,10 @@ class Server:
         global_ref = ray.put(self.globals)
         teacher = self.groups.download(round_) if self.groups is not None else None
         teacher_ref = ray.put(teacher)
-        calls = [pool.train.remote(round_, global_ref, users[np.isin(users, shard)], lrs, teacher_ref)
-                 for pool, shard in zip(self.pools, self.shards)]
-        uploads = ray.get(calls)
+        mine = [users[np.isin(users, shard)] for shard in self.shards]
+        self._begin(round_, "train", len(users))
+        calls = [pool.train.remote(round_, global_ref, ids, lrs, teacher_ref) for pool, ids in zip(self.pools, mine)]
+        uploads = self._gather(calls, [len(ids) for ids in mine])
         downloaded = self.globals
         self.globals, self.fusion_adam = aggregate(self.config, self.globals, uploads, self.fusion_adam, round_)
         train_seconds = time.perf_counter() - started
@@ -167,6 +181,7 @@ class Server:
             **(self._privacy_metrics(round_, uploads) if self.config.privacy is not None else {}),
         }
         sampled = self.sample_per_pool is not None
+        eval_started = time.perf_counter()
         if evaluates(self.config.train, round_):
             metrics.update(self._evaluate_splits(self.sample_per_pool))
             metrics["eval/users"], metrics["eval/sampled"] = self.eval_users, sampled
@@ -181,12 +196,66 @@ class Server:
         metrics["stop"] = self.selection.should_stop() or round_ + 1 >= self.config.train.rounds
         if metrics["stop"] and sampled and "full/users" not in metrics:  # the final state on every user
             metrics.update(self._full(self._evaluate_splits(None)))
+        # evaluation, the best-round checkpoint it may write included
+        metrics["time/eval_seconds"] = time.perf_counter() - eval_started
+        metrics.update(self._peak_rss_metrics())
         metrics["time/round_seconds"] = time.perf_counter() - started
         self.history.append(metrics)
         every = self.config.runtime.checkpoint_every
         if every and ((round_ + 1) % every == 0 or metrics["stop"]):
+            checkpoint_started = time.perf_counter()
             self._checkpoint(round_)
+            # after the write: the checkpoint's own copy of this row lacks it
+            metrics["time/checkpoint_seconds"] = time.perf_counter() - checkpoint_started
+        self._begin(round_ + 1, "start", 0)
         return metrics
+
+    # -- progress within a round ------------------------------------------------------------
+
+    def _begin(self, round_: int, phase: str, total: int) -> int:
+        """A new phase of round `round_` over `total` clients or users; returns its id."""
+        with self._lock:
+            self._phase_id += 1
+            self._phase = {"round": round_, "phase": phase, "done": 0, "total": int(total)}
+            self._done_per_pool = {}
+            return self._phase_id
+
+    @ray.method(concurrency_group="progress")
+    def report_progress(self, phase_id: int, pool: int, done: int) -> None:
+        """A pool has done `done` of its share of phase `phase_id` (late reports of an earlier phase
+        are dropped)."""
+        with self._lock:
+            if phase_id == self._phase_id:
+                self._done_per_pool[pool] = max(done, self._done_per_pool.get(pool, 0))
+                self._phase["done"] = sum(self._done_per_pool.values())
+
+    @ray.method(concurrency_group="progress")
+    def progress(self) -> dict:
+        """What the round in flight is doing: {round, phase (start, train, valid, test, full valid,
+        full test, checkpoint), done, total (clients or users; pools for a checkpoint)}."""
+        with self._lock:
+            return dict(self._phase)
+
+    def _gather(self, calls: list, sizes: list[int]) -> list:
+        """ray.get(calls), counting each call's `sizes` entry done in the progress as it completes."""
+        index = {ref: i for i, ref in enumerate(calls)}
+        pending = list(calls)
+        phase = self._phase_id
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                self.report_progress(phase, index[ref], sizes[index[ref]])
+        return ray.get(calls)
+
+    def _peak_rss_metrics(self) -> dict[str, float]:
+        """mem/peak_rss_gb/<process>: the peak resident memory of every pool and of this server
+        so far (Linux VmHWM; a restarted pool starts again from zero)."""
+        peaks = {f"pool-{i}": _gb(peak) for i, peak in enumerate(ray.get([p.peak_rss.remote() for p in self.pools]))}
+        peaks["server"] = _gb(peak_rss_bytes())
+        for name, value in peaks.items():
+            if value is not None:
+                self.peak_rss[name] = max(value, self.peak_rss.get(name, 0.0))
+        return {f"mem/peak_rss_gb/{name}": value for name, value in peaks.items() if value is not None}
 
     def _privacy_metrics(self, round_: int, uploads: list) -> dict:
         """(epsilon, delta) after this round (Opacus RDP; q = participation) and how many clients
@@ -221,8 +290,14 @@ class Server:
         train = self.config.train
         global_ref = ray.put(self.globals)
         mine = users_per_pool or [None] * len(self.pools)
-        results = ray.get([pool.evaluate.remote(global_ref, train.protocol, split, train.eval_ks, users)
-                           for pool, users in zip(self.pools, mine) if users is None or len(users)])
+        counts = [len(shard) if users is None else len(users) for shard, users in zip(self.shards, mine)]
+        phase = self._begin(self._phase["round"], split if users_per_pool is not None or self.sample_per_pool is None
+                            else f"full {split}", sum(counts))
+        me = ray.get_runtime_context().current_actor
+        asked = [i for i, users in enumerate(mine) if users is None or len(users)]
+        results = self._gather([self.pools[i].evaluate.remote(global_ref, train.protocol, split, train.eval_ks,
+                                                              mine[i], (me, phase, i)) for i in asked],
+                               [counts[i] for i in asked])
         results = [(m, count) for m, count in results if count]
         total = sum(count for _, count in results)
         return {name: sum(m[name] * count for m, count in results) / total for name in results[0][0]}
@@ -234,7 +309,9 @@ class Server:
         folder = self.run_dir / "checkpoints"
 
         def fill(tmp: Path) -> None:
-            saved = ray.get([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_) for i, pool in enumerate(self.pools)])
+            self._begin(round_, "checkpoint" if name is None else f"checkpoint {name}", len(self.pools))
+            saved = self._gather([pool.save.remote(str(tmp / f"pool-{i}.pt"), round_)
+                                  for i, pool in enumerate(self.pools)], [1] * len(self.pools))
             torch.save({"globals": self.globals, "selection": self.selection.state_dict(), "history": self.history,
                         "fusion_adam": self.fusion_adam,
                         "groups": self.groups.state_dict() if self.groups is not None else None}, tmp / "global.pt")
@@ -318,7 +395,24 @@ class Server:
         return {"selection": self.selection.report(), "evaluation": evaluation,
                 "rounds_run": len(self.history), "privacy": privacy,
                 "recoveries": self.recoveries, "damaged_checkpoints": self.damaged_checkpoints, "pools": len(self.pools),
+                "peak_rss_gb": self._peak_rss_summary(),
                 "users_per_pool": [len(s) for s in self.shards], "machines": self.machines()}
+
+    def _peak_rss_summary(self) -> dict[str, float]:
+        """The highest peak resident memory (GB) of every pool and of the server, over this
+        invocation's rounds and now (rounds restored from a checkpoint add theirs as recorded)."""
+        peaks = dict(self.peak_rss)
+        for metrics in self.history:
+            for key, value in metrics.items():
+                if key.startswith("mem/peak_rss_gb/"):
+                    name = key[len("mem/peak_rss_gb/"):]
+                    peaks[name] = max(value, peaks.get(name, 0.0))
+        try:
+            self._peak_rss_metrics()
+            peaks.update({k: max(v, peaks.get(k, 0.0)) for k, v in self.peak_rss.items()})
+        except _POOL_DOWN:  # a pool lost at the very end: what was recorded
+            pass
+        return peaks
 
     def _final(self) -> dict | None:
         """The last round's state on every user: its full/ evaluation under a sample, else its

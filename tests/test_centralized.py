@@ -320,3 +320,24 @@ def test_two_threads_give_one_result_with_deterministic_kernels():
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
     assert runs[0] == runs[1]
+
+
+def test_the_centralized_bound_refuses_evaluation_schedules(tmp_path):
+    from pipeline.centralized.job import train_centralized
+
+    for key, shown in (("train.eval_every=2", None), ("train.eval_round0=false", "train.eval_round0=False"),
+                       ("train.eval_users=10", None)):
+        config = load_config(None, [key, f"runtime.out={tmp_path / 'run'}"])
+        with pytest.raises(ValueError, match=f"{shown or key}: the centralized bound evaluates every user after every epoch"):
+            train_centralized(config)
+        assert not (tmp_path / "run").exists()  # refused before anything is written or Ray starts
+
+
+def test_experiments_refuse_a_centralized_plan_with_a_schedule(tmp_path):
+    from pipeline.report.experiments import plan_runs
+
+    config = tmp_path / "sampled.yaml"
+    config.write_text("name: sampled\ntrain:\n  eval_users: 10\n")
+    with pytest.raises(ValueError, match="train.eval_users=10: the centralized bound"):
+        plan_runs([config], seeds=[0], runs_dir=tmp_path / "runs", mode="both")
+    assert len(plan_runs([config], seeds=[0], runs_dir=tmp_path / "runs", mode="federated")) == 1

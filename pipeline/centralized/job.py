@@ -121,6 +121,18 @@ def _summary_selection(config: ExperimentConfig, history: list[dict]) -> Selecti
     return selection
 
 
+def refuse_eval_schedule(config: ExperimentConfig) -> None:
+    """The centralized bound evaluates every user after every epoch: an evaluation schedule
+    (train.eval_every, eval_round0, eval_users) is refused rather than silently ignored."""
+    train, default = config.train, type(config.train)()
+    keys = [f"train.{key}={getattr(train, key)}" for key in ("eval_every", "eval_round0", "eval_users")
+            if getattr(train, key) != getattr(default, key)]
+    if keys:
+        raise ValueError(f"{', '.join(keys)}: the centralized bound evaluates every user after every epoch and "
+                         f"follows no evaluation schedule; drop these keys (or set them to their defaults: "
+                         f"eval_every=1, eval_round0=true, eval_users=null) for the centralized run")
+
+
 def train_centralized(config: ExperimentConfig, *, resume: bool = False, address: str | None = None,
                       data_cache: Path | None = None, quiet: bool = False, fresh: bool = False) -> dict:
     """Run (or resume) the centralized job of `config` on Ray Train; returns the summary."""
@@ -131,6 +143,7 @@ def train_centralized(config: ExperimentConfig, *, resume: bool = False, address
     if config.privacy is not None:
         raise ValueError("privacy: client-level DP bounds what clients upload; pooled training has no uploads. "
                          "Drop the privacy section for the centralized bound")
+    refuse_eval_schedule(config)
     run_dir = Path(config.runtime.out).resolve()
     with new_run_directory(run_dir), RunLock(run_dir):  # one writer per run directory (a second job fails at once)
         if fresh and not resume:

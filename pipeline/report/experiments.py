@@ -128,6 +128,13 @@ def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str
         if True in kinds and base.model.gfmfr is not None:
             raise ValueError(f"{path}: GFMFR has no centralized counterpart (its groups and distillation are "
                              f"federated mechanisms); plan the centralized bound of the config without gfmfr")
+        if True in kinds:
+            from pipeline.centralized.job import refuse_eval_schedule
+
+            try:
+                refuse_eval_schedule(base)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}") from None
         for centralized in kinds:
             folder = f"{key}-centralized" if centralized else key
             for seed in seeds:

@@ -144,6 +144,8 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
         stopped = ray.get(server.stopped_early.remote())
     rounds_started = time.perf_counter()
     show = bar if not bar.disable else None
+    if show is not None:
+        ray.get(server.watch_progress.remote())
     try:
         while not stopped and next_round < config.train.rounds:
             metrics = _await_round(server, show)

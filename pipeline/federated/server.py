@@ -120,6 +120,7 @@ class Server:
         self._phase_id = 0
         self._phase = {"round": self.round, "phase": "start", "done": 0, "total": 0}
         self._done_per_pool: dict[int, int] = {}
+        self._pools_report = False  # pools report users evaluated (watch_progress)
         self.peak_rss: dict[str, float] = {}  # GB per process (pool-<i>, server): the highest seen
 
     def _new_groups(self) -> GroupServer | None:
@@ -220,6 +221,12 @@ class Server:
             self._done_per_pool = {}
             return self._phase_id
 
+    def watch_progress(self) -> None:
+        """From now on pools report the users they have evaluated, for progress(). Off until asked:
+        a caller that created this actor without the "progress" concurrency group (a driver
+        still running an older copy of this class) must never receive such calls."""
+        self._pools_report = True
+
     @ray.method(concurrency_group="progress")
     def report_progress(self, phase_id: int, pool: int, done: int) -> None:
         """A pool has done `done` of its share of phase `phase_id` (late reports of an earlier phase
@@ -293,10 +300,11 @@ class Server:
         counts = [len(shard) if users is None else len(users) for shard, users in zip(self.shards, mine)]
         phase = self._begin(self._phase["round"], split if users_per_pool is not None or self.sample_per_pool is None
                             else f"full {split}", sum(counts))
-        me = ray.get_runtime_context().current_actor
+        me = ray.get_runtime_context().current_actor if self._pools_report else None
         asked = [i for i, users in enumerate(mine) if users is None or len(users)]
         results = self._gather([self.pools[i].evaluate.remote(global_ref, train.protocol, split, train.eval_ks,
-                                                              mine[i], (me, phase, i)) for i in asked],
+                                                              mine[i], None if me is None else (me, phase, i))
+                                for i in asked],
                                [counts[i] for i in asked])
         results = [(m, count) for m, count in results if count]
         total = sum(count for _, count in results)

@@ -49,6 +49,8 @@ def _train(cwd: Path, out: Path, cache: Path, *extra: str, resume: bool = False)
 
 @pytest.mark.slow
 def test_ctrl_c_during_evaluation_keeps_the_last_checkpoint_and_a_resume_ends_the_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from pipeline.federated.checkpoints import damage
 
     cwd, out, cache = tmp_path / "cwd", tmp_path / "run", tmp_path / "cache"
@@ -75,8 +77,8 @@ def test_ctrl_c_during_evaluation_keeps_the_last_checkpoint_and_a_resume_ends_th
     before = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in before] == [0]
 
-    # the resume, with progress off: nothing on stderr but what Ray itself prints
-    resumed = _train(cwd, out, cache, "runtime.progress=false", resume=True)
+    # the resume, with progress off (nothing on stderr but what Ray itself prints) and TensorBoard on
+    resumed = _train(cwd, out, cache, "runtime.progress=false", "runtime.tensorboard=true", resume=True)
     stdout, stderr = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, stderr[-3000:]
     assert "rounds:" not in stderr and "users" not in stderr
@@ -93,6 +95,10 @@ def test_ctrl_c_during_evaluation_keeps_the_last_checkpoint_and_a_resume_ends_th
     assert set(summary["peak_rss_gb"]) == {"pool-0", "pool-1", "server", "driver"}
     assert all(0 < gb < 64 for gb in summary["peak_rss_gb"].values())
     assert all(f"mem/peak_rss_gb/pool-{i}" in rows[-1] for i in range(2))
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    for name in ("time/eval_seconds", *(f"mem/peak_rss_gb/{p}" for p in ("pool-0", "pool-1", "server", "driver"))):
+        assert [e.step for e in events.Scalars(name)] == [1, 2], name
     # the prepared data went to the data cache, nothing to the working directory
     assert list(cwd.iterdir()) == [] and any(cache.iterdir())
 

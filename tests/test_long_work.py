@@ -151,3 +151,14 @@ def test_timing_separates_training_evaluation_and_checkpoints():
     assert got == {"startup_s": 4.0, "train_s": 6.0, "eval_s": 30.001, "checkpoint_s": 1.0, "rounds_s": 38.2,
                    "rounds": 3, "evaluated_rounds": 2, "per_round_train_s": 2.0, "per_eval_s": 15.0005}
     assert timing([], startup_s=1.0)["per_round_train_s"] is None
+
+
+def test_results_tables_split_the_run_time_where_summaries_record_it():
+    from pipeline.report.tables import time_split
+
+    older = None  # a summary written before the timing block
+    assert time_split([older]) == ""
+    note = time_split([older, {"startup_s": 30, "train_s": 60, "eval_s": 540, "checkpoint_s": 6},
+                       {"startup_s": 30, "train_s": 60, "eval_s": 60, "checkpoint_s": 0}])
+    assert note.startswith(" Of the 2 runs that record it: start-up 1.0 min, training 2.0 min, evaluation 10.0 min, "
+                           "checkpoints 0.1 min")

@@ -143,7 +143,8 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
            "failed": [(r.spec.seed, r.error) for r in runs if r.status == "failed"],
            "missing": [r.spec.seed for r in runs if r.status == "missing"],
            "recorded": [r.spec.seed for r in runs if r.status == "recorded"],
-           "test": {}, "valid": {}, "best_round": [], "rounds_run": [], "seconds": []}
+           "test": {}, "valid": {}, "best_round": [], "rounds_run": [], "seconds": [],
+           "timing": []}
     if config.privacy is not None:
         row["label"] += privacy_label(config.privacy, [r.summary.get("privacy") for r in done])
     if config.train.neg_exclude_heldout:
@@ -165,6 +166,7 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
         row["best_round"].append(selection["best_round"])
         row["rounds_run"].append(run.summary.get("rounds_run"))
         row["seconds"].append(run.summary.get("seconds_total"))
+        row["timing"].append(run.summary.get("timing"))  # None in summaries from before it existed
     row["per_seed"] = {r.spec.seed: {**{f"test/{c}": r.summary["selection"]["test"][c] for c in row["test"]},
                                      f"valid/{metric}": r.summary["selection"]["valid"][metric],
                                      "best_round": r.summary["selection"]["best_round"],
@@ -173,6 +175,19 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
 
 
 # -- dataset facts and baselines -----------------------------------------------------------------
+
+def time_split(timings: list[dict | None]) -> str:
+    """' Of which ...': start-up, training, evaluation and checkpoints over the runs whose summary
+    has a timing block ('' when none has)."""
+    found = [t for t in timings if t]
+    if not found:
+        return ""
+    minutes = {key: sum(t.get(f"{key}_s") or 0.0 for t in found) / 60
+               for key in ("startup", "train", "eval", "checkpoint")}
+    return (f" Of the {len(found)} runs that record it: start-up {minutes['startup']:.1f} min, training "
+            f"{minutes['train']:.1f} min, evaluation {minutes['eval']:.1f} min, checkpoints "
+            f"{minutes['checkpoint']:.1f} min (the last invocation's start-up only, for a resumed run).")
+
 
 def dataset_facts(config) -> tuple[dict, object, object]:
     """(facts, data, negatives) of the prepared split the runs used (the train job's cache)."""
@@ -425,7 +440,8 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
         seconds = [x for r in rows if is_learned(r) for x in r["seconds"] if x is not None]
         if seconds:
             notes.append(f"Run time: {len(seconds)} runs, {sum(seconds) / 60:.1f} min in all "
-                         f"(wall clock of each train job, one after another, on a shared machine: timings are noisy).")
+                         f"(wall clock of each train job, one after another, on a shared machine: timings are noisy)."
+                         + time_split([t for r in rows if is_learned(r) for t in r.get("timing", [])]))
         recorded = sum(len(row.get("recorded", [])) for row in rows)
         if recorded:
             notes.append(f"{recorded} of these runs were read from their records (finished earlier, perhaps on "

@@ -474,5 +474,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(error) if isinstance(error, ValidationError) else error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:  # Ctrl-C: a train job says where it stopped and how to resume
-        print(f"\n{error or 'interrupted'}", file=sys.stderr)
+        print(f"\n{str(error) or 'interrupted'}", file=sys.stderr)
         return 130

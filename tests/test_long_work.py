@@ -36,6 +36,11 @@ class Captured:
         for chunk in iter(lambda: stream.read(1), ""):
             self.text += chunk
 
+    def finish(self, timeout: float = 30) -> str:
+        """All of it, once the process has closed its stderr."""
+        self._reader.join(timeout)
+        return self.text
+
 
 def _train(cwd: Path, out: Path, cache: Path, *extra: str, resume: bool = False) -> subprocess.Popen:
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(REPO),
@@ -67,6 +72,7 @@ def test_ctrl_c_during_evaluation_keeps_the_last_checkpoint_and_a_resume_ends_th
     interrupted = time.time()
     first.wait(timeout=60)
     assert time.time() - interrupted < 30  # promptly, not at the end of the evaluation or the run
+    err.finish()
     assert first.returncode == 130, err.text[-3000:]
     assert "interrupted (round 1: valid" in err.text and "round-000000; `--resume` continues from it" in err.text
     assert "Traceback" not in err.text
@@ -136,6 +142,7 @@ def test_progress_text_names_the_phase_and_its_unit():
         "round 3: full valid 1,200/46,420 users"
     assert progress_text({"round": 0, "phase": "checkpoint", "done": 1, "total": 2}) == "round 0: checkpoint 1/2 pools"
     assert progress_text({"round": 4, "phase": "start", "done": 0, "total": 0}) == "round 4: start"
+    assert progress_text({"round": 0, "phase": "start-up", "done": 0, "total": 0}) == "start-up"
 
 
 def test_timing_separates_training_evaluation_and_checkpoints():

@@ -130,23 +130,24 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
     in_trial = ray.util.get_current_placement_group() is not None
     here = None if in_trial else NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     server = Server.options(scheduling_strategy=here).remote(config.model_dump_json(), refs, str(run_dir))
-    next_round = ray.get(server.resume.remote()) if resume else 0
-    history = ray.get(server.history_so_far.remote())
-    with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new rounds
-        for metrics in history:
-            log.write(json.dumps(metrics) + "\n")
+    writer = bar = None
+    try:  # Ctrl-C from here on: the job's actors are stopped and the message says what to resume
+        next_round = ray.get(server.resume.remote()) if resume else 0
+        history = ray.get(server.history_so_far.remote())
+        with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new rounds
+            for metrics in history:
+                log.write(json.dumps(metrics) + "\n")
 
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=next_round) if config.runtime.tensorboard else None
-    bar = tqdm(total=config.train.rounds, initial=next_round, desc=f"{config.model.backbone} rounds",
-               unit="round", disable=quiet or not config.runtime.progress)
-    stopped = bool(history and history[-1]["stop"])
-    if stopped and resume:  # a run that reached its train.rounds goes on when a resume raises them
-        stopped = ray.get(server.stopped_early.remote())
-    rounds_started = time.perf_counter()
-    show = bar if not bar.disable else None
-    if show is not None:
-        ray.get(server.watch_progress.remote())
-    try:
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=next_round) if config.runtime.tensorboard else None
+        bar = tqdm(total=config.train.rounds, initial=next_round, desc=f"{config.model.backbone} rounds",
+                   unit="round", disable=quiet or not config.runtime.progress)
+        stopped = bool(history and history[-1]["stop"])
+        if stopped and resume:  # a run that reached its train.rounds goes on when a resume raises them
+            stopped = ray.get(server.stopped_early.remote())
+        rounds_started = time.perf_counter()
+        show = bar if not bar.disable else None
+        if show is not None:
+            ray.get(server.watch_progress.remote())
         while not stopped and next_round < config.train.rounds:
             metrics = _await_round(server, show)
             history.append(metrics)
@@ -165,7 +166,8 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
                 on_round(metrics)
             next_round, stopped = metrics["round"] + 1, metrics["stop"]
     except KeyboardInterrupt:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if writer:
             writer.close()
         raise Interrupted(_stop_interrupted(server, run_dir)) from None
@@ -218,6 +220,8 @@ def timing(history: list[dict], startup_s: float) -> dict:
 def progress_text(progress: dict) -> str:
     """The bar's postfix while a round runs: e.g. 'round 3: valid 1,200/4,000 users'."""
     phase, done, total = progress.get("phase"), progress.get("done", 0), progress.get("total", 0)
+    if phase == "start-up":  # creating pools, restoring a checkpoint
+        return "start-up"
     if phase in (None, "start") or not total:
         return f"round {progress.get('round', '?')}: {phase or 'start'}"
     unit = "clients" if phase == "train" else "pools" if phase.startswith("checkpoint") else "users"

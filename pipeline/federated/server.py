@@ -118,7 +118,7 @@ class Server:
         # what the round in flight is doing, for progress(): {round, phase, done, total}
         self._lock = threading.Lock()
         self._phase_id = 0
-        self._phase = {"round": self.round, "phase": "start", "done": 0, "total": 0}
+        self._phase = {"round": self.round, "phase": "start-up", "done": 0, "total": 0}
         self._done_per_pool: dict[int, int] = {}
         self._pools_report = False  # pools report users evaluated (watch_progress)
         self.peak_rss: dict[str, float] = {}  # GB per process (pool-<i>, server): the highest seen
@@ -238,8 +238,9 @@ class Server:
 
     @ray.method(concurrency_group="progress")
     def progress(self) -> dict:
-        """What the round in flight is doing: {round, phase (start, train, valid, test, full valid,
-        full test, checkpoint), done, total (clients or users; pools for a checkpoint)}."""
+        """What the round in flight is doing: {round, phase (start-up before the first round, start,
+        train, valid, test, full valid, full test, checkpoint), done, total (clients or users; pools
+        for a checkpoint)}."""
         with self._lock:
             return dict(self._phase)
 

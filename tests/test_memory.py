@@ -34,3 +34,53 @@ def test_freed_blocks_are_reused_without_page_faults():
     pages = 20 * (64 << 20) // resource.getpagesize()
     assert default > pages // 2  # every fresh mmap'd tensor faults its pages in again
     assert kept < pages // 10  # the same blocks come back from the heap, already mapped
+
+
+POOL_SCRIPT = """
+import sys
+sys.path.insert(0, "tests")
+import numpy as np, torch
+from bench._common import current_rss_bytes
+from pipeline.config import load_config
+from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, round_lrs
+from pipeline.federated.memory import keep_freed_memory
+from pipeline.federated.shard import Shard
+from test_equivalence import synthetic
+from test_fedmr_equivalence import with_features
+
+torch.set_num_threads(1)
+data = with_features(synthetic())
+cfg = load_config(None, ["model.backbone=fcf", "model.dim=8", "model.fusion={d_f: 8, d_r: 6, dropout: 0.2}"])
+init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
+shard = Shard(cfg, data, None, np.arange(data.n_users), init)  # what a pool holds
+g = init.global_params
+for round_ in range(2):
+    g = apply_uploads(g, [shard.train(round_, g, np.arange(data.n_users), round_lrs(cfg, data.n_items, round_))])
+if sys.argv[1] == "kept_for_good":  # the pool configuration that let evaluations ratchet up
+    keep_freed_memory()
+kept, rss = [], []
+for step in range(10):
+    shard.evaluate(g, "p3", "valid", (10,), users=np.arange(0, data.n_users, 1 + step % 3))
+    # what the evaluation of a large shard allocates: blocks of varied sizes (32 MB, 48 MB, ...)
+    # freed once ranked, and small results that outlive them
+    block = torch.empty((32 + 16 * step) << 18).fill_(1.0)
+    kept.append(torch.ones(3000 + step))
+    del block
+    rss.append(current_rss_bytes())
+print(rss[0], rss[-1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_evaluations_in_a_pool_do_not_ratchet_memory_up():
+    """A pool that trained FedMR rounds and then evaluates again and again: its resident set
+    stays where the first evaluation left it (a training round keeps freed memory only while it
+    runs, memory.freed_memory_kept). Kept for good, the same evaluations grow it by every
+    block's size."""
+    def growth_mb(mode):
+        out = subprocess.run([sys.executable, "-c", POOL_SCRIPT, mode], capture_output=True, text=True, check=True)
+        first, last = map(int, out.stdout.split()[-2:])
+        return (last - first) / 2 ** 20
+
+    assert growth_mb("pool") < 32
+    assert growth_mb("kept_for_good") > 96  # the test has teeth: blocks 2-10 are 48..176 MB

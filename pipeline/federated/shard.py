@@ -24,7 +24,7 @@ from pipeline.federated.client import (ClientParams, Distillation, FeatureSpan, 
                                       WorkingSet, client_mixing, train_clients)
 from pipeline.federated.group_server import TeacherDownload, flatten_vectors
 from pipeline.federated.grouped import GroupPlan
-from pipeline.federated.memory import keep_freed_memory
+from pipeline.federated.memory import freed_memory_kept
 from pipeline.federated.privacy import clip_factors
 from pipeline.federated.scoring import BlockScorer
 from pipeline.federated.sampling import client_data, epoch_rows
@@ -212,7 +212,7 @@ class _RoundSums:
     vectors, mixing weights and group-table changes (the server clusters them), and `personal`,
     the trained rows the store keeps (Shard._write_personal_tables)."""
 
-    def __init__(self, n_items: int, copy_names: tuple[str, ...]):
+    def __init__(self, n_items: int):
         self.n_items = n_items
         self.tables: dict[str, torch.Tensor] = {}
         self.touched: dict[str, torch.Tensor] = {}
@@ -281,8 +281,6 @@ class Shard:
         self.device = torch.device(device)  # where the private state lives and local training runs
         if self.device.type != "cpu" and config.model.fusion is not None:
             raise ValueError("a fusion module (model.fusion) trains on the CPU only: set runtime.device=cpu")
-        if config.model.fusion is not None:
-            keep_freed_memory()  # its big per-step tensors then reuse warm pages (memory.py)
         self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype, self.device,
                                    keep_copies=config.model.pfedrec_eval_table == "personal")
         self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)
@@ -324,16 +322,20 @@ class Shard:
             # independent, so the order changes nothing but the summation order of uploads.
             users = users[np.argsort(self.data.train_counts[users], kind="stable")]
         globals_ = {name: value.to(device=self.device, dtype=self.dtype) for name, value in global_params.items()}
-        sums = _RoundSums(self.data.n_items, self.store.copy_names)
+        sums = _RoundSums(self.data.n_items)
         projections = self._span_projections(globals_)
         size = self.config.runtime.train_block_clients or len(users)
-        for start in range(0, len(users), size):
-            self._train_block(round_, globals_, projections, users[start:start + size], lrs, teacher, sums)
-        del projections
-        self._write_personal_tables(round_, global_params, sums)
-        upload = sums.upload(self.features, self.config.privacy is not None)
-        if sums.group_rows:
-            self._for_groups = tuple(torch.cat(parts) for parts in zip(*sums.group_rows))
+        # a fusion module's big per-step tensors reuse warm pages during the round; the free
+        # heap goes back to the OS at its end (memory.py)
+        with freed_memory_kept(self.config.model.fusion is not None):
+            for start in range(0, len(users), size):
+                self._train_block(round_, globals_, projections, users[start:start + size], lrs, teacher, sums)
+            del projections
+            self._write_personal_tables(round_, global_params, sums)
+            upload = sums.upload(self.features, self.config.privacy is not None)
+            if sums.group_rows:
+                self._for_groups = tuple(torch.cat(parts) for parts in zip(*sums.group_rows))
+            del sums
         upload.seconds = time.perf_counter() - started
         return upload
 

@@ -16,7 +16,12 @@ Both are timed on the same user sample (--baseline-users; every user with --quic
 process, and their metrics compared; the new scorer is then timed on every user (eval_s_p3,
 eval_s_p1). baseline_eval_s_p3 / _p1 extrapolate the sample linearly to every user where the
 sample is not every user (baseline_measured says which). Peak RSS per phase (Linux VmHWM).
-The last line printed is one JSON object.
+
+--fedmr repeats it all for + FedMR (id + random text features of --text-width, 384) after one
+training round of every user (--fedmr-train-users), trained in blocks of
+runtime.train_block_clients clients (--fedmr-block-clients overrides it; null: all at once):
+fedmr_round_s, fedmr_eval_s_p3 / _p1, and fedmr_peak_rss_gb, the process's peak from building
+the FedMR shard to its last evaluation. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -39,9 +44,13 @@ def parse_args(argv):
     p.add_argument("--baseline-users", type=int, default=None,
                    help="users the row-per-pair baseline scores (default 2,000; quick: every user)")
     p.add_argument("--train-users", type=int, default=2000, help="clients of the one training round")
-    p.add_argument("--fedmr", action="store_true", help="also FedMR (id + random text features) on the same data")
+    p.add_argument("--fedmr", action="store_true",
+                   help="also FedMR (id + random text features) on the same data, trained on every user")
     p.add_argument("--text-width", type=int, default=384, help="FedMR's text feature width")
-    p.add_argument("--fedmr-train-users", type=int, default=500, help="clients of FedMR's training round")
+    p.add_argument("--fedmr-train-users", type=int, default=0,
+                   help="clients of FedMR's training round (default 0: every user)")
+    p.add_argument("--fedmr-block-clients", default=None,
+                   help="runtime.train_block_clients for FedMR's round (default: the config's; null: all at once)")
     p.add_argument("--fedmr-baseline-users", type=int, default=None,
                    help="users FedMR's row-per-pair baseline scores (default 100; quick: every user)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, one pool's share)")
@@ -92,32 +101,44 @@ def evaluate_timed(scorer, data, negatives, protocol: str, users: np.ndarray,
 
 
 def measure(label: str, prefix: str, cfg, data, negatives, args, train_users: int, baseline_users: int) -> dict:
-    """One model: a training round of `train_users` clients, then both scorers on a user sample
-    (0: every user) and the new one on every user. Figures keyed `prefix` + name."""
+    """One model: a training round of `train_users` clients (0: every user), then both scorers
+    on a user sample (0: every user) and the new one on every user. Figures keyed `prefix` +
+    name; peak_rss_gb is the process's peak from building the shard to the last evaluation."""
     from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, round_lrs
     from pipeline.federated.shard import Shard
 
+    release_memory()
+    reset_phase_peak()
     init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
     shard = Shard(cfg, data, negatives, np.arange(data.n_users), init)
     g = init.global_params
     rng = np.random.default_rng(args.seed)
-    trained = np.sort(rng.choice(data.n_users, size=min(train_users, data.n_users), replace=False))
+    trained = np.arange(data.n_users) if train_users <= 0 or train_users >= data.n_users else \
+        np.sort(rng.choice(data.n_users, size=train_users, replace=False))
     with timed() as span:
-        g = apply_uploads(g, [shard.train(0, g, trained, round_lrs(cfg, data.n_items, 0))])
-    print(f"\n== {label}: one training round of {len(trained):,} clients: {span.wall:.1f} s", flush=True)
+        upload = shard.train(0, g, trained, round_lrs(cfg, data.n_items, 0))
+        g = apply_uploads(g, [upload])
+    del upload
+    peak = phase_peak_rss_bytes() / GB
+    block = cfg.runtime.train_block_clients
+    print(f"\n== {label}: one training round of {len(trained):,} clients "
+          f"({'all at once' if block is None else f'in blocks of {block:,}'}): {span.wall:.1f} s, "
+          f"peak RSS {peak:.2f} GB", flush=True)
 
     everyone = np.arange(data.n_users)
     sample = everyone if baseline_users <= 0 or baseline_users >= data.n_users else \
         np.sort(rng.choice(data.n_users, size=baseline_users, replace=False))
     scale = data.n_users / len(sample)
-    figures = {"baseline_users": len(sample), "baseline_measured": bool(len(sample) == data.n_users)}
+    figures = {"baseline_users": len(sample), "baseline_measured": bool(len(sample) == data.n_users),
+               "train_users": len(trained), "train_block_clients": block, "round_s": span.wall}
     new = shard.scorer(g)
     for protocol in ("p3", "p1"):
         old = shard.row_scorer(g, protocol, "test")
         base_metrics, base_s, base_rss = evaluate_timed(old, data, negatives, protocol, sample, baseline=True)
-        same_metrics, same_s, _ = evaluate_timed(new, data, negatives, protocol, sample)
+        same_metrics, same_s, same_rss = evaluate_timed(new, data, negatives, protocol, sample)
         diff = max(abs(base_metrics[k] - same_metrics[k]) for k in base_metrics)
         full_metrics, full_s, full_rss = evaluate_timed(new, data, negatives, protocol, everyone)
+        peak = max(peak, base_rss, same_rss, full_rss)
         figures[f"eval_s_{protocol}"] = full_s
         figures[f"eval_peak_rss_gb_{protocol}"] = full_rss
         figures[f"baseline_eval_s_{protocol}"] = base_s * scale
@@ -131,6 +152,7 @@ def measure(label: str, prefix: str, cfg, data, negatives, args, train_users: in
               f"{same_s:.2f} s -> x{figures[f'speedup_{protocol}']:.1f}; largest metric difference {diff:.2e}. "
               f"Every user ({data.n_users:,}): {full_s:.2f} s (peak RSS {full_rss:.2f} GB); rows per pair "
               f"{'measured' if scale == 1 else 'extrapolated'} {base_s * scale:.1f} s", flush=True)
+    figures["peak_rss_gb"] = peak
     del shard, new
     release_memory()
     return {prefix + key: value for key, value in figures.items()}
@@ -159,7 +181,9 @@ def main(argv=None) -> dict:
     figures.update(measure("ID only", "", cfg, data, negatives, args, args.train_users, args.baseline_users))
     if args.fedmr:
         data = with_text(data, args.text_width, args.seed)
-        cfg = load_config(None, [f"model.backbone={args.backbone}", "model.fusion={modalities: [id, text]}"])
+        cfg = load_config(None, [f"model.backbone={args.backbone}", "model.fusion={modalities: [id, text]}",
+                                 *([f"runtime.train_block_clients={args.fedmr_block_clients}"]
+                                   if args.fedmr_block_clients is not None else [])])
         figures["text_width"] = args.text_width
         figures.update(measure(f"+ FedMR (id + text {args.text_width})", "fedmr_", cfg, data, negatives, args,
                                args.fedmr_train_users, args.fedmr_baseline_users))

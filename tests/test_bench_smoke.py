@@ -88,7 +88,7 @@ def test_scale_smoke(capsys):
 
 def test_scale_eval_smoke(capsys):
     returned = scale_eval.main(["--users", "300", "--items", "120", "--train-users", "50", "--baseline-users", "100",
-                                "--fedmr", "--text-width", "16", "--fedmr-train-users", "20",
+                                "--fedmr", "--text-width", "16", "--fedmr-block-clients", "64",
                                 "--fedmr-baseline-users", "30"])
     figures = last_json_line(capsys.readouterr().out)
     assert figures["bench"] == "scale_eval" == returned["bench"]
@@ -102,6 +102,9 @@ def test_scale_eval_smoke(capsys):
     assert figures["fedmr_baseline_users"] == 30 and figures["text_width"] == 16
     assert figures["fedmr_max_metric_diff_p1"] <= 1 / 30 and figures["fedmr_max_metric_diff_p3"] <= 1 / 30
     assert figures["fedmr_eval_s_p3"] > 0 and figures["fedmr_eval_s_p1"] > 0
+    # FedMR trains one round on every user, in blocks of 64 clients here
+    assert figures["fedmr_train_users"] == figures["users"] and figures["fedmr_train_block_clients"] == 64
+    assert figures["fedmr_round_s"] > 0 and figures["fedmr_peak_rss_gb"] > 0
 
 
 @pytest.mark.realdata

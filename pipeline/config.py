@@ -419,7 +419,7 @@ class RuntimeConfig(ConfigModel):
         1024, ge=1, description="clients a pool trains at once in a round: each block builds its rows, working "
                                 "sets and per-client weight copies, trains and adds its share of the upload "
                                 "before the next, so memory follows this number, not the clients sampled "
-                                "(with FedMR about 0.75 MB per client at text width 384); None: all at once")
+                                "(with FedMR about 0.6 MB per client at text width 384); None: all at once")
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0 = never)")
     keep_best: bool = Field(True, description="also keep the state of the best validation round "
                                               "(checkpoints/best: what recommend and export use)")

@@ -110,9 +110,10 @@ def cmd_data_stats(args) -> int:
 
 def cmd_data_prepare(args) -> int:
     config = _dataset_config(args)
-    data, _ = open_dataset(config, cache=args.out)
+    cache = data_cache_root(args.out)
+    data, _ = open_dataset(config, cache=cache)
     print(f"prepared {data.name}: {data.n_users} users, {data.n_items} items, "
-          f"fingerprint {data.fingerprint()} under {args.out}")
+          f"fingerprint {data.fingerprint()} under {cache}")
     return 0
 
 
@@ -354,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=cmd_data_stats)
     prep = data_commands.add_parser("prepare", help="apply the protocol and persist split + P1 negatives")
     _add_dataset_args(prep)
-    prep.add_argument("--out", type=Path, required=True, help="folder for prepared datasets")
+    prep.add_argument("--out", type=Path, help="folder for prepared datasets (default: the data cache that train, "
+                      "recommend, export and baselines read; see --data-cache of those)")
     prep.set_defaults(func=cmd_data_prepare)
     synth = data_commands.add_parser("synth", help="write the synthetic multimodal dataset")
     synth.add_argument("--out", type=Path, required=True, help="a new folder (or an earlier synthetic dataset "

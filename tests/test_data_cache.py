@@ -37,3 +37,22 @@ def test_baselines_take_a_dataset_path_and_a_config(tmp_path, monkeypatch, capsy
     assert described[folder.name]["users"] <= 80
     assert {row["dataset"] for row in report["rows"]} == set(described)
     assert (tmp_path / "cache").is_dir()
+
+
+def test_data_prepare_fills_the_cache_that_train_reads(tmp_path, monkeypatch, capsys):
+    from pipeline.cli import main
+    from pipeline.config import load_config
+    from pipeline.federated.run import open_checked
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PIPELINE_DATA_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "prepare", "--dataset", "synthetic", "--synthetic-users", "40", "--synthetic-items", "30",
+                 "--synthetic-seed", "2"]) == 0
+    assert str(cache) in capsys.readouterr().out
+    prepared = lambda: sorted(p for p in cache.iterdir() if (p / "meta.json").is_file())  # noqa: E731
+    assert len(prepared()) == 1 and prepared()[0].name.startswith("synthetic-")
+    made = (prepared()[0] / "meta.json").stat().st_mtime_ns
+    open_checked(load_config(None, ["data.synthetic={n_users: 40, n_items: 30, seed: 2}"]))  # what train opens
+    assert len(prepared()) == 1 and (prepared()[0] / "meta.json").stat().st_mtime_ns == made  # read, not re-made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing in the working directory

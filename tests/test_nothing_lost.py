@@ -29,7 +29,7 @@ def _env(**extra) -> dict:
 
 
 def run_cli(cwd: Path, *args, timeout=240, **env):
-    """`python -m pipeline ARGS` in `cwd` (its runs/prepared cache is the test's own)."""
+    """`python -m pipeline ARGS` in `cwd`."""
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=cwd, env=_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 

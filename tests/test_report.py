@@ -66,7 +66,7 @@ def first_run(workspace):
     import os
 
     cwd = os.getcwd()
-    os.chdir(workspace)  # the train job's data cache (runs/prepared) is relative
+    os.chdir(workspace)  # the configs and runs are relative
     try:
         out = workspace / "results" / "tiny.md"
         argv = ["--configs", "configs/*.yaml", "--seeds", "0", "1", "--runs-dir", "runs/exp",
@@ -141,7 +141,7 @@ def test_rerun_skips_finished_runs(first_run, workspace, capsys):
 def test_stale_run_is_refused(first_run, workspace, monkeypatch):
     import shutil
 
-    monkeypatch.chdir(workspace)  # run_state prepares the data in the job's (relative) cache
+    monkeypatch.chdir(workspace)  # the configs and runs are relative
     config = [str(workspace / "configs" / "a-fedavg.yaml")]
     specs = plan_runs(expand_configs(config), seeds=[0], runs_dir=workspace / "runs/exp")
     assert run_state(specs[0]) == "done"

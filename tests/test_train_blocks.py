@@ -163,3 +163,15 @@ def test_rounds_in_blocks_gfmfr(data, variant):
     assert d1 == db and sum(d1) > 0
     # the loss-ratio weight amplifies summation-order differences (test_gfmfr_equivalence.RUN)
     assert_same_state(s1, g1, sb, gb, data, atol=1e-8)
+
+
+def test_training_reports_each_block_of_clients_as_it_finishes(data):
+    """What the progress bar counts as 'clients trained': one report per block, summing to the round."""
+    cfg = ids.make_config("fcf", "train.tol=0.4", BLOCK)
+    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
+    shard = Shard(cfg, data, None, np.arange(data.n_users), init, dtype=torch.float64)
+    g = {k: v.double() for k, v in init.global_params.items()}
+    seen = []
+    upload = shard.train(0, g, np.arange(0, data.n_users, 2), round_lrs(cfg, data.n_items, 0), progress=seen.append)
+    assert seen == [3] * (upload.clients // 3) + ([upload.clients % 3] if upload.clients % 3 else [])
+    assert sum(seen) == upload.clients == len(range(0, data.n_users, 2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,21 @@ def training_device(runtime, gpus: float) -> str:
     return "cuda"
 
 
+def _reporter(server, phase: int, index: int) -> Callable[[int], None]:
+    """A callback that counts what pool `index` has done of phase `phase` (clients trained, users
+    ranked) and reports the running total to the server actor at most every PROGRESS_SECONDS."""
+    done, last = 0, time.monotonic()
+
+    def report(n: int) -> None:
+        nonlocal done, last
+        done += n
+        if time.monotonic() - last >= PROGRESS_SECONDS:
+            last = time.monotonic()
+            server.report_progress.remote(phase, index, done)  # fire and forget
+
+    return report
+
+
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ClientPool:
     def __init__(self, config_json: str, data, negatives, users: np.ndarray, initial, threads: int,
@@ -54,11 +70,13 @@ class ClientPool:
         if self.state_round != round_:
             raise StaleState(f"pool state is at round {self.state_round}, expected {round_}")
 
-    def train(self, round_: int, global_params: dict, users: np.ndarray, lrs: dict, teacher=None):
+    def train(self, round_: int, global_params: dict, users: np.ndarray, lrs: dict, teacher=None,
+              progress: tuple | None = None):
         """Train `users` in round `round_` from global_params (GFMFR: distilling `teacher`);
-        returns the reduced Upload."""
+        returns the reduced Upload. progress: as for evaluate, counting clients trained."""
         self._expect(round_ - 1)
-        upload = self.shard.train(round_, global_params, users, lrs, teacher)
+        upload = self.shard.train(round_, global_params, users, lrs, teacher,
+                                  progress=None if progress is None else _reporter(*progress))
         self.state_round = round_
         return upload
 
@@ -76,17 +94,7 @@ class ClientPool:
             return self.shard.evaluate(global_params, protocol, split, ks, users)
         from pipeline.eval.protocols import reporting_progress
 
-        server, phase, index = progress
-        ranked, last = 0, time.monotonic()
-
-        def report(n: int) -> None:
-            nonlocal ranked, last
-            ranked += n
-            if time.monotonic() - last >= PROGRESS_SECONDS:
-                last = time.monotonic()
-                server.report_progress.remote(phase, index, ranked)  # fire and forget
-
-        with reporting_progress(report):
+        with reporting_progress(_reporter(*progress)):
             return self.shard.evaluate(global_params, protocol, split, ks, users)
 
     def peak_rss(self) -> int | None:

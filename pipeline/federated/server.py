@@ -156,8 +156,10 @@ class Server:
         teacher = self.groups.download(round_) if self.groups is not None else None
         teacher_ref = ray.put(teacher)
         mine = [users[np.isin(users, shard)] for shard in self.shards]
-        self._begin(round_, "train", len(users))
-        calls = [pool.train.remote(round_, global_ref, ids, lrs, teacher_ref) for pool, ids in zip(self.pools, mine)]
+        phase = self._begin(round_, "train", len(users))
+        me = ray.get_runtime_context().current_actor if self._pools_report else None
+        calls = [pool.train.remote(round_, global_ref, ids, lrs, teacher_ref, None if me is None else (me, phase, i))
+                 for i, (pool, ids) in enumerate(zip(self.pools, mine))]
         uploads = self._gather(calls, [len(ids) for ids in mine])
         downloaded = self.globals
         self.globals, self.fusion_adam = aggregate(self.config, self.globals, uploads, self.fusion_adam, round_)

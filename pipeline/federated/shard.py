@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -301,9 +302,11 @@ class Shard:
         return self.store.users
 
     def train(self, round_: int, global_params: dict[str, torch.Tensor], users: np.ndarray,
-              lrs: dict[str, float], teacher: TeacherDownload | None = None) -> Upload:
+              lrs: dict[str, float], teacher: TeacherDownload | None = None,
+              progress: Callable[[int], None] | None = None) -> Upload:
         """Local training of `users` (global ids of this shard) in round `round_`; with GFMFR,
-        clients with a group in `teacher` distil its scores.
+        clients with a group in `teacher` distil its scores. progress: called with the number
+        of clients of each block as the block finishes (what a progress display counts).
 
         Clients are independent, so they are trained in blocks of at most
         runtime.train_block_clients consecutive clients (of the order below): each block builds
@@ -329,7 +332,10 @@ class Shard:
         # heap goes back to the OS at its end (memory.py)
         with freed_memory_kept(self.config.model.fusion is not None):
             for start in range(0, len(users), size):
-                self._train_block(round_, globals_, projections, users[start:start + size], lrs, teacher, sums)
+                block = users[start:start + size]
+                self._train_block(round_, globals_, projections, block, lrs, teacher, sums)
+                if progress is not None:
+                    progress(len(block))
             del projections
             self._write_personal_tables(round_, global_params, sums)
             upload = sums.upload(self.features, self.config.privacy is not None)

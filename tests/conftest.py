@@ -1,7 +1,24 @@
 """Shared test fixtures."""
 
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """The suite prepares its datasets in a folder of its own, never in the user's data cache
+    (pipeline/data/cache.py); subprocesses and Ray workers inherit it."""
+    if not os.environ.get("PIPELINE_DATA_CACHE"):
+        config._pipeline_cache = tempfile.mkdtemp(prefix="pipeline-test-cache-")
+        os.environ["PIPELINE_DATA_CACHE"] = config._pipeline_cache
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_pipeline_cache", None):  # the folder the suite made for itself
+        shutil.rmtree(config._pipeline_cache, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """FedMR through the real Server and ClientPool actors on KU (real CLIP features): the same
 metrics as the in-process engine, the server's grad_adam state checkpointed and restored on
-resume, selection on validation (D15)."""
+resume, selection on validation (never on test)."""
 
 from __future__ import annotations
 
@@ -56,4 +56,4 @@ def test_fedmr_server_matches_engine_and_resumes_adam_state(local_ray, tmp_path)
         assert {k: got[f"valid/{k}"] for k in want} == pytest.approx(want, abs=1e-9)
     assert adam["step"] == rounds
     assert [m.get("improved") for m in history].count(True) >= 1
-    assert max(r for r, m in enumerate(history) if m["improved"]) == best  # D15: validation decides
+    assert max(r for r, m in enumerate(history) if m["improved"]) == best  # validation decides

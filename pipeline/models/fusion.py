@@ -111,7 +111,7 @@ def param_shapes(cfg, d_id: int, feature_dims: dict[str, int]) -> dict[str, tupl
 
 
 def init_params(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Xavier-normal weights, zero biases, LayerNorm gain 1 and bias 0 (D10), seeded."""
+    """Xavier-normal weights, zero biases, LayerNorm gain 1 (not N(0, 0.01) as in the reference) and bias 0, seeded."""
     params = {}
     for name, shape in shapes.items():
         if ".ln." in name or name.startswith(f"{PREFIX}ln."):
@@ -170,7 +170,7 @@ def expert_mlp(ctx, hs: list[torch.Tensor], cfg) -> torch.Tensor:
 
 def expert_gate(ctx, hs: list[torch.Tensor], cfg) -> torch.Tensor:
     """The sigmoid gates are concatenated and projected; they do not multiply the features
-    (the reference behaviour, kept by the spec)."""
+    (the reference behaviour, kept on purpose)."""
     gates = [torch.sigmoid(ctx.dropout(ctx.linear(h, f"{PREFIX}gate.g.{m}"), SITE_GATE + MODALITY_INDEX[m]))
              for m, h in zip(cfg.modalities, hs)]
     return _norm(ctx, ctx.linear(torch.cat(gates, -1), f"{PREFIX}gate.out"), "gate.ln", cfg.layer_norm)
@@ -181,7 +181,7 @@ def expert_attention(ctx, hs: list[torch.Tensor], cfg) -> torch.Tensor:
     the attention weights), output projection per token, then z = LN(W_o flatten + b_o).
     fedvlr: Linear(M d_f -> M d_f), attention over a length-1 sequence (its one weight is 1, so
     it is the value and output projections, dropout still acting on the weight per head), then
-    Linear(M d_f -> d_f) + LN. Per item in both: no item sees another (D9)."""
+    Linear(M d_f -> d_f) + LN. Per item in both: no item sees another (the reference attends across a batch)."""
     rows, heads, d_f = len(hs[0]), cfg.attention_heads, cfg.d_f
     if cfg.attention_variant == "modality_tokens":
         m, dh = len(hs), d_f // heads
@@ -279,7 +279,7 @@ class FedMR:
 
     FUSION: the FusionConfig.  MODALITIES: the frozen feature modalities it reads.
     UPLOAD_GRADS: global fusion parameters uploaded as last-batch gradients (grad_adam).
-    Local/global is an explicit partition (D8): the router is personal dense (never
+    Local/global is an explicit partition (not by name substrings): the router is personal dense (never
     uploaded) under router_scope=local, global dense otherwise; projections and experts are
     global dense.
     """

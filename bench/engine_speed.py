@@ -18,7 +18,7 @@ run the same rounds on the same participants, in float32, at the same torch thre
 
 - engine: pipeline.federated.shard.Shard.train of every shard (driven sequentially in this
   process, no Ray; --shards, default one Shard holding every user) + aggregate.apply_uploads;
-- oracle: pipeline.federated.oracle.oracle_round (textbook trainer, one client after another).
+- oracle: reference.oracle.oracle_round (textbook trainer, one client after another).
 
 Each round is timed on both sides (wall and process CPU seconds; the two sides alternate which
 goes first); ratio = oracle seconds / engine seconds. After the rounds the two states are
@@ -198,7 +198,7 @@ def oracle_participants_subset(subset_of_round):
     """Make oracle_round train only subset_of_round(round_) (timing on a subset of users)."""
     import dataclasses
 
-    from pipeline.federated import oracle as oracle_module
+    from reference import oracle as oracle_module
 
     original = oracle_module.round_users
 
@@ -215,7 +215,7 @@ def oracle_participants_subset(subset_of_round):
 
 def to_host(state):
     """An oracle DenseState with every tensor in host memory (for the comparison)."""
-    from pipeline.federated.oracle import DenseState
+    from reference.oracle import DenseState
 
     return DenseState(globals={k: v.cpu() for k, v in state.globals.items()},
                       personal={u: {k: v.cpu() for k, v in mine.items()} for u, mine in state.personal.items()},
@@ -228,7 +228,7 @@ def to_host(state):
 def compare_states(cfg, data, negatives, shards, g, oracle_state, block: int = 64) -> dict:
     """Max |engine - oracle| of globals, personal parameters and scores; HR@10 (P1, valid) of both."""
     from pipeline.eval.protocols import evaluate
-    from pipeline.federated.oracle import oracle_scores, oracle_scores_fedmr
+    from reference.oracle import oracle_scores, oracle_scores_fedmr
 
     def oracle_block_scores(users: list[int]) -> torch.Tensor:
         if cfg.model.fusion is not None:
@@ -325,7 +325,7 @@ def make_config(backbone: str, participation: float, dataset_overrides: list[str
 def run_backbone(backbone: str, args, data, negatives, participation: float, dataset_overrides, peak) -> dict:
     from pipeline.federated.aggregate import (apply_uploads, feature_dims, initial_state, participants, round_lrs,
                                               shard_users)
-    from pipeline.federated.oracle import initial_dense_state, oracle_round
+    from reference.oracle import initial_dense_state, oracle_round
     from pipeline.federated.shard import Shard
 
     cfg = make_config(backbone, participation, dataset_overrides, args.features)

@@ -1,5 +1,5 @@
 """The vectorised engine (pipeline/federated/shard.py + client.py + models) against the textbook
-one-client-at-a-time oracle (pipeline/federated/oracle.py), written independently from
+one-client-at-a-time oracle (reference/oracle.py), written independently from
 the methods' equations: same global parameters, same personal parameters of every user and same
 evaluation scores after a few rounds (float64, atol 1e-5), for every backbone, with several
 pools (shards), uneven client sizes, several local epochs and mini-batches, partial
@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.schema import Interactions, RawDataset
 from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
-from pipeline.federated.oracle import (DenseState, _item_lr, _lr, initial_dense_state, oracle_round,
+from reference.oracle import (DenseState, _item_lr, _lr, initial_dense_state, oracle_round,
                                        oracle_scores)
 from pipeline.federated.sampling import client_data, epoch_rows
 from pipeline.federated.shard import Shard

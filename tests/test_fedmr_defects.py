@@ -12,9 +12,11 @@ import torch
 from pipeline.config import load_config
 from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state,
                                           participants, round_lrs, shard_users)
-from pipeline.federated.oracle import oracle_scores_fedmr
+from reference.oracle import oracle_scores_fedmr
 from pipeline.federated.selection import Selection
-from pipeline.federated.shard import EvalRows, Shard, Upload
+from pipeline.federated.messages import Upload
+from pipeline.federated.scoring import EvalRows
+from pipeline.federated.shard import Shard
 from pipeline.federated.state import PersonalStore
 from pipeline.models import model_for
 from pipeline.models.fusion import PREFIX

@@ -1,5 +1,5 @@
 """FedMR on the vectorised engine (pipeline/models/fusion.py on shard.py + client.py) against
-the textbook one-client-at-a-time FedMR of pipeline/federated/oracle.py (nn.Module per client,
+the textbook one-client-at-a-time FedMR of reference/oracle.py (nn.Module per client,
 written from FedMR's equations): same global parameters (backbone and fusion module), same personal
 parameters of every user (heads, routers, P_u, Q~_u, NCF user vectors) and same evaluation
 scores after 3 rounds, float64, for every backbone with fusion=moe and for the other fusion
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pipeline.config import load_config
 from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
-from pipeline.federated.oracle import initial_dense_state, oracle_scores_fedmr
+from reference.oracle import initial_dense_state, oracle_scores_fedmr
 from pipeline.federated.shard import Shard
 from test_equivalence import engine_dense, engine_scores, max_diffs, moved, run_oracle, synthetic
 

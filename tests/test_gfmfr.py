@@ -16,7 +16,8 @@ from pipeline.config import load_config
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.synthetic import SyntheticConfig, generate
 from pipeline.federated.aggregate import initial_state, participants, round_lrs
-from pipeline.federated.group_server import GroupServer, TeacherDownload
+from pipeline.federated.group_server import GroupServer
+from pipeline.federated.messages import TeacherDownload
 from pipeline.federated.grouping import UNGROUPED
 from pipeline.federated.shard import Shard
 from pipeline.models import model_for

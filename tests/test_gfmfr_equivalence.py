@@ -18,7 +18,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs, shard_users
 from pipeline.federated.group_server import GroupServer
-from pipeline.federated.oracle import initial_dense_state, oracle_round, oracle_scores, oracle_scores_fedmr
+from reference.oracle import initial_dense_state, oracle_round, oracle_scores, oracle_scores_fedmr
 from pipeline.federated.shard import RHO, Shard
 from pipeline.models import model_for
 from test_equivalence import engine_dense, engine_scores, max_diffs, moved, synthetic

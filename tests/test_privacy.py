@@ -14,7 +14,7 @@ from pipeline.config import load_config
 from pipeline.federated.aggregate import initial_state, round_lrs
 from pipeline.federated.privacy import clip_factors, epsilon_after, gaussian_noise
 from pipeline.federated.shard import Shard
-from pipeline.federated.oracle import oracle_scores, oracle_scores_fedmr
+from reference.oracle import oracle_scores, oracle_scores_fedmr
 from test_equivalence import (VARIANTS, engine_dense, engine_scores, make_config, max_diffs, moved, run_engine, run_oracle,
                               synthetic)
 

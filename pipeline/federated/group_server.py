@@ -14,33 +14,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
 from pipeline.federated.grouping import UNGROUPED, cluster_seed, group_users
+from pipeline.federated.messages import TeacherDownload
 from pipeline.models.base import InitialState
 from pipeline.models.group_fusion import GroupFusion, kd_schedule, targets_from_sums, train_group_fusion
 
 _FUSION_SEED_TAG = 0x6F5  # the group fusion model's initialisation stream (from train.model_seed)
-
-
-@dataclass
-class TeacherDownload:
-    """What a round's pools receive for distillation.
-
-    scores: [G, N] s_g of every group (NaN rows: empty groups).  group_of: [U] the group each
-    user distils in this round (UNGROUPED: none, it trains on its own loss).  weight: a(t).
-    shared_rho: ema_scope=shared_round, the rho every client starts from (NaN: unset).
-    A client reads only s_{g(u)} at its own rows' items (Shard.teacher_rows).
-    """
-
-    scores: torch.Tensor
-    group_of: np.ndarray
-    weight: float
-    shared_rho: float = math.nan
 
 
 def new_group_fusion(config, width: int, feature_dims: dict[str, int], dtype=torch.float32) -> GroupFusion:
@@ -55,11 +39,6 @@ def vector_shapes(model, initial: InitialState) -> dict[str, tuple[int, ...]]:
     """name -> shape of every part of the model's grouping vector (model.GROUP_VECTOR)."""
     known = {**initial.personal_shared, **initial.global_params}
     return {name: tuple(known[name].shape) for name in model.GROUP_VECTOR}
-
-
-def flatten_vectors(model, vectors: dict[str, torch.Tensor], n_clients: int) -> torch.Tensor:
-    """[B, F]: the clients' grouping vectors from their trained parameters (name -> [B, ...])."""
-    return torch.cat([vectors[name].reshape(n_clients, -1) for name in model.GROUP_VECTOR], 1)
 
 
 def group_means(values: torch.Tensor, ids: np.ndarray, n_groups: int) -> torch.Tensor:

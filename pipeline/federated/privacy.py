@@ -52,7 +52,7 @@ def gaussian_noise(shapes: dict[str, tuple[int, ...]], std: float, seed: int, ro
 def privatize(uploads: list, global_params: dict[str, torch.Tensor], model, privacy, seed: int, round_: int):
     """One Upload: the pools' sums of clipped updates plus the server's noise on every
     coordinate of every uploaded parameter; weight = clients that arrived."""
-    from pipeline.federated.shard import Upload
+    from pipeline.federated.messages import Upload
 
     names = noise_names(model)
     covered = (*names["tables"], *names["dense"], *names["grads"])

@@ -28,12 +28,17 @@ Shapes: B = users of a block, I = items, C = candidates per user, d = item width
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.federated.client import FusionRows
+from pipeline.federated.grouped import GroupPlan
 from pipeline.models.fusion import GlobalItems, experts, mixing
+
+if TYPE_CHECKING:
+    from pipeline.federated.shard import Shard
 
 ROW_BUDGET = 1 << 21  # (user, item) pairs of a sub-block: scores, or rows of FedNCF's tower
 ROW_BUDGET_FUSION = 1 << 17  # FedMR rows through the module or the router ([3 d_f] each)
@@ -122,8 +127,6 @@ class BlockScorer:
     # -- FedNCF (and any model without ITEM_INPUT): rows ---------------------------------------------
 
     def _rows(self, local: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
-        from pipeline.federated.shard import EvalRows
-
         if items is None:
             return self.model.logits(EvalRows(self.shard, self.globals, local)).view(len(local), self.n_items)
         row = torch.arange(len(local), device=self.device).repeat_interleave(items.shape[1])
@@ -239,8 +242,6 @@ class BlockScorer:
         return terms
 
     def _own_id(self, local, row, item, w, b) -> torch.Tensor:
-        from pipeline.federated.shard import EvalRows
-
         if not len(row):
             return w.new_zeros(0)
         rep = self.backbone.item_input(EvalRows(self.shard, self.globals, local, row, item))
@@ -271,8 +272,6 @@ class BlockScorer:
     def _pair_experts(self, local, row, item, group, keys, views, own=None) -> torch.Tensor:
         """[R, K d_f] the experts at (row, item) pairs of the block: the group's per-item outputs,
         computed exactly where the user holds an own row (own [R] bool; None: looked up)."""
-        from pipeline.federated.shard import EvalRows
-
         out = torch.empty(len(row), self._width(), dtype=self.dtype, device=self.device)
         pair_group = group.index_select(0, row)
         for g, key in enumerate(keys):
@@ -297,8 +296,6 @@ class BlockScorer:
 
     def _alpha(self, local, items, group, keys, views) -> torch.Tensor:
         """[B, 3] the users' mixing weights over their mixing rows."""
-        from pipeline.federated.shard import EvalRows
-
         n = len(local)
         if self.batch_mixing:
             if items is None:  # every item, once
@@ -393,3 +390,117 @@ class BlockScorer:
         """[b, 3] FedNCF users' mixing weights (the experts do not depend on the user)."""
         group = torch.zeros(len(local), dtype=torch.int64, device=self.device)
         return self._alpha(local, items, group, [("ncf",)], [])  # the cached ("ncf",) outputs
+
+
+class EvalRows:
+    """RowContext for scoring B users (local indices `local`) against items: by default all I
+    items (R = B * I rows, user-major); else rows (row_user [R] in 0..B-1, sorted; item [R]).
+    candidates: [B, I] bool, the items a user's scores are asked for (FedMR batch mixing);
+    or count: [R] how often each of the given rows counts in them (0 for a repeated row)."""
+
+    def __init__(self, shard: "Shard", global_params: dict[str, torch.Tensor], local: torch.Tensor,
+                 row_user: torch.Tensor | None = None, item: torch.Tensor | None = None,
+                 candidates: torch.Tensor | None = None, count: torch.Tensor | None = None):
+        self.shard, self.globals = shard, global_params
+        self.grid = row_user is None  # every user against every item
+        if row_user is None:
+            n_items = shard.data.n_items
+            row_user = torch.arange(len(local), device=local.device).repeat_interleave(n_items)
+            item = torch.arange(n_items, device=local.device).repeat(len(local))
+        self.row_user, self.item = row_user, item
+        self.local = local[row_user]
+        self.user_local = local
+        self.candidates = candidates
+        self.count = count
+        self.base_only = False  # personal tables read as their shared base (item_rows)
+        self._plan = None
+
+    def table(self, name: str) -> torch.Tensor:
+        store = self.shard.store
+        if name in store.tables:
+            if self.base_only:
+                return store.table_base[name].index_select(0, self.item)
+            return store.table_rows(name, self.local, self.item)
+        if name in store.copies and self.shard.config.model.pfedrec_eval_table == "personal":
+            return store.copy_rows(name, self.local, self.item, self.globals[name])
+        return self.globals[name].index_select(0, self.item)
+
+    def vector(self, name: str) -> torch.Tensor:
+        dense = self.shard.store.dense
+        if name not in dense:  # a global weight, the same for every row
+            return self.globals[name]
+        return dense[name].index_select(0, self.user_local).index_select(0, self.row_user)
+
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        dense = self.shard.store.dense
+        if f"{name}.weight" not in dense:
+            return torch.nn.functional.linear(x, self.globals[f"{name}.weight"], self.globals[f"{name}.bias"])
+        # a personal Linear (FedMR's local router): each user's persisted copy
+        if self._plan is None:
+            present, counts = torch.unique_consecutive(self.row_user, return_counts=True)
+            self._plan = (present, GroupPlan(counts))
+        present, plan = self._plan
+        return plan.apply(x, dense[f"{name}.weight"][self.user_local[present]]) + self.vector(f"{name}.bias")
+
+    # -- what a fusion module needs: evaluation mode --------------------------
+
+    def feature_linear(self, modality: str, name: str) -> torch.Tensor:
+        """The global projection of the frozen features, computed once per item."""
+        features = self.shard.features[modality]
+        projected = torch.nn.functional.linear(features, self.globals[f"{name}.weight"], self.globals[f"{name}.bias"])
+        return projected.index_select(0, self.item)
+
+    def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
+        return x  # evaluation runs in eval mode
+
+    def item_rows(self) -> tuple["EvalRows", torch.Tensor]:
+        """(a context over the distinct items of these rows, item row of every row): for the
+        parts of a model that do not depend on the user (global weights and tables; personal
+        tables read as their shared base, see personal_rows)."""
+        items, of_row = torch.unique(self.item, return_inverse=True)
+        ctx = EvalRows(self.shard, self.globals, self.user_local[:1],
+                       torch.zeros(len(items), dtype=torch.int64, device=items.device), items)
+        ctx.base_only = True
+        return ctx, of_row
+
+    def personal_rows(self) -> torch.Tensor:
+        """Rows whose user holds an own row of a personal item table (where it is not the base)."""
+        store = self.shard.store
+        own = torch.zeros(len(self.item), dtype=torch.bool, device=self.item.device)
+        for rows in store.tables.values():
+            own |= rows.lookup(self.local * store.n_items + self.item)[0]
+        return torch.nonzero(own).squeeze(1)
+
+    def subset(self, index: torch.Tensor) -> "EvalRows":
+        return EvalRows(self.shard, self.globals, self.user_local, self.row_user[index], self.item[index],
+                        self.candidates, None if self.count is None else self.count[index])
+
+    def fusion_rows(self, history: bool) -> FusionRows:
+        """The scored rows; mixing rows: each user's training positives (history: the same
+        alpha_u whatever is scored, D9) or the scored candidates (batch)."""
+        data, users = self.shard.data, self.shard.store.users[self.user_local.numpy()]
+        starts, stops = data.train_indptr[users], data.train_indptr[users + 1]
+        counts = stops - starts
+        owner = torch.as_tensor(np.repeat(np.arange(len(users)), counts))
+        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        positives = torch.as_tensor(data.train_items[np.repeat(starts, counts) + offsets])
+        dtype = next(iter(self.globals.values())).dtype
+        if self.count is not None:
+            count = self.count.to(dtype)
+        elif self.candidates is None:
+            count = torch.ones(len(self.item), dtype=dtype)
+        else:
+            count = self.candidates[self.row_user, self.item].to(dtype)
+        if self.grid or not history:  # the grid holds every positive already
+            trained = torch.zeros(len(users), data.n_items, dtype=torch.bool)
+            trained[owner, positives] = True
+            return FusionRows(ctx=self, index=None, history=trained[self.row_user, self.item], count=count,
+                              segment=self.row_user, n_segments=len(self.user_local))
+        # a subset of items is scored: the users' positives join as extra (mixing-only) rows
+        n = len(self.item)
+        ctx = EvalRows(self.shard, self.globals, self.user_local, torch.cat([self.row_user, owner]),
+                       torch.cat([self.item, positives]), self.candidates)
+        is_history = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(len(owner), dtype=torch.bool)])
+        return FusionRows(ctx=ctx, index=torch.arange(n), history=is_history,
+                          count=torch.cat([count, torch.zeros(len(owner), dtype=dtype)]),
+                          segment=ctx.row_user, n_segments=len(self.user_local))

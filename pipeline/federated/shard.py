@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,13 +20,12 @@ from pipeline.config import ExperimentConfig
 from pipeline.data.negatives import EvalNegatives
 from pipeline.data.prepare import PreparedDataset
 from pipeline.eval.protocols import evaluate
-from pipeline.federated.client import (ClientParams, Distillation, FeatureSpan, FusionInputs, FusionRows, StepSchedule,
+from pipeline.federated.client import (ClientParams, Distillation, FeatureSpan, FusionInputs, StepSchedule,
                                       WorkingSet, client_mixing, train_clients)
-from pipeline.federated.group_server import TeacherDownload, flatten_vectors
-from pipeline.federated.grouped import GroupPlan
 from pipeline.federated.memory import freed_memory_kept
+from pipeline.federated.messages import TeacherDownload, Upload, flatten_vectors
 from pipeline.federated.privacy import clip_factors
-from pipeline.federated.scoring import BlockScorer
+from pipeline.federated.scoring import BlockScorer, EvalRows
 from pipeline.federated.sampling import client_data, epoch_rows
 from pipeline.federated.state import PersonalStore
 from pipeline.models import model_for
@@ -39,157 +37,6 @@ RHO = "gfmfr.rho"  # the store's entry of the clients' distillation-weight EMA (
 _EVAL_ROW_BUDGET = 1 << 21  # (user, item) scores the evaluator ranks at once
 SPAN_MAX_ITEMS = 4096  # FedMR feature projections held on the working set (K = X X^T is [I, I])
 SPAN_ITEMS_PER_WIDTH = 2.0  # ... when the items are at most 2 x the feature width (see _spans)
-
-
-@dataclass
-class Upload:
-    """What a shard sends after a round (reduced over its clients).
-
-    table_items: name -> [K] items touched.  table_sums: name -> [K, d] sum_c w_c * delta_c.
-    dense_sums: name -> sum_c w_c * delta_c of each global dense weight.
-    grad_sums: name -> sum_c w_c * g_c, last-batch gradients (FedMR fusion_agg=grad_adam).
-    weight: sum_c w_c (w_c = 1 for a uniform mean, rows processed for the weighted mean).
-    """
-
-    table_items: dict[str, torch.Tensor] = field(default_factory=dict)
-    table_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    dense_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    grad_sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    weight: float = 0.0
-    # weight decay: name -> sum_c w_c (f_c - 1), f_c the factor by which client c's decay scaled the
-    # rows it never touched; the server scales the whole table by 1 + this / weight (aggregate.py)
-    table_scale_sums: dict[str, float] = field(default_factory=dict)
-    clients: int = 0
-    rows: int = 0
-    loss_sum: float = 0.0
-    seconds: float = 0.0
-    # GFMFR: the clients in upload order, their grouping vectors [B, F], their
-    # FedMR mixing weights [B, 3] (moe), and the (sum, count) of their final rho (shared_round)
-    group_users: np.ndarray | None = None
-    group_vectors: torch.Tensor | None = None
-    group_alpha: torch.Tensor | None = None
-    rho: tuple[float, int] = (0.0, 0)
-    distilled: int = 0  # clients that trained with a teacher
-    clipped: int = 0  # privacy: clients whose update was scaled down to the clip norm
-
-    def nbytes(self) -> int:
-        tensors = [*self.table_items.values(), *self.table_sums.values(), *self.dense_sums.values(),
-                   *self.grad_sums.values(), *(t for t in (self.group_vectors, self.group_alpha) if t is not None)]
-        return int(sum(t.numel() * t.element_size() for t in tensors))
-
-
-class EvalRows:
-    """RowContext for scoring B users (local indices `local`) against items: by default all I
-    items (R = B * I rows, user-major); else rows (row_user [R] in 0..B-1, sorted; item [R]).
-    candidates: [B, I] bool, the items a user's scores are asked for (FedMR batch mixing);
-    or count: [R] how often each of the given rows counts in them (0 for a repeated row)."""
-
-    def __init__(self, shard: "Shard", global_params: dict[str, torch.Tensor], local: torch.Tensor,
-                 row_user: torch.Tensor | None = None, item: torch.Tensor | None = None,
-                 candidates: torch.Tensor | None = None, count: torch.Tensor | None = None):
-        self.shard, self.globals = shard, global_params
-        self.grid = row_user is None  # every user against every item
-        if row_user is None:
-            n_items = shard.data.n_items
-            row_user = torch.arange(len(local), device=local.device).repeat_interleave(n_items)
-            item = torch.arange(n_items, device=local.device).repeat(len(local))
-        self.row_user, self.item = row_user, item
-        self.local = local[row_user]
-        self.user_local = local
-        self.candidates = candidates
-        self.count = count
-        self.base_only = False  # personal tables read as their shared base (item_rows)
-        self._plan = None
-
-    def table(self, name: str) -> torch.Tensor:
-        store = self.shard.store
-        if name in store.tables:
-            if self.base_only:
-                return store.table_base[name].index_select(0, self.item)
-            return store.table_rows(name, self.local, self.item)
-        if name in store.copies and self.shard.config.model.pfedrec_eval_table == "personal":
-            return store.copy_rows(name, self.local, self.item, self.globals[name])
-        return self.globals[name].index_select(0, self.item)
-
-    def vector(self, name: str) -> torch.Tensor:
-        dense = self.shard.store.dense
-        if name not in dense:  # a global weight, the same for every row
-            return self.globals[name]
-        return dense[name].index_select(0, self.user_local).index_select(0, self.row_user)
-
-    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        dense = self.shard.store.dense
-        if f"{name}.weight" not in dense:
-            return torch.nn.functional.linear(x, self.globals[f"{name}.weight"], self.globals[f"{name}.bias"])
-        # a personal Linear (FedMR's local router): each user's persisted copy
-        if self._plan is None:
-            present, counts = torch.unique_consecutive(self.row_user, return_counts=True)
-            self._plan = (present, GroupPlan(counts))
-        present, plan = self._plan
-        return plan.apply(x, dense[f"{name}.weight"][self.user_local[present]]) + self.vector(f"{name}.bias")
-
-    # -- what a fusion module needs: evaluation mode --------------------------
-
-    def feature_linear(self, modality: str, name: str) -> torch.Tensor:
-        """The global projection of the frozen features, computed once per item."""
-        features = self.shard.features[modality]
-        projected = torch.nn.functional.linear(features, self.globals[f"{name}.weight"], self.globals[f"{name}.bias"])
-        return projected.index_select(0, self.item)
-
-    def dropout(self, x: torch.Tensor, site: int) -> torch.Tensor:
-        return x  # evaluation runs in eval mode
-
-    def item_rows(self) -> tuple["EvalRows", torch.Tensor]:
-        """(a context over the distinct items of these rows, item row of every row): for the
-        parts of a model that do not depend on the user (global weights and tables; personal
-        tables read as their shared base, see personal_rows)."""
-        items, of_row = torch.unique(self.item, return_inverse=True)
-        ctx = EvalRows(self.shard, self.globals, self.user_local[:1],
-                       torch.zeros(len(items), dtype=torch.int64, device=items.device), items)
-        ctx.base_only = True
-        return ctx, of_row
-
-    def personal_rows(self) -> torch.Tensor:
-        """Rows whose user holds an own row of a personal item table (where it is not the base)."""
-        store = self.shard.store
-        own = torch.zeros(len(self.item), dtype=torch.bool, device=self.item.device)
-        for rows in store.tables.values():
-            own |= rows.lookup(self.local * store.n_items + self.item)[0]
-        return torch.nonzero(own).squeeze(1)
-
-    def subset(self, index: torch.Tensor) -> "EvalRows":
-        return EvalRows(self.shard, self.globals, self.user_local, self.row_user[index], self.item[index],
-                        self.candidates, None if self.count is None else self.count[index])
-
-    def fusion_rows(self, history: bool) -> FusionRows:
-        """The scored rows; mixing rows: each user's training positives (history: the same
-        alpha_u whatever is scored, D9) or the scored candidates (batch)."""
-        data, users = self.shard.data, self.shard.store.users[self.user_local.numpy()]
-        starts, stops = data.train_indptr[users], data.train_indptr[users + 1]
-        counts = stops - starts
-        owner = torch.as_tensor(np.repeat(np.arange(len(users)), counts))
-        offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        positives = torch.as_tensor(data.train_items[np.repeat(starts, counts) + offsets])
-        dtype = next(iter(self.globals.values())).dtype
-        if self.count is not None:
-            count = self.count.to(dtype)
-        elif self.candidates is None:
-            count = torch.ones(len(self.item), dtype=dtype)
-        else:
-            count = self.candidates[self.row_user, self.item].to(dtype)
-        if self.grid or not history:  # the grid holds every positive already
-            trained = torch.zeros(len(users), data.n_items, dtype=torch.bool)
-            trained[owner, positives] = True
-            return FusionRows(ctx=self, index=None, history=trained[self.row_user, self.item], count=count,
-                              segment=self.row_user, n_segments=len(self.user_local))
-        # a subset of items is scored: the users' positives join as extra (mixing-only) rows
-        n = len(self.item)
-        ctx = EvalRows(self.shard, self.globals, self.user_local, torch.cat([self.row_user, owner]),
-                       torch.cat([self.item, positives]), self.candidates)
-        is_history = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(len(owner), dtype=torch.bool)])
-        return FusionRows(ctx=ctx, index=torch.arange(n), history=is_history,
-                          count=torch.cat([count, torch.zeros(len(owner), dtype=dtype)]),
-                          segment=ctx.row_user, n_segments=len(self.user_local))
 
 
 def _touched_items(ws_item: np.ndarray, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -250,7 +250,7 @@ def _loss(config: ExperimentConfig, model: nn.Module, items: torch.Tensor, label
 
 @dataclass
 class OracleKD:
-    """One client's GFMFR distillation, written from the spec: its group's
+    """One client's GFMFR distillation, written from its equations: its group's
     teacher scores [N], its loss-ratio EMA rho (NaN: unset) and a(t)."""
 
     teacher: torch.Tensor
@@ -542,7 +542,7 @@ def _fedmr_is_personal(config: ExperimentConfig, name: str) -> bool:
 
 
 def _fedmr_initial_state(config, n_users, n_items, feature_dims) -> DenseState:
-    """The shared seeded initial model, split by the oracle's own reading of the spec."""
+    """The shared seeded initial model, split by the oracle's own reading of the methods."""
     init = initial_state(config, n_users, n_items, feature_dims)
     everything = {**init.global_params, **init.personal_shared, **init.personal_table_base}
     globals_ = {k: v.clone() for k, v in everything.items() if not _fedmr_is_personal(config, k)}

@@ -225,7 +225,7 @@ def test_early_stop_and_weighted_mean(data):
 
 
 def test_comparison_has_teeth(data):
-    """Small deviations from the spec are far above the tolerance (the test would catch them)."""
+    """Small deviations from the methods' equations are far above the tolerance (the test would catch them)."""
     cfg = make_config("fedrap", "model.fedrap_lambda=2.0", "model.fedrap_mu=1.0")
     base = run_oracle(cfg, data, 2)
     for change in ("model.fedrap_lambda=2.1", "model.fedrap_reg=l2", "train.lr=0.101", "train.lr_decay=0.95"):

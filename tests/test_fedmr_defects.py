@@ -60,7 +60,7 @@ def changed(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-# --- D1 personal state never restored --------------------------------------------------------------
+# --- personal state never restored --------------------------------------------------------------
 
 
 def test_d1_personal_state_persists_across_rounds(data):
@@ -88,7 +88,7 @@ def test_d1_personal_state_persists_across_rounds(data):
     assert all(torch.equal(restored.dense[k], store.dense[k]) for k in (*ROUTER, "w", "b"))
 
 
-# --- D2 evaluation with initial personal parameters -------------------------------------------------
+# --- evaluation with initial personal parameters -------------------------------------------------
 
 
 def test_d2_evaluation_uses_each_users_own_persisted_state(data):
@@ -103,7 +103,7 @@ def test_d2_evaluation_uses_each_users_own_persisted_state(data):
     assert ((scores - initial_heads).abs().amax(1) > 1e-6).all()
 
 
-# --- D3 vision input replaced by zeros ----------------------------------------------------------------
+# --- vision input replaced by zeros ----------------------------------------------------------------
 
 
 def test_d3_real_image_features_reach_the_module(data):
@@ -133,7 +133,7 @@ def test_d3_real_image_features_reach_the_module(data):
     assert torch.equal(shards2[0].scores(g2, users), before)
 
 
-# --- D4 the server fusion never updates ----------------------------------------------------------------
+# --- the server fusion never updates ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("backbone", ["fedrap", "pfedrec"])
@@ -151,7 +151,7 @@ def test_d4_server_fusion_changes_after_every_round(data, backbone, agg):
         previous = g
 
 
-# --- D5 MM-PFedRec: fusion not trained, several server steps, table not uploaded, grads as weights -----
+# --- MM-PFedRec: fusion not trained, several server steps, table not uploaded, grads as weights -----
 
 
 def test_d5_pfedrec_fusion_trains_locally_one_server_step_table_uploaded(data):
@@ -184,7 +184,7 @@ def test_d5_pfedrec_fusion_trains_locally_one_server_step_table_uploaded(data):
     assert any(u.dense_sums["fedmr.proj.text.weight"].abs().max() > 1e-6 for u in uploads)
 
 
-# --- D6 unnormalised weighted averaging ---------------------------------------------------------------
+# --- unnormalised weighted averaging ---------------------------------------------------------------
 
 
 def test_d6_averaging_weights_sum_to_one(data):
@@ -213,7 +213,7 @@ def test_d6_averaging_weights_sum_to_one(data):
     assert all(u.weight == u.rows for u in uploads)
 
 
-# --- D7 FedRAP regularisers compound to zero ------------------------------------------------------------
+# --- FedRAP regularisers compound to zero ------------------------------------------------------------
 
 
 class _Rows:
@@ -237,7 +237,7 @@ def test_d7_fedrap_ramp_is_a_pure_function_of_the_round():
     assert model.row_regulariser(ctx, 3, cfg.model).abs().max() > 0  # not 0 after round 0
 
 
-# --- D8 local/global split by name substrings ---------------------------------------------------------
+# --- local/global split by name substrings ---------------------------------------------------------
 
 
 def test_d8_local_router_is_never_uploaded_or_overwritten(data):
@@ -263,7 +263,7 @@ def test_d8_local_router_is_never_uploaded_or_overwritten(data):
     assert not set(ROUTER) & set(shards[0].store.dense)
 
 
-# --- D9 attention across the items of a batch ------------------------------------------------------------
+# --- attention across the items of a batch ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("fusion", [MOE, "d_f: 8, fusion: attention, attention_heads: 2",
@@ -284,7 +284,7 @@ def test_d9_fusion_is_per_item_and_scores_do_not_depend_on_what_is_scored(data, 
         assert (subset - everyone[u, items]).abs().max() < 1e-12
 
 
-# --- D10 LayerNorm gains initialised from N(0, 0.01) -------------------------------------------------------
+# --- LayerNorm gains initialised from N(0, 0.01) -------------------------------------------------------
 
 
 def test_d10_layer_norm_starts_at_gain_one_bias_zero(data):
@@ -299,7 +299,7 @@ def test_d10_layer_norm_starts_at_gain_one_bias_zero(data):
     assert not any(".ln." in k or k.startswith("fedmr.ln.") for k in init.global_params)
 
 
-# --- D11 sigmoid then BCE-with-logits ----------------------------------------------------------------------
+# --- sigmoid then BCE-with-logits ----------------------------------------------------------------------
 
 
 def test_d11_exactly_one_sigmoid(data):
@@ -322,7 +322,7 @@ def test_d11_exactly_one_sigmoid(data):
     assert uploads[0].loss_sum / uploads[0].clients == pytest.approx(expected.item(), rel=1e-9)
 
 
-# --- D12 FedNCF full ranking scores every user with user row 0 -------------------------------------------
+# --- FedNCF full ranking scores every user with user row 0 -------------------------------------------
 
 
 def test_d12_fedncf_scores_each_user_with_their_own_vectors(data):
@@ -338,7 +338,7 @@ def test_d12_fedncf_scores_each_user_with_their_own_vectors(data):
         assert (batch[1:] - batch[:1]).abs().amax(1).min() > 1e-6  # not user row 0 for everyone
 
 
-# --- D13 FedNCF averages the whole user tables ----------------------------------------------------------
+# --- FedNCF averages the whole user tables ----------------------------------------------------------
 
 
 def test_d13_fedncf_user_vectors_stay_local(data):
@@ -353,7 +353,7 @@ def test_d13_fedncf_user_vectors_stay_local(data):
         assert (moved > 1e-8) == (u in users0.tolist())  # only its own training moves it: no 1/N dilution
 
 
-# --- D14 config keys that do nothing ------------------------------------------------------------------------
+# --- config keys that do nothing ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -415,7 +415,7 @@ def test_d14_every_fusion_option_takes_effect(data, option):
     assert (results[0] - results[1]).abs().max() > 1e-6
 
 
-# --- D15 hyper-parameters selected on test --------------------------------------------------------------
+# --- hyper-parameters selected on test --------------------------------------------------------------
 
 
 def test_d15_selection_uses_validation_only(data):

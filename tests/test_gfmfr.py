@@ -52,10 +52,10 @@ def planted(n_groups: int, seed: int = 0):
 
 @pytest.mark.parametrize("n_groups", [2, 4])
 def test_grouping_recovers_planted_taste_groups(n_groups, monkeypatch):
-    """FedAvg's personal heads, uploaded after local training, grouped by the spec's default
+    """FedAvg's personal heads, uploaded after local training, grouped by GFMFR's default
     (standardise, spectral clustering with the median-heuristic RBF): ARI >= 0.8 against the
     generator's taste groups in every round, distillation on from round 1 (rho capped, the
-    project default: with the spec's uncapped loss-ratio weight a few heads explode once
+    project default: with GFMFR's uncapped loss-ratio weight a few heads explode once
     distillation starts, and spectral clustering then isolates them; README, GFMFR)."""
     data, truth = planted(n_groups)
     cfg = load_config(None, ["model.backbone=fedavg", "model.dim=32", "train.lr=0.1", "train.neg_ratio=4",
@@ -113,7 +113,7 @@ def test_client_receives_exactly_its_groups_scores_at_its_items():
 
 
 def test_ungrouped_clients_train_on_their_own_loss():
-    """G2: a client without a group trains exactly as without GFMFR."""
+    """A client without a group trains exactly as without GFMFR."""
     data = with_features(synthetic())
     cfg = make_config("fedavg", "train.lr=0.2")
     plain = load_config(None, [f"{k}={v}" for k, v in (("model.backbone", "fedavg"), ("model.dim", 8),
@@ -134,10 +134,10 @@ def test_ungrouped_clients_train_on_their_own_loss():
 
 
 def test_diverging_loss_is_a_hard_failure():
-    """G3: a non-finite loss stops the run with the round and the users; nothing is skipped."""
+    """A non-finite loss stops the run with the round and the users; nothing is skipped."""
     data = with_features(synthetic())
     cfg = make_config("fedncf", "train.lr=0.3", "train.tol=0.0")
-    assert cfg.model.gfmfr.rho_max is None  # the spec's uncapped weight
+    assert cfg.model.gfmfr.rho_max is None  # GFMFR's uncapped weight
     with pytest.raises(FloatingPointError, match="not finite"):
         run_engine(cfg, data, 4, n_shards=1)
 

@@ -29,7 +29,7 @@ ROUNDS = 4  # the configured T of the KD schedule
 RUN = 3  # rounds compared: distillation acts in rounds 1 and 2. The loss-ratio weight makes the
 # KD gradient large where teacher and student nearly agree, so float64 rounding differences
 # grow fast (1e-14 -> 1e-10 in a round, for FedNCF) and later flip tie-like clusterings
-GFMFR = "group_num: 3, server_epochs: 4, group_emb_dim: 16, server_batch: 64, rho_max: null"  # the spec's rho
+GFMFR = "group_num: 3, server_epochs: 4, group_emb_dim: 16, server_batch: 64, rho_max: null"  # GFMFR's uncapped rho
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -141,7 +141,7 @@ def test_engine_matches_oracle_with_fedmr(data, variant):
 @pytest.mark.parametrize("membership", ["last_round", "last_known"])
 def test_partial_participation(data, membership):
     """Half the clients per round: only participants are grouped; clients without a group
-    train on their own loss (G2: they still train) and keep their rho."""
+    train on their own loss (they still train) and keep their rho."""
     cfg = make_config("fcf", "train.participation=0.5", "train.lr=0.02", "train.tol=0.05",
                       gfmfr=f"{GFMFR}, group_membership: {membership}")
     compare(cfg, data)

@@ -103,7 +103,7 @@ def test_every_method_uploads_exactly_the_pinned_schema(data):
         uploaded = {*upload.dense_sums, *upload.grad_sums}
         if uploaded - set(init.global_params):
             problems.append(f"{method}: dense uploads that are not global parameters: {uploaded - set(init.global_params)}")
-        if cfg.model.gfmfr is not None:  # the spec's grouping vector: the personal head (FedNCF: tower + head)
+        if cfg.model.gfmfr is not None:  # GFMFR's grouping vector: the personal head (FedNCF: tower + head)
             assert upload.group_users.tolist() == [USER]
     if os.environ.get("PIN_UPLOADS"):
         PINNED.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")

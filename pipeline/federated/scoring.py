@@ -477,7 +477,7 @@ class EvalRows:
 
     def fusion_rows(self, history: bool) -> FusionRows:
         """The scored rows; mixing rows: each user's training positives (history: the same
-        alpha_u whatever is scored, D9) or the scored candidates (batch)."""
+        alpha_u whatever is scored; no item sees another) or the scored candidates (batch)."""
         data, users = self.shard.data, self.shard.store.users[self.user_local.numpy()]
         starts, stops = data.train_indptr[users], data.train_indptr[users + 1]
         counts = stops - starts

@@ -22,3 +22,14 @@ def test_id_and_fedmr_configs_are_twins(dataset, backbone):
     assert fedmr.name == f"{plain.name}-fedmr"
     assert plain.train.protocol == fedmr.train.protocol
     assert plain.runtime.out != fedmr.runtime.out
+
+
+def test_the_own_data_template_reads_generic_data_with_the_default_preparation():
+    from pipeline.data.prepare import PrepareConfig
+
+    config = load_config(CONFIGS / "own_data" / "fcf_fedmr.yaml")
+    assert (config.data.format, config.data.name) == ("generic", "mydata")
+    assert config.data.features is not None and config.model.fusion is not None
+    # its comment says the protocol block spells out the defaults: it must stay true
+    assert config.data.effective_protocol() == PrepareConfig()
+    assert config.data.protocol.model_fields_set >= {"min_user", "min_item", "rating_threshold", "tie_rule"}

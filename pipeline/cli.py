@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from pipeline.data.cache import data_cache_root
 from pipeline.data.datasets import NAMED, DatasetConfig, load_raw, open_dataset
-from pipeline.data.loaders import FORMATS
+from pipeline.data.loaders import FORMATS, detect_format
 from pipeline.data.prepare import PrepareConfig
 from pipeline.data.schema import DataError
 from pipeline.data.store import write_text_atomically
@@ -31,7 +31,8 @@ def _add_dataset_args(parser: argparse.ArgumentParser, positional: bool = True, 
     group = parser.add_argument_group("dataset")
     group.add_argument("--dataset", default=None, nargs="+" if many else None,
                        help=f"named dataset: {', '.join([*NAMED, 'synthetic'])} (default synthetic)")
-    group.add_argument("--format", choices=[*FORMATS, "synthetic"], help="loader for PATH")
+    group.add_argument("--format", choices=[*FORMATS, "synthetic"],
+                       help="loader for PATH (default: told by the files in the PATH folder)")
     if positional:
         group.add_argument("path", nargs="?", type=Path, help="dataset folder or file")
     group.add_argument("--rating-threshold", type=float, default=None, help="keep ratings >= this")
@@ -56,10 +57,14 @@ def _dataset_config(args, name: str | None = None) -> DatasetConfig:
     synthetic = {key: value for key, value in (("n_users", args.synthetic_users),
                                                ("n_items", args.synthetic_items),
                                                ("seed", args.synthetic_seed)) if value is not None}
+    path = getattr(args, "path", None)
+    fmt = args.format
+    if fmt is None and path is not None and args.dataset is None:  # a folder: its files say how to read it
+        fmt = detect_format(path)
     return DatasetConfig(
         name=name,
-        format=args.format,
-        path=getattr(args, "path", None),
+        format=fmt,
+        path=path,
         loader_options={**({"allow_duplicates": True} if args.allow_duplicates else {}),
                         **({"skip_missing": True} if args.skip_missing else {})},
         protocol=PrepareConfig(**{key: value for key, value in (

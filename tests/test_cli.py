@@ -52,6 +52,32 @@ def test_bad_generic_input_writes_nothing(tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_data_stats_tells_the_format_from_the_folder(tmp_path, capsys):
+    from pipeline.data.loaders import detect_format
+    from pipeline.data.synthetic import SyntheticConfig, generate, write
+
+    mine = tmp_path / "mine"
+    write(generate(SyntheticConfig(n_users=40, n_items=30, images=False, seed=0), progress=False), mine,
+          progress=False)
+    assert main(["data", "stats", str(mine), "--json"]) == 0  # no --format
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["dataset"] == "mine" and stats["raw"]["users"] == 40
+    for files, fmt in ((["inter.csv"], "fedmr"), (["u.data", "u.item"], "movielens-mm"),
+                       (["x_pairs.tsv"], "microlens"), (["interactions.parquet"], "generic")):
+        folder = tmp_path / fmt
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("")
+        assert detect_format(folder) == fmt
+    (tmp_path / "fedmr" / "interactions.csv").write_text("")  # two formats' files: no guess
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for folder, words in ((tmp_path / "fedmr", "matches generic, fedmr"), (empty, "holds none of the files")):
+        assert main(["data", "stats", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert str(folder) in err and words in err and "--format" in err
+
+
 def test_unknown_config_key_is_refused_by_name(capsys):
     assert main(["train", "--set", "train.roundz=3"]) == 2
     assert "roundz" in capsys.readouterr().err

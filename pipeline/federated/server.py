@@ -224,9 +224,9 @@ class Server:
             return self._phase_id
 
     def watch_progress(self) -> None:
-        """From now on pools report the users they have evaluated, for progress(). Off until asked:
-        a caller that created this actor without the "progress" concurrency group (a driver
-        still running an older copy of this class) must never receive such calls."""
+        """From now on pools report the clients they have trained and the users they have
+        evaluated, for progress(). Off until a driver shows a progress bar: without one, nobody
+        reads the reports, so pools send none."""
         self._pools_report = True
 
     @ray.method(concurrency_group="progress")

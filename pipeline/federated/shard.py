@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,15 +40,14 @@ SPAN_MAX_ITEMS = 4096  # FedMR feature projections held on the working set (K = 
 SPAN_ITEMS_PER_WIDTH = 2.0  # ... when the items are at most 2 x the feature width (see _spans)
 
 
-def _touched_items(ws_item: np.ndarray, n_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distinct items [K] sorted, position in them of every row [W]): torch.unique without its
-    sort when the catalogue is not much larger than the working set (a bincount instead)."""
-    if n_items > 4 * len(ws_item):
-        items, inverse = torch.unique(torch.as_tensor(ws_item), return_inverse=True)
-        return items, inverse
-    touched = np.bincount(ws_item, minlength=n_items) > 0
-    rank = np.cumsum(touched) - 1
-    return torch.as_tensor(np.flatnonzero(touched)), torch.as_tensor(rank[ws_item])
+class _KeptRows(NamedTuple):
+    """A block's trained rows that the store keeps (personal tables, trained copies)."""
+
+    local: torch.Tensor     # [B] the block's clients, shard-local
+    ws_local: torch.Tensor  # [W] the client of every working-set row, shard-local
+    ws_item: torch.Tensor   # [W]
+    rows: dict[str, torch.Tensor]  # name -> [W, d]
+    scale: dict[str, torch.Tensor] | None  # weight decay: name -> [B] factor of the untouched rows
 
 
 class _RoundSums:
@@ -68,7 +68,7 @@ class _RoundSums:
         self.dense: dict[str, torch.Tensor] = {}
         self.grad: dict[str, torch.Tensor] = {}
         self.table_scale: dict[str, float] = {}
-        self.personal: list = []  # (local, ws_local, ws_item, name -> rows, copy scale or None) per block
+        self.personal: list[_KeptRows] = []  # one per block
         self.group_users: list[np.ndarray] = []
         self.group_vectors: list[torch.Tensor] = []
         self.group_alpha: list[torch.Tensor] = []
@@ -83,13 +83,13 @@ class _RoundSums:
         """sums[name] += value (the first block's value is taken as it is)."""
         sums[name] = value if name not in sums else sums[name] + value
 
-    def add_table(self, name: str, items: torch.Tensor, values: torch.Tensor) -> None:
-        """values [K, d]: a block's sum_c w_c delta_c at its distinct items [K]."""
+    def add_table(self, name: str, ws_item: torch.Tensor, rows: torch.Tensor) -> None:
+        """rows [W, d]: a block's w_c delta_c at its working-set items."""
         if name not in self.tables:
-            self.tables[name] = values.new_zeros(self.n_items, values.shape[1])
-            self.touched[name] = torch.zeros(self.n_items, dtype=torch.bool, device=values.device)
-        self.tables[name].index_add_(0, items, values)
-        self.touched[name][items] = True
+            self.tables[name] = rows.new_zeros(self.n_items, rows.shape[1])
+            self.touched[name] = torch.zeros(self.n_items, dtype=torch.bool, device=rows.device)
+        self.tables[name].index_add_(0, ws_item, rows)
+        self.touched[name][ws_item] = True
 
     def add_span(self, weight: str, modality: str, is_grad: bool, ws_item: torch.Tensor, rows: torch.Tensor) -> None:
         """rows [W, out]: a block's weighted span rows at its working-set items."""
@@ -251,8 +251,8 @@ class Shard:
         # table rows the store keeps (personal tables, trained copies): written once per round
         kept = {name: trained.tables[name] for name in (*model.PERSONAL_TABLES, *self.store.copy_names)}
         if kept:
-            sums.personal.append((local, ws_local, ws_item, kept,
-                                  {name: factor[name] for name in self.store.copy_names} if decayed else None))
+            sums.personal.append(_KeptRows(local, ws_local, ws_item, kept,
+                                           {name: factor[name] for name in self.store.copy_names} if decayed else None))
 
         weights = torch.as_tensor(result.rows if model.AGGREGATION == "weighted" else np.ones(len(users)),
                                   dtype=self.dtype).to(device)
@@ -260,16 +260,13 @@ class Shard:
             squared = self._update_norms(trained, tables, vectors, result.last_grads, ws_client, len(users))
             weights = clip_factors(squared, self.config.privacy.clip)
             sums.clipped += int((weights < 1).sum())
-        if model.GLOBAL_TABLES:
-            items, inverse = _touched_items(ws.item, self.data.n_items)
-            inverse = inverse.to(device)
         for name in model.GLOBAL_TABLES:
             start = tables[name]
             if decayed:  # a client's change = (f_c - 1) Q on every row + this correction on its rows
                 start = start * factor[name].index_select(0, ws_client)[:, None]
                 sums.add(sums.table_scale, name, float(((factor[name] - 1) * weights).sum()))
             delta = (trained.tables[name] - start).mul_(weights.index_select(0, ws_client)[:, None])
-            sums.add_table(name, items.to(device), delta.new_zeros(len(items), delta.shape[1]).index_add_(0, inverse, delta))
+            sums.add_table(name, ws_item, delta)
         grads = getattr(model, "UPLOAD_GRADS", ())
         for name, span in spans.items():  # sum_c w_c dW_c = (w A)^T X[ws_item], summed per item first
             rows = result.last_grads[span.table] if name in grads else trained.tables[span.table]
@@ -308,14 +305,13 @@ class Shard:
         (a SparseRows write merges with everything stored: once per round, not per block)."""
         if not sums.personal:
             return
-        pieces = sums.personal
-        sums.personal = []
-        local = torch.cat([piece[0] for piece in pieces])
-        ws_local, ws_item = torch.cat([piece[1] for piece in pieces]), torch.cat([piece[2] for piece in pieces])
-        trained = {name: torch.cat([piece[3][name] for piece in pieces]) for name in pieces[0][3]}
+        pieces, sums.personal = sums.personal, []
+        local, ws_local, ws_item = (torch.cat([getattr(piece, field) for piece in pieces])
+                                    for field in ("local", "ws_local", "ws_item"))
+        trained = {name: torch.cat([piece.rows[name] for piece in pieces]) for name in pieces[0].rows}
         scale = None
-        if pieces[0][4] is not None:  # weight decay: the factor of the rows each user did not touch
-            scale = {name: torch.cat([piece[4][name] for piece in pieces]) for name in pieces[0][4]}
+        if pieces[0].scale is not None:  # weight decay: the factor of the rows each user did not touch
+            scale = {name: torch.cat([piece.scale[name] for piece in pieces]) for name in pieces[0].scale}
         del pieces
         for name in self.model.PERSONAL_TABLES:
             self.store.write_table(name, ws_local, ws_item, trained[name])

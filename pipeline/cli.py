@@ -53,7 +53,8 @@ def _add_dataset_args(parser: argparse.ArgumentParser, positional: bool = True, 
 
 
 def _dataset_config(args, name: str | None = None) -> DatasetConfig:
-    name = name or args.dataset or (Path(args.path).name if getattr(args, "path", None) else "synthetic")
+    # a PATH without --dataset is labelled by its folder's name (DatasetConfig's default)
+    name = name or args.dataset or (None if getattr(args, "path", None) else "synthetic")
     synthetic = {key: value for key, value in (("n_users", args.synthetic_users),
                                                ("n_items", args.synthetic_items),
                                                ("seed", args.synthetic_seed)) if value is not None}

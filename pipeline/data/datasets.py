@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.data import loaders
 from pipeline.data.negatives import EvalNegatives, sample_eval_negatives
-from pipeline.data.prepare import PrepareConfig, PreparedDataset, prepare
+from pipeline.data.prepare import PrepareConfig, PreparedDataset, prepare, preparation_line
 from pipeline.data.schema import DataError, RawDataset
 from pipeline.data.store import load_prepared, save_prepared
 from pipeline.strict import ConfigModel, one_line
@@ -36,6 +37,13 @@ NAMED = {
 Format = Literal["fedmr", "movielens-mm", "microlens", "generic", "synthetic"]
 
 
+def default_name(path) -> str:
+    """The label of a dataset at `path` when the config names none: the folder's name (a file: its
+    name without suffix, as the generic loader labels explicit files)."""
+    path = Path(path)
+    return path.stem if path.is_file() else (path.name or path.resolve().name)
+
+
 def data_root() -> Path:
     return Path(os.environ.get("PIPELINE_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
 
@@ -45,7 +53,8 @@ class DatasetConfig(ConfigModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field("synthetic", description="ku, movielens, synthetic, or a label for `path`")
+    name: str = Field("synthetic", description="ku, movielens, synthetic, or a label for `path` (default with a "
+                                                "`path`: the folder's name, or the file's name without suffix)")
     format: Format | None = Field(None, description="loader; implied by a named dataset")
     path: Path | None = Field(None, description="dataset folder or file; implied by a named dataset")
     loader_options: dict = Field(default_factory=dict, description="extra loader keyword arguments: "
@@ -56,6 +65,15 @@ class DatasetConfig(ConfigModel):
     features: Path | None = Field(None, description="feature store folder (python -m pipeline encode); "
                                                     "replaces any features the dataset ships")
     synthetic: dict = Field(default_factory=dict, description="SyntheticConfig fields")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_path(cls, data):
+        """Your own data is labelled by its folder (`runs/mydata` -> "mydata") when `name` is left
+        out; a named dataset or the generator keeps its own name."""
+        if isinstance(data, dict) and data.get("name") is None and data.get("path") is not None:
+            return {**data, "name": default_name(data["path"])}
+        return data
 
     @field_validator("synthetic")
     @classmethod
@@ -147,14 +165,22 @@ def open_dataset(config: DatasetConfig, cache: Path | None = None) -> tuple[Prep
     from the same config and the same input files."""
     if cache is None:
         data = prepare(load_raw(config), config.effective_protocol())
+        _announce(data, config)
         return data, sample_eval_negatives(data, config.eval_seed)
     target = Path(cache) / f"{config.name}-{_input_key(config)}"
     if (target / "meta.json").is_file():
         return load_prepared(target)
     data = prepare(load_raw(config, workdir=cache), config.effective_protocol())
+    _announce(data, config)
     negatives = sample_eval_negatives(data, config.eval_seed)
     save_prepared(data, negatives, target, extra_meta={"config": json.loads(config.model_dump_json())})
     return data, negatives
+
+
+def _announce(data: PreparedDataset, config: DatasetConfig) -> None:
+    """One line on stderr when a dataset is prepared (not when a cached copy is read): the filters
+    applied and what each removed, so two preparations of the same data never differ silently."""
+    print(preparation_line(data.name, data.stats, config.effective_protocol()), file=sys.stderr, flush=True)
 
 
 def _input_key(config: DatasetConfig) -> str:

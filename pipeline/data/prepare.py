@@ -203,6 +203,30 @@ def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDat
     return prepared
 
 
+def preparation_line(name: str, stats: dict, config: PrepareConfig) -> str:
+    """One line: the filters `config` applied to dataset `name` and what each removed (from a
+    PreparedDataset's stats), then what is left."""
+    threshold = ("none (every rating > 0 counts)" if config.rating_threshold is None
+                 else f">= {config.rating_threshold:g}")
+    parts = [f"rating threshold {threshold}: -{stats.get('dropped_below_threshold', 0)} interactions",
+             f"duplicates: -{stats.get('dropped_exact_duplicates', 0)} exact, "
+             f"{stats.get('collapsed_repeated_pairs', 0)} repeated (user, item) pairs kept at the earliest"]
+    if isinstance(stats.get("k_core"), list):
+        min_user, min_item = stats["k_core"]
+        users = max(min_user, MIN_USER_INTERACTIONS)
+        floor = "" if min_user >= MIN_USER_INTERACTIONS else f" (min_user {min_user}; 3 is the leave-one-out floor)"
+        parts.append(f"k-core users >= {users}{floor}, items >= {min_item}: -{stats.get('dropped_users', 0)} users, "
+                     f"-{stats.get('dropped_items', 0)} items, -{stats.get('dropped_k_core_interactions', 0)} "
+                     f"interactions")
+    else:
+        parts.append(f"k-core {stats.get('k_core')}")
+    if stats.get("skipped_rows_missing_fields"):
+        parts.insert(0, f"rows with an empty field: -{stats['skipped_rows_missing_fields']} (skip_missing)")
+    left = (f"{stats.get('users')} users, {stats.get('items')} items, {stats.get('train')} training interactions, "
+            f"{stats.get('split')}")
+    return f"prepared {name}: {'; '.join(parts)} -> {left}"
+
+
 def _implicit_mask(rating: np.ndarray | None, threshold: float | None, n: int) -> np.ndarray:
     """[N] bool: which rows are positives (rating > 0, and >= threshold when set)."""
     if rating is None:

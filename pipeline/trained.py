@@ -152,7 +152,7 @@ class TrainedRun:
         top = torch.topk(scores, min(k, self.data.n_items - len(trained))).indices.tolist()
         catalogue = self.data.catalogue
         return [Recommendation(rank=r + 1, item_id=str(self.data.item_ids[i]), score=float(scores[i]),
-                               title=_title(catalogue.text[i]) if catalogue is not None else "",
+                               title=_display_title(catalogue, i),
                                image=str(catalogue.image[i]) if catalogue is not None and catalogue.image is not None
                                else "")
                 for r, i in enumerate(top)]
@@ -200,6 +200,15 @@ def _prepared(config: ExperimentConfig, data_cache: Path | None):
     from pipeline.data.cache import data_cache_root
 
     return open_dataset(config.data, cache=data_cache_root(data_cache))
+
+
+def _display_title(catalogue, item: int) -> str:
+    """What a recommendation shows for item index `item`: the catalogue's title when it has one,
+    else the first line of its text (shortened to 80 characters); '' without a catalogue."""
+    if catalogue is None:
+        return ""
+    title = str(catalogue.title[item]).strip() if catalogue.title is not None else ""
+    return title or _title(catalogue.text[item])
 
 
 def _title(text) -> str:

@@ -82,3 +82,50 @@ def test_named_movielens_keeps_no_k_core_and_the_configs_say_so():
         text = config.read_text()
         if "name: movielens\n" in text and "min_item" not in text:
             assert "5-core" not in text, config
+
+
+def test_generic_catalogue_title_column_survives_preparation_and_the_cache(tmp_path, capsys):
+    from pipeline.data.loaders import load
+
+    folder = _generic(tmp_path / "films")
+    raw = load("generic", folder)
+    assert raw.catalogue.title.tolist()[:2] == ["Film 1 (1999)", "Film 2 (1999)"]
+    assert "warning" not in capsys.readouterr().err  # every column is one the format reads
+    data, _ = open_dataset(DatasetConfig(format="generic", path=folder), cache=tmp_path / "cache")
+    assert data.catalogue.title[0] == "Film 1 (1999)"
+    again, _ = open_dataset(DatasetConfig(format="generic", path=folder), cache=tmp_path / "cache")
+    assert again.catalogue.title.tolist() == data.catalogue.title.tolist()
+    # without a title column there are no titles (recommend falls back to the text)
+    untitled = load("generic", _generic(tmp_path / "plain", title=False))
+    assert untitled.catalogue.title is None
+
+
+def test_an_unread_catalogue_column_is_named_in_a_warning(tmp_path, capsys):
+    from pipeline.data.loaders import load
+
+    folder = _generic(tmp_path / "films", title=False, extra={"titel": ["x"] * 9})
+    load("generic", folder)
+    err = capsys.readouterr().err
+    assert "catalogue.csv" in err and "'titel'" in err and "not read" in err
+    pd.read_csv(folder / "catalogue.csv").to_parquet(folder / "catalogue.parquet")
+    (folder / "catalogue.csv").unlink()
+    load("generic", folder)
+    assert "catalogue.parquet" in capsys.readouterr().err
+
+
+def test_the_prompt_template_fills_title_from_the_title_column(tmp_path):
+    from pipeline.encode.catalogue import content_hash, from_catalogue, read_catalogue
+    from pipeline.encode.config import EncodeConfig
+    from pipeline.data.loaders import load
+
+    folder = _generic(tmp_path / "films", extra={"image_path": [""] * 9})
+    table = read_catalogue(folder / "catalogue.csv")
+    assert table.title[0] == "Film 1 (1999)"
+    config = EncodeConfig(prompt="Movie: {title}. {text}")
+    assert config.prompted_texts(table.text[:1], table.title[:1]) == ["Movie: Film 1 (1999). plot of film 1, a long story"]
+    assert config.prompted("plot only") == "Movie: plot only. plot only"  # no title: the text fills {title}
+    # the loader's catalogue gives the stage the same titles, and titles count in the content hash
+    loaded = from_catalogue(load("generic", folder).catalogue)
+    assert loaded.title.tolist() == table.title.tolist()
+    untitled = read_catalogue(_generic(tmp_path / "plain", title=False, extra={"image_path": [""] * 9}) / "catalogue.csv")
+    assert untitled.title is None and content_hash(untitled) != content_hash(table)

@@ -355,4 +355,5 @@ def _align_catalogue(catalogue: Catalogue | None, item_ids: np.ndarray) -> Catal
     found = sorted_ids[pos] == item_ids
     text = np.where(found, catalogue.text[order][pos], "").astype(object)
     image = np.where(found, catalogue.image[order][pos], "").astype(object)
-    return Catalogue(item_id=item_ids, text=text, image=image)
+    title = None if catalogue.title is None else np.where(found, catalogue.title[order][pos], "").astype(object)
+    return Catalogue(item_id=item_ids, text=text, image=image, title=title)

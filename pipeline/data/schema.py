@@ -67,11 +67,13 @@ class Interactions:
 @dataclass(frozen=True)
 class Catalogue:
     """Item content. item_id: [M] raw ids; text: [M] str ('' = no text);
-    image: [M] str paths ('' = no image)."""
+    image: [M] str paths ('' = no image); title: [M] str ('' = none), or None when the source
+    has no title column (recommendations then show the text's first line)."""
 
     item_id: np.ndarray
     text: np.ndarray
     image: np.ndarray
+    title: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.item_id)

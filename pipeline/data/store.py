@@ -90,8 +90,11 @@ def save_prepared(data: PreparedDataset, negatives: EvalNegatives, directory: Pa
         for name, matrix in data.features.items():
             np.save(tmp / f"features_{name}.npy", matrix)
         if data.catalogue is not None:
-            pd.DataFrame({"item_id": np.arange(data.n_items), "text": data.catalogue.text.astype(str),
-                          "image": data.catalogue.image.astype(str)}).to_parquet(tmp / "catalogue.parquet")
+            columns = {"item_id": np.arange(data.n_items), "text": data.catalogue.text.astype(str),
+                       "image": data.catalogue.image.astype(str)}
+            if data.catalogue.title is not None:
+                columns["title"] = data.catalogue.title.astype(str)
+            pd.DataFrame(columns).to_parquet(tmp / "catalogue.parquet")
         np.savez(tmp / "p1_negatives.npz", valid=negatives.valid, test=negatives.test,
                  n_valid=negatives.n_valid, n_test=negatives.n_test,
                  seed=np.int64(negatives.seed), fingerprint=np.str_(negatives.fingerprint))
@@ -129,7 +132,8 @@ def load_prepared(directory: Path) -> tuple[PreparedDataset, EvalNegatives]:
     if (directory / "catalogue.parquet").is_file():
         frame = pd.read_parquet(directory / "catalogue.parquet")
         catalogue = Catalogue(item_id=np.arange(len(frame)), text=frame["text"].to_numpy(object),
-                              image=frame["image"].to_numpy(object))
+                              image=frame["image"].to_numpy(object),
+                              title=frame["title"].to_numpy(object) if "title" in frame else None)
     data = PreparedDataset(name=meta["name"], n_users=meta["n_users"], n_items=meta["n_items"],
                            user_ids=_read_map(directory / "user_map.csv"),
                            item_ids=_read_map(directory / "item_map.csv"),
@@ -137,7 +141,8 @@ def load_prepared(directory: Path) -> tuple[PreparedDataset, EvalNegatives]:
     if data.fingerprint() != meta["fingerprint"]:
         raise DataError(directory / "split.npz", "content does not match the fingerprint in meta.json")
     if catalogue is not None:  # catalogue ids are the new ids; keep original ids for display
-        data.catalogue = Catalogue(item_id=data.item_ids, text=catalogue.text, image=catalogue.image)
+        data.catalogue = Catalogue(item_id=data.item_ids, text=catalogue.text, image=catalogue.image,
+                                   title=catalogue.title)
     with np.load(directory / "p1_negatives.npz") as neg:
         negatives = EvalNegatives(valid=neg["valid"], test=neg["test"], n_valid=neg["n_valid"],
                                   n_test=neg["n_test"], seed=int(neg["seed"]),

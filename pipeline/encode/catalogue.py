@@ -1,4 +1,5 @@
-"""The encode stage's input: a catalogue file with columns item_id, text, image_path.
+"""The encode stage's input: a catalogue file with columns item_id, text, image_path and an
+optional title (what fills {title} in the prompt template; without it {title} takes the text).
 
 Formats by suffix: .csv, .tsv, .parquet/.pq, .jsonl/.ndjson (one JSON object per line). A
 directory stands for the ``catalogue.*`` file inside it (the synthetic generator's layout).
@@ -26,6 +27,7 @@ import pandas as pd
 from pipeline.data.schema import Catalogue, DataError
 
 COLUMNS = ("item_id", "text", "image_path")
+TITLE = "title"  # optional
 _READERS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
             ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _INT = re.compile(r"[+-]?[0-9]+")  # ASCII digits, as the loaders read ids
@@ -37,13 +39,15 @@ class ItemTable:
     """Validated catalogue rows in item_id ascending order.
 
     item_id: [M] int64 (all ids integral) or str; text: [M] str ('' = none);
-    image: [M] str absolute paths ('' = none); source: the file read, or a label.
+    image: [M] str absolute paths ('' = none); source: the file read, or a label;
+    title: [M] str ('' = none), or None when the catalogue has no title column.
     """
 
     item_id: np.ndarray
     text: np.ndarray
     image: np.ndarray
     source: str
+    title: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.item_id)
@@ -62,16 +66,18 @@ def read_catalogue(path) -> ItemTable:
     if missing:
         raise DataError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}",
                         column=missing[0])
+    title = frame["title"].to_numpy(object) if TITLE in frame.columns else None
     return _validated(frame["item_id"].to_numpy(object), frame["text"].to_numpy(object),
                       frame["image_path"].to_numpy(object), str(path), rows=list(frame.index + 1),
-                      folder=path.parent.resolve())
+                      folder=path.parent.resolve(), title=title)
 
 
 def from_catalogue(catalogue: Catalogue, source: str = "<catalogue>") -> ItemTable:
     """A loader's Catalogue as the stage's input (relative image paths resolve against the cwd)."""
+    title = None if catalogue.title is None else np.asarray(catalogue.title, dtype=object)
     return _validated(np.asarray(catalogue.item_id, dtype=object), np.asarray(catalogue.text, dtype=object),
                       np.asarray(catalogue.image, dtype=object), source, rows=range(1, len(catalogue) + 1),
-                      folder=Path.cwd())
+                      folder=Path.cwd(), title=title)
 
 
 def write_catalogue(catalogue: Catalogue, path) -> Path:
@@ -86,7 +92,8 @@ def write_catalogue(catalogue: Catalogue, path) -> Path:
     table = from_catalogue(catalogue, str(path))
     # object columns: a numpy str array would drop trailing NUL characters
     frame = pd.DataFrame({"item_id": table.item_id, "text": table.text.astype(object),
-                          "image_path": table.image.astype(object)})
+                          "image_path": table.image.astype(object),
+                          **({TITLE: table.title.astype(object)} if table.title is not None else {})})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -107,11 +114,15 @@ def write_catalogue(catalogue: Catalogue, path) -> Path:
 def content_hash(table: ItemTable) -> str:
     """sha256 over every row's id, text and image bytes (not paths: moving the data keeps it).
 
-    Unreadable and missing images hash as markers, so fixing one changes the hash.
+    Unreadable and missing images hash as markers, so fixing one changes the hash. A non-empty
+    title counts too (it can fill the prompt); a catalogue without titles hashes as it always did.
     """
     digest = hashlib.sha256()
-    for item, text, image in zip(table.item_id, table.text, table.image):
+    titles = table.title if table.title is not None else [""] * len(table)
+    for item, text, image, title in zip(table.item_id, table.text, table.image, titles):
         digest.update(f"{type(item).__name__}:{item}\x1f{text}\x1f".encode("utf-8", "surrogatepass"))
+        if title:
+            digest.update(f"title:{title}\x1f".encode("utf-8", "surrogatepass"))
         digest.update(_file_digest(image))
         digest.update(b"\x1e")
     return digest.hexdigest()
@@ -232,10 +243,11 @@ def _image_path(value, folder: Path, source: str, row: int) -> str:
     return os.path.normpath(path if os.path.isabs(path) else folder / path) if path else ""
 
 
-def _validated(ids: np.ndarray, text: np.ndarray, image: np.ndarray, source: str, rows, folder: Path) -> ItemTable:
+def _validated(ids: np.ndarray, text: np.ndarray, image: np.ndarray, source: str, rows, folder: Path,
+               title: np.ndarray | None = None) -> ItemTable:
     """Check ids (non-empty, unique) and cells, type the ids, resolve image paths, sort rows by id.
 
-    rows: [M] the row number (1-based, as reported) of each element.
+    rows: [M] the row number (1-based, as reported) of each element; title: [M] or None.
     """
     if len(ids) == 0:
         raise DataError(source, "the catalogue has no rows")
@@ -254,4 +266,6 @@ def _validated(ids: np.ndarray, text: np.ndarray, image: np.ndarray, source: str
                         row=rows[second], column="item_id")
     texts = np.array([_text(v, "text", source, row).strip() for v, row in zip(text, rows)], dtype=object)
     images = np.array([_image_path(v, folder, source, row) for v, row in zip(image, rows)], dtype=object)
-    return ItemTable(item_id=sorted_ids, text=texts[order], image=images[order], source=source)
+    titles = None if title is None else np.array(
+        [_text(v, TITLE, source, row).strip() for v, row in zip(title, rows)], dtype=object)[order]
+    return ItemTable(item_id=sorted_ids, text=texts[order], image=images[order], source=source, title=titles)

@@ -78,15 +78,18 @@ class EncodeConfig(BaseModel):
             return self.empty_text
         return "missing" if self.template() else "mean"
 
-    def prompted(self, text: str) -> str:
-        """The string the text model sees for one catalogue text (empty -> 'missing')."""
+    def prompted(self, text: str, title: str = "") -> str:
+        """The string the text model sees for one catalogue item: the template with {text} = its
+        text (empty -> 'missing') and {title} = its title, or its text when it has none; without a
+        template, the text itself."""
         template = self.template()
         text = text or "missing"
-        return text if template is None else template.format(title=text, text=text)
+        return text if template is None else template.format(title=title or text, text=text)
 
-    def prompted_texts(self, texts) -> list[str]:
-        """[n] catalogue texts -> [n] strings for the text model."""
-        return [self.prompted(str(text)) for text in texts]
+    def prompted_texts(self, texts, titles=None) -> list[str]:
+        """[n] catalogue texts (and [n] titles, or None) -> [n] strings for the text model."""
+        titles = [""] * len(texts) if titles is None else titles
+        return [self.prompted(str(text), str(title)) for text, title in zip(texts, titles)]
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "EncodeConfig":

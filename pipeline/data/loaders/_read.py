@@ -285,6 +285,14 @@ def read_parquet_table(path, columns: Sequence[str] | None = None) -> Table:
     return Table(path, frame, "parquet")
 
 
+def parquet_columns(path) -> list[str]:
+    """The column names of a parquet file (its schema only; no rows are read)."""
+    try:
+        return list(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(path, f"not a readable parquet file: {_short(e)}") from None
+
+
 def _arrow_to_series(path: Path, name: str, col: pa.ChunkedArray) -> pd.Series:
     t = col.type
     if pa.types.is_null(t):  # an all-null column

@@ -1,9 +1,12 @@
 """Generic format for users' own data (also what the synthetic generator writes).
 
 ``interactions.csv`` or ``interactions.parquet``: columns user_id, item_id, timestamp
-(required) and rating (optional); other columns are ignored.
-``catalogue.csv`` or ``catalogue.parquet`` (optional): item_id (required), text and
-image_path (optional; image_path relative to the catalogue file's folder unless absolute).
+(required) and rating (optional).
+``catalogue.csv`` or ``catalogue.parquet`` (optional): item_id (required), title, text and
+image_path (optional; image_path relative to the catalogue file's folder unless absolute; title is
+what `recommend` shows and what fills {title} in the encode prompt).
+Any other column is not read, and a warning on stderr names it (a misspelt `titel` never passes
+silently).
 Ids are int64 when every id of the column is an integer, else str (names); negative integers
 and decimal numbers (1.5, 2e3) fail. A row with an empty user_id, item_id or timestamp, or a line
 cut short, fails unless skip_missing (CLI: --skip-missing) asks to drop such rows; they are counted
@@ -14,6 +17,7 @@ Item ids of interactions and catalogue share one type.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +28,8 @@ from pipeline.data.schema import Catalogue, DataError, Interactions, RawDataset
 INTERACTIONS = ("interactions.csv", "interactions.parquet")
 CATALOGUE = ("catalogue.csv", "catalogue.parquet")
 KEYS = ("user_id", "item_id", "timestamp")
+INTERACTION_COLUMNS = (*KEYS, "rating")
+CATALOGUE_COLUMNS = ("item_id", "title", "text", "image_path")
 
 
 def load(path=None, *, interactions=None, catalogue=None, allow_duplicates: bool = False,
@@ -38,7 +44,8 @@ def load(path=None, *, interactions=None, catalogue=None, allow_duplicates: bool
     skip_missing dropped and counted in ``source['dropped_missing']``.
     """
     inter_path, cat_path, name = _resolve(path, interactions, catalogue)
-    table = _read.read_table(inter_path, columns=(*KEYS, "rating"))
+    table = _read.read_table(inter_path, columns=INTERACTION_COLUMNS)
+    _warn_unread(inter_path, table, INTERACTION_COLUMNS)
     _read.require_columns(table, KEYS)
     n_read = len(table.frame)
     table, dropped = _read.drop_missing(table, KEYS, skip=skip_missing)
@@ -83,8 +90,18 @@ def _parse_interactions(table: _read.Table, item_strings: bool, allow_duplicates
     return Interactions(user, item, ts, rating)
 
 
+def _warn_unread(path: Path, table: _read.Table, known: tuple[str, ...]) -> None:
+    """A warning on stderr naming the columns of `path` the generic format does not read."""
+    present = _read.parquet_columns(path) if table.kind == "parquet" else table.columns()
+    unread = [name for name in present if name not in known]
+    if unread:
+        print(f"warning: {path}: column(s) {', '.join(map(repr, unread))} not read (the generic format reads "
+              f"{', '.join(known)})", file=sys.stderr, flush=True)
+
+
 def _read_catalogue_table(path: Path) -> _read.Table:
-    table = _read.read_table(path, columns=("item_id", "text", "image_path"))
+    table = _read.read_table(path, columns=CATALOGUE_COLUMNS)
+    _warn_unread(path, table, CATALOGUE_COLUMNS)
     _read.require_columns(table, ("item_id",))
     col = table.frame["item_id"]
     table.where().fail(_read.is_missing(col), "item_id", lambda v: "empty item_id", col)
@@ -93,13 +110,15 @@ def _read_catalogue_table(path: Path) -> _read.Table:
 
 
 def _parse_catalogue(table: _read.Table, item_strings: bool) -> Catalogue:
-    """Catalogue [M]: unique item ids, text ('' if none), absolute image paths ('' if none)."""
+    """Catalogue [M]: unique item ids, text ('' if none), absolute image paths ('' if none),
+    titles ('' if none; None when the file has no title column)."""
     frame, where = table.frame, table.where()
     ids = _read.parse_ids(frame["item_id"], where, "item_id", strings=item_strings)
     _read.check_unique_ids(ids, where, "item_id")
     text = _text_column(table, "text")
     image = _absolute_paths(_text_column(table, "image_path"), table.path.parent)
-    return Catalogue(ids, text.to_numpy(dtype=object), image.to_numpy(dtype=object))
+    title = _text_column(table, "title").str.strip().to_numpy(dtype=object) if "title" in frame else None
+    return Catalogue(ids, text.to_numpy(dtype=object), image.to_numpy(dtype=object), title)
 
 
 def _text_column(table: _read.Table, name: str) -> pd.Series:

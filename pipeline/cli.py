@@ -77,11 +77,28 @@ def _dataset_config(args, name: str | None = None) -> DatasetConfig:
 
 
 def cmd_data_stats(args) -> int:
+    """What a dataset looks like after preparation; with --config, exactly what that experiment's
+    training prepares and reads; with --features, a feature store checked against the dataset."""
     from pipeline.data.negatives import P1_NEGATIVES
 
-    config = _dataset_config(args)
-    raw = load_raw(config)
-    data, negatives = open_dataset(config)
+    experiment = None
+    if args.config is not None:
+        if args.path is not None or args.dataset is not None:
+            raise ValueError("data stats: give a dataset (PATH or --dataset) or --config, not both")
+        experiment = _run_config(argparse.Namespace(config=args.config, set=args.set, out=None))
+        config = experiment.data
+    else:
+        config = _dataset_config(args)
+    if args.features is not None:
+        config = config.model_copy(update={"features": args.features})
+    raw = load_raw(config)  # a feature store is read and checked here (ids, shapes, finite values)
+    if experiment is not None:  # as train opens it: the data cache, the fusion module's feature check
+        from pipeline.federated.run import open_checked
+
+        experiment = experiment.model_copy(update={"data": config})
+        data, negatives = open_checked(experiment)
+    else:
+        data, negatives = open_dataset(config)
     inter = raw.interactions
     stats = {
         "dataset": data.name,
@@ -103,8 +120,13 @@ def cmd_data_stats(args) -> int:
         "p1_users_with_fewer_negatives": negatives.short_users,
         "p1_negatives_per_user": P1_NEGATIVES,
         "fingerprint": data.fingerprint(),
+        "protocol": config.effective_protocol().model_dump(),
         "protocol_steps": data.stats,
     }
+    if config.features is not None:
+        stats["feature_store"] = _store_check(config.features, raw, data)
+    if experiment is not None:
+        stats["training"] = _training_view(experiment, data, negatives)
     if args.json:
         print(json.dumps(stats, indent=2, default=str))
     else:
@@ -112,6 +134,49 @@ def cmd_data_stats(args) -> int:
             print(f"{key:32s} {value}")
     return 0
 
+
+
+def _store_check(store: Path, raw, data) -> dict:
+    """A feature store that load_raw accepted (every interacted item has a finite row of the
+    manifest's width): where it is, its widths, and how its ids meet the dataset's."""
+    from pipeline.encode.store import load_features
+
+    ids, matrices, manifest = load_features(store)
+    interacted = np.unique(np.asarray(raw.interactions.item))
+    try:
+        extra = int((~np.isin(ids, interacted.astype(ids.dtype))).sum())
+    except (TypeError, ValueError):
+        extra = len(ids)
+    return {"path": str(Path(store).resolve()), "items": len(ids),
+            "modalities": {name: {"dim": int(m.shape[1]), "model": manifest["modalities"][name].get("model_id")}
+                           for name, m in matrices.items()},
+            "check": f"ok: all {len(interacted)} interacted items have a row; values finite; "
+                     f"shapes as the manifest says",
+            "rows_not_in_the_interactions": extra,
+            "prepared_items_with_features": data.n_items}
+
+
+def _training_view(experiment, data, negatives) -> dict:
+    """What the experiment's training reads of the prepared dataset: evaluation protocol and
+    negatives, and the features its fusion module takes in (modality -> [items, width])."""
+    from pipeline.data.negatives import P1_NEGATIVES
+
+    train = experiment.train
+    if train.protocol == "p1":
+        evaluation = (f"P1: the held-out item among {P1_NEGATIVES} sampled negatives (seed {negatives.seed}; "
+                      f"{negatives.short_users} users with fewer)")
+    else:
+        evaluation = "P3: full ranking of every item, the user's training items masked"
+    fusion = experiment.model.fusion
+    if fusion is None:
+        reads = "ids only (no fusion module; item features are not read)"
+    else:
+        reads = {m: (["id embedding", experiment.model.dim] if m == "id" else list(data.features[m].shape))
+                 for m in fusion.modalities}
+    return {"run": experiment.name, "backbone": experiment.model.backbone, "evaluation": evaluation,
+            "split": {"train": int(data.train_indptr[-1]), "valid": data.n_users, "test": data.n_users},
+            "fusion_reads": reads, "rounds": train.rounds,
+            "data_cache": str(data_cache_root())}
 
 
 def cmd_data_prepare(args) -> int:
@@ -333,6 +398,25 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_features_import(args) -> int:
+    """Your own item embeddings (an id list + one matrix per modality) as a validated feature store."""
+    from pipeline.encode.imported import import_embeddings
+
+    matrices = {name: path for name, path in (("text", args.text), ("image", args.image)) if path is not None}
+    data = None
+    if args.data is not None:
+        data = DatasetConfig(path=args.data, format=args.format or detect_format(args.data))
+    manifest = import_embeddings(args.ids, matrices, args.out, data=data, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(manifest, indent=2, default=str))
+    else:
+        widths = ", ".join(f"{name} {info['dim']}-d" for name, info in manifest["modalities"].items())
+        print(f"feature store {args.out}: {manifest['item_count']} items ({widths})"
+              + (f", checked against {data.name}" if data is not None else ""))
+        print(f"train with it: data.features={Path(args.out).resolve()}")
+    return 0
+
+
 def cmd_report(args) -> int:
     """A Markdown report (table + PNG plots) of trained runs."""
     from pipeline.outputs import check_output
@@ -357,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     stats = data_commands.add_parser("stats", help="users, items, interactions, split sizes, feature shapes")
     _add_dataset_args(stats)
+    stats.add_argument("--config", type=Path, metavar="YAML", help="an experiment config: show exactly what its "
+                       "training prepares and reads (the dataset after its protocol, split sizes, negatives, the "
+                       "feature modalities and widths its fusion module takes in)")
+    stats.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="overrides of --config, as train takes them")
+    stats.add_argument("--features", type=Path, metavar="STORE", help="check a feature store against the dataset "
+                       "(every interacted item has a row; shapes as its manifest says; finite values); a failure "
+                       "names the file, the row and why, and exits 2")
     stats.add_argument("--json", action="store_true")
     stats.set_defaults(func=cmd_data_stats)
     prep = data_commands.add_parser("prepare", help="apply the protocol and persist split + P1 negatives")
@@ -463,6 +554,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--title")
     report.add_argument("--json", action="store_true")
     report.set_defaults(func=cmd_report)
+
+    features = commands.add_parser("features", help="feature stores from your own item embeddings")
+    feature_commands = features.add_subparsers(dest="features_command", required=True)
+    imported = feature_commands.add_parser(
+        "import", help="an id list + embedding matrices (.npy) -> a validated feature store that train reads")
+    imported.add_argument("--ids", type=Path, required=True, help="item ids: one per line (.txt), a CSV with an "
+                          "item_id column (or one column), or a .npy vector; row r of each matrix is the r-th id")
+    imported.add_argument("--text", type=Path, help="text embeddings, .npy [items, width]")
+    imported.add_argument("--image", type=Path, help="image embeddings, .npy [items, width]")
+    imported.add_argument("--out", type=Path, required=True, help="the feature store folder (a new one, or an "
+                          "earlier store with --overwrite)")
+    imported.add_argument("--data", type=Path, help="a dataset folder: refuse ids it does not know and interacted "
+                          "items without a row")
+    imported.add_argument("--format", choices=FORMATS, help="loader of --data (default: told by its files)")
+    imported.add_argument("--overwrite", action="store_true", help="replace an earlier feature store in --out")
+    imported.add_argument("--json", action="store_true")
+    imported.set_defaults(func=cmd_features_import)
 
     from pipeline.encode.cli import register as register_encode
     from pipeline.report.cli import register as register_report

@@ -129,3 +129,119 @@ def test_the_prompt_template_fills_title_from_the_title_column(tmp_path):
     assert loaded.title.tolist() == table.title.tolist()
     untitled = read_catalogue(_generic(tmp_path / "plain", title=False, extra={"image_path": [""] * 9}) / "catalogue.csv")
     assert untitled.title is None and content_hash(untitled) != content_hash(table)
+
+
+def _store_for(tmp_path, folder, ids, width=8, name="store", **matrices):
+    ids_file = tmp_path / f"{name}_ids.txt"
+    ids_file.write_text("\n".join(map(str, ids)) + "\n")
+    rng = np.random.default_rng(0)
+    files = {}
+    for modality in ("text", "image"):
+        matrix = matrices.get(modality, rng.normal(size=(len(ids), width)))
+        np.save(tmp_path / f"{name}_{modality}.npy", matrix)
+        files[modality] = tmp_path / f"{name}_{modality}.npy"
+    return ids_file, files
+
+
+def test_features_import_makes_a_store_that_training_data_reads(tmp_path, capsys):
+    from pipeline.encode.store import load_features
+
+    folder = _generic(tmp_path / "films")
+    ids = list(range(9, 0, -1))  # any order: the store keeps ids ascending
+    ids_file, files = _store_for(tmp_path, folder, ids)
+    out = tmp_path / "features"
+    assert main(["features", "import", "--ids", str(ids_file), "--text", str(files["text"]), "--image",
+                 str(files["image"]), "--out", str(out), "--data", str(folder)]) == 0
+    stored_ids, matrices, manifest = load_features(out)
+    assert stored_ids.tolist() == list(range(1, 10))
+    expected = np.load(files["text"])[::-1]  # the row of id 1 was the last row of the input
+    expected = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(matrices["text"], expected, rtol=1e-5)
+    assert manifest["modalities"]["image"]["model_id"] == "imported:store_image.npy"
+    data, _ = open_dataset(DatasetConfig(format="generic", path=folder, features=out))
+    assert data.features["text"].shape == (9, 8) and data.features["image"].shape == (9, 8)
+    # data stats --features checks the store against the dataset
+    capsys.readouterr()
+    assert main(["data", "stats", str(folder), "--features", str(out), "--json"]) == 0
+    check = json.loads(capsys.readouterr().out)["feature_store"]
+    assert check["items"] == 9 and check["modalities"]["text"]["dim"] == 8 and check["check"].startswith("ok")
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("short", "8 rows of width 8 for 9 ids"),
+    ("nan", "NaN or inf in feature row 3 (0-based, item id 4)"),
+    ("zero", "row 2 (0-based; item id 3, id file row 3) is all zeros"),
+    ("repeated", "store_ids.txt, row 9: item id 5 repeated (first at row 5)"),
+    ("unknown", "item id 77 is not an item of 'films'"),
+    ("missing", "1 interacted items of 'films' have no id here (e.g. 9)"),
+])
+def test_features_import_refuses_bad_input_and_writes_nothing(tmp_path, capsys, case, reason):
+    folder = _generic(tmp_path / "films")
+    ids = list(range(1, 10))
+    matrix = np.random.default_rng(1).normal(size=(9, 8))
+    if case == "short":
+        matrix = matrix[:8]
+    elif case == "nan":
+        matrix[3, 1] = np.nan
+    elif case == "zero":
+        matrix[2] = 0
+    elif case == "repeated":
+        ids[8] = 5
+    elif case == "unknown":
+        ids.append(77)
+        matrix = np.vstack([matrix, np.ones((1, 8))])
+    elif case == "missing":
+        ids, matrix = ids[:8], matrix[:8]
+    ids_file, files = _store_for(tmp_path, folder, ids, text=matrix)
+    out = tmp_path / "features"
+    assert main(["features", "import", "--ids", str(ids_file), "--text", str(files["text"]), "--out", str(out),
+                 "--data", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert reason in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".features")]
+
+
+def test_data_stats_features_names_the_file_and_row_of_a_damaged_store(tmp_path, capsys):
+    folder = _generic(tmp_path / "films")
+    ids_file, files = _store_for(tmp_path, folder, list(range(1, 10)))
+    out = tmp_path / "features"
+    assert main(["features", "import", "--ids", str(ids_file), "--text", str(files["text"]), "--out", str(out)]) == 0
+    text = np.load(out / "text.npy")
+    text[6, 0] = np.inf  # damaged after the import
+    np.save(out / "text.npy", text)
+    capsys.readouterr()
+    assert main(["data", "stats", str(folder), "--features", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "text.npy" in err and "feature row 6" in err and "item id 7" in err
+    # a store of another catalogue: the interacted items it lacks are named
+    ids_file, files = _store_for(tmp_path, folder, list(range(1, 8)), name="partial")
+    partial = tmp_path / "partial"
+    assert main(["features", "import", "--ids", str(ids_file), "--text", str(files["text"]), "--out",
+                 str(partial)]) == 0
+    assert main(["data", "stats", str(folder), "--features", str(partial)]) == 2
+    assert "2 interacted items have no feature row" in capsys.readouterr().err
+
+
+def test_data_stats_config_shows_what_training_prepares_and_reads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PIPELINE_DATA_CACHE", str(tmp_path / "cache"))
+    folder = _generic(tmp_path / "films", users=30, per_user=7)
+    ids_file, files = _store_for(tmp_path, folder, list(range(1, 10)), width=6)
+    store = tmp_path / "features"
+    assert main(["features", "import", "--ids", str(ids_file), "--text", str(files["text"]), "--out", str(store)]) == 0
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"data:\n  format: generic\n  path: {folder}\n  features: {store}\n"
+                      "  protocol: {min_user: 0, min_item: 0}\n"
+                      "model:\n  backbone: fcf\n  fusion: {fusion: moe, modalities: [id, text]}\n"
+                      "train:\n  protocol: p1\n  rounds: 3\n")
+    capsys.readouterr()
+    assert main(["data", "stats", "--config", str(config), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["dataset"] == "films" and stats["protocol"]["min_user"] == 0
+    training = stats["training"]
+    assert training["evaluation"].startswith("P1: the held-out item among 99 sampled negatives")
+    assert training["split"] == {"train": 30 * 5, "valid": 30, "test": 30}
+    assert training["fusion_reads"]["text"] == [9, 6] and training["data_cache"] == str(tmp_path / "cache")
+    assert any((tmp_path / "cache").iterdir())  # prepared where train will read it
+    # asking for a modality the store lacks fails as train would, before any training
+    assert main(["data", "stats", "--config", str(config), "--set", "model.fusion.modalities=[id,image]"]) == 2
+    assert "image" in capsys.readouterr().err

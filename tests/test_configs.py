@@ -28,8 +28,14 @@ def test_the_own_data_template_reads_generic_data_with_the_default_preparation()
     from pipeline.data.prepare import PrepareConfig
 
     config = load_config(CONFIGS / "own_data" / "fcf_fedmr.yaml")
-    assert (config.data.format, config.data.name) == ("generic", "mydata")
+    assert (config.data.format, config.data.name) == ("generic", "mydata")  # the folder's name
+    assert load_config(CONFIGS / "own_data" / "fcf_fedmr.yaml", ["data.path=x/shop"]).data.name == "shop"
     assert config.data.features is not None and config.model.fusion is not None
     # its comment says the protocol block spells out the defaults: it must stay true
     assert config.data.effective_protocol() == PrepareConfig()
     assert config.data.protocol.model_fields_set >= {"min_user", "min_item", "rating_threshold", "tie_rule"}
+    # the ID-only template is its twin: the same data and protocol, no features, no fusion module
+    plain = load_config(CONFIGS / "own_data" / "fcf.yaml")
+    assert plain.model.fusion is None and plain.data.features is None
+    assert plain.data.model_dump(exclude={"features"}) == config.data.model_dump(exclude={"features"})
+    assert config.name == f"{plain.name}-fedmr" and plain.runtime.out != config.runtime.out

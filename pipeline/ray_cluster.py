@@ -8,12 +8,32 @@ its resources and refuse this command's own settings (num_cpus cannot be given w
 
 from __future__ import annotations
 
+import logging
 import os
 
 
 def ray_address(address: str | None = None) -> str | None:
     """The cluster to join: `address`, else RAY_ADDRESS, else None (start a local instance)."""
     return address or os.environ.get("RAY_ADDRESS") or None
+
+
+class _DropDefaultAuthBanner(logging.Filter):
+    """Drops Ray's notice that a new local instance uses token authentication, its default,
+    printed on every command; any other message of Ray's authentication setup (a cluster
+    without authentication, a missing token) still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_auth_banner() -> None:
+    """Install _DropDefaultAuthBanner on Ray's authentication-setup logger (once)."""
+    logger = logging.getLogger(_AUTH_SETUP_LOGGER)
+    if not any(isinstance(f, _DropDefaultAuthBanner) for f in logger.filters):
+        logger.addFilter(_DropDefaultAuthBanner())
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False) -> bool:
@@ -24,6 +44,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
 
     if ray.is_initialized():
         return False
+    quiet_auth_banner()
     joined = ray_address(address)
     if joined:
         ray.init(address=joined, log_to_driver=log_to_driver, configure_logging=False)

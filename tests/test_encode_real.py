@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
+from pipeline.encode import stage
+from pipeline.encode.catalogue import read_catalogue
 from pipeline.encode.config import EncodeConfig
 from pipeline.encode.job import encode_items
 from pipeline.encode.store import load_features
@@ -57,11 +59,18 @@ def test_real_encoders_put_similar_items_close(tmp_path):
     pd.DataFrame({"item_id": list(TEXTS), "text": list(TEXTS.values()),
                   "image_path": ["1.png", "2.jpg", "3.png", ""]}).to_parquet(tmp_path / "items.parquet")
 
+    config = EncodeConfig(actors=1)
     started = not ray.is_initialized()
     if started:
         ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        manifest = encode_items(tmp_path / "items.parquet", tmp_path / "store", EncodeConfig(actors=1), progress=False)
+        manifest = encode_items(tmp_path / "items.parquet", tmp_path / "store", config, progress=False)
+        # the two-pass way, each modality alone on the cluster: the references for the one pass
+        table = read_catalogue(tmp_path / "items.parquet")
+        images = stage.encode_images(table.item_id[:3], list(table.image[:3]), config.image_spec, size=224,
+                                     batch_size=config.batch_size, actors=1, progress=False)
+        texts = stage.encode_texts(table.item_id[:3], config.prompted_texts(table.text[:3]), config.text_spec,
+                                   batch_size=config.batch_size, actors=1, progress=False)
     finally:
         if started:
             ray.shutdown()
@@ -78,3 +87,9 @@ def test_real_encoders_put_similar_items_close(tmp_path):
     assert image[0] @ image[1] > image[0] @ image[2] + 0.3    # two crops of one image vs another image
     assert np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
     assert np.allclose(np.linalg.norm(image, axis=1), 1, atol=1e-5)
+    # one streaming pass (384-d text and 1280-d image rows in one dataset) = the per-modality passes
+    for reference in (images, texts):
+        order = np.argsort(reference.item_id)
+        assert reference.item_id[order].tolist() == [1, 2, 3]
+    assert np.allclose(image[:3], images.features[np.argsort(images.item_id)], atol=1e-5)
+    assert np.allclose(text[:3], texts.features[np.argsort(texts.item_id)], atol=1e-5)

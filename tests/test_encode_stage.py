@@ -198,3 +198,54 @@ def test_pipeline_cli_has_encode_and_reports_bad_input(tmp_path, capsys):
     (tmp_path / "c.csv").write_text("item_id,text\n1,a\n")
     assert main(["encode", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]) == 2
     assert "missing column(s) image_path" in capsys.readouterr().err
+
+
+def test_one_pass_store_equals_the_two_modality_passes(encoded, catalogue):
+    """The store of the one streaming pass holds what the two-pass way (images alone on the
+    cluster, then text alone) gives, assembled the same way: same ids, same rows, same facts."""
+    from pipeline.encode import stage
+    from pipeline.encode.catalogue import read_catalogue
+    from pipeline.encode.encoders import describe
+    from pipeline.encode.images import is_file
+    from pipeline.encode.job import _image_part, _text_part
+
+    out, manifest = encoded
+    ids, matrices, _ = load_features(out)
+    table = read_catalogue(catalogue)
+    rows = np.flatnonzero([is_file(path) for path in table.image])
+    images = stage.encode_images(table.item_id[rows], list(table.image[rows]), TINY.image_spec, size=32,
+                                 batch_size=TINY.batch_size, actors=1, progress=False)
+    texts = stage.encode_texts(table.item_id, TINY.prompted_texts(table.text), TINY.text_spec,
+                               batch_size=TINY.batch_size, actors=1, progress=False)
+    image, image_info = _image_part(table, images, describe(TINY.image_spec))
+    text, text_info = _text_part(table, texts, describe(TINY.text_spec), TINY, table.text == "")
+    assert ids.tolist() == table.item_id.tolist()
+    assert np.allclose(matrices["image"], image, atol=1e-6) and np.allclose(matrices["text"], text, atol=1e-6)
+    assert manifest["modalities"] == {"text": text_info, "image": image_info}
+    # one pass: the two pools were planned to hold the cluster's 2 CPUs together
+    stages = manifest["run"]["stages"]
+    held = sum(s["plan"]["actors"] * s["plan"]["actor_cpus"] + s["plan"]["decode_tasks"] * s["plan"]["decode_cpus"]
+               for s in stages.values())
+    assert set(stages) == {"image", "text"} and held <= 2.0 + 1e-9
+    assert manifest["run"]["pass"].startswith("one streaming pass")
+
+
+def test_a_normal_encode_prints_our_progress_and_summary_not_rays_internals(catalogue, tmp_path):
+    """`python -m pipeline encode` as a user runs it (its own local Ray): the progress bars and
+    the summary, without Ray's internal notices (an error-level core_worker line about actor
+    constructor arguments, 'Progress bars disabled', the token-authentication banner, Ray Data's
+    execution plan lines)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "pipeline", "encode", str(catalogue), "--out", str(tmp_path / "s"),
+                           "--text-model", "tiny-clip", "--image-model", "tiny-clip", "--batch-size", "4",
+                           "--actors", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"feature store {tmp_path / 's'}: {len(IDS)} items")
+    assert "encode images (tiny-clip)" in done.stderr and "encode text (tiny-clip)" in done.stderr
+    for noise in ("core_worker", "constructor arguments", "Progress bars disabled", "Token authentication",
+                  "Execution plan of Dataset", "Starting execution of Dataset", "Deprecat"):
+        assert noise not in done.stderr, f"{noise!r} in:\n{done.stderr}"

@@ -19,7 +19,7 @@ from pipeline.encode.catalogue import content_hash, from_catalogue, read_catalog
 from pipeline.encode.config import EncodeConfig
 from pipeline.encode.encoders import FEDMR_PROMPT, EncoderSpec, build_encoder, describe
 from pipeline.encode.images import CORRUPT, MISSING, OK, decode_images
-from pipeline.encode.resources import plan_stage
+from pipeline.encode.resources import plan_pass, plan_stage
 from pipeline.encode.stage import _actor_resources
 from pipeline.encode.store import load_features, write_store
 
@@ -188,7 +188,7 @@ def test_gpu_plan_is_chosen_when_the_cluster_has_gpus():
     plan = plan_stage({"CPU": 16.0, "GPU": 2.0}, decode=True)
     assert (plan.actors, plan.actor_gpus, plan.device, plan.half, plan.torch_threads) == (2, 1.0, "cuda", True, 1)
     assert plan.decode_tasks == 14 and plan.decode_cpus == 1.0
-    assert _actor_resources(plan) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert _actor_resources(plan) == {"num_cpus": 1.0, "num_gpus": 1.0, "max_restarts": 0}
     assert plan_stage({"CPU": 16.0, "GPU": 2.0}, actors=1).actors == 1
     assert plan_stage({"CPU": 16.0, "GPU": 2.0}, actors=5).actors == 2
 
@@ -398,6 +398,41 @@ def test_a_synthetic_config_reads_its_feature_store_in_memory_and_cached(tmp_pat
     expected = text[np.searchsorted(items, in_memory.item_ids)]
     assert set(in_memory.features) == {"text"} and np.allclose(in_memory.features["text"], expected, atol=1e-6)
     assert np.allclose(np.asarray(cached.features["text"]), text[np.searchsorted(items, cached.item_ids)], atol=1e-6)
+
+
+def _used(plans) -> tuple[float, float]:
+    """(CPUs, GPUs) that every pool of a pass holds at once: actors and decode tasks together."""
+    cpus = sum(p.actors * p.actor_cpus + p.decode_tasks * p.decode_cpus for p in plans.values())
+    return cpus, sum(p.actors * p.actor_gpus for p in plans.values())
+
+
+def test_one_pass_plan_fits_every_pool_in_the_cluster_at_once():
+    """Both modalities' actors start together: their resources together never exceed the cluster
+    (else a pool would wait for the other to finish, which is the two-pass way again)."""
+    both = {"image": True, "text": False}
+    for cpus in (1, 2, 3, 8, 32):
+        for actors in (None, 1, 2, 4):
+            plans = plan_pass({"CPU": float(cpus)}, both, actors=actors)
+            assert list(plans) == ["image", "text"]
+            assert _used(plans)[0] <= cpus + 1e-9
+            assert plans["text"].decode_tasks == 0 and plans["image"].decode_tasks >= 1
+            for plan in plans.values():  # each keeps the pool it would have alone, so the last one fills the node
+                assert plan.actors == plan_stage({"CPU": float(cpus)}, actors=actors).actors
+                assert plan.torch_threads == max(1, round(plan.actor_cpus))
+    two = plan_pass({"CPU": 2.0}, both)
+    assert (two["image"].actors, two["image"].actor_cpus, two["text"].actors, two["text"].actor_cpus) == (2, 0.437, 2, 0.437)
+    for gpus in (1, 2, 3, 8):
+        for cpus in (1, 2, 16):
+            plans = plan_pass({"CPU": float(cpus), "GPU": float(gpus)}, both)
+            used_cpus, used_gpus = _used(plans)
+            assert used_cpus <= cpus + 1e-9 and used_gpus <= gpus + 1e-9
+            assert all(p.device == "cuda" and p.half for p in plans.values())
+    one_gpu = plan_pass({"CPU": 8.0, "GPU": 1.0}, both)
+    assert [(p.actors, p.actor_gpus) for p in one_gpu.values()] == [(1, 0.5), (1, 0.5)]
+    three = plan_pass({"CPU": 16.0, "GPU": 3.0}, both)
+    assert [(p.actors, p.actor_gpus) for p in three.values()] == [(2, 1.0), (1, 1.0)]
+    # one modality alone: exactly the single-stage plan
+    assert plan_pass({"CPU": 8.0}, {"text": False}) == {"text": plan_stage({"CPU": 8.0})}
 
 
 def test_stage_plans_from_the_connected_cluster_pick_gpus(monkeypatch):

@@ -90,7 +90,7 @@ def run_rounds(server, rounds: range, fault=None) -> list[dict]:
 
     history = []
     for round_ in rounds:
-        pending = server.run_round.remote()
+        pending = server.next_round.remote()
         if fault is not None:
             fault(round_, server, pending)
         history.append(ray.get(pending))
@@ -264,29 +264,13 @@ def scenario_corrupt_checkpoint(ctx, trial: int, out: Path):
 
 
 def in_process_run(ctx, config) -> tuple[list[dict], dict]:
-    """The same config without Ray: its Shards driven in this process (the deterministic reference)."""
-    from pipeline.federated.aggregate import aggregate, initial_state, round_lrs, round_users, shard_users
-    from pipeline.federated.selection import Selection
-    from pipeline.federated.shard import Shard
+    """The same config without Ray: the same round loop (rounds.run_rounds) on in-process pools
+    (the deterministic reference)."""
+    from pipeline.federated.rounds import in_process, run_rounds as play
 
-    data, negatives = ctx.data, ctx.negatives
-    init = initial_state(config, data.n_users, data.n_items)
-    shards = [Shard(config, data, negatives, users, init) for users in shard_users(data.train_counts, config.runtime.pools)]
-    g, adam, history = dict(init.global_params), None, []
-    selection = Selection(config.train.selection(), config.train.patience)
-    for round_ in range(config.train.rounds):
-        users = round_users(config, data.train_counts, round_).arrived
-        uploads = [s.train(round_, g, users[np.isin(users, s.users)], round_lrs(config, data.n_items, round_))
-                   for s in shards]
-        g, adam = aggregate(config, g, uploads, adam, round_)
-        metrics = {"round": round_}
-        for split in ("valid", "test"):
-            results = [s.evaluate(g, config.train.protocol, split, config.train.eval_ks) for s in shards]
-            for name in results[0][0]:
-                metrics[f"{split}/{name}"] = sum(m[name] * n for m, n in results) / data.n_users
-        selection.update(round_, metrics)
-        history.append(metrics)
-    return history, personal_state([s.store.state_dict() for s in shards], data.n_items)
+    strategy, pools = in_process(config, ctx.data, ctx.negatives, n_pools=config.runtime.pools)
+    history = play(strategy, pools)
+    return history, personal_state([s.store.state_dict() for s in pools.pools], ctx.data.n_items)
 
 
 SCENARIOS = {

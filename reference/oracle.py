@@ -428,6 +428,22 @@ GROUP_VECTORS = {"fedncf": ("tower.0.weight", "tower.0.bias", "tower.1.weight", 
                             "tower.2.weight", "tower.2.bias", "head.weight", "head.bias")}
 
 
+def run_oracle(config: ExperimentConfig, data: PreparedDataset, rounds: int, logs: list | None = None, *,
+               dtype=torch.float64, state: DenseState | None = None) -> DenseState:
+    """`rounds` oracle rounds from the seeded initial state (or `state`); logs: each round's
+    {user: ClientLog} appended."""
+    from pipeline.federated.aggregate import feature_dims
+
+    if state is None:
+        state = initial_dense_state(config, data.n_users, data.n_items, feature_dims(data))
+    for round_ in range(rounds):
+        round_logs = {}
+        state = oracle_round(config, data, state, round_, dtype=dtype, logs=round_logs)
+        if logs is not None:
+            logs.append(round_logs)
+    return state
+
+
 def _teacher_weight(config: ExperimentConfig, round_: int) -> float:
     """a(t): the distillation weight's schedule."""
     t, rounds = round_, config.train.rounds

@@ -16,12 +16,12 @@ def rounds_with_a_restart(cfg, data, negatives, before: int) -> tuple[list[dict]
     from pipeline.federated.server import Server
 
     server = Server.remote(cfg.model_dump_json(), refs, str(cfg.runtime.out))
-    history = [ray.get(server.run_round.remote()) for _ in range(before)]
+    history = [ray.get(server.next_round.remote()) for _ in range(before)]
     ray.kill(server)
     checkpoint = Path(cfg.runtime.out) / "checkpoints" / f"round-{before - 1:06d}" / "global.pt"
     state = torch.load(checkpoint, weights_only=False)
     server = Server.remote(cfg.model_dump_json(), refs, str(cfg.runtime.out))
     assert ray.get(server.resume.remote()) == before
-    history.append(ray.get(server.run_round.remote()))
+    history.append(ray.get(server.next_round.remote()))
     ray.kill(server)
     return history, state

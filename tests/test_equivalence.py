@@ -15,11 +15,10 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from pipeline.config import load_config
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.schema import Interactions, RawDataset
-from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
-from reference.oracle import (DenseState, _item_lr, _lr, initial_dense_state, oracle_round,
-                                       oracle_scores)
+from pipeline.federated.aggregate import round_lrs
+from pipeline.federated.rounds import in_process, run_rounds
+from reference.oracle import DenseState, _item_lr, _lr, initial_dense_state, oracle_scores, run_oracle
 from pipeline.federated.sampling import client_data, epoch_rows
-from pipeline.federated.shard import Shard
 
 ATOL = 1e-5
 
@@ -77,15 +76,11 @@ VARIANTS = {
 
 
 def run_engine(cfg, data, rounds, n_shards, dtype=torch.float64):
-    init = initial_state(cfg, data.n_users, data.n_items)
-    shards = [Shard(cfg, data, None, users, init, dtype=dtype)
-              for users in shard_users(data.train_counts, n_shards)]
-    g = {k: v.to(dtype) for k, v in init.global_params.items()}
-    for r in range(rounds):
-        users = round_users(cfg, data.train_counts, r).arrived
-        ups = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r)) for s in shards]
-        g, _ = aggregate(cfg, g, ups, None, r)
-    return shards, g
+    """`rounds` rounds of the product's round loop (rounds.run_rounds) on in-process pools; the
+    pools' shards and the global parameters."""
+    strategy, pools = in_process(cfg, data, n_pools=n_shards, dtype=dtype)
+    assert len(run_rounds(strategy, pools, rounds=rounds)) == rounds
+    return pools.pools, strategy.globals
 
 
 def engine_dense(shards, g, n_items) -> DenseState:
@@ -111,16 +106,6 @@ def engine_scores(shards, g, n_users, n_items):
     for shard in shards:
         out[torch.as_tensor(shard.users)] = shard.scores(g, torch.as_tensor(shard.users)).double()
     return out
-
-
-def run_oracle(cfg, data, rounds, logs=None):
-    state = initial_dense_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    for r in range(rounds):
-        round_logs = {}
-        state = oracle_round(cfg, data, state, r, dtype=torch.float64, logs=round_logs)
-        if logs is not None:
-            logs.append(round_logs)
-    return state
 
 
 def max_diffs(a: DenseState, b: DenseState) -> dict[str, float]:

@@ -53,7 +53,7 @@ def run_server(config, data_cache, rounds, after_submit=None):
     server = Server.remote(config.model_dump_json(), [ray.put(data), ray.put(negatives)], str(config.runtime.out))
     history = []
     for r in range(rounds):
-        pending = server.run_round.remote()
+        pending = server.next_round.remote()
         if after_submit:
             after_submit(r, server)
         history.append(ray.get(pending))

@@ -17,9 +17,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
+from pipeline.federated.aggregate import feature_dims
+from pipeline.federated.rounds import in_process, run_rounds
 from reference.oracle import initial_dense_state, oracle_scores_fedmr
-from pipeline.federated.shard import Shard
 from test_equivalence import engine_dense, engine_scores, max_diffs, moved, run_oracle, synthetic
 
 ATOL = 1e-8
@@ -97,15 +97,11 @@ VARIANTS = {
 
 
 def run_engine(cfg, data, rounds, n_shards, dtype=torch.float64):
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    shards = [Shard(cfg, data, None, users, init, dtype=dtype) for users in shard_users(data.train_counts, n_shards)]
-    g = {k: v.to(dtype) for k, v in init.global_params.items()}
-    adam = None
-    for r in range(rounds):
-        users = round_users(cfg, data.train_counts, r).arrived
-        ups = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r)) for s in shards]
-        g, adam = aggregate(cfg, g, ups, adam, r)
-    return shards, g
+    """`rounds` rounds of the product's round loop (rounds.run_rounds) on in-process pools; the
+    pools' shards and the global parameters."""
+    strategy, pools = in_process(cfg, data, n_pools=n_shards, dtype=dtype)
+    assert len(run_rounds(strategy, pools, rounds=rounds)) == rounds
+    return pools.pools, strategy.globals
 
 
 def check_against_oracle(data, variant, rounds=3):

@@ -16,11 +16,10 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs, shard_users
+from pipeline.federated.rounds import in_process, run_rounds
+from pipeline.federated.shard import RHO
+from reference.oracle import oracle_scores, oracle_scores_fedmr, run_oracle
 from pipeline.federated.group_server import GroupServer
-from reference.oracle import initial_dense_state, oracle_round, oracle_scores, oracle_scores_fedmr
-from pipeline.federated.shard import RHO, Shard
-from pipeline.models import model_for
 from test_equivalence import engine_dense, engine_scores, max_diffs, moved, synthetic
 from test_fedmr_equivalence import with_features
 
@@ -71,30 +70,11 @@ FEDMR_VARIANTS = {
 
 
 def run_engine(cfg, data, rounds, n_shards, dtype=torch.float64):
-    """Shards and the GroupServer driven the way the Server actor drives pools."""
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    model = model_for(cfg.model)
-    shards = [Shard(cfg, data, None, users, init, dtype=dtype) for users in shard_users(data.train_counts, n_shards)]
-    features = {m: torch.as_tensor(x) for m, x in data.features.items()}
-    groups = GroupServer(cfg, model, init, features, data.n_users, data.n_items, dtype=dtype)
-    g = {k: v.to(dtype) for k, v in init.global_params.items()}
-    distilled = []
-    for r in range(rounds):
-        users = participants(data.n_users, cfg.train.participation, cfg.train.seed, r)
-        teacher = groups.download(r)
-        ups = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r), teacher) for s in shards]
-        downloaded, g = g, apply_uploads(g, ups)
-        metrics = groups.step(r, ups, lambda ids: [s.group_sums(mine, cfg.model.gfmfr.group_num)
-                                                   for s, mine in zip(shards, ids)], downloaded, g)
-        distilled.append(metrics["group/distilled_clients"])
-    return shards, g, groups, distilled
-
-
-def run_oracle(cfg, data, rounds):
-    state = initial_dense_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    for r in range(rounds):
-        state = oracle_round(cfg, data, state, r, dtype=torch.float64)
-    return state
+    """`rounds` rounds of the product's round loop (rounds.run_rounds) on in-process pools: the
+    shards, the global parameters, the GroupServer and each round's distilled clients."""
+    strategy, pools = in_process(cfg, data, n_pools=n_shards, dtype=dtype)
+    history = run_rounds(strategy, pools, rounds=rounds)
+    return pools.pools, strategy.globals, strategy.groups, [m["group/distilled_clients"] for m in history]
 
 
 def compare(cfg, data, n_shards=3):

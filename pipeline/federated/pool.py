@@ -1,8 +1,10 @@
 """ClientPool: a Ray actor that owns a shard of users (their private state) and trains all of
-its sampled users in one call. Ray wiring only; the math is in shard.py / client.py.
+its sampled users in one call; RayPools: the backend.Pools of a run, one ClientPool per shard.
+Ray wiring only; the math is in shard.py / client.py.
 
 A pool is restartable: after a crash Ray re-creates it with its initial state, and the pool's
-`state_round` tells the server that its state is not the one the round expects.
+`state_round` tells the server that its state is not the one the round expects (RayPools raises
+backend.PoolLost for either, and the round loop recovers from the last checkpoint).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.config import ExperimentConfig
+from pipeline.federated.backend import PoolLost, save_state
 from pipeline.federated.machine import describe, peak_rss_bytes
 
 PROGRESS_SECONDS = 0.5  # at most two progress reports a second per pool
@@ -107,13 +112,8 @@ class ClientPool:
     def save(self, path: str, round_: int) -> tuple[int, str]:
         """Write this shard's private state for checkpoint `round_` atomically; returns (bytes,
         sha256 of the file)."""
-        from pipeline.federated.checkpoints import sha256_of
-
         self._expect(round_)
-        tmp = f"{path}.tmp"
-        torch.save(self.shard.store.state_dict(), tmp)
-        os.replace(tmp, path)
-        return Path(path).stat().st_size, sha256_of(Path(path))
+        return save_state(self.shard.store, Path(path))
 
     def load(self, path: str | None, round_: int) -> None:
         """Restore the state of checkpoint `round_` (None: the initial state, round -1)."""
@@ -129,3 +129,104 @@ class ClientPool:
     def info(self) -> dict:
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "device": self.device,
                 "users": len(self.shard.users), "state_round": self.state_round, "machine": describe(self.device)}
+
+
+_POOL_DOWN = (RayActorError, ActorUnavailableError)
+RESTART_WAIT_SECONDS = 120
+
+
+def _is_pool_failure(error: Exception) -> bool:
+    if isinstance(error, _POOL_DOWN):
+        return True
+    return isinstance(error, RayTaskError) and isinstance(error.cause, (StaleState, *_POOL_DOWN))
+
+
+def _placement():
+    """Inside a placement group (a Ray Tune trial reserves one per trial, its pools included):
+    the pools go into it; otherwise they spread over the cluster's nodes."""
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return "SPREAD"
+    return PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)
+
+
+class RayPools:
+    """backend.Pools as ClientPool actors placed by placement.plan_pools. A pool that dies or
+    comes back restarted raises backend.PoolLost from the call that finds it."""
+
+    def __init__(self, config_json: str, data_ref, negatives_ref, strategy, plan):
+        self.shards = strategy.shards
+        initial_ref = ray.put(strategy.initial)  # held by the actors: Ray re-runs a constructor after a crash
+        self.actors = [
+            ClientPool.options(num_cpus=plan.cpus_per_pool, num_gpus=plan.gpus_per_pool, scheduling_strategy=_placement())
+            .remote(config_json, data_ref, negatives_ref, users, initial_ref, plan.threads, plan.gpus_per_pool)
+            for users in self.shards
+        ]
+        self.config = strategy.config
+        self.report_to = None  # the actor whose report_progress the pools call while they work (None: none)
+
+    def _reports(self, phase: int, index: int):
+        return None if self.report_to is None else (self.report_to, phase, index)
+
+    @staticmethod
+    def _gather(calls: list, sizes: list[int] | None = None, progress=None, phase: int = 0) -> list:
+        """ray.get(calls); each call's `sizes` entry counts as done in `progress` when it completes.
+        A lost pool raises PoolLost."""
+        try:
+            if progress is not None:
+                index = {ref: i for i, ref in enumerate(calls)}
+                pending = list(calls)
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    for ref in ready:
+                        progress.report(phase, index[ref], sizes[index[ref]])
+            return ray.get(calls)
+        except Exception as error:  # noqa: BLE001 - only pool failures are translated
+            if _is_pool_failure(error):
+                raise PoolLost(str(error)) from error
+            raise
+
+    def train(self, round_, plan, users, progress, phase):
+        global_ref, teacher_ref = ray.put(plan.globals), ray.put(plan.teacher)
+        calls = [actor.train.remote(round_, global_ref, ids, plan.lrs, teacher_ref, self._reports(phase, i))
+                 for i, (actor, ids) in enumerate(zip(self.actors, users))]
+        return self._gather(calls, [len(ids) for ids in users], progress, phase)
+
+    def group_sums(self, round_, ids, n_groups):
+        return self._gather([actor.group_sums.remote(round_, mine, n_groups) for actor, mine in zip(self.actors, ids)])
+
+    def evaluate(self, global_params, split, users, progress, phase):
+        train = self.config.train
+        global_ref = ray.put(global_params)
+        asked = [i for i, ids in enumerate(users) if ids is None or len(ids)]
+        counts = [len(self.shards[i]) if users[i] is None else len(users[i]) for i in asked]
+        results = self._gather([self.actors[i].evaluate.remote(global_ref, train.protocol, split, train.eval_ks,
+                                                               users[i], self._reports(phase, i)) for i in asked],
+                               counts, progress, phase)
+        out = [({}, 0)] * len(self.actors)
+        for i, result in zip(asked, results):
+            out[i] = result
+        return out
+
+    def save(self, folder, round_, progress=None, phase=0):
+        return self._gather([actor.save.remote(str(Path(folder) / f"pool-{i}.pt"), round_)
+                             for i, actor in enumerate(self.actors)], [1] * len(self.actors), progress, phase)
+
+    def load(self, folder, round_):
+        """Idempotent, so retried while Ray is still restarting a pool."""
+        paths = [None if folder is None else str(Path(folder) / f"pool-{i}.pt") for i in range(len(self.actors))]
+        deadline = time.monotonic() + RESTART_WAIT_SECONDS
+        while True:
+            try:
+                ray.get([actor.load.remote(path, round_) for actor, path in zip(self.actors, paths)])
+                return
+            except _POOL_DOWN:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def peak_rss(self):
+        return self._gather([actor.peak_rss.remote() for actor in self.actors])
+
+    def info(self) -> list[dict]:
+        return ray.get([actor.info.remote() for actor in self.actors])

@@ -231,7 +231,7 @@ def progress_text(progress: dict) -> str:
 def _await_round(server, bar) -> dict:
     """The next round's metrics; meanwhile (every POLL_SECONDS) `bar` shows what the round is
     doing. Waiting in short steps also lets Ctrl-C through at once."""
-    pending = server.run_round.remote()
+    pending = server.next_round.remote()
     while True:
         ready, _ = ray.wait([pending], timeout=POLL_SECONDS)
         if ready:

@@ -329,23 +329,32 @@ def cmd_centralized(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    """A Ray Tune sweep of a search space (tune/sweep.py); prints the best point and config."""
+    """A Ray Tune sweep of a search space (tune/sweep.py); prints the table of its trials (also in
+    <storage>/<name>/trials.md and trials.csv) and the command that trains the best one, as is."""
     from tune.sweep import run_sweep
 
-    results, point, export = run_sweep(args.space, samples=args.samples, concurrency=args.concurrency,
-                                       storage=args.storage, name=args.name, seed=args.seed, resume=args.resume,
-                                       export=args.export, grace_rounds=args.grace_rounds)
-    trials = [{"trial": r.path, "error": str(r.error) if r.error else None,
-               "rounds": int(r.metrics_dataframe["round"].max()) + 1 if r.metrics_dataframe is not None and
-               "round" in r.metrics_dataframe else 0} for r in results]
-    summary = {"storage": str(Path(args.storage).resolve() / args.name), "best_point": point,
-               "best_config": str(export), "trials": trials}
-    if args.json:  # one line, the last: Ray Tune writes its own tables to stdout before it
+    done = run_sweep(args.space, samples=args.samples, concurrency=args.concurrency, storage=args.storage,
+                     name=args.name, seed=args.seed, resume=args.resume, export=args.export,
+                     grace_rounds=args.grace_rounds, keep_schedule=args.keep_sweep_schedule)
+    best = done.best
+    summary = {"storage": str(done.path), "metric": done.metric, "best_point": best["params"],
+               "best_trial": best["trial"], "best_round": best["best_round"], "best_valid": best["valid"],
+               "best_config": str(done.export), "best_run_dir": str(done.run_dir), "best_command": done.command,
+               "schedule_left_out": done.dropped, "table": str(done.table), "table_csv": str(done.table_csv),
+               "trials": [{**row, "trial": row["path"]} for row in done.rows]}
+    if args.json:  # one line, the last: Ray Tune may write to stdout before it
         print(json.dumps(summary, default=str))
+        return 0
+    print(done.table.read_text())
+    print(f"table: {done.table} (and {done.table_csv.name})")
+    print(f"TensorBoard: tensorboard --logdir {done.path}   (one run per trial; the HParams tab compares them)")
+    print(f"best: trial {best['trial']}, {done.metric} {100 * best['valid']:.2f} at round {best['best_round']}")
+    if done.dropped:
+        print(f"best config: {done.export}, with the base config's schedule (the trials ran with "
+              f"{', '.join(done.dropped)}; --keep-sweep-schedule keeps it)")
     else:
-        print(f"{len(trials)} trials, {sum(t['error'] is not None for t in trials)} failed; best {point}")
-        print(f"best config: {export} (python -m pipeline train --config {export})")
-        print(f"TensorBoard: tensorboard --logdir {summary['storage']}")
+        print(f"best config: {done.export}")
+    print(f"train it (into {done.run_dir}):\n  {done.command}")
     return 0
 
 
@@ -513,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grace-rounds", type=int, default=2, help="ASHA: rounds before a trial can be stopped")
     sweep.add_argument("--resume", action="store_true", help="continue a stopped sweep (Tuner.restore)")
     sweep.add_argument("--export", type=Path, help="where to write the best config (default <storage>/<name>/best.yaml)")
+    sweep.add_argument("--keep-sweep-schedule", action="store_true",
+                       help="keep the space's schedule overrides (train.rounds, train.patience, train.eval_*, "
+                            "runtime.*) in the best config; by default it gets the base config's schedule")
     sweep.add_argument("--json", action="store_true")
     sweep.set_defaults(func=cmd_sweep)
 

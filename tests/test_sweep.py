@@ -1,6 +1,6 @@
-"""Sweeps (tune/sweep.py): Ray Tune + Optuna + ASHA over a tiny dataset, TensorBoard files of every
-trial read back with TensorBoard's reader, the exported best config re-run to the same numbers,
-and a sweep stopped mid-way resumed with Tuner.restore."""
+"""Sweeps (tune/sweep.py): search spaces checked by name, and a sweep stopped mid-way resumed with
+Tuner.restore. The best command, the trial table and the TensorBoard files of a sweep are in
+tests/test_sweep_best.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import load_config
 from tune.sweep import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +42,6 @@ def sweep(*args, timeout=900, wait=True):
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def valid_hr(run_dir: Path) -> list[float]:
-    return [json.loads(line)["valid/hr@50"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_search_spaces_load(path):
     space = SearchSpace.load(path)  # every key builds a valid config
@@ -68,36 +65,37 @@ def test_space_keys_are_checked_by_name(tmp_path):
         SearchSpace.load(write_space(tmp_path, start=[{"train.lr": 0.1, "model.dim": -1}]))
 
 
-def test_sweep_tensorboard_and_best_config(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def test_a_space_ranks_by_the_metric_train_selects_on(tmp_path):
+    """Trials are ranked by the validation metric their training selects on: a space's `metric`
+    that is another one, or points that select on different metrics, are refused by name."""
+    with pytest.raises(ValueError, match=r"metric: valid/hr@10, but the trials' training selects on valid/hr@50 "
+                                         r".*set train.selection_metric=hr@10 in `set:`"):
+        SearchSpace.load(write_space(tmp_path, metric="valid/hr@10"))
+    assert SearchSpace.load(write_space(tmp_path, metric="valid/hr@50")).selection_metric() == "valid/hr@50"
+    mixed = write_space(tmp_path)
+    raw = yaml.safe_load(mixed.read_text())
+    raw["params"]["train.selection_metric"] = {"choice": ["hr@50", "ndcg@10"]}
+    mixed.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=r"selects on valid/ndcg@10, the first value of every distribution on "
+                                         r"valid/hr@50"):
+        SearchSpace.load(mixed)
 
-    space = write_space(tmp_path, start=[START])
-    done = sweep("--space", str(space), "--samples", "3", "--concurrency", "1", "--storage", str(tmp_path / "s"),
-                 "--name", "tiny", "--seed", "3", "--json")
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(summary["trials"]) == 3 and not any(t["error"] for t in summary["trials"])
-    points = [json.loads((Path(t["trial"]) / "params.json").read_text()) for t in summary["trials"]]
-    assert START in points and sum(p == START for p in points) == 1  # the start point, then the search
-    for trial in summary["trials"]:  # every trial's TensorBoard events, under the storage path
-        run = Path(trial["trial"]) / "run"
-        assert str(run).startswith(str(tmp_path / "s" / "tiny"))
-        events = EventAccumulator(str(run / "tb"))
-        events.Reload()
-        hr = [e.value for e in events.Scalars("valid/hr@50")]
-        assert hr == pytest.approx(valid_hr(run)) and len(hr) == trial["rounds"] >= 1
-    best = Path(summary["best_config"])
-    point = summary["best_point"]
-    config = yaml.safe_load(best.read_text())
-    assert config["train"]["lr"] == pytest.approx(point["train.lr"]) and config["model"]["dim"] == point["model.dim"]
-    best_trial = max(summary["trials"], key=lambda t: max(valid_hr(Path(t["trial"]) / "run")))
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    again = subprocess.run([sys.executable, "-m", "pipeline", "train", "--config", str(best), "--out",
-                            str(tmp_path / "rerun"), "--json"], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
-    trial_hr, rerun_hr = valid_hr(Path(best_trial["trial"]) / "run"), valid_hr(tmp_path / "rerun")
-    assert rerun_hr[:len(trial_hr)] == trial_hr  # the same seed gives the same validation HR
+
+def test_the_best_config_gets_the_base_schedule_unless_asked(tmp_path):
+    """best.yaml: the base config's train.rounds and runtime (not the trials' shortened schedule, pools
+    and folders), the space's other fixed overrides and the point; --keep-sweep-schedule keeps the
+    trials' schedule."""
+    space = SearchSpace.load(write_space(tmp_path, set=[*TINY, "train.patience=1", "runtime.checkpoint_every=0"]))
+    base = load_config(REPO / "configs/synthetic/fcf.yaml")
+    assert space.dropped_schedule() == ["train.rounds=3", "train.patience=1", "runtime.checkpoint_every=0"]
+    config = space.best_config(START, tmp_path / "fresh")
+    assert (config.train.rounds, config.train.patience) == (base.train.rounds, base.train.patience) == (30, 10)
+    assert config.runtime.checkpoint_every == base.runtime.checkpoint_every != 0
+    assert Path(config.runtime.out) == tmp_path / "fresh" and config.runtime.pools is None
+    assert (config.train.lr, config.model.dim, config.train.local_epochs) == (0.3, 16, 1)  # point and `set:` kept
+    assert config.data.synthetic["n_users"] == 40
+    kept = space.best_config(START, tmp_path / "fresh", keep_schedule=True)
+    assert (kept.train.rounds, kept.train.patience, kept.runtime.checkpoint_every) == (3, 1, 0)
 
 
 def test_a_stopped_sweep_resumes(tmp_path):
@@ -121,30 +119,3 @@ def test_a_stopped_sweep_resumes(tmp_path):
     done = {p.parent.parent.name: p.stat().st_mtime for p in (storage / "cut").glob("*/run/summary.json")}
     assert len(done) == 3
     assert all(done[name] == mtime for name, mtime in finished.items())  # finished trials were not re-run
-
-
-def test_trial_table_ranks_by_best_validation_round(tmp_path):
-    """tune.trials: a trial's best round is the first with the highest validation metric (as
-    `pipeline train` selects), trials ranked by it, rounds run counted (ASHA stops)."""
-    from tune.trials import render, trial_rows
-
-    def trial(name, params, values):
-        folder = tmp_path / name
-        (folder / "run").mkdir(parents=True)
-        (folder / "params.json").write_text(json.dumps(params))
-        (folder / "run" / "metrics.jsonl").write_text(
-            "".join(json.dumps({"round": r, "valid/hr@10": v}) + "\n" for r, v in enumerate(values)))
-
-    trial("_trial_a_1", {"train.lr": 0.1}, [0.2, 0.5, 0.5, 0.4])
-    trial("_trial_b_2", {"train.lr": 1.0}, [0.3, 0.6])
-    (tmp_path / "_trial_c_3").mkdir()
-    (tmp_path / "_trial_c_3" / "params.json").write_text(json.dumps({"train.lr": 3.0}))  # never reported
-    rows = trial_rows(tmp_path, "valid/hr@10")
-    assert [(r["params"]["train.lr"], r["best_round"], r["value"], r["rounds"]) for r in rows] == [
-        (1.0, 1, 0.6, 2), (0.1, 1, 0.5, 4), (3.0, None, None, 0)]
-    table = render(rows, "valid/hr@10", "t", "cmd", 4)
-    assert "| 1 | 1 | 2 | 1 | 60.00 |" in table and "| 2 | 0.1 | 4 | 1 | 50.00 |" in table
-    assert "| 3 | 3 | 0 | — | — |" in table
-    marked = render(rows, "valid/hr@10", "t", "cmd", 4, starts=[{"train.lr": 0.1}], notes=["Why it ended."])
-    assert "| 2 (*start*) | 0.1 | 4 | 1 | 50.00 |" in marked and "| 1 | 1 | 2 | 1 | 60.00 |" in marked
-    assert marked.endswith("\n\nWhy it ended.")

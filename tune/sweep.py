@@ -6,7 +6,7 @@ A search space is a YAML file next to the experiment configs (configs/sweeps/*.y
 
     base: configs/synthetic/fcf_fedmr.yaml      # the experiment config the trials start from
     set: [train.rounds=10]                      # fixed overrides (optional)
-    metric: valid/hr@50                         # what to maximise (default: the config's selection)
+    metric: valid/hr@50                         # optional: must be valid/<the config's selection metric>
     pools: 1                                    # ClientPools per trial (each 1 CPU), reserved with it
     params:                                     # dotted config keys -> one distribution each
       train.lr: {loguniform: [0.01, 1.0]}
@@ -26,7 +26,18 @@ point's fusion module reads (its feature store: finite, complete, and present wh
 needs it), naming the point that fails.
 Each trial runs the federated job (pipeline.federated.run.train) in a placement group holding
 its driver and its pools; its run directory (metrics.jsonl, tb/, checkpoints/) is the trial's
-`run/` folder, so `tensorboard --logdir <storage>/<name>` shows every trial.
+`run/` folder, so `tensorboard --logdir <storage>/<name>` shows every trial, once: Ray Tune's own
+TensorBoard logger is left out (its copies of the same numbers under ray/tune/ tags), and the sweep
+adds each trial's HParams session to its run (tune/hparams.py).
+
+Trials are compared by `pipeline train`'s own selection rule (tune/trials.py): the validation metric
+at the round train selects for the trial. Every round a trial reports that score so far (the
+`best/valid/<m>` key), which is what ASHA and Optuna see; the sweep then ranks the trials from their
+folders by the same rule, writes the table (trials.md, trials.csv) next to the sweep, and exports the
+best trial's config (best.yaml) with a fresh run directory and the base config's schedule: the keys
+of SCHEDULE_KEYS (and runtime.*) set in the space's `set:` to shorten the trials (train.rounds=10)
+are the base config's again, unless keep_schedule (`--keep-sweep-schedule`). docs/sweeps.md is the
+user's guide.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,17 +113,44 @@ class SearchSpace:
             space.config(space.example())
         except ValueError as error:
             raise ValueError(f"{path}: the first value of every distribution together: {error}") from None
+        selected = space.selection_metric()
         for point in space.points(start=False):  # the values checked above, in every combination
             try:
-                space.config(point)
+                config = space.config(point)
             except ValueError as error:
                 raise ValueError(f"{path}: the point {_point_text(point)}: {error}") from None
+            _check_selection_metric(path, f"the point {_point_text(point)}", config, selected)
         for number, point in enumerate(space.start, 1):
             try:
-                space.config(point)
+                config = space.config(point)
             except ValueError as error:
                 raise ValueError(f"{path}: start point {number}: {error}") from None
+            _check_selection_metric(path, f"start point {number}", config, selected)
+        if space.metric is not None and space.metric != selected:
+            raise ValueError(f"{path}: metric: {space.metric}, but the trials' training selects on {selected} "
+                             f"(train.selection_metric, else hr@10 under P1 and hr@50 under P3); trials are ranked "
+                             f"by the metric train selects on: set train.selection_metric="
+                             f"{space.metric.removeprefix('valid/')} in `set:`, or leave `metric` out")
         return space
+
+    def selection_metric(self) -> str:
+        """'valid/<m>': the validation metric `pipeline train` selects on at every point of the space
+        (checked the same at every point when the space loads), which the sweep ranks by."""
+        return f"valid/{self.config(self.example()).train.selection()}"
+
+    def best_config(self, point: dict, out: str | Path, keep_schedule: bool = False):
+        """The config to train a point with on its own: the base config, the space's `set:` (less its
+        SCHEDULE_KEYS unless keep_schedule: the base config's schedule, not the trials' shortened
+        one), the point, and runtime.out=out; not the trials' pool layout (runtime.pools)."""
+        from pipeline.config import load_config
+
+        kept = self.overrides if keep_schedule else [o for o in self.overrides if not _schedule_key(o)]
+        return load_config(self.base, [*kept, *(f"{k}={json.dumps(v)}" for k, v in point.items()),
+                                       f"runtime.out={json.dumps(str(out))}"])
+
+    def dropped_schedule(self) -> list[str]:
+        """The space's `set:` overrides that shorten the trials and are left out of the exported config."""
+        return [o for o in self.overrides if _schedule_key(o)]
 
     def config(self, point: dict, extra: list[str] = ()):
         """The ExperimentConfig of one point of the space (refused by name if a key is wrong)."""
@@ -149,6 +189,17 @@ class SearchSpace:
         make = {"choice": lambda a: tune.choice(list(a)), "uniform": lambda a: tune.uniform(*a),
                 "loguniform": lambda a: tune.loguniform(*a), "randint": lambda a: tune.randint(*a)}
         return {key: make[name](args) for key, spec in self.params.items() for name, args in spec.items()}
+
+
+# `set:` keys that say how long and how closely the trials run rather than what they train: the
+# exported best config takes them from the base config (every runtime.* key too: the trials' pools,
+# checkpoints and output folder are the sweep's, not the final run's)
+SCHEDULE_KEYS = ("train.rounds", "train.patience", "train.eval_every", "train.eval_round0", "train.eval_users")
+
+
+def _schedule_key(override: str) -> bool:
+    key = override.split("=", 1)[0].strip()
+    return key in SCHEDULE_KEYS or key == "runtime" or key.startswith("runtime.")
 
 
 RANDINT_CHECKED = 256  # a randint over at most this many values is checked at each of them, else at its bounds
@@ -193,6 +244,16 @@ def check_points_data(space: SearchSpace, space_path, data_cache) -> int:
                 where = f" the point {_point_text(checked[key])}:" if checked[key] else ""
                 raise ValueError(f"{space_path}:{where} {error}") from None
     return len(checked)
+
+
+def _check_selection_metric(path: Path, where: str, config, selected: str) -> None:
+    """Trials are ranked by the validation metric `pipeline train` selects on, so it must be the same
+    at every point (else trials would be compared on different metrics). ValueError naming the point."""
+    other = f"valid/{config.train.selection()}"
+    if other != selected:
+        raise ValueError(f"{path}: {where} selects on {other}, the first value of every distribution on "
+                         f"{selected}: trials are ranked by the metric their training selects on, so it must be the "
+                         f"same at every point (fix train.selection_metric in `set:`)")
 
 
 def _describe(spec: dict) -> str:
@@ -245,40 +306,103 @@ def _values_to_check(spec: dict) -> list:
 
 
 def _trial(point: dict, space: SearchSpace, cwd: str, data_cache: str | None = None) -> None:
-    """One trial: the federated job of this point, reporting every round to Tune."""
+    """One trial: the federated job of this point, reporting every round to Tune with its score so
+    far by train's selection rule (SCORE_PREFIX + the validation metric; absent until a round is
+    evaluated)."""
     import os
 
     from ray import tune
 
     from pipeline.federated.run import train
+    from tune.trials import read_rows, selection_of
 
     os.chdir(cwd)  # Tune starts a trial in its own folder; configs and caches are relative to the project
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = space.config(point, [f"runtime.out={trial_dir / 'run'}", "runtime.progress=false"])
     checkpoints = trial_dir / "run" / "checkpoints"
     resume = checkpoints.is_dir() and any(checkpoints.glob("round-*/manifest.json"))
-    train(config, resume=resume, quiet=True, data_cache=data_cache,
-          on_round=lambda m: tune.report({k: v for k, v in m.items() if isinstance(v, (int, float))}))
+    metric = space.selection_metric()
+
+    def report(metrics: dict) -> None:
+        # the rows so far, those a resume restored included (the round is in metrics.jsonl by now)
+        selection = selection_of(read_rows(trial_dir / "run" / "metrics.jsonl"), metric)
+        score = {} if selection is None else {SCORE_PREFIX + metric: selection["valid"][metric[6:]],
+                                              "best/round": selection["best_round"]}
+        tune.report({**{k: v for k, v in metrics.items() if isinstance(v, (int, float))}, **score})
+
+    train(config, resume=resume, quiet=True, data_cache=data_cache, on_round=report)
+
+
+SCORE_PREFIX = "best/"  # Tune's metric: best/valid/<m>, a trial's validation metric at train's selected round so far
+
+
+def _fresh_run_dir(sweep_dir: Path) -> Path:
+    """Where the best config trains: <sweep>/best_run, or best_run_2, 3, ... when that already
+    holds something (a best command run before a resumed sweep). Never a trial's folder, never the
+    base config's runtime.out."""
+    for number in itertools.count(1):
+        candidate = sweep_dir / ("best_run" if number == 1 else f"best_run_{number}")
+        if not candidate.exists() or not any(candidate.iterdir()):
+            return candidate
+
+
+@contextmanager
+def _without_tune_tensorboard():
+    """Ray Tune adds its TensorBoard logger (every reported number again, under ray/tune/ tags, one
+    step later) unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1 (ray/tune/utils/callback.py); set only
+    while the sweep runs. Its CSV and JSON loggers (progress.csv, result.json, params.json: what the
+    results and --resume read) are passed explicitly instead."""
+    import os
+
+    previous = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = previous
+
+
+@dataclass
+class SweepResult:
+    rows: list[dict]          # tune.trials.trial_rows: every trial, ranked
+    metric: str               # valid/<m>, what the trials are ranked by
+    best: dict                # the best row
+    export: Path              # the best config
+    run_dir: Path             # where it trains: fresh, its own
+    command: str              # the command that trains it, to run as printed
+    table: Path               # trials.md
+    table_csv: Path           # trials.csv
+    dropped: list[str]        # the space's schedule overrides left out of the export
+    path: Path                # the sweep's folder
 
 
 def run_sweep(space_path: str | Path, *, samples: int, concurrency: int, storage: str | Path, name: str,
-              seed: int = 0, grace_rounds: int = 2, resume: bool = False, export: str | Path | None = None):
-    """Run (or, with resume, continue) the sweep; returns (ResultGrid, best point, best config path)."""
+              seed: int = 0, grace_rounds: int = 2, resume: bool = False, export: str | Path | None = None,
+              keep_schedule: bool = False) -> SweepResult:
+    """Run (or, with resume, continue) the sweep; rank its trials, write the table and the HParams
+    data, export the best config."""
     import os
 
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     from pipeline.data.cache import data_cache_root
     from pipeline.federated.run import ensure_ray
+    from tune.hparams import write_hparams
+    from tune.trials import trial_rows, write_tables
 
     space = SearchSpace.load(space_path)
     base = space.config(space.example())
     data_cache = data_cache_root()
     check_points_data(space, space_path, data_cache)  # every point's data and features, before Ray
-    metric = space.metric or f"valid/{base.train.selection()}"
+    metric = space.selection_metric()
+    score = SCORE_PREFIX + metric
     storage = Path(storage).resolve()
     ensure_ray()
     trainable = tune.with_resources(tune.with_parameters(_trial, space=space, cwd=os.getcwd(),
@@ -292,20 +416,42 @@ def run_sweep(space_path: str | Path, *, samples: int, concurrency: int, storage
     else:
         if path.exists():
             raise FileExistsError(f"{path} already holds a sweep: pass --resume to continue it, or another --name")
-        optuna = OptunaSearch(metric=metric, mode="max", seed=seed, points_to_evaluate=space.start or None)
+        optuna = OptunaSearch(metric=score, mode="max", seed=seed, points_to_evaluate=space.start or None)
         searcher = ConcurrencyLimiter(optuna, max_concurrent=concurrency)
-        scheduler = ASHAScheduler(time_attr="round", metric=metric, mode="max", max_t=base.train.rounds,
+        scheduler = ASHAScheduler(time_attr="round", metric=score, mode="max", max_t=base.train.rounds,
                                   grace_period=min(grace_rounds, base.train.rounds))
         tuner = tune.Tuner(trainable, param_space=space.tune_space(),
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples),
-                           run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0))
-    results = tuner.fit()
-    best = results.get_best_result(metric=metric, mode="max", scope="all")
-    point = {key: best.config[key] for key in space.params}
-    config = space.config(point)
+                           run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0,
+                                                     callbacks=[CSVLoggerCallback(), JsonLoggerCallback()]))
+    with _without_tune_tensorboard():
+        tuner.fit()
+
+    rows = trial_rows(path, metric)
+    write_hparams(rows, space.params, metric)
+    md, table_csv = write_tables(path, rows, metric, f"Sweep {name}: {space_path}",
+                                 f"python -m tune.trials {path} --space {space_path}", starts=space.start)
+    ranked = [row for row in rows if row["rank"] is not None]
+    if not ranked:
+        raise RuntimeError(f"{path}: no trial ended with an evaluated round and without error, so there is no best "
+                           f"config; the trials are in {md}")
+    best = ranked[0]
+    point = {key: best["params"][key] for key in space.params}
+    run_dir = _fresh_run_dir(path)
+    config = space.best_config(point, run_dir, keep_schedule)
     export = Path(export) if export else path / "best.yaml"
-    export.parent.mkdir(parents=True, exist_ok=True)
-    dumped = json.loads(config.model_dump_json())
-    export.write_text(f"# best of sweep {name} by {metric} (max over rounds): {best.metrics_dataframe[metric].max()}\n"
-                      f"# point: {json.dumps(point)}\n" + yaml.safe_dump(dumped, sort_keys=False))
-    return results, point, export
+    command = f"python -m pipeline train --config {shlex.quote(str(export))}"
+    dropped = [] if keep_schedule else space.dropped_schedule()
+    schedule = (f"# schedule: the base config's (train.rounds={config.train.rounds}); the trials ran with "
+                f"{', '.join(dropped)} (--keep-sweep-schedule keeps that)\n") if dropped else ""
+    from pipeline.data.store import write_text_atomically
+
+    write_text_atomically(export, (
+        f"# best of sweep {name} ({len(rows)} trials, table: {md}): trial {best['trial']}\n"
+        f"# ranked by {metric} at the round `pipeline train` selects: {best['valid']:.6g} at round "
+        f"{best['best_round']} of {best['rounds']} run ({best['status']})\n"
+        f"# point: {json.dumps(point)}\n{schedule}"
+        f"# run it: {command}   (trains into {run_dir}, a fresh folder of its own)\n"
+        + yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)))
+    return SweepResult(rows=rows, metric=metric, best=best, export=export, run_dir=run_dir, command=command,
+                       table=md, table_csv=table_csv, dropped=dropped, path=path)

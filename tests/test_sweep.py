@@ -119,3 +119,49 @@ def test_a_stopped_sweep_resumes(tmp_path):
     done = {p.parent.parent.name: p.stat().st_mtime for p in (storage / "cut").glob("*/run/summary.json")}
     assert len(done) == 3
     assert all(done[name] == mtime for name, mtime in finished.items())  # finished trials were not re-run
+
+
+def test_trial_table_ranks_by_trains_selection(tmp_path):
+    """tune.trials, from trial folders alone: a trial's selected round is the first with the highest
+    validation metric (strictly better, as `pipeline train` selects; under a sampled evaluation the
+    score is that round on every user), trials ranked by the metric there; a failed trial is listed
+    last without a rank, however high it peaked; status from the folder (its schedule ran out, its
+    patience, ASHA, an error)."""
+    from tune.trials import render, render_csv, trial_rows
+
+    def trial(number, params, values, *, stop=True, rounds=None, done=False, error=None, full=None):
+        folder = tmp_path / f"_trial_{number:08x}_{number}_lr={params['train.lr']}"
+        (folder / "run").mkdir(parents=True)
+        (folder / "params.json").write_text(json.dumps(params))
+        (folder / "run" / "config.yaml").write_text(yaml.safe_dump({"train": {"rounds": rounds or len(values)}}))
+        rows = [{"round": r, "train/loss": 0.5, "valid/hr@10": v, "test/hr@10": v / 2,
+                 "stop": stop and r == len(values) - 1, **(full or {}).get(r, {})} for r, v in enumerate(values)]
+        (folder / "run" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (folder / "result.json").write_text(json.dumps({"round": len(values) - 1, "done": done}) + "\n")
+        if error:
+            (folder / "error.txt").write_text(f"Traceback (most recent call last):\n  ...\n{error}\n")
+
+    trial(1, {"train.lr": 0.1}, [0.2, 0.5, 0.5, 0.4])                       # ran its 4 rounds
+    trial(2, {"train.lr": 1.0}, [0.3, 0.6], stop=False, done=True, rounds=4)  # ASHA stopped it
+    trial(3, {"train.lr": 3.0}, [0.9, 0.2], stop=False,                     # peaked, diverged, failed
+          error="FloatingPointError: round 2: the training loss of 3 client(s) is not finite")
+    trial(4, {"train.lr": 0.5}, [0.1, 0.4, 0.3], rounds=10,                 # its patience ended it
+          full={1: {"full/valid/hr@10": 0.35, "full/test/hr@10": 0.3, "full/users": 40, "eval/users": 10}})
+    rows = trial_rows(tmp_path, "valid/hr@10")
+    assert [(r["rank"], r["params"]["train.lr"], r["status"], r["best_round"], r["valid"], r["rounds"])
+            for r in rows] == [
+        (1, 1.0, "TERMINATED (stopped early by ASHA)", 1, 0.6, 2),
+        (2, 0.1, "TERMINATED", 1, 0.5, 4),
+        (3, 0.5, "TERMINATED (early stop: patience)", 1, 0.35, 3),  # sampled: every user's number at round 1
+        (None, 3.0, "ERROR", 0, 0.9, 2)]
+    assert rows[2]["test"] == 0.3 and rows[1]["test"] == 0.25 and rows[1]["last_valid"] == 0.4
+    assert rows[3]["error"].startswith("FloatingPointError: round 2")
+    table = render(rows, "valid/hr@10", "t", "cmd", starts=[{"train.lr": 0.1}], notes=["Why it ended."])
+    assert "| 1 | 1 | TERMINATED (stopped early by ASHA) | 2 | 1 | 60.00 | 30.00 | 60.00 |" in table
+    assert "| 2 (*start*) | 0.1 | TERMINATED | 4 | 1 | 50.00 | 25.00 | 40.00 |" in table
+    assert "| — | 3 | ERROR: FloatingPointError | 2 | 0 | 90.00 | 45.00 | 20.00 |" in table
+    assert table.endswith("\n\nWhy it ended.")
+    lines = render_csv(rows, "valid/hr@10").splitlines()
+    assert lines[0] == "rank,trial,train.lr,status,rounds,best_round,valid/hr@10,test/hr@10,last_valid/hr@10," \
+                       "last_loss,error"
+    assert lines[4].startswith(",_trial_00000003_3_lr=3.0,3.0,ERROR,2,0,0.9,0.45,0.2,0.5,FloatingPointError")

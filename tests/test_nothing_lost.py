@@ -350,3 +350,26 @@ def test_experiments_force_leaves_a_run_directory_a_job_is_writing(tmp_path):
     assert "Traceback" not in done.stderr
     assert f"{run.resolve()} is being written by another job: pid {os.getpid()} on host {socket.gethostname()}" \
         in done.stdout + done.stderr
+
+
+def test_experiments_set_aside_a_run_stopped_before_its_first_checkpoint(tmp_path):
+    """A run stopped before its first round checkpoint (only checkpoints/best written) cannot be
+    resumed: `experiments` moves its folder aside, whole, and starts the run again in its place."""
+    from pipeline.report.experiments import set_aside_unresumable
+
+    run = tmp_path / "fcf-gfmfr" / "seed-0"
+    (run / "checkpoints" / "best").mkdir(parents=True)
+    (run / "checkpoints" / "best" / "global.pt").write_bytes(b"state")
+    (run / "metrics.jsonl").write_text('{"round": 0}\n')
+    said = []
+    set_aside_unresumable(run, said.append)
+    assert not run.exists()
+    (aside,) = (tmp_path / "fcf-gfmfr").iterdir()
+    assert aside.name.startswith("seed-0.unresumable-")
+    assert (aside / "checkpoints" / "best" / "global.pt").read_bytes() == b"state"
+    assert (aside / "metrics.jsonl").read_text() == '{"round": 0}\n'
+    assert str(aside) in said[0]
+    empty = tmp_path / "new" / "seed-0"
+    empty.mkdir(parents=True)
+    set_aside_unresumable(empty, said.append)  # nothing to set aside: left as it is
+    assert empty.is_dir() and len(said) == 1

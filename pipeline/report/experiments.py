@@ -179,6 +179,19 @@ def check_summary(spec: RunSpec, summary: dict, where: Path) -> None:
         raise StaleRunError(f"{where} was made on {why}; pass --force to re-run it")
 
 
+def set_aside_unresumable(run_dir: Path, log) -> None:
+    """A run stopped before its first round checkpoint leaves a folder that cannot be resumed
+    (at most a checkpoints/best): it is renamed beside itself (<name>.unresumable-<UTC time>),
+    never deleted, so the run can start again in its place."""
+    checkpoints = run_dir / "checkpoints"
+    if not (checkpoints.is_dir() and any(checkpoints.iterdir())):
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = run_dir.with_name(f"{run_dir.name}.unresumable-{stamp}")
+    run_dir.rename(aside)
+    log(f"{run_dir} held a run stopped before its first round checkpoint: moved to {aside}, starting it again")
+
+
 def run_state(spec: RunSpec) -> str:
     """done | partial | new; raises StaleRunError when the folder holds another config's run."""
     planned = _comparable(json.loads(spec.config.model_dump_json()), spec.centralized)
@@ -273,6 +286,8 @@ def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = Fa
                 return recorded
             if report_only:
                 return RunResult(spec, "missing", error=f"not run ({state})")
+            if state == "new":
+                set_aside_unresumable(spec.run_dir, log)
             run = train_centralized if spec.centralized else train
             summary = run(spec.config, resume=state == "partial", quiet=True)
             result = RunResult(spec, "resumed" if state == "partial" else "ran", summary=summary,

@@ -90,6 +90,7 @@ class TrainedRun:
         elif (reason := damage(folder)) is not None:
             raise RunError(f"{folder}: {reason}")
         config = ExperimentConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        config = _anchored(config, run_dir)
         data, negatives = _prepared(config, data_cache)
         summary_file = run_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
@@ -193,6 +194,26 @@ class TrainedRun:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+
+
+def _anchored(config: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+    """The run's config with relative data paths (data.path, data.features) made absolute against
+    the folder the run was trained from, so a run opens the same from any working directory.
+
+    That folder is known when runtime.out was relative: the run directory's absolute path ends with
+    it (runs/mydata/fcf trained in /home/me/work is /home/me/work/runs/mydata/fcf). Otherwise the
+    paths stay as written (relative to the working directory)."""
+    out = Path(config.runtime.out)
+    if out.is_absolute() or ".." in out.parts or not out.parts:
+        return config
+    here = Path(run_dir).resolve()
+    parts = Path(*[p for p in out.parts if p != "."]).parts
+    if here.parts[-len(parts):] != parts:
+        return config
+    origin = here.parents[len(parts) - 1]
+    updates = {key: origin / value for key in ("path", "features")
+               if (value := getattr(config.data, key)) is not None and not Path(value).is_absolute()}
+    return config.model_copy(update={"data": config.data.model_copy(update=updates)}) if updates else config
 
 
 def _prepared(config: ExperimentConfig, data_cache: Path | None):

@@ -245,3 +245,20 @@ def test_data_stats_config_shows_what_training_prepares_and_reads(tmp_path, caps
     # asking for a modality the store lacks fails as train would, before any training
     assert main(["data", "stats", "--config", str(config), "--set", "model.fusion.modalities=[id,image]"]) == 2
     assert "image" in capsys.readouterr().err
+
+
+def test_a_runs_relative_data_paths_are_read_from_the_folder_it_was_trained_in(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.trained import _anchored
+
+    relative = load_config(None, ["data.format=generic", "data.path=mydata", "data.features=runs/features/mydata",
+                                  "runtime.out=runs/mydata/fcf"])
+    run_dir = tmp_path / "work" / "runs" / "mydata" / "fcf"
+    anchored = _anchored(relative, run_dir)
+    assert anchored.data.path == tmp_path.resolve() / "work" / "mydata"
+    assert anchored.data.features == tmp_path.resolve() / "work" / "runs/features/mydata"
+    assert anchored.data.name == "mydata"
+    # a run directory that runtime.out does not lead to, or an absolute runtime.out: as written
+    assert _anchored(relative, tmp_path / "moved" / "fcf").data.path == relative.data.path
+    absolute = relative.model_copy(update={"runtime": relative.runtime.model_copy(update={"out": run_dir})})
+    assert _anchored(absolute, run_dir).data.path == relative.data.path

@@ -23,7 +23,10 @@ MIN_USER_INTERACTIONS = 3  # one train + one validation + one test item, always 
 
 
 class PrepareConfig(ConfigModel):
-    """Options of the preparation protocol; defaults are the FedMR preprocessing."""
+    """Options of the preparation protocol; defaults are the FedMR preprocessing, which generic
+    (your own) and synthetic data get. A named dataset overrides some of them with its published
+    preparation (pipeline.data.datasets.NAMED: MovieLens has no k-core); every preparation prints
+    what its filters removed (preparation_line)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

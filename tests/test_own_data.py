@@ -107,6 +107,13 @@ def test_an_unread_catalogue_column_is_named_in_a_warning(tmp_path, capsys):
     load("generic", folder)
     err = capsys.readouterr().err
     assert "catalogue.csv" in err and "'titel'" in err and "not read" in err
+    # the encode stage reading a catalogue file itself says the same
+    from pipeline.encode.catalogue import read_catalogue
+
+    pd.read_csv(folder / "catalogue.csv").assign(image_path="").to_csv(folder / "items.csv", index=False)
+    assert read_catalogue(folder / "items.csv").title is None
+    assert "items.csv" in (err := capsys.readouterr().err) and "'titel'" in err
+    (folder / "items.csv").unlink()
     pd.read_csv(folder / "catalogue.csv").to_parquet(folder / "catalogue.parquet")
     (folder / "catalogue.csv").unlink()
     load("generic", folder)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def read_catalogue(path) -> ItemTable:
     if missing:
         raise DataError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(map(str, frame.columns))}",
                         column=missing[0])
+    unread = [str(c) for c in frame.columns if c not in (*COLUMNS, TITLE)]
+    if unread:  # named, so a misspelt column never passes silently
+        print(f"warning: {path}: column(s) {', '.join(map(repr, unread))} not read (a catalogue has "
+              f"{', '.join(COLUMNS)} and optionally {TITLE})", file=sys.stderr, flush=True)
     title = frame["title"].to_numpy(object) if TITLE in frame.columns else None
     return _validated(frame["item_id"].to_numpy(object), frame["text"].to_numpy(object),
                       frame["image_path"].to_numpy(object), str(path), rows=list(frame.index + 1),

@@ -332,3 +332,63 @@ def test_a_record_of_another_config_or_not_a_record_is_refused(first_run, worksp
     [result] = run_experiments(plan_runs(config, seeds=[0], runs_dir="runs/none"), report_only=True,
                                records_dir=records_dir)
     assert result.status == "missing"
+
+
+def test_plot_of_real_runs_reads_at_a_glance(first_run, workspace, monkeypatch, capsys):
+    """`--plot` over the real tiny runs: one PNG per protocol, each with its loss panel (their
+    metrics.jsonl hold train/loss) and the popularity line computed on their prepared split."""
+    from PIL import Image
+
+    from pipeline.data.cache import data_cache_root
+    from pipeline.data.datasets import open_dataset
+    from pipeline.eval.baselines import evaluate_baselines
+    from pipeline.report import plots
+    from pipeline.report.cli import _popularity
+    from pipeline.report.experiments import run_experiments
+    from pipeline.report.tables import display_names
+
+    _, _, argv = first_run
+    monkeypatch.chdir(workspace)
+    capsys.readouterr()
+    assert main([*argv, "--report-only", "--plot", "results/tiny_plot.png"]) == 0
+    err = capsys.readouterr().err
+    assert "no popularity line" not in err and "no loss panel" not in err, err
+    for protocol in ("p1", "p3"):
+        with Image.open(workspace / "results" / f"tiny_plot_{protocol}.png") as image:
+            assert image.size == (1280, 500)                      # a validation panel and a loss panel
+    specs = plan_runs(expand_configs(["configs/*.yaml"]), seeds=[0, 1], runs_dir="runs/exp",
+                      overrides=["runtime.checkpoint_every=1"])
+    results = run_experiments(specs, report_only=True)
+    fcf = [r for r in results if r.spec.key == "tiny-fcf"]
+    assert display_names(results) == {"tiny-fedavg": "FedAvg", "tiny-fcf": "FCF"}
+    assert plots.selected_rounds(fcf) == {"tiny-fcf": [r.summary["selection"]["best_round"] for r in fcf]}
+    data, negatives = open_dataset(fcf[0].spec.config.data, cache=data_cache_root())
+    (expected,) = [row["hr@10"] for row in evaluate_baselines(data, negatives, protocols=("p1",), ks=(10,))
+                   if row["split"] == "valid"]
+    assert _popularity(fcf, "valid/hr@10") == {"popularity (no learning)": pytest.approx(expected)}
+
+
+def test_encoder_line_names_the_encoders_and_feature_widths(tmp_path):
+    """The report's Encoder line: the encoders from the feature store's manifest, the widths
+    from the features the prepared dataset holds."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from pipeline.encode.store import write_store
+
+    ids = np.arange(3)
+    text, image = np.eye(3, 384, dtype=np.float32), np.eye(3, 1280, dtype=np.float32)
+    manifest = {"modalities": {
+        "text": {"model": "minilm", "model_id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384},
+        "image": {"model": "efficientnet-lite0", "model_id": "efficientnet-lite0 (pytorch)", "dim": 1280}}}
+    write_store(tmp_path / "store", ids, {"text": text, "image": image}, manifest)
+    prepared = SimpleNamespace(features={"text": text, "image": image})
+    fusion = {"model": {"fusion": {"fusion": "moe", "modalities": ["id", "text", "image"]}}}
+    line = tables.encoder_of({**fusion, "data": {"features": str(tmp_path / "store")}}, prepared)
+    assert line == ("fusion=moe over id+text+image; text: sentence-transformers/all-MiniLM-L6-v2, 384-d; "
+                    f"image: efficientnet-lite0 (pytorch), 1280-d (feature store `{tmp_path / 'store'}`)")
+    shipped = tables.encoder_of({**fusion, "data": {"features": None}}, prepared)
+    assert shipped.endswith("text: 384-d; image: 1280-d (features shipped with the dataset; their encoders are "
+                            "not recorded)")
+    assert tables.encoder_of({"model": {"fusion": None}}, prepared) == "none (ID only)"

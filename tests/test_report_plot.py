@@ -21,13 +21,14 @@ def _rows(values, metric=METRIC, start=0):
              "test/hr@50": v / 3, "improved": i == 0, "stop": False} for i, v in enumerate(values)]
 
 
-def _assert_png(path: Path):
+def _assert_png(path: Path, size=(1280, 500)):
+    """A small PNG; by default one validation panel beside one loss panel (12.8 x 5 in at dpi 100)."""
     assert path.is_file() and 0 < path.stat().st_size < 200_000
     with Image.open(path) as image:
         assert image.format == "PNG"
         image.verify()
     with Image.open(path) as image:
-        assert image.size == (800, 500)          # 8x5 inches at dpi 100
+        assert image.size == size
 
 
 def test_mean_series_over_the_seeds_that_reached_each_round():
@@ -87,9 +88,14 @@ def test_plot_validation_one_panel_per_backbone(tmp_path):
     out = tmp_path / "valid.png"
     drawn = plots.plot_validation(curves, out, metric="hr@50", title="ML", panel_of=backbone_of)
     assert drawn == labels
-    with Image.open(out) as image:
-        assert image.format == "PNG" and image.size == (1380, 720)    # 3 x 2 panels of 4.6 x 3.4 in (+ title)
-    assert out.stat().st_size < 300_000
+    with Image.open(out) as image:  # a row per backbone: its validation panel and its loss panel, 4.6 x 3.4 in each
+        assert image.format == "PNG" and image.size == pytest.approx((920, 1740), abs=1)
+    assert out.stat().st_size < 400_000
+    no_loss = [(label, [[{k: v for k, v in row.items() if k != "train/loss"} for row in rows] for rows in seeds])
+               for label, seeds in curves]
+    plots.plot_validation(no_loss, out, metric="hr@50", title="ML", panel_of=backbone_of)
+    with Image.open(out) as image:  # no loss logged (run records): 3 x 2 validation panels (+ title)
+        assert image.size == (1380, 720)
 
 
 def test_metric_names():
@@ -100,20 +106,38 @@ def test_metric_names():
     assert plots.selection_metric([SimpleNamespace(summary=None)]) == plots.DEFAULT_METRIC == "valid/hr@10"
 
 
-def _fake_result(runs_dir: Path, key: str, seed: int, values):
-    """A finished run (run dir with metrics.jsonl + summary.json), or a missing one (values None)."""
+def _config(key: str, run_dir: Path):
+    """A real experiment config of the tiny synthetic set, P3 (selection metric hr@50); a key
+    '<x>-<backbone>[-fedmr][-gfmfr]' turns on FedMR and GFMFR."""
+    from pipeline.config import load_config
+
+    overrides = [f"name={key}", "data.name=synthetic", "data.synthetic.n_users=60", "data.synthetic.n_items=40",
+                 "data.synthetic.mean_interactions=10", "data.synthetic.seed=3", f"model.backbone={key.split('-')[1]}",
+                 "model.dim=8", "train.protocol=p3", f"runtime.out={run_dir}"]
+    if "-fedmr" in key:
+        overrides += ["model.fusion.fusion=moe", "model.fusion.d_f=8"]
+    if key.endswith("-gfmfr"):
+        overrides.append("model.gfmfr={}")
+    return load_config(None, overrides)
+
+
+def _fake_result(runs_dir: Path, key: str, seed: int, values, best_round: int = 0):
+    """A finished run (run dir with metrics.jsonl + summary.json, its config real), or a missing
+    one (values None)."""
+    from pipeline.report.experiments import RunResult, RunSpec
+
     run_dir = runs_dir / key / f"seed-{seed}"
-    train = SimpleNamespace(protocol="p3", selection=lambda: "hr@50")
-    config = SimpleNamespace(train=train, model=SimpleNamespace(backbone=key.split("-")[1]))
-    spec = SimpleNamespace(key=key, seed=seed, run_dir=run_dir, config=config)
+    spec = RunSpec(source=run_dir / "config.yaml", key=key, seed=seed,
+                   config=_config(key, run_dir), overrides=())
     if values is None:
-        return SimpleNamespace(spec=spec, status="missing", summary=None)
+        return RunResult(spec, "missing")
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in _rows(values)))
     summary = {"config": {"name": key}, "rounds_run": len(values),
-               "selection": {"metric": METRIC, "best_round": 0, "valid": {"hr@50": values[0]}, "test": {"hr@50": 0.1}}}
+               "selection": {"metric": METRIC, "best_round": best_round, "valid": {"hr@50": values[best_round]},
+                             "test": {f"{m}@{k}": 0.1 for m in ("hr", "ndcg") for k in (10, 20, 50)}}}
     (run_dir / "summary.json").write_text(json.dumps(summary))
-    return SimpleNamespace(spec=spec, status="skipped", summary=summary, extra={})
+    return RunResult(spec, "skipped", summary=summary)
 
 
 def test_cli_plot_from_run_directories(tmp_path, capsys):
@@ -145,7 +169,7 @@ def test_cli_plot_one_panel_per_backbone_for_many_configs(tmp_path):
     args = argparse.Namespace(plot=tmp_path / "ml_valid.png", plot_metric=None, out=tmp_path / "ml.md", title="ML")
     assert _plot(args, results) == [("validation HR@50 over rounds", "ml_valid.png")]
     with Image.open(args.plot) as image:
-        assert image.size == (1380, 720)                                  # 5 backbone panels, not one
+        assert image.size == pytest.approx((920, 1740), abs=1)             # 5 backbone rows of 2 panels, not one
     _plot(args, results[:8])                                              # 2 backbones, 6 colours: one panel
     _assert_png(args.plot)
 
@@ -182,3 +206,120 @@ def test_one_png_per_protocol():
 
     assert protocol_paths(Path("r/x.png"), ["p3"]) == {"p3": Path("r/x.png")}
     assert protocol_paths(Path("r/x.png"), ["p1", "p3"]) == {"p1": Path("r/x_p1.png"), "p3": Path("r/x_p3.png")}
+
+
+def _lines(axes, gid=None):
+    return [line for line in axes.get_lines() if gid is None or line.get_gid() == gid]
+
+
+def test_figure_reads_at_a_glance():
+    """On the real matplotlib figure: whole-round ticks, a marker on every curve, a star at each
+    seed's selected round sitting on its line, the popularity line, a loss panel, a legend on
+    every panel, and the tables' names in the legends (never the folder names)."""
+    curves = [("ku-fcf", [_rows([0.30, 0.35, 0.36, 0.34]), _rows([0.32, 0.33, 0.31, 0.30])]),
+              ("ku-fcf-fedmr", [_rows([0.40, 0.45, 0.50, 0.49]), _rows([0.41, 0.47, 0.52, 0.51])])]
+    names = {"ku-fcf": "FCF", "ku-fcf-fedmr": "FCF + FedMR"}
+    figure, drawn = plots.validation_figure(curves, "hr@50", names=names, best={"ku-fcf": [2, 1], "ku-fcf-fedmr": [2]},
+                                            references={"popularity (no learning)": 0.31})
+    figure.canvas.draw()
+    assert drawn == ["ku-fcf", "ku-fcf-fedmr"]
+    valid, loss = figure.axes                                       # the validation panel and the loss panel
+    assert "HR@50" in valid.get_ylabel() and "loss" in loss.get_ylabel()
+    for axes in (valid, loss):
+        low, high = axes.get_xlim()
+        ticks = [t for t in axes.get_xticks() if low <= t <= high]
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)      # 4 rounds: no 0.5 ticks
+        legend = axes.get_legend()
+        assert legend is not None
+        texts = [text.get_text() for text in legend.get_texts()]
+        assert "FCF" in texts and "FCF + FedMR" in texts and not any("ku-" in text for text in texts)
+        curve_lines = [line for line in _lines(axes) if line.get_label() in names.values()]
+        assert len(curve_lines) == 2
+        assert all(line.get_marker() not in (None, "", "None", " ") for line in curve_lines)
+        assert curve_lines[0].get_marker() != curve_lines[1].get_marker()
+    stars = _lines(valid, "best-round")
+    assert [sorted(star.get_xdata().tolist()) for star in stars] == [[1, 2], [2]]
+    fcf_mean = {0: 31.0, 1: 34.0, 2: 33.5, 3: 32.0}                 # the stars sit on the mean line (in %)
+    assert stars[0].get_ydata().tolist() == pytest.approx([fcf_mean[2], fcf_mean[1]])
+    assert all(star.get_marker() == "*" for star in stars) and not _lines(loss, "best-round")
+    (reference,) = _lines(valid, "reference")
+    assert list(reference.get_ydata()) == pytest.approx([31.0, 31.0])
+    assert "popularity (no learning) (31.00)" in [t.get_text() for t in valid.get_legend().get_texts()]
+    assert "selected round (best validation)" in [t.get_text() for t in valid.get_legend().get_texts()]
+    loss_fcf = next(line for line in _lines(loss) if line.get_label() == "FCF")
+    assert loss_fcf.get_ydata().tolist() == pytest.approx([0.30, 0.29, 0.28, 0.27])   # mean train/loss per round
+
+
+def test_cost_figure_has_a_legend_on_every_panel():
+    curves = [("ku-fcf", [[{"round": r, "time/round_seconds": 2.0 + r, "time/clients_per_second": 10.0,
+                            "comm/bytes_up": 1e6, "comm/bytes_down": 2e6} for r in range(3)]])]
+    figure, drawn = plots.costs_figure(curves, names={"ku-fcf": "FCF"})
+    figure.canvas.draw()
+    assert drawn == ["ku-fcf"] and len(figure.axes) == 4
+    for axes in figure.axes:
+        assert [t.get_text() for t in axes.get_legend().get_texts()] == ["FCF"]
+        low, high = axes.get_xlim()
+        assert all(float(t).is_integer() for t in axes.get_xticks() if low <= t <= high)
+
+
+def test_cli_plot_names_and_popularity_from_the_prepared_data(tmp_path):
+    """_plot names lines as the table rows are named and draws the popularity ranking's
+    validation value, computed on the very split the runs' config prepares."""
+    from matplotlib.image import imread
+
+    from pipeline.data.cache import data_cache_root
+    from pipeline.data.datasets import open_dataset
+    from pipeline.eval.baselines import evaluate_baselines
+    from pipeline.report.cli import _popularity
+    from pipeline.report.tables import display_names
+
+    results = [_fake_result(tmp_path / "runs", "ku-fcf", 0, [0.3, 0.4, 0.5], best_round=2),
+               _fake_result(tmp_path / "runs", "ku-fcf-fedmr", 0, [0.4, 0.5, 0.45], best_round=1)]
+    assert display_names(results) == {"ku-fcf": "FCF", "ku-fcf-fedmr": "FCF + FedMR"}
+    assert plots.selected_rounds(results) == {"ku-fcf": [2], "ku-fcf-fedmr": [1]}
+    data, negatives = open_dataset(results[0].spec.config.data, cache=data_cache_root())
+    (expected,) = [row["hr@50"] for row in evaluate_baselines(data, negatives, protocols=("p3",), ks=(50,))
+                   if row["split"] == "valid"]
+    assert _popularity(results, "valid/hr@50") == {"popularity (no learning)": pytest.approx(expected)}
+    # the runs' summaries name another preparation: no line rather than a wrong one
+    results[0].summary["dataset"] = {"fingerprint": "0000000000000000"}
+    results[1].summary["dataset"] = {"fingerprint": "0000000000000000"}
+    assert _popularity(results, "valid/hr@50") == {}
+    args = argparse.Namespace(plot=tmp_path / "ku.png", plot_metric=None, out=tmp_path / "ku.md", title="KU")
+    assert _plot_lines(args, results) == [("validation HR@50 over rounds", "ku.png")]
+    assert imread(args.plot).shape[:2] == (500, 1280)
+
+
+def _plot_lines(args, results):
+    from pipeline.report.cli import _plot
+
+    return _plot(args, results)
+
+
+def test_a_results_plot_redrawn_from_its_records_alone(tmp_path, capsys):
+    """`python -m pipeline.report.plots --records DIR --out PNG`: the runs' records only (no run
+    directory): curves from their rows, in the tables' backbone order, named from their configs."""
+    from pipeline.report import records
+
+    results = [_fake_result(tmp_path / "runs", key, seed, values)
+               for key, seed, values in (("ku-fedavg", 0, [0.1, 0.2]), ("ku-fcf", 0, [0.3, 0.4, 0.5]),
+                                         ("ku-fcf", 1, [0.3, 0.45]))]
+    for result in results:
+        result.summary["config"] = json.loads(result.spec.config.model_dump_json())
+        rows = plots.read_metrics(result.spec.run_dir)
+        records.write_record(tmp_path / "records", records.make_record(result.spec.key, result.spec.seed,
+                                                                       result.summary, rows))
+    found = plots.results_from_records(tmp_path / "records")
+    assert [(r.spec.key, r.spec.seed, r.status) for r in found] == [("ku-fedavg", 0, "recorded"),
+                                                                   ("ku-fcf", 0, "recorded"), ("ku-fcf", 1, "recorded")]
+    assert found[1].extra["metrics"][2] == {"round": 2, "valid/hr@10": 0.25, METRIC: 0.5, "test/hr@50": 0.5 / 3}
+    for result in results:  # the run directories are gone: only the records are left
+        for file in result.spec.run_dir.iterdir():
+            file.unlink()
+    out = tmp_path / "results" / "ku_valid.png"
+    assert plots.main(["--records", str(tmp_path / "records"), "--out", str(out), "--title", "KU"]) == 0
+    _assert_png(out, size=(800, 500))                               # records keep no loss: no loss panel
+    assert "no train/loss" in capsys.readouterr().err
+    (tmp_path / "records" / "ku-fcf" / "seed-1.json").write_text("{}")
+    assert plots.main(["--records", str(tmp_path / "records"), "--out", str(out)]) == 2
+    assert "not a run record" in capsys.readouterr().err

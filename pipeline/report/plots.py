@@ -1,8 +1,17 @@
-"""Validation curves of the `experiments` command: one line per config, metric in % over rounds.
+"""Validation curves of the `experiments` and `report` commands: one line per config, metric in %
+over rounds, beside a panel of the training loss.
 
 `plot_validation` is pure (labelled per-seed metric rows in, a PNG out); `curves_from_results`
-reads the rows from the finished runs' metrics.jsonl. matplotlib is imported inside the plotting
-function (Agg canvas, no pyplot state), so the rest of the package does not need it.
+reads the rows from the finished runs' metrics.jsonl (or their records). matplotlib is imported
+inside the plotting functions (Agg canvas, no pyplot state), so the rest of the package does
+not need it.
+
+What a reader gets at a glance: integer round ticks; a marker on every line (a different shape
+per config); a star on the line at each seed's selected (best-validation) round; the popularity
+ranking's validation value as a grey reference line where the caller knows it; the training
+loss (train/loss, mean over seeds) in a panel beside the validation one where the rows hold it
+(run records keep no loss); a legend on every panel; configs named as the tables name them
+(`names`, e.g. "FCF + FedMR"), not by their folders.
 
 Lines of configs whose names differ only by a `-fedmr` suffix (before an optional protocol
 suffix, e.g. `ku-fcf` / `ku-fcf-fedmr`, `x-fcf-p3` / `x-fcf-fedmr-p3`) share a colour: dashed
@@ -74,7 +83,11 @@ def pair_styles(labels: list[str]) -> dict[str, tuple[int, str]]:
 
 
 PALETTE = [f"C{i}" for i in range(10)]
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+MAX_MARKERS = 15          # markers per line at most (every k-th round on long runs)
 PANEL_SIZE = (4.6, 3.4)   # inches per panel of a multi-panel figure
+LOSS = "train/loss"
+BEST_LABEL = "selected round (best validation)"
 
 
 def split_panels(labels: list[str], panel_of: dict[str, str] | None) -> list[tuple[str, list[str]]]:
@@ -89,68 +102,146 @@ def split_panels(labels: list[str], panel_of: dict[str, str] | None) -> list[tup
     return [(name, [label for label in labels if panel_of[label] == name]) for name in names]
 
 
-def _draw_curves(axes, curves, metric: str, band: bool) -> list[str]:
-    """Mean line (and min..max band) per label on one axes, colours by `pair_styles`; the labels drawn."""
+def _integer_rounds(axes) -> None:
+    """Round axis ticks on whole rounds only."""
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _markevery(n: int) -> int:
+    return max(1, math.ceil(n / MAX_MARKERS))
+
+
+def _draw_curves(axes, curves, metric: str, band: bool, names: dict[str, str] | None = None,
+                 best: dict[str, list[int]] | None = None, scale: float = 100.0) -> list[str]:
+    """Mean line (and min..max band) per label on one axes, colours and dashes by `pair_styles`, a
+    marker shape per label, a star at each of `best[label]`'s rounds; the labels drawn."""
     styles = pair_styles([label for label, _ in curves])
+    names = names or {}
     drawn = []
-    for label, rows_per_seed in curves:
+    for index, (label, rows_per_seed) in enumerate(curves):
         rounds, mean, low, high = mean_series(rows_per_seed, metric)
         if not rounds:
             continue
         colour_index, style = styles[label]
         colour = PALETTE[colour_index % len(PALETTE)]
-        axes.plot(rounds, [100 * v for v in mean], style, color=colour, linewidth=1.6, label=label,
-                  marker="o" if len(rounds) == 1 else None)
+        axes.plot(rounds, [scale * v for v in mean], style, color=colour, linewidth=1.6,
+                  label=names.get(label, label), marker=MARKERS[index % len(MARKERS)], markersize=4,
+                  markevery=_markevery(len(rounds)))
         if band and len(rows_per_seed) > 1:
-            axes.fill_between(rounds, [100 * v for v in low], [100 * v for v in high], color=colour,
+            axes.fill_between(rounds, [scale * v for v in low], [scale * v for v in high], color=colour,
                               alpha=0.12, linewidth=0)
+        at = dict(zip(rounds, mean))
+        stars = [r for r in (best or {}).get(label, ()) if r in at]
+        if stars:
+            axes.plot(stars, [scale * at[r] for r in stars], linestyle="none", marker="*", markersize=13,
+                      color=colour, markeredgecolor="black", markeredgewidth=0.7, zorder=5, gid="best-round")
         drawn.append(label)
+    if any((best or {}).get(label) for label in drawn):  # one legend entry for all the stars
+        axes.plot([], [], linestyle="none", marker="*", markersize=11, color="white", markeredgecolor="black",
+                  label=BEST_LABEL)
     return drawn
 
 
+def _reference_lines(axes, references: dict[str, float] | None, scale: float = 100.0) -> None:
+    """A grey horizontal line per reference (name -> value as a fraction), labelled with its value."""
+    for index, (name, value) in enumerate((references or {}).items()):
+        axes.axhline(scale * value, color="0.45", linestyle=(0, (4, 2, 1, 2)) if index else ":", linewidth=1.4,
+                     label=f"{name} ({scale * value:.2f})", gid="reference")
+
+
+def _legend(axes, small: bool) -> None:
+    axes.legend(fontsize=7 if small else 8, loc="best", framealpha=0.85)
+
+
+def has_metric(curves, metric: str) -> bool:
+    """Whether any seed of any label logged `metric`."""
+    return any(mean_series(rows_per_seed, metric)[0] for _, rows_per_seed in curves)
+
+
 def plot_validation(curves: list[tuple[str, list[list[dict]]]], path, metric: str = DEFAULT_METRIC,
-                    title: str = "", band: bool = True, figsize=(8, 5), dpi: int = 100,
-                    panel_of: dict[str, str] | None = None) -> list[str]:
-    """Write a PNG of the metric (in %) over rounds: per label, the mean over its seeds (and a light
-    min..max band over seeds). With many labels, one panel per `panel_of` name (`split_panels`),
-    each with its own colours and y range, PANEL_SIZE inches each (`figsize` is the one-panel
-    size). Returns the labels drawn; labels with no common round
-    are left out."""
+                    dpi: int = 100, **options) -> list[str]:
+    """Write validation_figure(curves, metric, **options) to the PNG `path`; the labels drawn."""
+    figure, drawn = validation_figure(curves, metric, dpi=dpi, **options)
+    _save(figure, path, dpi)
+    return drawn
+
+
+def _save(figure, path, dpi: int) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=dpi)
+
+
+def validation_figure(curves: list[tuple[str, list[list[dict]]]], metric: str = DEFAULT_METRIC,
+                      title: str = "", band: bool = True, figsize=(8, 5), dpi: int = 100,
+                      panel_of: dict[str, str] | None = None, names: dict[str, str] | None = None,
+                      best: dict[str, list[int]] | None = None, references: dict[str, float] | None = None,
+                      loss: bool = True):
+    """(matplotlib Figure, labels drawn): the metric (in %) over rounds: per label, the mean over its seeds (and a light
+    min..max band over seeds), a star at each round of best[label] (the seeds' selected rounds),
+    and a grey line per reference (name -> validation value as a fraction, e.g. the popularity
+    ranking's). With `loss` and rows that hold train/loss, a loss panel beside each validation
+    panel. With many labels, one panel (pair) per `panel_of` name (`split_panels`), each with
+    its own colours and y range, PANEL_SIZE inches each (`figsize` is the size of one panel, or
+    of one pair of panels side by side). Legends name the labels by `names` (default: the label
+    itself). Returns the labels drawn; labels with no common round are left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     metric = full_metric(metric)
     name = metric_label(metric)
     panels = split_panels([label for label, _ in curves], panel_of)
-    columns = min(3, len(panels))
-    rows = math.ceil(len(panels) / columns)
-    if len(panels) > 1:
-        figsize = (PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + 0.4)
+    with_loss = loss and has_metric(curves, LOSS)
+    per_panel = 2 if with_loss else 1
+    if with_loss:
+        columns = 2
+        rows = len(panels)
+        if len(panels) > 1:
+            figsize = (PANEL_SIZE[0] * 2, PANEL_SIZE[1] * rows + 0.4)
+        else:
+            figsize = (figsize[0] * 1.6, figsize[1])
+    else:
+        columns = min(3, len(panels))
+        rows = math.ceil(len(panels) / columns)
+        if len(panels) > 1:
+            figsize = (PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + 0.4)
     figure = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(figure)
     by_label = dict(curves)
     drawn = set()
+    small = len(panels) > 1
     for index, (panel, labels) in enumerate(panels):
-        axes = figure.add_subplot(rows, columns, index + 1)
-        panel_drawn = _draw_curves(axes, [(label, by_label[label]) for label in labels], metric, band)
+        axes = figure.add_subplot(rows, columns, index * per_panel + 1)
+        chosen = [(label, by_label[label]) for label in labels]
+        panel_drawn = _draw_curves(axes, chosen, metric, band, names, best)
         drawn.update(panel_drawn)
+        _reference_lines(axes, references)
         axes.set_xlabel("round")
         axes.set_ylabel(f"validation {name} (%)")
         axes.grid(True, alpha=0.3)
+        _integer_rounds(axes)
         if panel:
             axes.set_title(panel, fontsize=10)
-        if panel_drawn:
-            axes.legend(fontsize=8 if len(panels) == 1 else 7, loc="best")
+        if panel_drawn or references:
+            _legend(axes, small)
+        if with_loss:
+            loss_axes = figure.add_subplot(rows, columns, index * per_panel + 2)
+            if _draw_curves(loss_axes, chosen, LOSS, band, names, scale=1.0):
+                _legend(loss_axes, small)
+            loss_axes.set_xlabel("round")
+            loss_axes.set_ylabel("training loss (mean over clients)")
+            loss_axes.grid(True, alpha=0.3)
+            _integer_rounds(loss_axes)
+            loss_axes.set_title(f"{panel}: training loss" if panel else "training loss", fontsize=10)
     heading = title or f"validation {name} over rounds"
-    if len(panels) == 1:
+    if len(panels) == 1 and not with_loss:
         figure.axes[0].set_title(heading, fontsize=11)
     else:
         figure.suptitle(heading, fontsize=11)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=dpi)
-    return [label for label, _ in curves if label in drawn]
+    return figure, [label for label, _ in curves if label in drawn]
 
 
 def protocol_paths(path: Path, protocols: list[str]) -> dict[str, Path]:
@@ -204,40 +295,131 @@ def curves_from_results(results, log=None) -> list[tuple[str, list[list[dict]]]]
     return [(key, seeds) for key, seeds in curves.items() if seeds]
 
 
+def selected_rounds(results) -> dict[str, list[int]]:
+    """config key -> the selected (best-validation) round of each finished seed (summary.json)."""
+    best: dict[str, list[int]] = {}
+    for result in results:
+        selection = (result.summary or {}).get("selection") or {}
+        if selection.get("best_round") is not None:
+            best.setdefault(result.spec.key, []).append(int(selection["best_round"]))
+    return best
+
+
 COST_PANELS = (("time/round_seconds", "round time (s)", 1.0),
                ("time/clients_per_second", "clients / s", 1.0),
                ("comm/bytes_up", "MB up per round", 1e-6),
                ("comm/bytes_down", "MB down per round", 1e-6))
 
 
-def plot_costs(curves: list[tuple[str, list[list[dict]]]], path, title: str = "", dpi: int = 100) -> list[str]:
-    """Write a PNG of what a round costs, one panel per COST_PANELS metric: per label, the mean
-    over its seeds. Returns the labels drawn."""
+def plot_costs(curves: list[tuple[str, list[list[dict]]]], path, title: str = "", dpi: int = 100,
+               names: dict[str, str] | None = None) -> list[str]:
+    """Write costs_figure(curves, title, names) to the PNG `path`; the labels drawn."""
+    figure, drawn = costs_figure(curves, title, dpi, names)
+    _save(figure, path, dpi)
+    return drawn
+
+
+def costs_figure(curves: list[tuple[str, list[list[dict]]]], title: str = "", dpi: int = 100,
+                 names: dict[str, str] | None = None):
+    """(Figure, labels drawn): what a round costs, one panel per COST_PANELS metric: per label,
+    the mean over its seeds, named by `names`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(10, 7), dpi=dpi)
     FigureCanvasAgg(figure)
-    styles = pair_styles([label for label, _ in curves])
     drawn = set()
     for index, (metric, label, scale) in enumerate(COST_PANELS):
         axes = figure.add_subplot(2, 2, index + 1)
-        for name, rows_per_seed in curves:
-            rounds, mean, _, _ = mean_series(rows_per_seed, metric)
-            if not rounds:
-                continue
-            colour, style = styles[name]
-            axes.plot(rounds, [scale * v for v in mean], style, color=PALETTE[colour % len(PALETTE)], linewidth=1.4, label=name,
-                      marker="o" if len(rounds) == 1 else None)
-            drawn.add(name)
+        drawn.update(_draw_curves(axes, curves, metric, band=False, names=names, scale=scale))
+        if axes.lines:
+            _legend(axes, small=True)
         axes.set_xlabel("round")
         axes.set_ylabel(label)
         axes.grid(True, alpha=0.3)
-        if index == 0 and drawn:
-            axes.legend(fontsize=7, loc="best")
+        _integer_rounds(axes)
     figure.suptitle(title or "cost per round", fontsize=11)
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=dpi)
-    return [name for name, _ in curves if name in drawn]
+    return figure, [name for name, _ in curves if name in drawn]
+
+
+# -- redrawing a results plot from its run records ---------------------------------------------------
+
+
+def results_from_records(records_dir, overrides: list[str] = ()) -> list:
+    """Every record under `records_dir` (<key>/seed-<s>.json) as a finished RunResult (status
+    'recorded'), its config read from the record's own summary through the current schema, with
+    `overrides` ('data.protocol.min_user=0') set on it; in the tables' backbone order, then by
+    key and seed. RecordError names a file that is not a record or whose config no longer reads."""
+    import copy
+
+    import yaml
+
+    from pipeline.config import ExperimentConfig, set_dotted
+    from pipeline.report.experiments import RunResult, RunSpec
+    from pipeline.report.records import RecordError, read_record
+    from pipeline.report.tables import BACKBONE_NAMES
+
+    found = []
+    for path in sorted(Path(records_dir).glob("*/seed-*.json")):
+        key, seed = path.parent.name, path.stem.removeprefix("seed-")
+        if not seed.isdigit():
+            continue
+        record = read_record(records_dir, key, int(seed))
+        try:
+            tree = copy.deepcopy(record["summary"]["config"])
+            for item in overrides:
+                dotted, _, raw = item.partition("=")
+                set_dotted(tree, dotted.strip(), yaml.safe_load(raw))
+            config = ExperimentConfig.model_validate(tree)
+        except (KeyError, TypeError, ValueError) as error:
+            raise RecordError(f"{path}: its config does not read as an experiment config any more "
+                              f"({str(error).splitlines()[0]})") from None
+        spec = RunSpec(source=path, key=key, seed=int(seed), config=config, overrides=())
+        found.append(RunResult(spec, "recorded", summary=record["summary"], extra={"metrics": record["metrics"]}))
+    if not found:
+        raise FileNotFoundError(f"{records_dir}: no run record (<config>/seed-<s>.json) here")
+    order = list(BACKBONE_NAMES)
+
+    def rank(result):
+        backbone = result.spec.config.model.backbone
+        return (order.index(backbone) if backbone in order else len(order), result.spec.key, result.spec.seed)
+
+    return sorted(found, key=rank)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline.report.plots --records DIR --out PNG`: redraw the validation plot of
+    a results table from its committed run records alone (no run directory, no training)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report.plots", description=main.__doc__)
+    parser.add_argument("--records", type=Path, required=True, help="a table's records folder "
+                                                                     "(results/records/<table>)")
+    parser.add_argument("--out", type=Path, required=True, help="the PNG to write (one per protocol: "
+                                                                 "<stem>_<protocol>.png when the runs have several)")
+    parser.add_argument("--title", default=None, help="the plot's title (the table's)")
+    parser.add_argument("--metric", default=None, help="validation metric (default: the runs' selection metric)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="set on every record's config before it is read through today's schema, for keys "
+                             "added since the runs whose defaults differ from what the runs had, e.g. "
+                             "data.protocol.min_user=0: the popularity line is drawn only when the data the "
+                             "config prepares has the runs' fingerprint")
+    args = parser.parse_args(argv)
+    from pipeline.report.cli import _plot
+    from pipeline.report.records import RecordError
+
+    try:
+        results = results_from_records(args.records, args.set)
+    except (FileNotFoundError, RecordError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    plot_args = argparse.Namespace(plot=args.out, plot_metric=args.metric, out=None, title=args.title)
+    figures = _plot(plot_args, results)
+    print(f"{len(results)} records of {len({r.spec.key for r in results})} configs; wrote "
+          + (", ".join(link for _, link in figures) or "nothing"), file=sys.stderr)
+    return 0 if figures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,10 +2,12 @@
 
 For one run or a comparison of several (runs of one config with different seeds form one row,
 mean ± std): the results table of the `experiments` command (protocol, K, seeds, encoder, the
-dataset's facts and its trivial rankings beside the learned rows), validation curves
-(validation.png) and what a round costs (costs.png: round time, clients/s, bytes up and down).
-Writes DIR/report.md (atomically) and the PNGs. A run is labelled by its folder's name (the
-experiments command's <config>/seed-<s> folders by <config>, so its seeds form one row).
+dataset's facts and its trivial rankings beside the learned rows), validation curves beside the
+training loss, with each seed's selected round and the popularity line (validation.png), and
+what a round costs (costs.png: round time, clients/s, bytes up and down). Writes DIR/report.md
+(atomically) and the PNGs. Runs are grouped by their folder's name (the experiments command's
+<config>/seed-<s> folders by <config>, so its seeds form one row) and named as the tables name
+them ("FCF + FedMR").
 """
 
 from __future__ import annotations
@@ -66,12 +68,20 @@ def report_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None, c
             raise NotARun(f"{seen} and {result.spec.run_dir} are the same config and seed: pass one of them")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from pipeline.report.cli import _popularity
+    from pipeline.report.tables import display_names
+
     curves = plots.curves_from_results(results, log=lambda message: None)
+    finished = [result for result in results if result.summary is not None]
+    names = display_names(finished) if finished else {}
     figures = []
     metric = plots.full_metric(plots.selection_metric(results))
-    if plots.plot_validation(curves, out_dir / "validation.png", metric=metric, title=title or ""):
+    protocols = {result.spec.config.train.protocol for result in finished}
+    references = _popularity(finished, metric) if finished and len(protocols) == 1 else {}
+    if plots.plot_validation(curves, out_dir / "validation.png", metric=metric, title=title or "", names=names,
+                             best=plots.selected_rounds(results), references=references):
         figures.append((f"validation {plots.metric_label(metric)} over rounds", "validation.png"))
-    if plots.plot_costs(curves, out_dir / "costs.png", title="what a round costs"):
+    if plots.plot_costs(curves, out_dir / "costs.png", title="what a round costs", names=names):
         figures.append(("round time, clients per second and bytes per round", "costs.png"))
     report = build_report(results, title=title or "Report of trained runs", command=command, figures=figures)
     write_text_atomically(out_dir / "report.md", report["markdown"] + "\n")

@@ -94,14 +94,41 @@ def format_cell(values: list[float], scale: float = 100.0, digits: int = 2) -> s
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def encoder_of(config: dict) -> str:
-    """The item-content side of a run: 'none (ID only)' without a fusion module."""
+def encoder_of(config: dict, data=None) -> str:
+    """The item-content side of a run: 'none (ID only)' without a fusion module; with one, the
+    modalities it fuses and, from the prepared dataset the runs used (`data`), each content
+    modality's encoder (the feature store's manifest, config data.features) and feature width."""
     fusion = config.get("model", {}).get("fusion")
     if not fusion:
         return "none (ID only)"
-    modalities = "+".join(fusion.get("modalities", ())) if isinstance(fusion, dict) else ""
+    used = list(fusion.get("modalities", ())) if isinstance(fusion, dict) else []
     kind = fusion.get("fusion") if isinstance(fusion, dict) else fusion
-    return f"fusion={kind} over {modalities or '?'} (item features of the prepared dataset)"
+    head = f"fusion={kind} over {'+'.join(used) or '?'}"
+    features = getattr(data, "features", None) or {}
+    if not features:
+        return f"{head} (item features of the prepared dataset)"
+    store = (config.get("data") or {}).get("features")
+    manifest = _store_manifest(store) if store else None
+    described = (manifest or {}).get("modalities", {})
+    parts = []
+    for modality in [m for m in used if m in features] or sorted(features):
+        width = int(features[modality].shape[1])
+        info = described.get(modality) or {}
+        model = info.get("model_id") or info.get("model")
+        parts.append(f"{modality}: {model}, {width}-d" if model else f"{modality}: {width}-d")
+    if manifest is not None:
+        source = f"feature store `{store}`"
+    elif store:
+        source = f"feature store `{store}`; no readable manifest, so its encoders are not recorded"
+    else:
+        source = "features shipped with the dataset; their encoders are not recorded"
+    return f"{head}; {'; '.join(parts)} ({source})"
+
+
+def _store_manifest(store) -> dict | None:
+    from pipeline.encode.store import read_manifest
+
+    return read_manifest(store)
 
 
 def protocol_ks(protocol: str) -> tuple[int, ...]:
@@ -174,6 +201,19 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
     return row
 
 
+def display_names(results: list[RunResult]) -> dict[str, str]:
+    """config key -> the name its row has in the tables ('FCF + FedMR', with the DP and
+    centralized suffixes), for legends; keys whose names would collide keep their key beside it."""
+    by_key: OrderedDict[str, list[RunResult]] = OrderedDict()
+    for result in results:
+        by_key.setdefault(result.spec.key, []).append(result)
+    names = {key: learned_row(runs, runs[0].spec.config.train.protocol)["label"] for key, runs in by_key.items()}
+    counts = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {key: name if counts[name] == 1 else f"{name} [{key}]" for key, name in names.items()}
+
+
 # -- dataset facts and baselines -----------------------------------------------------------------
 
 def time_split(timings: list[dict | None]) -> str:
@@ -210,6 +250,27 @@ def dataset_facts(config) -> tuple[dict, object, object]:
         "cold_items": int((popularity == 0).sum()),
     }
     return facts, data, negatives
+
+
+POPULARITY_LINE = "popularity (no learning)"
+
+
+def popularity_reference(config, metric: str, fingerprint: str | None = None) -> dict[str, float]:
+    """{POPULARITY_LINE: the popularity ranking's value of `metric` ('valid/hr@10')}, on the
+    prepared split `config`'s runs used (the train job's cache) under its protocol: exact, no
+    seed, one scoring pass over the validation users. ValueError when the data `config` prepares
+    today is not the runs' (`fingerprint`, from their summaries)."""
+    from pipeline.eval.baselines import evaluate_baselines
+
+    split, _, column = metric.rpartition("/")
+    facts, data, negatives = dataset_facts(config)
+    if fingerprint is not None and facts["fingerprint"] != fingerprint:
+        raise ValueError(f"the runs were made on the preparation {fingerprint}; their config prepares "
+                         f"{facts['fingerprint']} today")
+    k = int(column.partition("@")[2])
+    rows = evaluate_baselines(data, negatives, names=("popularity",), protocols=(config.train.protocol,), ks=(k,))
+    value = next(row[column] for row in rows if row["split"] == (split or "valid"))
+    return {POPULARITY_LINE: float(value)}
 
 
 def trivial_rows(data, negatives, protocol: str) -> list[dict]:
@@ -372,7 +433,7 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
         if TRIVIAL_DATASETS is None or dataset in TRIVIAL_DATASETS:
             rows += trivial_rows(data, negatives, protocol)
         train = [c.train for c in configs]
-        encoders = [encoder_of(c.model_dump()) for c in configs]
+        encoders = [encoder_of(c.model_dump(), data) for c in configs]
         planned_seeds = sorted({run.spec.seed for run in all_runs})
         done_counts = sorted({len(r["seeds"]) for r in rows if is_learned(r)})
         ks = protocol_ks(protocol)

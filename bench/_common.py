@@ -73,6 +73,46 @@ def timed():
         span.cpu = time.process_time() - cpu
 
 
+
+class CallMeter:
+    """Wall and process-CPU seconds of named calls inside a round that rounds.run_rounds plays:
+    wrap(obj, "train") replaces obj.train (an instance attribute, e.g. of the in-process pools or
+    the strategy's GroupServer) by the same call, timed, and optionally run inside `around` (a
+    reusable context manager such as a FLOP meter). The round loop itself is untouched; take()
+    returns what was measured since the last take() and starts again."""
+
+    def __init__(self):
+        self.spans: dict[str, Span] = {}
+
+    def wrap(self, obj, name: str, around=None) -> None:
+        original = getattr(obj, name)
+
+        def call(*args, **kwargs):
+            with timed() as span:
+                if around is None:
+                    out = original(*args, **kwargs)
+                else:
+                    with around:
+                        out = original(*args, **kwargs)
+            self.spans.setdefault(name, Span())
+            self.spans[name] += span
+            return out
+
+        setattr(obj, name, call)
+
+    def take(self) -> dict[str, Span]:
+        spans, self.spans = self.spans, {}
+        return spans
+
+
+def no_evaluation(rounds: int) -> list[str]:
+    """Config overrides under which the first `rounds` rounds schedule no evaluation (a benchmark
+    that times training plays the product's rounds with evaluation off, not another loop); the
+    run's length (train.rounds, 100 by default) is raised only when it is too short for them."""
+    return ["train.eval_round0=false", f"train.eval_every={rounds + 1}",
+            *([f"train.rounds={rounds + 1}"] if rounds >= 100 else [])]
+
+
 # --- memory ------------------------------------------------------------------------------------
 
 

@@ -16,9 +16,13 @@ For each backbone (PFedRec, FedRAP; P1 preset: protocol p1, neg_ratio 4, 5 local
 pipeline/config.py defaults otherwise) both sides start from the same seeded initial model and
 run the same rounds on the same participants, in float32, at the same torch thread count:
 
-- engine: pipeline.federated.shard.Shard.train of every shard (driven sequentially in this
-  process, no Ray; --shards, default one Shard holding every user) + aggregate.apply_uploads;
-- oracle: reference.oracle.oracle_round (textbook trainer, one client after another).
+- engine: the product's round, played by rounds.run_rounds (the one round loop the job runs) on
+  in-process pools (rounds.in_process: --shards Shards driven one after the other, no Ray;
+  default one holding every user): participants and arrivals, every pool's local training,
+  aggregation (privacy and FedMR's server Adam step when the config has them), with no
+  evaluation scheduled in the timed rounds (train.eval_round0=false, train.eval_every past them);
+- oracle: reference.oracle.oracle_round (textbook trainer, one client after another), one call per
+  round (run_oracle counts its rounds from 0, and each round is timed on its own here).
 
 Each round is timed on both sides (wall and process CPU seconds; the two sides alternate which
 goes first); ratio = oracle seconds / engine seconds. After the rounds the two states are
@@ -45,8 +49,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench._common import (emit_json, fmt_s, gemm_peak_gflops, loadavg_1min, machine_line, peak_rss_bytes,
-                           set_threads, synchronize, timed, device_line, Span, GB)
+from bench._common import (emit_json, fmt_s, gemm_peak_gflops, loadavg_1min, machine_line, no_evaluation,
+                           peak_rss_bytes, set_threads, synchronize, timed, device_line, Span, GB)
 from bench.fedmr_round import BmmMeter
 
 BACKBONES = ("pfedrec", "fedrap")
@@ -311,7 +315,8 @@ def require_feature_store(path: str) -> None:
                          f"encode ../shared/data/movielens-100k-mm --format movielens-mm --out {path}")
 
 
-def make_config(backbone: str, participation: float, dataset_overrides: list[str], features: str | None = None):
+def make_config(backbone: str, participation: float, dataset_overrides: list[str], features: str | None = None,
+                overrides=()):
     from pipeline.config import load_config
 
     fusion = []
@@ -319,16 +324,16 @@ def make_config(backbone: str, participation: float, dataset_overrides: list[str
         backbone = backbone[:-len(FUSED)]
         fusion = ["model.fusion={}", f"data.features={features}"]  # the project's fusion defaults
     return load_config(None, [*dataset_overrides, f"model.backbone={backbone}", "train.protocol=p1",
-                              "train.neg_ratio=4", f"train.participation={participation}", *fusion])
+                              "train.neg_ratio=4", f"train.participation={participation}", *fusion, *overrides])
 
 
 def run_backbone(backbone: str, args, data, negatives, participation: float, dataset_overrides, peak) -> dict:
-    from pipeline.federated.aggregate import (apply_uploads, feature_dims, initial_state, participants, round_lrs,
-                                              shard_users)
+    from pipeline.federated.aggregate import feature_dims, round_users
+    from pipeline.federated.rounds import in_process, run_rounds
     from reference.oracle import initial_dense_state, oracle_round
-    from pipeline.federated.shard import Shard
 
-    cfg = make_config(backbone, participation, dataset_overrides, args.features)
+    # no evaluation scheduled in the timed rounds nor in the --profile round after them
+    cfg = make_config(backbone, participation, dataset_overrides, args.features, no_evaluation(args.rounds + 1))
     t = cfg.train
     fusion = cfg.model.fusion
     dims = feature_dims(data) if fusion is not None else None
@@ -338,26 +343,25 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
     if fusion is not None:
         print(f"\n== {backbone}: FedMR {fusion.fusion}, d_f {fusion.d_f}, d_r {fusion.d_r}, modalities "
               f"{list(fusion.modalities)} (features {dims}), router {fusion.router_scope}, mixing "
-              f"{fusion.mixing_source}, dropout {fusion.dropout}")
+              f"{fusion.mixing_source}, dropout {fusion.dropout}, aggregation {fusion.fusion_agg}")
     print(f"\n== {backbone} (update {update}): dim {cfg.model.dim}, local_epochs {t.local_epochs}, "
           f"neg_ratio {t.neg_ratio}, batch_size {t.batch_size} positives ({t.rows_per_batch()} rows), "
           f"lr {cfg.lr()}, lr_decay {cfg.lr_decay()}, protocol {t.protocol}, participation {t.participation:.4f}")
 
     with timed() as setup_engine:
-        init = initial_state(cfg, data.n_users, data.n_items, dims)
-        groups = shard_users(data.train_counts, args.shards)
-        shards = [Shard(cfg, data, negatives, users, init, dtype=torch.float32, device=args.device)
-                  for users in groups]
-        g = {k: v.to(torch.float32) for k, v in init.global_params.items()}
+        strategy, pools = in_process(cfg, data, negatives, n_pools=args.shards, dtype=torch.float32,
+                                     device=args.device)
+        shards = pools.pools
     with timed() as setup_oracle:
         state = initial_dense_state(cfg, data.n_users, data.n_items, dims)
-    print(f"setup (not timed in the rounds): engine {len(shards)} shard(s) {fmt_s(setup_engine.wall)}, "
+    print(f"setup (not timed in the rounds): engine {len(shards)} pool(s) {fmt_s(setup_engine.wall)}, "
           f"oracle dense state {fmt_s(setup_oracle.wall)}")
 
     with timed() as warm:  # first calls pay one-off costs (lazy imports, allocator): not part of a round
-        warm_users = participants(data.n_users, t.participation, t.seed, 0)[:WARMUP_CLIENTS]
-        Shard(cfg, data, negatives, warm_users, init, device=args.device).train(
-            0, g, warm_users, round_lrs(cfg, data.n_items, 0))
+        # a throwaway strategy and pools whose round 0 trains WARMUP_CLIENTS clients
+        warm_cfg = make_config(backbone, min(1.0, WARMUP_CLIENTS / data.n_users), dataset_overrides, args.features,
+                               no_evaluation(1))
+        run_rounds(*in_process(warm_cfg, data, negatives, dtype=torch.float32, device=args.device), rounds=1)
         with oracle_participants_subset(lambda users, round_: users[:WARMUP_CLIENTS]):
             # result discarded; state is not modified
             oracle_round(cfg, data, state, 0, dtype=torch.float32, device=args.device)
@@ -377,18 +381,17 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
     fused_rows = FusedRowCount()
     bmm = BmmMeter()
     rounds = []
-    for r in range(args.rounds):
-        users = participants(data.n_users, t.participation, t.seed, r)
-        lrs = round_lrs(cfg, data.n_items, r)
+    for r in range(args.rounds):  # one round per side at a time: the two sides alternate which goes first
+        users = round_users(cfg, data.train_counts, r).arrived  # who trains in round r, on both sides
 
         def engine_round():
-            nonlocal g
             with capture_local_training(local_log, args.device), fused_rows.installed(), bmm, timed() as span:
-                uploads = [s.train(r, g, users[np.isin(users, s.users)], lrs) for s in shards]
-                g = apply_uploads(g, uploads)
-            return span, sum(u.rows for u in uploads)
+                [metrics] = run_rounds(strategy, pools, rounds=1)
+                synchronize(args.device)
+            return span, metrics["train/rows"]
 
         def oracle_round_timed():
+            # oracle_round, not run_oracle: run_oracle counts rounds from 0, and round r is timed on its own
             nonlocal state
             if subset_k and subset_k < len(users):
                 with oracle_participants_subset(subset_of_round), timed() as span:
@@ -480,9 +483,10 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
         print("equal-metrics check: skipped (the oracle trained only a subset of the participants)")
         result["check"] = None
     else:
-        result["check"] = check_equal_metrics(cfg, data, negatives, shards, g, to_host(state), args.rounds)
+        result["check"] = check_equal_metrics(cfg, data, negatives, shards, strategy.globals, to_host(state),
+                                              args.rounds)
     if args.profile:
-        profile_engine_round(shards, g, data, cfg, args.rounds)
+        profile_engine_round(strategy, pools)
     return result
 
 
@@ -503,20 +507,19 @@ def check_equal_metrics(cfg, data, negatives, shards, g, state, rounds: int) -> 
     return check
 
 
-def profile_engine_round(shards, g, data, cfg, round_: int, top: int = 15) -> None:
-    """One more engine round under cProfile and the torch profiler: the top costs, printed."""
+def profile_engine_round(strategy, pools, top: int = 15) -> None:
+    """One more engine round (run_rounds) under cProfile and the torch profiler: the top costs, printed."""
     import cProfile
     import io
     import pstats
 
-    from pipeline.federated.aggregate import apply_uploads, participants, round_lrs
+    from pipeline.federated.rounds import run_rounds
 
-    users = participants(data.n_users, cfg.train.participation, cfg.train.seed, round_)
-    lrs = round_lrs(cfg, data.n_items, round_)
+    round_ = strategy.next_round
     profiler = cProfile.Profile()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as ops, timed() as span:
         profiler.enable()
-        apply_uploads(g, [s.train(round_, g, users[np.isin(users, s.users)], lrs) for s in shards])
+        run_rounds(strategy, pools, rounds=1)
         profiler.disable()
     print(f"profile of engine round {round_} ({span.wall:.3f} s wall under the profilers; the state is "
           f"advanced past the checked rounds):")
@@ -538,7 +541,7 @@ def parse_args(argv):
                    help="participants per round (participation = users / n_users); default all (--quick 200)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for both sides (default 1: one ClientPool's share, and robust on a shared box)")
-    p.add_argument("--shards", type=int, default=1, help="engine shards driven sequentially in-process (default 1)")
+    p.add_argument("--shards", type=int, default=1, help="engine pools driven sequentially in-process (default 1)")
     p.add_argument("--oracle-users", type=int, default=0,
                    help="time the oracle on this many random participants per round and extrapolate (0 = all)")
     p.add_argument("--gemm-n", type=int, default=2048)
@@ -565,7 +568,8 @@ def main(argv=None) -> dict:
     from pipeline.data.datasets import open_dataset
 
     threads = set_threads(args.threads)
-    print("bench.engine_speed: vectorised engine (Shard.train + apply_uploads) vs sequential oracle (oracle_round)")
+    print("bench.engine_speed: the product's rounds (rounds.run_rounds on in-process pools) vs the sequential "
+          "oracle (oracle_round)")
     print(machine_line(threads))
     print(device_line(args.device))
     dataset_overrides = dataset_config(args.dataset, args.synthetic_users, args.synthetic_items)
@@ -582,7 +586,7 @@ def main(argv=None) -> dict:
     users = data.n_users if args.users is None else min(args.users, data.n_users)
     participation = min(1.0, users / data.n_users)
     print(f"participants per round: {users} (participation {participation:.4f}); rounds {args.rounds}; engine layout: "
-          f"{args.shards} Shard(s) driven sequentially in this process (no Ray)")
+          f"{args.shards} in-process pool(s) driven sequentially by rounds.run_rounds (no Ray)")
     peak = gemm_peak_gflops(args.gemm_n, args.gemm_repeats, args.device)
     print(f"GEMM peak: torch.mm {peak['n']}x{peak['n']} float32 on {args.device}, best of {peak['repeats']}: "
           f"{peak['best_seconds']:.4f} s = {peak['gflops']:.1f} GFLOP/s at {threads} thread(s)")
@@ -590,7 +594,7 @@ def main(argv=None) -> dict:
     figures = {"bench": "engine_speed", "quick": bool(args.quick), "threads": threads, "dataset": args.dataset,
                "n_users": data.n_users, "n_items": data.n_items, "train_positives": int(counts.sum()),
                "users_per_round": users, "rounds": args.rounds, "shards": args.shards, "device": args.device,
-               "engine_layout": f"{args.shards} in-process Shard(s), sequential, no Ray",
+               "engine_layout": f"{args.shards} in-process pool(s) (rounds.in_process), sequential, no Ray",
                "gemm_peak_gflops": peak["gflops"], "gemm_n": peak["n"], "target_speedup": TARGET_SPEEDUP,
                "backbones": {}}
     for backbone in backbones:

@@ -6,15 +6,19 @@
     python -m bench.fedmr_round --dataset movielens --quick --threads 2   # all 943 MovieLens users
 
 configs/<dataset>/<backbone>_fedmr.yaml (project defaults: moe, local router, history mixing, dropout
-0.1, d_f 64; CLIP ViT-B/32 text and cover features, 512-d) on one Shard holding every user, in
-float32, in this process (no Ray). Per round: wall and process-CPU seconds of Shard.train (the
-engine's local training of all clients + the reduced upload) and of one P3 validation pass.
+0.1, d_f 64; CLIP ViT-B/32 text and cover features, 512-d), every user in one in-process pool,
+float32, no Ray: rounds played by rounds.run_rounds (the product's round loop) on in_process
+pools, each round as the config schedules it (aggregation, FedMR's server step, the scheduled
+evaluation on valid and test). Per round: wall and process-CPU seconds of the pools' training
+(LocalPools.train: every client's local training + the reduced upload), the round's train phase
+as the loop reports it (time/train_seconds: training + aggregation), and the scheduled
+evaluation (LocalPools.evaluate, valid and test under the config's protocol, P3).
 
-GEMM efficiency: every torch.bmm / baddbmm call of the round is wrapped (the per-client layers of the
+GEMM efficiency: every torch.bmm / baddbmm call of the pools' training is wrapped (the per-client layers of the
 module are bmm's on the padded client layout, grouped.PaddedLayout; the frozen-feature
 projections are bmm's of Gram blocks, client.FeatureSpan) and timed (wall); efficiency = their
 FLOPs / their seconds / the torch.mm peak at the same thread count (gemm_peak_gflops, measured
-in this process). "Round FLOP rate" divides the same FLOPs by the round's wall seconds. The
+in this process). "Round FLOP rate" divides the same FLOPs by the training's wall seconds. The
 ID-only backbone is timed beside it for reference. Process CPU seconds are reported too (a
 shared machine stretches wall time); the last line printed is one JSON object with every figure.
 """
@@ -27,7 +31,7 @@ import time
 import numpy as np
 import torch
 
-from bench._common import emit_json, gemm_peak_gflops, machine_line, set_threads, timed
+from bench._common import CallMeter, Span, emit_json, gemm_peak_gflops, machine_line, set_threads
 
 
 class BmmMeter:
@@ -59,32 +63,37 @@ class BmmMeter:
 def run(config_path: str, rounds: int, peak: float, overrides=()) -> list[dict]:
     from pipeline.config import load_config
     from pipeline.data.datasets import open_dataset
-    from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, round_lrs
-    from pipeline.federated.shard import Shard
+    from pipeline.federated.rounds import in_process, run_rounds
 
     cfg = load_config(config_path, list(overrides))
     data, negatives = open_dataset(cfg.data, cache=None)
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    shard = Shard(cfg, data, negatives, np.arange(data.n_users), init)
-    g, out = dict(init.global_params), []
-    for round_ in range(rounds):
-        with BmmMeter() as meter, timed() as train:
-            upload = shard.train(round_, g, np.arange(data.n_users), round_lrs(cfg, data.n_items, round_))
-        g = apply_uploads(g, [upload])
-        with timed() as evaluation:
-            metrics, _ = shard.evaluate(g, "p3", "valid", (50,))
-        row = {"round": round_, "clients": upload.clients, "rows": upload.rows,
+    strategy, pools = in_process(cfg, data, negatives)
+    meter, bmm = CallMeter(), BmmMeter()
+    meter.wrap(pools, "train", around=bmm)  # the GEMMs of local training only, not of evaluation
+    meter.wrap(pools, "evaluate")
+    out = []
+
+    def measured(metrics: dict) -> None:
+        spans = meter.take()
+        train, evaluation = spans["train"], spans.get("evaluate", Span())
+        row = {"round": metrics["round"], "clients": metrics["train/clients"], "rows": metrics["train/rows"],
                "train_wall_s": train.wall, "train_cpu_s": train.cpu,
-               "eval_wall_s": evaluation.wall, "eval_cpu_s": evaluation.cpu, "valid_hr@50": metrics["hr@50"],
-               "bmm_calls": meter.calls, "bmm_gflop": meter.flops / 1e9, "bmm_wall_s": meter.wall}
-        if meter.wall > 0:
-            row["gemm_efficiency"] = meter.flops / meter.wall / 1e9 / peak
-            row["round_flop_rate_of_peak"] = meter.flops / train.wall / 1e9 / peak
-            row["bmm_share_of_round"] = meter.wall / train.wall
+               "train_aggregate_wall_s": metrics["time/train_seconds"], "round_wall_s": metrics["time/round_seconds"],
+               "eval_wall_s": evaluation.wall, "eval_cpu_s": evaluation.cpu, "valid_hr@50": metrics.get("valid/hr@50"),
+               "bmm_calls": bmm.calls, "bmm_gflop": bmm.flops / 1e9, "bmm_wall_s": bmm.wall}
+        if bmm.wall > 0:
+            row["gemm_efficiency"] = bmm.flops / bmm.wall / 1e9 / peak
+            row["round_flop_rate_of_peak"] = bmm.flops / train.wall / 1e9 / peak
+            row["bmm_share_of_round"] = bmm.wall / train.wall
+        bmm.flops = bmm.wall = bmm.calls = 0
         out.append(row)
-        print(f"  round {round_}: train {train.wall:.3f} s wall / {train.cpu:.3f} s CPU, eval {evaluation.cpu:.3f} s CPU"
-              + (f", bmm {meter.flops / 1e9:.1f} GFLOP at {100 * row['gemm_efficiency']:.0f}% of peak "
-                 f"({100 * row['bmm_share_of_round']:.0f}% of the round)" if meter.wall > 0 else ""), flush=True)
+        print(f"  round {row['round']}: train {train.wall:.3f} s wall / {train.cpu:.3f} s CPU (with aggregation "
+              f"{row['train_aggregate_wall_s']:.3f} s), eval {evaluation.cpu:.3f} s CPU"
+              + (f", bmm {row['bmm_gflop']:.1f} GFLOP at {100 * row['gemm_efficiency']:.0f}% of peak "
+                 f"({100 * row['bmm_share_of_round']:.0f}% of the training)" if "gemm_efficiency" in row else ""),
+              flush=True)
+
+    run_rounds(strategy, pools, rounds=rounds, on_round=measured)
     return out
 
 

@@ -6,15 +6,19 @@
     python -m bench.gfmfr_server --quick                  # 2 rounds
 
 configs/<dataset>/<backbone>_gfmfr.yaml (GFMFR's defaults: G = 5, spectral grouping, the
-group fusion model trained 50 epochs of SGD at batch 256 on every (group, item) pair) on one
-Shard holding every user, in this process (no Ray), float32. Per round, wall and process-CPU
-seconds of: the clients' local training (Shard.train: round 0 without a teacher, then with the
-distillation term), grouping the participants (GroupServer.assign: standardise + spectral
-clustering + Hungarian ids), the pools' per-group reduction (Shard.group_sums), and fitting the
-group fusion model and the teacher scores (GroupServer.fit). The baseline, measured in the
-same process: the same model's local training without GFMFR (the ID backbone, or with --fedmr
-the backbone + FedMR). Ratios: server step / GFMFR client training, and GFMFR client training /
-client training without GFMFR (the distillation term's cost on the clients). The last line printed is one JSON object with every figure.
+group fusion model trained 50 epochs of SGD at batch 256 on every (group, item) pair), every user
+in one in-process pool, float32, no Ray: rounds played by rounds.run_rounds (the product's round
+loop) on in_process pools, with no evaluation scheduled in them (train.eval_round0=false and
+train.eval_every past the rounds played). Per round, wall and process-CPU seconds of: the
+clients' local training (LocalPools.train: round 0 without a teacher, then with the distillation
+term), and of the strategy's group step as the loop runs it (GroupServer.step): grouping the
+participants (GroupServer.assign: standardise + spectral clustering + Hungarian ids), the pools'
+per-group reduction (LocalPools.group_sums) and fitting the group fusion model and the teacher
+scores (GroupServer.fit); the server step is the whole group step (time/group_step_seconds).
+The baseline, measured in the same process through the same loop: the same model's local
+training without GFMFR (the ID backbone, or with --fedmr the backbone + FedMR). Ratios: server
+step / GFMFR client training, and GFMFR client training / client training without GFMFR (the
+distillation term's cost on the clients). The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -22,57 +26,49 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
-from bench._common import emit_json, machine_line, set_threads, timed
+from bench._common import CallMeter, emit_json, machine_line, no_evaluation, set_threads
 
 
 def run(config_path: str, rounds: int, overrides=()) -> list[dict]:
     from pipeline.config import load_config
     from pipeline.data.datasets import open_dataset
-    from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, round_lrs
-    from pipeline.federated.group_server import GroupServer
-    from pipeline.federated.shard import Shard
-    from pipeline.models import model_for
+    from pipeline.federated.rounds import in_process, run_rounds
 
-    cfg = load_config(config_path, list(overrides))
+    cfg = load_config(config_path, [*no_evaluation(rounds), *overrides])
     data, negatives = open_dataset(cfg.data, cache=None)
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    model = model_for(cfg.model)
-    users = np.arange(data.n_users)
-    shard = Shard(cfg, data, negatives, users, init)
-    groups = None
-    if cfg.model.gfmfr is not None:
-        groups = GroupServer(cfg, model, init, {m: torch.as_tensor(np.asarray(x)) for m, x in data.features.items()},
-                             data.n_users, data.n_items)
-    g, out = dict(init.global_params), []
-    for round_ in range(rounds):
-        teacher = groups.download(round_) if groups is not None else None
-        with timed() as train:
-            upload = shard.train(round_, g, users, round_lrs(cfg, data.n_items, round_), teacher)
-        downloaded, g = g, apply_uploads(g, [upload])
-        row = {"round": round_, "clients": upload.clients, "distilled": upload.distilled,
-               "train_wall_s": train.wall, "train_cpu_s": train.cpu}
-        if groups is not None:
-            with timed() as grouping:
-                ids = groups.assign(round_, upload.group_users, upload.group_vectors)
-            with timed() as reduce:
-                sums, members = shard.group_sums(ids, cfg.model.gfmfr.group_num)
-            with timed() as fit:
-                metrics = groups.fit(round_, upload.group_users, ids, sums, members, downloaded[model.GROUP_TABLE],
-                                     upload.group_vectors, upload.group_alpha, g)
+    strategy, pools = in_process(cfg, data, negatives)
+    meter = CallMeter()
+    meter.wrap(pools, "train")
+    if strategy.groups is not None:
+        for name in ("assign", "fit"):  # the group step's parts, timed where the step calls them
+            meter.wrap(strategy.groups, name)
+        meter.wrap(pools, "group_sums")
+    out = []
+
+    def measured(metrics: dict) -> None:
+        spans = meter.take()
+        train = spans["train"]
+        row = {"round": metrics["round"], "clients": metrics["train/clients"],
+               "distilled": int(metrics.get("group/distilled_clients", 0)),
+               "train_wall_s": train.wall, "train_cpu_s": train.cpu,
+               "train_aggregate_wall_s": metrics["time/train_seconds"]}
+        if strategy.groups is not None:
+            grouping, reduce, fit = spans["assign"], spans["group_sums"], spans["fit"]
             row.update({"grouping_wall_s": grouping.wall, "grouping_cpu_s": grouping.cpu,
                         "reduce_wall_s": reduce.wall, "fit_wall_s": fit.wall, "fit_cpu_s": fit.cpu,
                         "fusion_wall_s": metrics["time/group_fusion_seconds"],
                         "teacher_wall_s": metrics["time/teacher_seconds"],
-                        "server_wall_s": grouping.wall + reduce.wall + fit.wall,
+                        "server_wall_s": metrics["time/group_step_seconds"],
                         "groups_nonempty": metrics["group/nonempty"], "fusion_loss": metrics["group/fusion_loss"]})
-            print(f"  round {round_}: clients {train.wall:.2f} s ({upload.distilled} distilled) | server "
+            print(f"  round {row['round']}: clients {train.wall:.2f} s ({row['distilled']} distilled) | server "
                   f"{row['server_wall_s']:.2f} s: grouping {grouping.wall:.2f}, reduce {reduce.wall:.3f}, "
                   f"group fusion {row['fusion_wall_s']:.2f}, teacher {row['teacher_wall_s']:.3f}", flush=True)
         else:
-            print(f"  round {round_}: clients {train.wall:.2f} s", flush=True)
+            print(f"  round {row['round']}: clients {train.wall:.2f} s", flush=True)
         out.append(row)
+
+    run_rounds(strategy, pools, rounds=rounds, on_round=measured)
     return out
 
 

@@ -3,10 +3,12 @@
     python -m bench.scale            # 1M users (10K and 20K per round) and 100K users (10K per round)
     python -m bench.scale --quick    # 100K users, 1K per round (and 10K users / 2K per round to compare)
 
-The engine runs in this process through Shard objects (as a ClientPool would, without Ray;
---shards of them driven one after the other): participants -> Shard.train of every shard ->
-aggregate.apply_uploads. Evaluation is not part of a round (it is skipped; scoring a sample of
-users is timed separately). Three settings, all with the same config (PFedRec, P1 preset:
+Rounds are played by rounds.run_rounds (the product's round loop: participants and arrivals,
+every pool's training, aggregation) on in-process pools (rounds.in_process: --shards Shard
+objects, as ClientPools would hold them, driven one after the other, no Ray), one round per
+call so the memory guard below looks between rounds. No evaluation is scheduled in the timed
+rounds (train.eval_round0=false, train.eval_every past them); scoring a sample of users is
+timed separately. Three settings, all with the same config (PFedRec, P1 preset:
 neg_ratio 4, 5 local epochs, pipeline/config.py defaults otherwise):
 
   main          population P, S sampled per round   (1,000,000 / 10,000)
@@ -23,8 +25,9 @@ separately. The private state kept per shard (PersonalStore) is sized after ever
 growth with the number of users trained so far shows up as such. To protect a shared machine,
 a setting stops early when the next round's projected peak RSS exceeds --abort-gb (reported).
 
---ray additionally trains the main setting through real Ray ClientPool actors (the Server's
-round without its evaluation; see the report). The last line printed is one JSON object.
+--ray additionally plays the main setting's rounds through real Ray ClientPool actors (the same
+run_rounds on pool.RayPools, as the job's Server does; no evaluation scheduled). The last line
+printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -37,17 +40,17 @@ import numpy as np
 import torch
 
 from bench._common import (GB, MB, current_rss_bytes, device_line, emit_json, machine_line, mem_available_bytes,
-                           phase_peak_rss_bytes, process_peak_rss_bytes, release_memory, reset_phase_peak, set_threads,
-                           timed)
+                           no_evaluation, phase_peak_rss_bytes, process_peak_rss_bytes, release_memory,
+                           reset_phase_peak, set_threads, timed)
 
 BACKBONE = "pfedrec"
 
 
-def make_config(participation: float):
+def make_config(participation: float, overrides=()):
     from pipeline.config import load_config
 
     return load_config(None, [f"model.backbone={BACKBONE}", "train.protocol=p1", "train.neg_ratio=4",
-                              f"train.participation={participation}"])
+                              f"train.participation={participation}", *overrides])
 
 
 def make_dataset(n_users: int, n_items: int, seed: int) -> tuple[object, dict]:
@@ -101,29 +104,27 @@ def store_report(shards) -> dict:
 
 
 def run_setting(label: str, data, per_round: int, args, abort_bytes: int) -> dict:
-    """Rounds of the in-process engine on `data` with `per_round` sampled users."""
-    from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
-    from pipeline.federated.shard import Shard
+    """Rounds of the product's round loop (rounds.run_rounds) on in-process pools of `data`,
+    `per_round` sampled users each, no evaluation scheduled in them."""
+    from pipeline.federated.rounds import in_process, run_rounds
 
     participation = per_round / data.n_users
-    cfg = make_config(participation)
+    total = args.warmup + args.rounds
+    cfg = make_config(participation, no_evaluation(total + 1))  # + 1: the --profile round
     release_memory()
     base_rss = current_rss_bytes()
     reset_phase_peak()
     print(f"\n== {label}: population {data.n_users:,}, participation {participation:g} "
-          f"({per_round:,} per round), {args.shards} in-process shard(s), RSS at start {base_rss / GB:.2f} GB",
+          f"({per_round:,} per round), {args.shards} in-process pool(s), RSS at start {base_rss / GB:.2f} GB",
           flush=True)
     with timed() as setup:
-        init = initial_state(cfg, data.n_users, data.n_items)
-        shards = [Shard(cfg, data, None, users, init, device=args.device)
-                  for users in shard_users(data.train_counts, args.shards)]
-        g = init.global_params
+        strategy, pools = in_process(cfg, data, n_pools=args.shards, device=args.device)
+        shards = pools.pools
     setup_peak = phase_peak_rss_bytes()
-    print(f"setup: initial model + {len(shards)} Shard(s) {setup.wall:.2f} s, phase peak RSS {setup_peak / GB:.2f} GB")
+    print(f"setup: initial model + {len(shards)} pool(s) {setup.wall:.2f} s, phase peak RSS {setup_peak / GB:.2f} GB")
 
-    total = args.warmup + args.rounds
     rounds, stopped = [], None
-    for r in range(total):
+    for r in range(total):  # one run_rounds round at a time: the memory guard looks between rounds
         peaks = [e["peak_rss_bytes"] for e in rounds]
         if peaks:
             growth = peaks[-1] - (peaks[-2] if len(peaks) >= 2 else base_rss)
@@ -138,14 +139,11 @@ def run_setting(label: str, data, per_round: int, args, abort_bytes: int) -> dic
                 break
         reset_phase_peak()
         with timed() as span:
-            users = participants(data.n_users, cfg.train.participation, cfg.train.seed, r)
-            lrs = round_lrs(cfg, data.n_items, r)
-            uploads = [s.train(r, g, users[np.isin(users, s.users)], lrs) for s in shards]
-            g = apply_uploads(g, uploads)
+            [metrics] = run_rounds(strategy, pools, rounds=1)
         store = store_report(shards)
-        entry = {"round": r, "warmup": r < args.warmup, "clients": int(sum(u.clients for u in uploads)),
-                 "rows": int(sum(u.rows for u in uploads)), "seconds": span.wall, "cpu_seconds": span.cpu,
-                 "shard_seconds": [u.seconds for u in uploads], "peak_rss_bytes": phase_peak_rss_bytes(),
+        entry = {"round": r, "warmup": r < args.warmup, "clients": int(metrics["train/clients"]),
+                 "rows": int(metrics["train/rows"]), "seconds": span.wall, "cpu_seconds": span.cpu,
+                 "pool_seconds_max": metrics["time/pool_seconds_max"], "peak_rss_bytes": phase_peak_rss_bytes(),
                  "rss_after_bytes": current_rss_bytes(), "store_bytes": sum(store.values()), "store_parts": store}
         rounds.append(entry)
         copies = sum(s.store.copy_rows_stored() for s in shards)
@@ -154,7 +152,6 @@ def run_setting(label: str, data, per_round: int, args, abort_bytes: int) -> dic
               f"{entry['peak_rss_bytes'] / GB:.2f} GB, "
               f"after {entry['rss_after_bytes'] / GB:.2f} GB | private state {entry['store_bytes'] / MB:,.0f} MB "
               f"(trained-copy rows kept: {copies:,})", flush=True)
-        del uploads
 
     timed_rounds = [e for e in rounds if not e["warmup"]]
     seconds = [e["seconds"] for e in timed_rounds]
@@ -189,7 +186,7 @@ def run_setting(label: str, data, per_round: int, args, abort_bytes: int) -> dic
         reset_phase_peak()
         with timed() as span:
             for start in range(0, len(sample), batch):
-                shards[0].scores(g, torch.as_tensor(sample[start:start + batch]))
+                shards[0].scores(strategy.globals, torch.as_tensor(sample[start:start + batch]))
         result["score_sample_users"] = len(sample)
         result["score_sample_s"] = span.wall
         result["score_sample_peak_rss_gb"] = phase_peak_rss_bytes() / GB
@@ -198,8 +195,8 @@ def run_setting(label: str, data, per_round: int, args, abort_bytes: int) -> dic
               f"{result['score_sample_peak_rss_gb']:.2f} GB -> all {data.n_users:,} users "
               f"~{span.wall * data.n_users / len(sample):,.0f} s (linear extrapolation)", flush=True)
     if args.profile:
-        profile_round(shards, g, data, cfg, len(rounds))
-    del shards, g, init
+        profile_round(strategy, pools)
+    del shards, strategy, pools
     release_memory()
     return result
 
@@ -224,19 +221,18 @@ def compare(a: dict | None, b: dict | None, warmup: int) -> dict:
     return out
 
 
-def profile_round(shards, g, data, cfg, round_: int, top: int = 18) -> None:
-    """One more round under cProfile: where the time of a round goes (functions of pipeline/)."""
+def profile_round(strategy, pools, top: int = 18) -> None:
+    """One more round of run_rounds under cProfile: where the time of a round goes."""
     import cProfile
     import io
     import pstats
 
-    from pipeline.federated.aggregate import apply_uploads, participants, round_lrs
+    from pipeline.federated.rounds import run_rounds
 
-    users = participants(data.n_users, cfg.train.participation, cfg.train.seed, round_)
+    round_ = strategy.next_round
     profiler = cProfile.Profile()
     profiler.enable()
-    apply_uploads(g, [s.train(round_, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, round_))
-                      for s in shards])
+    run_rounds(strategy, pools, rounds=1)
     profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
@@ -245,40 +241,39 @@ def profile_round(shards, g, data, cfg, round_: int, top: int = 18) -> None:
 
 
 def run_ray(data, per_round: int, args) -> dict:
-    """The main setting through real Ray ClientPool actors (what Server._round does, minus evaluation)."""
+    """The main setting through real Ray ClientPool actors: the product's round loop
+    (rounds.run_rounds) on pool.RayPools, as the job's Server plays it, no evaluation scheduled."""
     import ray
 
-    from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
-    from pipeline.federated.pool import ClientPool
+    from pipeline.federated.placement import PoolPlan
+    from pipeline.federated.pool import RayPools
+    from pipeline.federated.rounds import run_rounds
+    from pipeline.federated.strategy import Strategy
 
     participation = per_round / data.n_users
-    cfg = make_config(participation)
+    total = args.warmup + args.rounds
+    cfg = make_config(participation, no_evaluation(total))
     print(f"\n== Ray: {args.ray_pools} ClientPool actors (1 CPU, 1 thread each), population {data.n_users:,}, "
           f"{per_round:,} per round", flush=True)
     started = time.perf_counter()
-    ray.init(num_cpus=max(2, args.ray_pools), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=max(2, args.ray_pools), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)  # a cluster of its own, never another one on this machine
     try:
-        init = initial_state(cfg, data.n_users, data.n_items)
-        data_ref, init_ref = ray.put(data), ray.put(init)
-        groups = shard_users(data.train_counts, args.ray_pools)
-        pools = [ClientPool.options(num_cpus=1).remote(cfg.model_dump_json(), data_ref, None, users, init_ref, 1)
-                 for users in groups]
-        pids = [info["pid"] for info in ray.get([p.info.remote() for p in pools])]
+        strategy = Strategy(cfg, data, n_pools=args.ray_pools)
+        pools = RayPools(cfg.model_dump_json(), ray.put(data), None, strategy,
+                         PoolPlan(pools=args.ray_pools, cpus_per_pool=1.0, gpus_per_pool=0.0))
+        pids = [info["pid"] for info in pools.info()]
         startup = time.perf_counter() - started
-        g, rounds = init.global_params, []
-        for r in range(args.warmup + args.rounds):
+        rounds = []
+        for r in range(total):  # one round per call: each is timed on its own
             t0 = time.perf_counter()
-            users = participants(data.n_users, participation, cfg.train.seed, r)
-            g_ref = ray.put(g)
-            uploads = ray.get([p.train.remote(r, g_ref, users[np.isin(users, s)], round_lrs(cfg, data.n_items, r))
-                               for p, s in zip(pools, groups)])
-            g = apply_uploads(g, uploads)
+            run_rounds(strategy, pools, rounds=1)
             rounds.append(time.perf_counter() - t0)
             pool_hwm = [_proc_hwm(pid) for pid in pids]
             print(f"ray round {r}{' (warm-up)' if r < args.warmup else ''}: {rounds[-1]:.2f} s; pool peak RSS "
                   + ", ".join("n/a" if h is None else f"{h / GB:.2f} GB" for h in pool_hwm), flush=True)
         timed_rounds = rounds[args.warmup:]
-        result = {"pools": len(pools), "startup_s": startup, "round_seconds": rounds,
+        result = {"pools": len(pools.actors), "startup_s": startup, "round_seconds": rounds,
                   "s_per_round": float(np.mean(timed_rounds)) if timed_rounds else None,
                   "pool_peak_rss_gb": [None if h is None else h / GB for h in (_proc_hwm(pid) for pid in pids)]}
         print(f"ray: {result['s_per_round']:.2f} s per round (mean of {len(timed_rounds)}), startup {startup:.1f} s")
@@ -335,7 +330,7 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     threads = set_threads(args.threads)
-    print(f"bench.scale: {BACKBONE} engine rounds in-process (Shard.train + apply_uploads), no evaluation in the round")
+    print(f"bench.scale: {BACKBONE} rounds of rounds.run_rounds on in-process pools, no evaluation scheduled")
     print(machine_line(threads))
     print(device_line(args.device))
     available = mem_available_bytes()

@@ -4,9 +4,10 @@ users x 15,000 items, ID only), the matrix-product scorer against today's row-pe
     python -m bench.scale_eval            # 50,000 users x 15,000 items; the baseline on a user sample
     python -m bench.scale_eval --quick    # 4,000 users x 1,500 items; the baseline on every user
 
-One in-process Shard holds every user (no Ray; as one ClientPool would, on --threads torch
-threads). After one training round of --train-users clients (so personal state is not the
-initial one), the same evaluator (pipeline/eval/protocols.evaluate, the test split) ranks:
+One in-process pool holds every user (no Ray; as one ClientPool would, on --threads torch
+threads). After one training round of --train-users sampled clients (so personal state is not the
+initial one; round 0 played by rounds.run_rounds, the product's round loop, on in_process pools,
+with no evaluation scheduled in it), the same evaluator (pipeline/eval/protocols.evaluate, the test split) ranks:
 
   new       Shard.scorer: a block of users x all items as matrix products (P3), or only each
             user's target + 99 persisted negatives (P1: score_candidates)
@@ -31,8 +32,8 @@ import sys
 
 import numpy as np
 
-from bench._common import (GB, emit_json, machine_line, phase_peak_rss_bytes, process_peak_rss_bytes,
-                           release_memory, reset_phase_peak, set_threads, timed)
+from bench._common import (GB, emit_json, machine_line, no_evaluation, phase_peak_rss_bytes,
+                           process_peak_rss_bytes, release_memory, reset_phase_peak, set_threads, timed)
 
 
 def parse_args(argv):
@@ -100,25 +101,29 @@ def evaluate_timed(scorer, data, negatives, protocol: str, users: np.ndarray,
     return metrics, span.wall, phase_peak_rss_bytes() / GB
 
 
-def measure(label: str, prefix: str, cfg, data, negatives, args, train_users: int, baseline_users: int) -> dict:
-    """One model: a training round of `train_users` clients (0: every user), then both scorers
+def one_round(n_users: int, train_users: int) -> list[str]:
+    """Config overrides of the training round: `train_users` sampled clients (0: every user) and
+    no evaluation scheduled in it."""
+    trained = n_users if train_users <= 0 or train_users >= n_users else train_users
+    return [f"train.participation={trained / n_users!r}", *no_evaluation(1)]
+
+
+def measure(label: str, prefix: str, cfg, data, negatives, args, baseline_users: int) -> dict:
+    """One model: round 0 of the product's round loop (rounds.run_rounds on in-process pools,
+    the clients cfg samples, no evaluation), then both scorers
     on a user sample (0: every user) and the new one on every user. Figures keyed `prefix` +
     name; peak_rss_gb is the process's peak from building the shard to the last evaluation."""
-    from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, round_lrs
-    from pipeline.federated.shard import Shard
+    from pipeline.federated.rounds import in_process, run_rounds
 
     release_memory()
     reset_phase_peak()
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    shard = Shard(cfg, data, negatives, np.arange(data.n_users), init)
-    g = init.global_params
-    rng = np.random.default_rng(args.seed)
-    trained = np.arange(data.n_users) if train_users <= 0 or train_users >= data.n_users else \
-        np.sort(rng.choice(data.n_users, size=train_users, replace=False))
+    strategy, pools = in_process(cfg, data, negatives)
+    [shard] = pools.pools  # one pool: every user
     with timed() as span:
-        upload = shard.train(0, g, trained, round_lrs(cfg, data.n_items, 0))
-        g = apply_uploads(g, [upload])
-    del upload
+        [played] = run_rounds(strategy, pools, rounds=1)
+    g = strategy.globals
+    trained = np.arange(played["train/clients"])  # only their number is reported
+    rng = np.random.default_rng(args.seed)
     peak = phase_peak_rss_bytes() / GB
     block = cfg.runtime.train_block_clients
     print(f"\n== {label}: one training round of {len(trained):,} clients "
@@ -177,16 +182,17 @@ def main(argv=None) -> dict:
     data, negatives = make_data(args.users, args.items, args.seed)
     figures = {"bench": "scale_eval", "quick": bool(args.quick), "threads": threads, "backbone": args.backbone,
                "users": data.n_users, "items": data.n_items}
-    cfg = load_config(None, [f"model.backbone={args.backbone}"])
-    figures.update(measure("ID only", "", cfg, data, negatives, args, args.train_users, args.baseline_users))
+    cfg = load_config(None, [f"model.backbone={args.backbone}", *one_round(data.n_users, args.train_users)])
+    figures.update(measure("ID only", "", cfg, data, negatives, args, args.baseline_users))
     if args.fedmr:
         data = with_text(data, args.text_width, args.seed)
         cfg = load_config(None, [f"model.backbone={args.backbone}", "model.fusion={modalities: [id, text]}",
+                                 *one_round(data.n_users, args.fedmr_train_users),
                                  *([f"runtime.train_block_clients={args.fedmr_block_clients}"]
                                    if args.fedmr_block_clients is not None else [])])
         figures["text_width"] = args.text_width
         figures.update(measure(f"+ FedMR (id + text {args.text_width})", "fedmr_", cfg, data, negatives, args,
-                               args.fedmr_train_users, args.fedmr_baseline_users))
+                               args.fedmr_baseline_users))
     figures["process_peak_rss_gb"] = process_peak_rss_bytes() / GB
     emit_json(figures)
     return figures

@@ -47,6 +47,9 @@ def test_engine_speed_smoke(capsys):
         check = result["check"]
         for key in ("params_max_abs_diff", "scores_max_abs_diff", "hr10_engine", "hr10_oracle", "hr10_equal"):
             assert key in check, (backbone, key)
+        # the rounds the benchmark timed (rounds.run_rounds on in-process pools) are the oracle's rounds
+        assert check["hr10_equal"] and check["params_max_abs_diff"] < 1e-4, (backbone, check)
+        assert [r["clients"] for r in result["rounds"]] == [12, 12]
 
 
 def test_engine_speed_oracle_subset_smoke(capsys):
@@ -84,6 +87,8 @@ def test_scale_smoke(capsys):
         for key in ("population", "per_round", "s_per_round", "round_seconds", "peak_rss_gb", "store_mb", "stopped"):
             assert key in setting, (name, key)
         assert setting["rounds_run"] == 2  # one warm-up + one timed
+        # every sampled client arrives (no dropout) and trains in each round the loop played
+        assert setting["round_clients"] == [setting["per_round"]] * 2, (name, setting["round_clients"])
 
 
 def test_scale_eval_smoke(capsys):

@@ -15,11 +15,9 @@ import torch
 from pipeline.config import load_config
 from pipeline.data.negatives import sample_eval_negatives
 from pipeline.eval.protocols import evaluate
-from pipeline.federated.aggregate import aggregate, feature_dims, initial_state, round_lrs, round_users, shard_users
-from pipeline.federated.group_server import GroupServer
+from pipeline.federated.rounds import in_process, run_rounds
 from pipeline.federated.scoring import first_occurrence
-from pipeline.federated.shard import Shard
-from pipeline.models import BACKBONES, model_for
+from pipeline.models import BACKBONES
 from test_equivalence import synthetic
 from test_fedmr_equivalence import with_features
 
@@ -52,28 +50,10 @@ def make_config(backbone, *extra):
 
 
 def trained_shards(cfg, data, negatives, rounds=3, n_shards=2):
-    """Shards after `rounds` rounds (GFMFR: with its group server, as the Server actor drives it)."""
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    shards = [Shard(cfg, data, negatives, users, init, dtype=torch.float64)
-              for users in shard_users(data.train_counts, n_shards)]
-    g = {k: v.to(torch.float64) for k, v in init.global_params.items()}
-    groups = None
-    if cfg.model.gfmfr is not None:
-        features = {m: torch.as_tensor(x) for m, x in data.features.items()}
-        groups = GroupServer(cfg, model_for(cfg.model), init, features, data.n_users, data.n_items,
-                             dtype=torch.float64)
-    adam = None
-    for r in range(rounds):
-        users = round_users(cfg, data.train_counts, r).arrived
-        teacher = groups.download(r) if groups is not None else None
-        ups = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r), teacher)
-               for s in shards]
-        downloaded = g
-        g, adam = aggregate(cfg, g, ups, adam, r)
-        if groups is not None:
-            groups.step(r, ups, lambda ids: [s.group_sums(mine, cfg.model.gfmfr.group_num)
-                                             for s, mine in zip(shards, ids)], downloaded, g)
-    return shards, g
+    """Shards after `rounds` rounds of the product's round loop (rounds.run_rounds) in this process."""
+    strategy, pools = in_process(cfg, data, negatives, n_pools=n_shards, dtype=torch.float64)
+    run_rounds(strategy, pools, rounds=rounds)
+    return pools.pools, strategy.globals
 
 
 def check_same(cfg, data, negatives):

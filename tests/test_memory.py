@@ -42,20 +42,18 @@ sys.path.insert(0, "tests")
 import numpy as np, torch
 from bench._common import current_rss_bytes
 from pipeline.config import load_config
-from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, round_lrs
 from pipeline.federated.memory import keep_freed_memory
-from pipeline.federated.shard import Shard
+from pipeline.federated.rounds import in_process, run_rounds
 from test_equivalence import synthetic
 from test_fedmr_equivalence import with_features
 
 torch.set_num_threads(1)
 data = with_features(synthetic())
-cfg = load_config(None, ["model.backbone=fcf", "model.dim=8", "model.fusion={d_f: 8, d_r: 6, dropout: 0.2}"])
-init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-shard = Shard(cfg, data, None, np.arange(data.n_users), init)  # what a pool holds
-g = init.global_params
-for round_ in range(2):
-    g = apply_uploads(g, [shard.train(round_, g, np.arange(data.n_users), round_lrs(cfg, data.n_items, round_))])
+cfg = load_config(None, ["model.backbone=fcf", "model.dim=8", "model.fusion={d_f: 8, d_r: 6, dropout: 0.2}",
+                         "train.eval_round0=false", "train.eval_every=10"])
+strategy, pools = in_process(cfg, data)  # one pool, as a pool process holds it
+run_rounds(strategy, pools, rounds=2)
+shard, g = pools.pools[0], strategy.globals
 if sys.argv[1] == "kept_for_good":  # the pool configuration that let evaluations ratchet up
     keep_freed_memory()
 kept, rss = [], []

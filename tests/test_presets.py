@@ -183,34 +183,28 @@ def test_leave_one_out_tie_rule():
     assert last.fingerprint() != first.fingerprint()
 
 
-def test_weight_decay_state_survives_a_checkpoint(data):
-    """A shard's store saved and loaded mid-run (the per-user scales of FedRAP's P and of
-    PFedRec's trained copies included) continues exactly as the uninterrupted run."""
-    import copy
+def test_weight_decay_state_survives_a_checkpoint(data, tmp_path):
+    """A run checkpointed mid-way (the pools' stores with the per-user scales of FedRAP's P and of
+    PFedRec's trained copies included) and resumed in new pools continues exactly as the
+    uninterrupted run."""
+    import torch
 
-    from pipeline.federated.aggregate import aggregate, initial_state, round_lrs, round_users
-    from pipeline.federated.shard import Shard
+    from pipeline.federated.checkpoints import Checkpoints
+    from pipeline.federated.rounds import in_process, run_rounds
 
     for variant in ("fedrap_paper", "pfedrec_paper"):
-        cfg = preset_config(variant, "train.participation=0.5")
-        init = initial_state(cfg, data.n_users, data.n_items)
-
-        def rounds(shard, g, start, stop):
-            for r in range(start, stop):
-                users = round_users(cfg, data.train_counts, r).arrived
-                g, _ = aggregate(cfg, g, [shard.train(r, g, users, round_lrs(cfg, data.n_items, r))], None, r)
-            return g
-
-        g0 = {k: v.double() for k, v in init.global_params.items()}
-        straight = Shard(cfg, data, None, np.arange(data.n_users), init, dtype=torch.float64)
-        g_straight = rounds(straight, g0, 0, 3)
-        first = Shard(cfg, data, None, np.arange(data.n_users), init, dtype=torch.float64)
-        g_mid = rounds(first, g0, 0, 2)
-        saved = copy.deepcopy(first.store.state_dict())
+        cfg = preset_config(variant, "train.participation=0.5", "runtime.checkpoint_every=2", "train.eval_every=100",
+                            "train.eval_round0=false")
+        straight, straight_pools = in_process(cfg, data, dtype=torch.float64)
+        run_rounds(straight, straight_pools, rounds=3)
+        first, first_pools = in_process(cfg, data, dtype=torch.float64)
+        checkpoints = Checkpoints(tmp_path / variant)
+        run_rounds(first, first_pools, rounds=2, checkpoints=checkpoints)
+        saved = torch.load(checkpoints.latest() / "pool-0.pt", weights_only=False)
         assert saved["table_scale"] or saved["copy_scale"]
-        second = Shard(cfg, data, None, np.arange(data.n_users), init, dtype=torch.float64)
-        second.store.load_state_dict(saved)
-        g_resumed = rounds(second, g_mid, 2, 3)
-        diffs = max_diffs(engine_dense([straight], g_straight, data.n_items),
-                          engine_dense([second], g_resumed, data.n_items))
+        second, second_pools = in_process(cfg, data, dtype=torch.float64)
+        assert Checkpoints.load(checkpoints.latest(), second, second_pools) == 2
+        run_rounds(second, second_pools, rounds=1)
+        diffs = max_diffs(engine_dense(straight_pools.pools, straight.globals, data.n_items),
+                          engine_dense(second_pools.pools, second.globals, data.n_items))
         assert max(diffs.values()) < 1e-12, (variant, diffs)

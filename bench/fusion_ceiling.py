@@ -14,9 +14,10 @@ centralized PyTorch model, the most favourable case there is:
   biases as broadcast vectors, torch's own dropout (no hashed masks), the router on every 4th row
   (the engine's mixing rows are about a quarter of its fused rows), a BCE loss on z . u and one
   SGD step of every parameter; --rows rows per step, every step timed.
-- engine: one local-training round (pipeline.federated.shard.Shard.train, timed inside
-  client.train_clients as bench.engine_speed does) of --users FedRAP + FedMR clients on
-  MovieLens-100K-MM, its FLOPs counted from the fused and router rows of its steps.
+- engine: per pair, one round of FedRAP + FedMR played by rounds.run_rounds (the product's round
+  loop) on in-process pools (rounds.in_process; --users sampled clients of MovieLens-100K-MM per
+  round, no evaluation scheduled), its local training timed inside client.train_clients as
+  bench.engine_speed does and its FLOPs counted from the fused and router rows of its steps.
 
 Both count the same dense GEMM FLOPs per row (bench.engine_speed.fusion_gemm_flops: 6 in out
 per Linear, 4 in out for the frozen-feature projections) and are set against the GEMM peak
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench._common import emit_json, gemm_peak_gflops, machine_line, set_threads, timed
+from bench._common import emit_json, gemm_peak_gflops, machine_line, no_evaluation, set_threads, timed
 from bench.engine_speed import (FUSION_TARGET_FRACTION, FusedRowCount, LocalTrainingLog, capture_local_training,
                                 dataset_config, fusion_gemm_flops, make_config, require_feature_store)
 from pipeline.models.fusion import GlobalItems, experts, init_params, param_shapes, router
@@ -132,8 +133,8 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from pipeline.data.datasets import open_dataset
-    from pipeline.federated.aggregate import feature_dims, initial_state, round_lrs
-    from pipeline.federated.shard import Shard
+    from pipeline.federated.aggregate import feature_dims
+    from pipeline.federated.rounds import in_process, run_rounds
 
     threads = set_threads(args.threads)
     print("bench.fusion_ceiling: FedMR's fusion module as plain centralized PyTorch vs the engine's local training")
@@ -159,17 +160,17 @@ def main(argv=None) -> dict:
                 if m != "id"}
     plain = PlainModule(fusion, d_id, features, args.rows)
     plain_flops = per_row * args.rows + per_router_row * len(plain.chosen)
-    users = np.sort(np.random.default_rng(0).choice(data.n_users, min(args.users, data.n_users), replace=False))
-    init = initial_state(cfg, data.n_users, data.n_items, dims)
-    shard = Shard(cfg, data, negatives, users, init, dtype=torch.float32)
-    g = {k: v.to(torch.float32) for k, v in init.global_params.items()}
-    lrs = round_lrs(cfg, data.n_items, 0)
+    features = args.features if args.dataset == "movielens" else "null"
+    users = min(args.users, data.n_users)  # sampled clients of every engine round
+    engine_cfg = make_config("fedrap_fedmr", users / data.n_users, overrides, features, no_evaluation(args.pairs))
+    strategy, pools = in_process(engine_cfg, data, negatives, dtype=torch.float32)
     print(f"plain: {args.rows} rows per step ({len(plain.chosen)} router rows), {plain_flops / 1e9:.2f} GFLOP per "
-          f"step; engine: {len(users)} FedRAP + FedMR clients of {args.dataset}, one round of local training")
+          f"step; engine: {users} FedRAP + FedMR clients of {args.dataset} per round (rounds.run_rounds)")
 
     with timed() as warm:  # one-off costs (lazy imports, allocator) on both sides
         plain.step()
-        shard.train(0, g, users[:4], lrs)
+        warm_cfg = make_config("fedrap_fedmr", min(1.0, 4 / data.n_users), overrides, features, no_evaluation(1))
+        run_rounds(*in_process(warm_cfg, data, negatives, dtype=torch.float32), rounds=1)  # 4 clients, discarded
     print(f"warm-up (discarded): {warm.wall:.2f} s")
     compile_s = None
     if args.compile:
@@ -195,7 +196,7 @@ def main(argv=None) -> dict:
             else:
                 log, count = LocalTrainingLog(), FusedRowCount()
                 with capture_local_training(log), count.installed():
-                    shard.train(0, g, users, lrs)
+                    run_rounds(strategy, pools, rounds=1)  # round `pair` of the run
                 flops = per_row * count.fused + per_router_row * count.router
                 result.update(engine_s=log.span.wall, engine_gflop=flops / 1e9,
                               engine_gflops=flops / log.span.wall / 1e9, engine_fused_rows=count.fused)
@@ -220,7 +221,7 @@ def main(argv=None) -> dict:
           + ", ".join(f"{'reached' if mean[side] >= FUSION_TARGET_FRACTION else 'NOT reached'} by {side}"
                       for side in sides))
     figures = {"bench": "fusion_ceiling", "quick": args.quick, "dataset": args.dataset, "threads": threads,
-               "rows": args.rows, "users": len(users), "flops_per_row": per_row,
+               "rows": args.rows, "users": users, "flops_per_row": per_row,
                "flops_per_router_row": per_router_row, "compile_first_step_s": compile_s, "pairs": pairs,
                **{f"{side}_fraction": value for side, value in mean.items()},
                "engine_over_plain": mean["engine"] / mean["plain"], "target_fraction": FUSION_TARGET_FRACTION}

@@ -3,6 +3,7 @@ each showing the project's correct behaviour on the engine with FedMR plugged in
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -10,13 +11,12 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state,
-                                          participants, round_lrs, shard_users)
+from pipeline.federated.aggregate import apply_fusion_grads, apply_uploads, feature_dims, initial_state
+from pipeline.federated.rounds import in_process, run_rounds
 from reference.oracle import oracle_scores_fedmr
 from pipeline.federated.selection import Selection
 from pipeline.federated.messages import Upload
 from pipeline.federated.scoring import EvalRows
-from pipeline.federated.shard import Shard
 from pipeline.federated.state import PersonalStore
 from pipeline.models import model_for
 from pipeline.models.fusion import PREFIX
@@ -36,16 +36,34 @@ def data():
     return with_features(synthetic())
 
 
-def shards_of(cfg, data, n_shards=2, dtype=torch.float64):
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    shards = [Shard(cfg, data, None, u, init, dtype=dtype) for u in shard_users(data.train_counts, n_shards)]
-    return init, shards, {k: v.to(dtype) for k, v in init.global_params.items()}
+class Recorded:
+    """In-process pools (backend.LocalPools) that keep what each round sent the server: the users
+    trained and the pools' uploads."""
+
+    def __init__(self, pools):
+        self.inner, self.users, self.uploads = pools, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def train(self, round_, plan, users, progress, phase):
+        self.users.append(np.concatenate(users))
+        self.uploads.append(self.inner.train(round_, plan, users, progress, phase))
+        return self.uploads[-1]
 
 
-def one_round(cfg, data, shards, g, round_):
-    users = participants(data.n_users, cfg.train.participation, cfg.train.seed, round_)
-    uploads = [s.train(round_, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, round_)) for s in shards]
-    return users, uploads, apply_uploads(g, uploads)
+def started(cfg, data, n_shards=2):
+    """A run of the product's round loop in this process (float64): (initial state, strategy,
+    recording pools)."""
+    strategy, pools = in_process(cfg, data, n_pools=n_shards, dtype=torch.float64)
+    return strategy.initial, strategy, Recorded(pools)
+
+
+def one_round(strategy, pools):
+    """The next round, played by rounds.run_rounds: its trained users, the pools' uploads and the
+    new global parameters."""
+    run_rounds(strategy, pools, rounds=1)
+    return pools.users[-1], pools.uploads[-1], strategy.globals
 
 
 def personal_of(shards, user):
@@ -65,20 +83,24 @@ def changed(a, b) -> float:
 
 def test_d1_personal_state_persists_across_rounds(data):
     cfg = make_config("fedrap", MOE, "train.participation=0.5")
-    init, shards, g = shards_of(cfg, data)
-    users0, _, g = one_round(cfg, data, shards, g, 0)
+    init, strategy, pools = started(cfg, data)
+    users0, _, g = one_round(strategy, pools)
+    server_after0 = copy.deepcopy(strategy.state_dict())
+    shards = pools.pools
     after0 = {u: personal_of(shards, u) for u in range(data.n_users)}
     for u in users0.tolist():  # trained users keep what they learned: head and local router
         for name in ("w", "b", *ROUTER):
             assert changed(after0[u][name], init.personal_shared[name]) > 1e-6, (u, name)
-    users1, _, g1 = one_round(cfg, data, shards, g, 1)
+    users1, _, g1 = one_round(strategy, pools)
     for u in set(range(data.n_users)) - set(users1.tolist()):  # not sampled: state untouched
         mine = personal_of(shards, u)
         assert all(torch.equal(mine[k], after0[u][k]) for k in mine)
-    # round 1 started from the persisted state: restarting it from the initial model (the
-    # reference's no-op restore) trains to something else
-    _, fresh, _ = shards_of(cfg, data)
-    one_round(cfg, data, fresh, g, 1)
+    # round 1 started from the persisted state: restarting it with the server's state restored but
+    # the clients' from the initial model (the reference's no-op restore) trains to something else
+    _, restarted, fresh_pools = started(cfg, data)
+    restarted.load_state_dict(server_after0)
+    one_round(restarted, fresh_pools)
+    fresh = fresh_pools.pools
     both = sorted(set(users0.tolist()) & set(users1.tolist()))
     assert both and all(changed(personal_of(shards, u)["w"], personal_of(fresh, u)["w"]) > 1e-6 for u in both)
     # and the state survives a checkpoint of the pool (routers included)
@@ -98,8 +120,8 @@ def test_d2_evaluation_uses_each_users_own_persisted_state(data):
     oracle = run_oracle(cfg, data, 2)
     assert (scores - oracle_scores_fedmr(cfg, data, oracle, list(range(data.n_users)))).abs().max() < 1e-8
     # the reference evaluated everyone with the initial heads and routers: a different model
-    _, fresh, _ = shards_of(cfg, data)
-    initial_heads = engine_scores(fresh, g, data.n_users, data.n_items)
+    _, _, fresh = started(cfg, data)
+    initial_heads = engine_scores(fresh.pools, g, data.n_users, data.n_items)
     assert ((scores - initial_heads).abs().amax(1) > 1e-6).all()
 
 
@@ -108,11 +130,11 @@ def test_d2_evaluation_uses_each_users_own_persisted_state(data):
 
 def test_d3_real_image_features_reach_the_module(data):
     cfg = make_config("fcf", MOE)
-    init, shards, g = shards_of(cfg, data, n_shards=1)
-    shard = shards[0]
+    init, strategy, pools = started(cfg, data, n_shards=1)
+    shard = pools.pools[0]
     assert torch.equal(shard.features["image"], torch.as_tensor(data.features["image"]).double())
     assert shard.features["image"].abs().sum() > 0
-    _, _, g = one_round(cfg, data, shards, g, 0)
+    _, _, g = one_round(strategy, pools)
     assert changed(g["fedmr.proj.image.weight"], init.global_params["fedmr.proj.image.weight"]) > 1e-4
     users = torch.arange(data.n_users)
     before = shard.scores(g, users)
@@ -124,10 +146,11 @@ def test_d3_real_image_features_reach_the_module(data):
     shard.features["image"] = real
     # zeros only as an explicit ablation: the modality and its parameters are then gone
     ablated = make_config("fcf", f"{MOE}, modalities: [id, text]")
-    init2, shards2, g2 = shards_of(ablated, data, n_shards=1)
+    init2, strategy2, pools2 = started(ablated, data, n_shards=1)
+    shards2 = pools2.pools
     assert not any("image" in k for k in init2.global_params)
     assert init2.global_params["fedmr.mlp.fc1.weight"].shape[1] == 2 * 8  # M = 2 inputs, no zero block
-    _, _, g2 = one_round(ablated, data, shards2, g2, 0)
+    _, _, g2 = one_round(strategy2, pools2)
     before = shards2[0].scores(g2, users)
     shards2[0].features["image"] = torch.zeros(data.n_items, 10, dtype=torch.float64)
     assert torch.equal(shards2[0].scores(g2, users), before)
@@ -157,10 +180,10 @@ def test_d4_server_fusion_changes_after_every_round(data, backbone, agg):
 def test_d5_pfedrec_fusion_trains_locally_one_server_step_table_uploaded(data):
     lr = 0.01
     cfg = make_config("pfedrec", f"{MOE}, fusion_agg: grad_adam, server_lr: {lr}")
-    init, shards, g = shards_of(cfg, data, n_shards=3)
-    adam = None
+    init, strategy, pools = started(cfg, data, n_shards=3)
     for round_ in range(3):
-        _, uploads, new = one_round(cfg, data, shards, g, round_)
+        g = strategy.globals
+        _, uploads, new = one_round(strategy, pools)
         fusion = [k for k in g if k.startswith(PREFIX)]
         for up in uploads:  # the fusion was trained locally: its gradients are uploaded ...
             assert set(up.grad_sums) == set(fusion) and not set(up.dense_sums) & set(fusion)
@@ -168,19 +191,16 @@ def test_d5_pfedrec_fusion_trains_locally_one_server_step_table_uploaded(data):
             assert "item" in up.table_items  # ... and so is the fine-tuned ID table
         assert changed(new["item"], g["item"]) > 1e-6  # which the server averaged
         averaged = {k: sum(u.grad_sums[k] for u in uploads) / sum(u.weight for u in uploads) for k in fusion}
-        new, adam = apply_fusion_grads(new, uploads, adam, lr=lr)
-        assert adam["step"] == round_ + 1  # exactly one server step per round (3 pools, 30 clients)
+        assert strategy.fusion_adam["step"] == round_ + 1  # exactly one server step per round (3 pools, 30 clients)
         if round_ == 0:  # Adam's first step moves every coordinate by lr * g / (|g| + eps): not g itself
             for k in fusion:
                 step, grad = (new[k] - g[k]).abs(), averaged[k].abs()
                 big = grad > 1e-4
                 assert torch.allclose(step[big], torch.full_like(step[big], lr), rtol=1e-3)
                 assert not torch.allclose(new[k], averaged[k])
-        g = new
     # fedavg aggregation: the locally trained fusion weights are averaged instead
-    cfg = make_config("pfedrec", MOE)
-    _, shards, g = shards_of(cfg, data)
-    _, uploads, _ = one_round(cfg, data, shards, g, 0)
+    _, strategy, pools = started(make_config("pfedrec", MOE), data)
+    _, uploads, _ = one_round(strategy, pools)
     assert any(u.dense_sums["fedmr.proj.text.weight"].abs().max() > 1e-6 for u in uploads)
 
 
@@ -207,9 +227,8 @@ def test_d6_averaging_weights_sum_to_one(data):
     adam.step()
     assert torch.allclose(stepped["fedmr.proj.text.weight"], param.detach())
     # FedAvg+FedMR uploads weigh clients by their rows: the pool's weight is its rows processed
-    cfg = make_config("fedavg", MOE, "train.lr=0.5")
-    _, shards, g = shards_of(cfg, data)
-    _, uploads, _ = one_round(cfg, data, shards, g, 0)
+    _, strategy, pools = started(make_config("fedavg", MOE, "train.lr=0.5"), data)
+    _, uploads, _ = one_round(strategy, pools)
     assert all(u.weight == u.rows for u in uploads)
 
 
@@ -242,23 +261,25 @@ def test_d7_fedrap_ramp_is_a_pure_function_of_the_round():
 
 def test_d8_local_router_is_never_uploaded_or_overwritten(data):
     cfg = make_config("fcf", MOE, "train.participation=0.5")
-    init, shards, g = shards_of(cfg, data)
+    init, strategy, pools = started(cfg, data)
+    shards = pools.pools
     assert all(k in init.personal_shared and k not in init.global_params for k in ROUTER)
-    users0, uploads, g = one_round(cfg, data, shards, g, 0)
+    users0, uploads, g = one_round(strategy, pools)
     for up in uploads:
         assert not set(ROUTER) & {*up.dense_sums, *up.grad_sums, *up.table_sums}
     assert not set(ROUTER) & set(g)
     kept = {u: personal_of(shards, u) for u in users0.tolist()}
-    users1, _, _ = one_round(cfg, data, shards, g, 1)
+    users1, _, _ = one_round(strategy, pools)
     for u in set(users0.tolist()) - set(users1.tolist()):
         assert all(torch.equal(personal_of(shards, u)[k], kept[u][k]) for k in ROUTER)
     routers = torch.stack([personal_of(shards, u)["fedmr.router.fc1.weight"] for u in users0.tolist()])
     assert (routers - routers[0]).abs().amax(dim=(1, 2))[1:].min() > 1e-8  # each user's own router
     # router_scope=global: the router is aggregated with the experts and nobody keeps a copy
     cfg = make_config("fcf", f"{MOE}, router_scope: global")
-    init, shards, g = shards_of(cfg, data)
+    init, strategy, pools = started(cfg, data)
+    shards = pools.pools
     assert all(k in init.global_params for k in ROUTER)
-    _, uploads, _ = one_round(cfg, data, shards, g, 0)
+    _, uploads, _ = one_round(strategy, pools)
     assert all(set(ROUTER) <= set(up.dense_sums) for up in uploads)
     assert not set(ROUTER) & set(shards[0].store.dense)
 
@@ -306,8 +327,8 @@ def test_d11_exactly_one_sigmoid(data):
     """The training loss is BCE on sigma(logit) of the same logits evaluation ranks by."""
     cfg = make_config("fedavg", "d_f: 8, d_r: 6, dropout: 0.0", "train.local_epochs=1", "train.batch_rows=100000",
                       "train.lr=1e-12")
-    _, shards, g = shards_of(cfg, data, n_shards=1)
-    logits = shards[0].scores(g, torch.arange(data.n_users))
+    _, strategy, pools = started(cfg, data, n_shards=1)
+    logits = pools.pools[0].scores(strategy.globals, torch.arange(data.n_users))
     assert logits.min() < 0 < logits.max()  # logits, not probabilities
     from pipeline.federated.sampling import client_data, epoch_rows
 
@@ -318,7 +339,7 @@ def test_d11_exactly_one_sigmoid(data):
                                                        reduction="none")
     expected = torch.zeros(data.n_users, dtype=torch.float64).index_add_(0, torch.as_tensor(rows.client), per_row)
     expected = (expected / torch.as_tensor(np.bincount(rows.client))).mean()
-    _, uploads, _ = one_round(cfg, data, shards, g, 0)
+    _, uploads, _ = one_round(strategy, pools)
     assert uploads[0].loss_sum / uploads[0].clients == pytest.approx(expected.item(), rel=1e-9)
 
 
@@ -343,9 +364,10 @@ def test_d12_fedncf_scores_each_user_with_their_own_vectors(data):
 
 def test_d13_fedncf_user_vectors_stay_local(data):
     cfg = make_config("fedncf", MOE, "train.lr=0.1", "train.participation=0.5")
-    init, shards, g = shards_of(cfg, data)
-    assert not {"user_mf", "user_mlp"} & set(g)
-    users0, uploads, g = one_round(cfg, data, shards, g, 0)
+    init, strategy, pools = started(cfg, data)
+    shards = pools.pools
+    assert not {"user_mf", "user_mlp"} & set(strategy.globals)
+    users0, uploads, g = one_round(strategy, pools)
     assert all(not {"user_mf", "user_mlp"} & {*u.dense_sums, *u.table_sums} for u in uploads)
     for u in range(data.n_users):
         mine = personal_of(shards, u)
@@ -421,18 +443,11 @@ def test_d14_every_fusion_option_takes_effect(data, option):
 def test_d15_selection_uses_validation_only(data):
     """The best round is the best validation round; the reported test metrics are that round's,
     even where another round has a better test score."""
-    cfg = make_config("fcf", MOE, "train.lr=0.5")
-    _, shards, g = shards_of(cfg, data, n_shards=1)
-    selection = Selection("hr@10", patience=10)
-    history = []
-    for round_ in range(6):
-        _, _, g = one_round(cfg, data, shards, g, round_)
-        metrics = {"round": round_}
-        for split in ("valid", "test"):
-            for name, value in shards[0].evaluate(g, "p3", split, (10, 20))[0].items():
-                metrics[f"{split}/{name}"] = value
-        selection.update(round_, metrics)
-        history.append(metrics)
+    cfg = make_config("fcf", MOE, "train.lr=0.5", "train.selection_metric=hr@10", "train.patience=10",
+                      "train.protocol=p3", "train.eval_ks=[10, 20]")
+    _, strategy, pools = started(cfg, data, n_shards=1)
+    history = run_rounds(strategy, pools, rounds=6)
+    selection = strategy.selection
     valid = [m["valid/hr@10"] for m in history]
     best = int(np.argmax(valid))
     assert selection.best_round == best

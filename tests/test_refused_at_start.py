@@ -13,10 +13,13 @@ from test_nothing_lost import REPO, TINY, digest, refused, run_cli
 
 
 def refused_at_start(done, message: str) -> None:
-    """Exit 2, no traceback, `message` on stderr as the one line the user sees."""
+    """Exit 2, no traceback, `message` on stderr as the one error line the user sees (after the
+    one-line notes of data prepared on the way, if any)."""
     refused(done, message)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines() == [f"error: {message}"], done.stderr[-3000:]
+    *before, last = done.stderr.strip().splitlines()
+    assert last == f"error: {message}", done.stderr[-3000:]
+    assert all(line.startswith("prepared ") for line in before), done.stderr[-3000:]
 
 
 # -------------------------------------------------------------------------------- configs

@@ -110,34 +110,21 @@ def test_selection_on_a_sample_reports_every_user_at_the_selected_round():
 
 
 def _reference(config, rounds):
-    """The same run in this process: one Shard per pool; every round's globals-evaluation on
-    every user and on the sample, as functions of the round."""
+    """The same run in this process (rounds.run_rounds on in-process pools), evaluated after every
+    round on every user and on the sample: two runs that train alike (evaluation changes no
+    state), their valid/ and test/ metrics per round."""
     from pipeline.data.datasets import open_dataset
-    from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
-    from pipeline.federated.shard import Shard
+    from pipeline.federated.rounds import in_process, run_rounds
 
     data, negatives = open_dataset(config.data)
-    train = config.train
-    init = initial_state(config, data.n_users, data.n_items)
-    shards = [Shard(config, data, negatives, users, init)
-              for users in shard_users(data.train_counts, config.runtime.pools)]
-    sample = eval_sample(train, data.n_users)
-    globals_, full, sampled = init.global_params, [], []
-    for r in range(rounds):
-        users = participants(data.n_users, train.participation, train.seed, r)
-        uploads = [s.train(r, globals_, users[np.isin(users, s.users)], round_lrs(config, data.n_items, r))
-                   for s in shards]
-        globals_ = apply_uploads(globals_, uploads)
-        for out, subset in ((full, None), (sampled, sample)):
-            row = {}
-            for split in ("valid", "test"):
-                results = [s.evaluate(globals_, train.protocol, split, train.eval_ks,
-                                      None if subset is None else subset[np.isin(subset, s.users)]) for s in shards]
-                total = sum(n for _, n in results)
-                row.update({f"{split}/{k}": sum(m[k] * n for m, n in results if n) / total
-                            for k in results[0][0]})
-            out.append(row)
-    return full, sampled
+    out = []
+    for users in (None, config.train.eval_users):
+        every = config.model_copy(update={"train": config.train.model_copy(
+            update={"eval_every": 1, "eval_round0": True, "eval_users": users})})
+        strategy, pools = in_process(every, data, negatives, n_pools=config.runtime.pools)
+        out.append([{k: v for k, v in m.items() if k.startswith(("valid/", "test/"))}
+                    for m in run_rounds(strategy, pools, rounds=rounds)])
+    return tuple(out)
 
 
 @pytest.mark.slow

@@ -10,16 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
 from ray.cluster_utils import Cluster
 
 from pipeline.config import load_config
 from pipeline.data.datasets import open_dataset
-from pipeline.federated.aggregate import apply_uploads, initial_state, participants, round_lrs, shard_users
+from pipeline.federated.rounds import in_process, run_rounds
 from pipeline.federated.server import Server
-from pipeline.federated.shard import Shard
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -34,18 +32,10 @@ def tiny_config(tmp_path, backbone="fedrap", rounds=4, pools=3, extra=()):
 
 
 def reference_history(config, rounds):
-    """The same run without Ray: one Shard per pool, driven in this process."""
+    """The same run without Ray: the same round loop (rounds.run_rounds) on in-process pools."""
     data, negatives = open_dataset(config.data)
-    init = initial_state(config, data.n_users, data.n_items)
-    shards = [Shard(config, data, negatives, users, init) for users in shard_users(data.train_counts, config.runtime.pools)]
-    globals_, out = init.global_params, []
-    for r in range(rounds):
-        users = participants(data.n_users, config.train.participation, config.train.seed, r)
-        uploads = [s.train(r, globals_, users[np.isin(users, s.users)], round_lrs(config, data.n_items, r)) for s in shards]
-        globals_ = apply_uploads(globals_, uploads)
-        results = [s.evaluate(globals_, config.train.protocol, "valid", config.train.eval_ks) for s in shards]
-        out.append({k: sum(m[k] * n for m, n in results) / data.n_users for k in results[0][0]})
-    return out
+    strategy, pools = in_process(config, data, negatives, n_pools=config.runtime.pools)
+    return valid_metrics(run_rounds(strategy, pools, rounds=rounds))
 
 
 def run_server(config, data_cache, rounds, after_submit=None):
@@ -95,7 +85,7 @@ def test_pools_on_two_nodes_match_the_reference(two_node_cluster, tmp_path):
 
 
 def test_killed_pool_is_restored_and_the_run_matches(two_node_cluster, tmp_path):
-    clean = tiny_config(tmp_path / "clean", backbone="pfedrec")
+    clean = tiny_config(tmp_path / "clean", backbone="pfedrec", rounds=5)
     clean_history, _, _ = run_server(clean, tmp_path / "data", rounds=5)
 
     def kill_in_round_three(round_, server):
@@ -103,7 +93,7 @@ def test_killed_pool_is_restored_and_the_run_matches(two_node_cluster, tmp_path)
             pools = ray.get(server.pool_handles.remote())
             ray.kill(pools[1], no_restart=False)  # Ray restarts it with a blank state
 
-    faulty = tiny_config(tmp_path / "faulty", backbone="pfedrec")
+    faulty = tiny_config(tmp_path / "faulty", backbone="pfedrec", rounds=5)
     history, summary, _ = run_server(faulty, tmp_path / "data", rounds=5, after_submit=kill_in_round_three)
     assert summary["recoveries"] >= 1
     assert valid_metrics(history) == valid_metrics(clean_history)

@@ -9,9 +9,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data.datasets import data_root, open_dataset
-from pipeline.federated.aggregate import (apply_fusion_grads, apply_uploads, feature_dims, initial_state,
-                                          participants, round_lrs, server_lr, shard_users)
-from pipeline.federated.shard import Shard
+from pipeline.federated.rounds import in_process, run_rounds
 from ray_runs import rounds_with_a_restart
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata,
@@ -27,19 +25,11 @@ def config(out, rounds):
 
 
 def reference(cfg, rounds):
-    """The same run in this process: one Shard per pool, the server's Adam step by hand."""
+    """The same run in this process: the same round loop (rounds.run_rounds) on in-process pools."""
     data, negatives = open_dataset(cfg.data)
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    shards = [Shard(cfg, data, negatives, users, init) for users in shard_users(data.train_counts, 2)]
-    g, adam, out = init.global_params, None, []
-    for r in range(rounds):
-        users = participants(data.n_users, cfg.train.participation, cfg.train.seed, r)
-        uploads = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r)) for s in shards]
-        g = apply_uploads(g, uploads)
-        g, adam = apply_fusion_grads(g, uploads, adam, lr=server_lr(cfg), clip=cfg.model.fusion.server_clip)
-        results = [s.evaluate(g, "p3", "valid", (10, 50)) for s in shards]
-        out.append({k: sum(m[k] * n for m, n in results) / data.n_users for k in results[0][0]})
-    return out, adam
+    strategy, pools = in_process(cfg, data, negatives, n_pools=2)
+    history = run_rounds(strategy, pools, rounds=rounds)
+    return [{k[6:]: v for k, v in m.items() if k.startswith("valid/")} for m in history], strategy.fusion_adam
 
 
 def test_fedmr_server_matches_engine_and_resumes_adam_state(local_ray, tmp_path):

@@ -5,16 +5,12 @@ the round metrics, alone and with FedMR."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
 from pipeline.config import load_config
 from pipeline.data.datasets import data_root, open_dataset
-from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs, shard_users
-from pipeline.federated.group_server import GroupServer
-from pipeline.federated.shard import Shard
-from pipeline.models import model_for
+from pipeline.federated.aggregate import participants
+from pipeline.federated.rounds import in_process, run_rounds
 from ray_runs import rounds_with_a_restart
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata,
@@ -31,25 +27,11 @@ def config(out, rounds, *extra):
 
 
 def reference(cfg, rounds):
-    """The same run in this process: one Shard per pool, the GroupServer driven by hand."""
+    """The same run in this process: the same round loop (rounds.run_rounds) on in-process pools."""
     data, negatives = open_dataset(cfg.data)
-    init = initial_state(cfg, data.n_users, data.n_items, feature_dims(data))
-    model = model_for(cfg.model)
-    shards = [Shard(cfg, data, negatives, users, init) for users in shard_users(data.train_counts, 2)]
-    groups = GroupServer(cfg, model, init, {m: torch.as_tensor(x) for m, x in data.features.items()},
-                         data.n_users, data.n_items)
-    g, out = init.global_params, []
-    for r in range(rounds):
-        users = participants(data.n_users, cfg.train.participation, cfg.train.seed, r)
-        teacher = groups.download(r)
-        uploads = [s.train(r, g, users[np.isin(users, s.users)], round_lrs(cfg, data.n_items, r), teacher)
-                   for s in shards]
-        downloaded, g = g, apply_uploads(g, uploads)
-        groups.step(r, uploads, lambda ids: [s.group_sums(mine, cfg.model.gfmfr.group_num)
-                                             for s, mine in zip(shards, ids)], downloaded, g)
-        results = [s.evaluate(g, "p3", "valid", (10, 50)) for s in shards]
-        out.append({k: sum(m[k] * n for m, n in results) / data.n_users for k in results[0][0]})
-    return out, groups
+    strategy, pools = in_process(cfg, data, negatives, n_pools=2)
+    history = run_rounds(strategy, pools, rounds=rounds)
+    return [{k[6:]: v for k, v in m.items() if k.startswith("valid/")} for m in history], strategy.groups
 
 
 @pytest.mark.parametrize("backbone, extra", [

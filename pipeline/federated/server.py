@@ -46,10 +46,13 @@ class Server:
     def next_round(self) -> dict:
         """Play the next round (rounds.run_rounds: train, aggregate, evaluate, checkpoint; a round
         that loses a pool is redone from the last checkpoint); its metrics."""
-        (metrics,) = run_rounds(self.strategy, self.pools, rounds=1, checkpoints=self.checkpoints,
-                                progress=self._progress)
-        self._note_peaks(metrics)
-        return metrics
+        played = run_rounds(self.strategy, self.pools, rounds=1, checkpoints=self.checkpoints,
+                            progress=self._progress)
+        if not played:
+            raise RuntimeError(f"the run is over after {self.strategy.next_round} rounds (train.rounds="
+                               f"{self.config.train.rounds}, or patience exhausted): no round left to play")
+        self._note_peaks(played[0])
+        return played[0]
 
     def resume(self) -> int:
         """Continue from the latest complete checkpoint (or the start); returns the next round."""

@@ -74,14 +74,14 @@ class PooledModel(torch.nn.Module):
         self.item_tables = set(state.personal_table_base)
         for name, base in state.personal_table_base.items():  # row u * I + i: user u's copy of item i
             self._add_personal(name, base.to(dtype).repeat(data.n_users, 1), tuple(base.shape[1:]))
-        for modality in getattr(self.model, "MODALITIES", ()):
+        for modality in self.model.MODALITIES:
             self.register_buffer(f"feature_{modality}", torch.as_tensor(np.asarray(data.features[modality])).to(dtype),
                                  persistent=False)
         self.train_indptr = np.asarray(data.train_indptr, dtype=np.int64)
         self.train_items = np.asarray(data.train_items, dtype=np.int64)
         self.dropout_p = model_config.fusion.dropout if model_config.fusion is not None else 0.0
         # FedMR computes its experts once per item when e_i is the same for every user (fusion._experts)
-        self.experts_per_item = bool(getattr(self.model, "id_is_global", False))
+        self.experts_per_item = self.model.FUSION is not None and self.model.id_is_global
 
     def _add_personal(self, name: str, rows: torch.Tensor, shape: tuple[int, ...]) -> None:
         table = torch.nn.Embedding(rows.shape[0], rows.shape[1], sparse=True, dtype=rows.dtype)
@@ -130,7 +130,7 @@ class PooledModel(torch.nn.Module):
         """The summed loss of the rows: BCE with logits (+ FedRAP's row regulariser, ramped on the epoch)."""
         ctx = self.rows(user, item, (seed, epoch, step))
         per_row = F.binary_cross_entropy_with_logits(self.model.logits(ctx), label.to(self.dtype), reduction="none")
-        if hasattr(self.model, "row_regulariser"):
+        if self.model.row_regulariser is not None:
             per_row = per_row + self.model.row_regulariser(ctx, epoch, self.model_config)
         return per_row.sum()
 

@@ -413,7 +413,7 @@ def client_losses(model, params: dict[str, torch.Tensor], client: torch.Tensor, 
     logit = model.logits(ctx)
     bce = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
     per_row = bce
-    if hasattr(model, "row_regulariser"):
+    if model.row_regulariser is not None:
         per_row = per_row + model.row_regulariser(ctx, round_, model_config)
     counts = torch.bincount(client, minlength=n_clients).clamp(min=1)
 
@@ -468,7 +468,7 @@ def train_clients(model, params: ClientParams, working_set: WorkingSet, epochs: 
     rename = fusion.span_tables() if fusion is not None else {}
     everything = params.all()
     last_grads = {}  # per client ([B, ...]) or, for a span, per working-set row ([W, out])
-    for name in getattr(model, "UPLOAD_GRADS", ()):
+    for name in model.UPLOAD_GRADS:
         value = everything[rename.get(name, name)]
         last_grads[rename.get(name, name)] = torch.zeros(value.shape, dtype=value.dtype, device=value.device)
     rows_done, epochs_run, loss = (np.zeros(n_clients, dtype=np.int64), np.zeros(n_clients, dtype=np.int64),
@@ -655,7 +655,7 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
         fusion.history = history_rows(working_set, epochs)
     rename = fusion.span_tables() if fusion is not None else {}
     last_grads = {rename.get(n, n): torch.zeros_like(current[rename.get(n, n)])
-                  for n in getattr(model, "UPLOAD_GRADS", ())}
+                  for n in model.UPLOAD_GRADS}
     row_owner = {name: fusion.ws_client for name in rename.values()}  # span rows belong to clients
     if update == "two_step":  # spans stand for their weights
         groups = tuple(tuple(rename.get(n, n) for n in group if rename.get(n, n) in current)

@@ -153,7 +153,7 @@ class GroupServer:
                 head[name] = means[:, at:at + size].reshape(n_groups, *shape)
                 at += size
 
-            fused = hasattr(self.model, "fuse_teacher")
+            fused = self.model.fuse_teacher is not None
             if fused:
                 mean_alpha = group_means(alpha.to(dtype), ids, n_groups) if alpha is not None else None
                 params = {k: v.to(dtype) for k, v in global_params.items()}

@@ -70,3 +70,41 @@ class TeacherDownload:
 def flatten_vectors(model, vectors: dict[str, torch.Tensor], n_clients: int) -> torch.Tensor:
     """[B, F]: the clients' grouping vectors from their trained parameters (name -> [B, ...])."""
     return torch.cat([vectors[name].reshape(n_clients, -1) for name in model.GROUP_VECTOR], 1)
+
+
+def declared_upload(model, initial, config) -> dict:
+    """What one client's Upload holds, read from the method's declaration alone
+    (pipeline.models.base.Method): field -> parameter name -> shape, with K the items the client
+    touched and d the model's dim (the format tests/upload_schema.json pins from real uploads).
+
+      table_items, table_sums   every GLOBAL_TABLE: the touched rows' ids [K] and summed changes [K, d]
+      dense_sums                every other global weight not uploaded as a gradient
+      grad_sums                 UPLOAD_GRADS (FedMR's fusion_agg=grad_adam)
+      table_scale_sums          every global table under weight decay (train.weight_decay)
+      group_users, group_vectors, group_alpha
+                                GFMFR: the client, its grouping vector (the GROUP_VECTOR parameters
+                                flattened) and, with FedMR's mixture of experts, its mixing weights
+    Personal parameters never appear."""
+    dim = config.model.dim
+
+    def shape(dims) -> str:
+        return "[" + ", ".join("d" if n == dim else str(n) for n in dims) + "]"
+
+    params = initial.global_params
+    grads = set(model.UPLOAD_GRADS)
+    gfmfr, fusion = config.model.gfmfr is not None, model.FUSION
+    width = sum(int(np.prod(initial.personal_shared[n].shape if n in initial.personal_shared else params[n].shape))
+                for n in model.GROUP_VECTOR)
+    moe = fusion is not None and fusion.fusion == "moe"
+    return {
+        "clients": "int", "clipped": "int", "distilled": "int", "loss_sum": "float", "rho": "tuple", "rows": "int",
+        "seconds": "float", "weight": "float",
+        "table_items": {name: "[K]" for name in sorted(model.GLOBAL_TABLES)},
+        "table_sums": {name: "[K, d]" for name in sorted(model.GLOBAL_TABLES)},
+        "dense_sums": {name: shape(params[name].shape) for name in sorted(model.GLOBAL_DENSE) if name not in grads},
+        "grad_sums": {name: shape(params[name].shape) for name in sorted(grads)},
+        "table_scale_sums": {name: "float" for name in sorted(model.GLOBAL_TABLES)} if config.train.weight_decay else {},
+        "group_users": "ids [1]" if gfmfr else None,
+        "group_vectors": shape((1, width)) if gfmfr else None,
+        "group_alpha": shape((1, len(fusion.modalities))) if gfmfr and moe else None,
+    }

@@ -33,7 +33,7 @@ def clip_factors(squared_norms: torch.Tensor, clip: float) -> torch.Tensor:
 
 def noise_names(model) -> dict[str, tuple[str, ...]]:
     """Which global parameters a client's update touches, by how they are uploaded."""
-    grads = tuple(getattr(model, "UPLOAD_GRADS", ()))
+    grads = tuple(model.UPLOAD_GRADS)
     return {"tables": tuple(model.GLOBAL_TABLES),
             "dense": tuple(name for name in model.GLOBAL_DENSE if name not in grads),
             "grads": grads}

@@ -35,6 +35,7 @@ import torch
 
 from pipeline.federated.client import FusionRows
 from pipeline.federated.grouped import GroupPlan
+from pipeline.models.base import backbone_of
 from pipeline.models.fusion import GlobalItems, experts, mixing
 
 if TYPE_CHECKING:
@@ -75,12 +76,12 @@ class BlockScorer:
         self.device, self.dtype = shard.device, shard.dtype
         self.globals = {name: value.to(device=self.device, dtype=self.dtype) for name, value in global_params.items()}
         self.n_items = shard.data.n_items
-        self.fusion = getattr(self.model, "FUSION", None)
-        self.backbone = getattr(self.model, "backbone", self.model)
+        self.fusion = self.model.FUSION
+        self.backbone = backbone_of(self.model)
         self.moe = self.fusion is not None and self.fusion.fusion == "moe"
         self.batch_mixing = self.moe and self.fusion.mixing_source == "batch"
-        self.ncf = hasattr(self.backbone, "LAYERS") and getattr(self.backbone, "FUSION_PLUG", "") == "additive"
-        self.linear_head = hasattr(self.backbone, "ITEM_INPUT") and not getattr(self.model, "additive", False)
+        self.ncf = self.backbone.FUSION_PLUG == "additive"  # FedNCF
+        self.linear_head = bool(self.backbone.ITEM_INPUT)
         if self.fusion is not None and self.linear_head and (shard.store.table_scale or shard.store.copy_scale):
             self.linear_head = False  # a scaled ID input changes every expert (never with FedMR's configs)
         self._experts: dict[tuple, torch.Tensor] = {}  # group key -> [I, K d_f] expert outputs

@@ -133,7 +133,7 @@ class Shard:
                                    keep_copies=config.model.pfedrec_eval_table == "personal")
         self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)
         check_features(config.model.fusion, data.features, data.name)
-        for modality in getattr(self.model, "MODALITIES", ()):
+        for modality in self.model.MODALITIES:
             self.features[modality] = torch.as_tensor(np.asarray(data.features[modality])).to(dtype)
         # Gram matrices of the frozen features: client projections live on the working set
         # (client.FeatureSpan); above SPAN_MAX_ITEMS each client holds its own projection weights
@@ -218,7 +218,7 @@ class Shard:
         # copies of global weights: broadcast views (train_clients copies what it trains)
         vectors.update({name: globals_[name].expand(len(users), *globals_[name].shape)
                         for name in model.GLOBAL_DENSE if name not in spans})
-        update = self.config.model.pfedrec_update if hasattr(model, "TWO_STEP_GROUPS") else "joint"
+        update = self.config.model.pfedrec_update if model.TWO_STEP_GROUPS else "joint"
         fusion = None
         if self.config.model.fusion is not None:
             fusion = FusionInputs(features=self.features, ws_client=ws.client, ws_item=ws.item, users=users,
@@ -267,7 +267,7 @@ class Shard:
                 sums.add(sums.table_scale, name, float(((factor[name] - 1) * weights).sum()))
             delta = (trained.tables[name] - start).mul_(weights.index_select(0, ws_client)[:, None])
             sums.add_table(name, ws_item, delta)
-        grads = getattr(model, "UPLOAD_GRADS", ())
+        grads = model.UPLOAD_GRADS
         for name, span in spans.items():  # sum_c w_c dW_c = (w A)^T X[ws_item], summed per item first
             rows = result.last_grads[span.table] if name in grads else trained.tables[span.table]
             sums.add_span(name, span.modality, name in grads, ws_item, rows * weights[ws_client][:, None])
@@ -322,7 +322,7 @@ class Shard:
         """[B] squared L2 norm of each client's whole update (privacy.py): its changes to the global
         tables' rows it touched and to the global dense weights, or its last-batch gradients."""
         model = self.model
-        grads = getattr(model, "UPLOAD_GRADS", ())
+        grads = model.UPLOAD_GRADS
         squared = torch.zeros(n_clients, dtype=torch.float64, device=ws_client.device)
         for name in model.GLOBAL_TABLES:
             rows = (trained.tables[name] - tables[name]).double().square().sum(1)

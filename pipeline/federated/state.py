@@ -110,7 +110,7 @@ class PersonalStore:
                        for name, base in self.table_base.items()}
         self.table_scale: dict[str, torch.Tensor] = {}
         # keep_copies=False: nothing reads the trained copies (PFedRec evaluated on the current Q)
-        self.copy_names = tuple(getattr(model, "KEEP_TRAINED_COPY", ())) if keep_copies else ()
+        self.copy_names = tuple(model.KEEP_TRAINED_COPY) if keep_copies else ()
         self.copy_dims = {name: initial.global_params[name].shape[1] for name in self.copy_names}
         self.dtype = dtype
         self.copies: dict[str, dict[int, SparseRows]] = {name: {} for name in self.copy_names}

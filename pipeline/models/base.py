@@ -67,6 +67,85 @@ class ScoredRows(RowContext, Protocol):
         fuse, plus each client's training positives when `history`; how they map back."""
 
 
+class Method(Protocol):
+    """What every method declares, in one place per method: a backbone module (fedavg.py, fcf.py,
+    fedncf.py, pfedrec.py, fedrap.py), or FedMR's composition of one (fusion.FedMR). Every field
+    is declared by every method (an empty tuple or None where a method has no such part), so
+    nothing is discovered by looking for attributes.
+
+    The partition of the parameters (InitialState holds their initial values):
+      GLOBAL_TABLES     [I, d] item tables: downloaded, trained per client, uploaded as the rows the
+                        client touched, averaged by the server
+      GLOBAL_DENSE      other global weights, uploaded whole (or as gradients, UPLOAD_GRADS)
+      PERSONAL_DENSE    per-client vectors, persisted by the client's pool, never uploaded
+      PERSONAL_TABLES   per-client [I, d] tables, persisted, never uploaded
+      KEEP_TRAINED_COPY global tables whose trained copy the client keeps as its own between rounds
+                        (PFedRec's fine-tuned item table; used when model.pfedrec_eval_table=personal)
+    How the server aggregates and what crosses the network:
+      AGGREGATION       'weighted' (by rows processed) or 'uniform' mean of the clients' updates
+      UPLOAD_GRADS      global dense weights uploaded as last-batch gradients for the server's Adam
+                        step (FedMR's fusion_agg=grad_adam) instead of as updates
+    Training:
+      LR_GROUPS         parameter -> its learning-rate group (train.lr_groups); lr_scale(n_items,
+                        model_config) its multiplier of the base lr
+      TWO_STEP_GROUPS   parameter groups stepped one after the other per mini-batch (PFedRec's
+                        head, then its item table); () for one joint step
+      row_regulariser   (ctx, round, model_config) -> [R] extra loss per row (FedRAP), or None
+      MODALITIES        frozen item-feature modalities the method reads (FedMR), () for ID only
+    GFMFR (group-wise fusion with distillation), on every method:
+      GROUP_TABLE       the global table each group's target averages
+      GROUP_VECTOR      the trained parameters a client is grouped by (its grouping vector)
+      teacher_logits    (group heads, [G, N, d] tables) -> [G, N] the groups' teacher logits
+      fuse_teacher      FedMR: passes the group tables through the global fusion module first; None
+    FUSION              FedMR's FusionConfig (None: ID only)
+    """
+
+    GLOBAL_TABLES: tuple[str, ...]
+    GLOBAL_DENSE: tuple[str, ...]
+    PERSONAL_DENSE: tuple[str, ...]
+    PERSONAL_TABLES: tuple[str, ...]
+    KEEP_TRAINED_COPY: tuple[str, ...]
+    AGGREGATION: str
+    UPLOAD_GRADS: tuple[str, ...]
+    LR_GROUPS: dict[str, str]
+    TWO_STEP_GROUPS: tuple[tuple[str, ...], ...]
+    MODALITIES: tuple[str, ...]
+    GROUP_TABLE: str
+    GROUP_VECTOR: tuple[str, ...]
+    row_regulariser: object  # callable or None
+    fuse_teacher: object  # callable or None
+    FUSION: object  # FedMR's FusionConfig; None for an ID-only backbone
+
+    def init(self, *args, **kwargs) -> "InitialState": ...
+
+    def lr_scale(self, n_items: int, model_config) -> dict[str, float]: ...
+
+    def logits(self, ctx) -> torch.Tensor: ...
+
+    def teacher_logits(self, head: dict[str, torch.Tensor], table: torch.Tensor) -> torch.Tensor: ...
+
+
+METHOD_FIELDS = ("GLOBAL_TABLES", "GLOBAL_DENSE", "PERSONAL_DENSE", "PERSONAL_TABLES", "KEEP_TRAINED_COPY",
+                 "AGGREGATION", "UPLOAD_GRADS", "LR_GROUPS", "TWO_STEP_GROUPS", "MODALITIES", "GROUP_TABLE",
+                 "GROUP_VECTOR", "row_regulariser", "fuse_teacher", "FUSION", "init", "lr_scale", "logits",
+                 "teacher_logits")
+# a backbone module declares besides how FedMR plugs into it: FUSION_PLUG 'input' (FedMR fuses
+# item_input(ctx), the sum of the ITEM_INPUT tables, and score() scores the fused vector) or
+# 'additive' (FedNCF: the fused vector is added to its item embeddings; ITEM_INPUT ())
+BACKBONE_FIELDS = (*METHOD_FIELDS, "FUSION_PLUG", "ITEM_INPUT")
+
+
+def backbone_of(model: Method):
+    """The backbone module of a method (itself when ID only)."""
+    return model if model.FUSION is None else model.backbone
+
+
+def kept_copies(model: Method, model_config) -> tuple[str, ...]:
+    """The tables whose trained copy each client keeps and is evaluated with (PFedRec with
+    model.pfedrec_eval_table=personal); () otherwise."""
+    return model.KEEP_TRAINED_COPY if model_config.pfedrec_eval_table == "personal" else ()
+
+
 @dataclass
 class InitialState:
     """A backbone's initial parameters.

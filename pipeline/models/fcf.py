@@ -4,10 +4,13 @@ uniform mean over participants."""
 from __future__ import annotations
 
 from pipeline.models.fedavg import (FUSION_PLUG, GLOBAL_DENSE, GLOBAL_TABLES, GROUP_TABLE,  # noqa: F401
-                                    GROUP_VECTOR, ITEM_INPUT, LR_GROUPS, PERSONAL_DENSE, PERSONAL_TABLES, init, item_input, logits,
-                                    score, teacher_logits)
+                                    GROUP_VECTOR, ITEM_INPUT, LR_GROUPS, MODALITIES, PERSONAL_DENSE, PERSONAL_TABLES,
+                                    FUSION, UPLOAD_GRADS, fuse_teacher, init, item_input, logits, row_regulariser, score,
+                                    teacher_logits)
 
 AGGREGATION = "uniform"
+KEEP_TRAINED_COPY: tuple[str, ...] = ()
+TWO_STEP_GROUPS: tuple[tuple[str, ...], ...] = ()
 
 
 def lr_scale(n_items: int, config) -> dict[str, float]:

@@ -18,6 +18,14 @@ AGGREGATION = "weighted"
 GROUP_TABLE = "item"
 GROUP_VECTOR = ("w", "b")
 teacher_logits = linear_head_teacher
+# what FedAvg has none of (pipeline.models.base.Method)
+KEEP_TRAINED_COPY: tuple[str, ...] = ()
+UPLOAD_GRADS: tuple[str, ...] = ()
+TWO_STEP_GROUPS: tuple[tuple[str, ...], ...] = ()
+MODALITIES: tuple[str, ...] = ()
+row_regulariser = None
+fuse_teacher = None
+FUSION = None
 
 
 LR_GROUPS = {"item": "item", "w": "head", "b": "head"}  # parameter -> its group in train.lr_groups

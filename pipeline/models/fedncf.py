@@ -23,6 +23,15 @@ LAYERS = ("tower.0", "tower.1", "tower.2")
 # tower and head
 GROUP_TABLE = "item_mlp"
 GROUP_VECTOR = GLOBAL_DENSE
+# what FedNCF has none of (pipeline.models.base.Method)
+KEEP_TRAINED_COPY: tuple[str, ...] = ()
+UPLOAD_GRADS: tuple[str, ...] = ()
+TWO_STEP_GROUPS: tuple[tuple[str, ...], ...] = ()
+MODALITIES: tuple[str, ...] = ()
+row_regulariser = None
+fuse_teacher = None
+FUSION = None
+ITEM_INPUT: tuple[str, ...] = ()  # no single item input: FedMR adds to both item embeddings
 
 
 LR_GROUPS = {"item_mf": "item", "item_mlp": "item", "user_mf": "user", "user_mlp": "user",

@@ -23,6 +23,13 @@ AGGREGATION = "uniform"
 GROUP_TABLE = "item_global"  # GFMFR: groups regress the mean of their members' C_u
 GROUP_VECTOR = ("w", "b")
 teacher_logits = linear_head_teacher
+# what FedRAP has none of (pipeline.models.base.Method); its row_regulariser is below
+KEEP_TRAINED_COPY: tuple[str, ...] = ()
+UPLOAD_GRADS: tuple[str, ...] = ()
+TWO_STEP_GROUPS: tuple[tuple[str, ...], ...] = ()
+MODALITIES: tuple[str, ...] = ()
+fuse_teacher = None
+FUSION = None
 
 
 LR_GROUPS = {"item_global": "item_global", "item_personal": "item_personal", "w": "head", "b": "head"}

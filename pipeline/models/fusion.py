@@ -35,7 +35,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pipeline.models.base import InitialState, broadcast_affine, embedding, linear_head_init, xavier
+from pipeline.models.base import InitialState, broadcast_affine, embedding, kept_copies, linear_head_init, xavier
 
 PREFIX = "fedmr."
 ID_TABLE = "fedmr_item"  # FedNCF only: the ID input table E [I, d_id]
@@ -273,9 +273,9 @@ class GlobalItems:
 
 
 class FedMR:
-    """A backbone module with the fusion module plugged in; the same interface as a backbone
-    module (GLOBAL_TABLES, GLOBAL_DENSE, PERSONAL_DENSE, PERSONAL_TABLES, AGGREGATION, init,
-    lr_scale, logits[, row_regulariser, TWO_STEP_GROUPS, KEEP_TRAINED_COPY]) plus:
+    """A backbone module with the fusion module plugged in: a method of its own, declaring what
+    every method declares (pipeline.models.base.Method) as a transformation of its backbone's
+    declaration, plus:
 
     FUSION: the FusionConfig.  MODALITIES: the frozen feature modalities it reads.
     UPLOAD_GRADS: global fusion parameters uploaded as last-batch gradients (grad_adam).
@@ -290,11 +290,12 @@ class FedMR:
         self.additive = backbone.FUSION_PLUG == "additive"
         self.d_id = model_config.id_width()
         self.MODALITIES = tuple(m for m in cfg.modalities if m != "id")
-        # whether e_i is the same for every user in evaluation (then so are the experts)
+        # whether e_i is the same for every user in evaluation (then so are the experts): it is unless
+        # the backbone's item input reads a personal table (FedRAP's P_u) or a kept trained copy (PFedRec)
+        kept = kept_copies(backbone, model_config)
         self.id_is_global = ("id" not in cfg.modalities or self.additive
-                             or model_config.backbone in ("fedavg", "fcf")
-                             or (model_config.backbone == "pfedrec" and model_config.pfedrec_eval_table == "global"))
-        self.id_from_base = not self.id_is_global and not hasattr(backbone, "KEEP_TRAINED_COPY")  # FedRAP
+                             or not (backbone.PERSONAL_TABLES or kept))
+        self.id_from_base = not self.id_is_global and not kept  # FedRAP: P_u starts from a shared base
         names = param_names(cfg)
         local = tuple(n for n in names if is_router(n)) if cfg.router_scope == "local" else ()
         self.fusion_global = tuple(n for n in names if n not in local)
@@ -308,13 +309,12 @@ class FedMR:
         self.LR_GROUPS = {**backbone.LR_GROUPS, **{name: "fusion" for name in names},
                           **({ID_TABLE: "item"} if uses_table else {})}
         self.UPLOAD_GRADS = self.fusion_global if cfg.fusion_agg == "grad_adam" else ()
-        if hasattr(backbone, "KEEP_TRAINED_COPY"):
-            self.KEEP_TRAINED_COPY = backbone.KEEP_TRAINED_COPY
-        if hasattr(backbone, "TWO_STEP_GROUPS"):  # PFedRec: (a) head + fusion + router, (b) the ID table
+        self.KEEP_TRAINED_COPY = backbone.KEEP_TRAINED_COPY
+        self.TWO_STEP_GROUPS = ()
+        if backbone.TWO_STEP_GROUPS:  # PFedRec: (a) head + fusion + router, (b) the ID table
             head, *rest = backbone.TWO_STEP_GROUPS
             self.TWO_STEP_GROUPS = ((*head, *names), *rest)
-        if hasattr(backbone, "row_regulariser"):  # FedRAP's terms on the batch rows, unchanged
-            self.row_regulariser = backbone.row_regulariser
+        self.row_regulariser = backbone.row_regulariser  # FedRAP's terms on the batch rows, unchanged
         # GFMFR: groups regress the ID table that feeds the module, are formed
         # from the personal head on z_i (FedNCF: its tower and head), and the teacher passes
         # z_{g,i} through the global module (fuse_teacher) before the backbone's teacher head

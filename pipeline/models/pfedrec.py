@@ -14,8 +14,9 @@ from __future__ import annotations
 # the model is FedAvg's (global Q, personal linear head); what differs is the update rule,
 # the item lr and that the trained copy of Q persists. item_input reads the round's copy.
 from pipeline.models.fedavg import (FUSION_PLUG, GLOBAL_DENSE, GLOBAL_TABLES, GROUP_TABLE,  # noqa: F401
-                                    GROUP_VECTOR, ITEM_INPUT, LR_GROUPS, PERSONAL_DENSE, PERSONAL_TABLES, init, item_input, logits,
-                                    score, teacher_logits)
+                                    GROUP_VECTOR, ITEM_INPUT, LR_GROUPS, MODALITIES, PERSONAL_DENSE, PERSONAL_TABLES,
+                                    FUSION, UPLOAD_GRADS, fuse_teacher, init, item_input, logits, row_regulariser, score,
+                                    teacher_logits)
 
 KEEP_TRAINED_COPY = ("item",)  # the fine-tuned Q~_u persists as the user's evaluation table
 AGGREGATION = "uniform"

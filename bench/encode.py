@@ -1,25 +1,31 @@
-"""Benchmark: the Ray Data encode stage against a plain PyTorch loop with the same encoders.
+"""Benchmark: the encode stage's one streaming pass against the two modality passes it replaced.
 
     python -m bench.encode            # all 1,682 MovieLens-100K-MM items (posters + title/overview)
-    python -m bench.encode --quick    # a subset, under a minute
+    python -m bench.encode --quick    # a few items, under a minute: a smoke run, its ratio means little
 
-Both paths run in this one process on the same items, in the same row order, with the same
-encoders, batch size, decode function and torch threads per core:
+Both ways run in this one process, on one Ray instance, on the same items with the same encoders,
+batch size and decode function:
 
-- plain: one Python loop; torch uses every core (--plain-threads); decode -> encode, batch after batch;
-- ray:   pipeline.encode.stage (decode in CPU tasks, encoders in a fixed actor pool).
+- two passes: images alone on the cluster (decode tasks -> image actors), then text alone (text
+  actors), each its own Ray Data execution with the whole cluster (pipeline.encode.stage's
+  encode_images, then encode_texts: how encoding ran before);
+- one pass:   both branches united into one execution, the image and the text actors at work at
+  the same time (pipeline.encode.stage.encode_pass: how `python -m pipeline encode` runs now).
 
-Each path's time runs from "here are the items" to "features in memory" and includes loading
-the models (and, for Ray, starting the actors); starting Ray itself is reported separately.
-items/s = items / (text seconds + image seconds). The features of the two paths are compared
-(max |difference|) to show that they computed the same thing. The last line printed is one
-JSON object with every figure.
+Each way's time runs from "here are the items" to "features of both modalities in memory" and
+includes starting the actors and loading the models; starting Ray itself is reported separately.
+ratio = two-pass seconds / one-pass seconds (>= 1: the one pass is at least as fast as the sum of
+the two). With --repeats R the two ways alternate which goes first; the figures are medians, and
+the ratio is the median of the R per-repeat ratios (each from two back-to-back runs, so a load
+that changes over minutes on a shared machine weighs on both sides of it). Every run prints the
+1-minute load average before and after it.
+The features of the two ways are compared (max |difference| after aligning on item id) to show
+that they computed the same thing. The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -27,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench._common import emit_json, loadavg_1min
+
 DATA = Path(os.environ.get("FEDMM_SHARED", "/work/shared")) / "data" / "movielens-100k-mm"
-QUICK_ITEMS = 32  # a smoke run: fixed start-up costs dominate, so its ratio means little
-TARGET = 0.9
+QUICK_ITEMS = 16  # a smoke run: actor start-up dominates, so its ratio means little
 
 
 def load_items(data: Path, limit: int | None):
@@ -43,85 +50,62 @@ def load_items(data: Path, limit: int | None):
     return table
 
 
-def plain_loop(table, config, size: int, threads: int) -> dict:
-    """The reference: a single-process PyTorch loop. Returns per-modality (ids, features, seconds)."""
-    import torch
+def works(table, config, size: int) -> list:
+    """The image and the text work of the items, as `python -m pipeline encode` builds them."""
+    from pipeline.encode.images import is_file
+    from pipeline.encode.stage import Work
 
-    from pipeline.encode.batching import batches, length_order
-    from pipeline.encode.encoders import build_encoder
-    from pipeline.encode.images import OK, decode_images
-
-    torch.set_num_threads(threads)
-    out = {}
-    started = time.perf_counter()
-    encoder = build_encoder(config.image_spec)
-    rows = np.flatnonzero([bool(p) and Path(p).is_file() for p in table.image])
-    ids, feats = [], []
-    for part in batches(len(rows), config.batch_size):
-        pixels, status = decode_images(table.image[rows[part]], size)
-        ok = status == OK
-        if ok.any():
-            ids.append(table.item_id[rows[part]][ok])
-            feats.append(encoder.encode(pixels[ok]))
-    out["image"] = (np.concatenate(ids), np.concatenate(feats), time.perf_counter() - started)
-    del encoder
-
-    started = time.perf_counter()
-    encoder = build_encoder(config.text_spec)
-    texts = config.prompted_texts(table.text)
-    order = length_order(texts)
-    feats = [encoder.encode([texts[i] for i in order[part]]) for part in batches(len(order), config.batch_size)]
-    out["text"] = (table.item_id[order], np.concatenate(feats), time.perf_counter() - started)
-    return out
+    rows = np.flatnonzero([is_file(p) for p in table.image])
+    return [Work("image", table.item_id[rows], list(table.image[rows]), config.image_spec, size=size),
+            Work("text", table.item_id, config.prompted_texts(table.text), config.text_spec)]
 
 
-def ray_stage(table, config, size: int, threads: int = 0) -> dict:
-    """The stage under test. Returns per-modality (ids, features, seconds) and the plans."""
+def two_passes(items, config) -> tuple[dict, float]:
+    """Images alone, then text alone: ({modality: StageResult}, seconds)."""
     from pipeline.encode import stage
-    from pipeline.encode.images import OK
 
-    rows = np.flatnonzero([bool(p) and Path(p).is_file() for p in table.image])
-    images = stage.encode_images(table.item_id[rows], list(table.image[rows]), config.image_spec, size=size,
-                                 batch_size=config.batch_size, actors=config.actors, progress=False)
-    ok = images.status == OK
-    texts = stage.encode_texts(table.item_id, config.prompted_texts(table.text), config.text_spec,
-                               batch_size=config.batch_size, actors=config.actors, progress=False)
-    return {"image": (images.item_id[ok], images.features[ok], images.seconds),
-            "text": (texts.item_id, texts.features, texts.seconds),
-            "plans": {"image": images.plan.as_dict(), "text": texts.plan.as_dict()}}
+    image, text = items
+    started = time.perf_counter()
+    results = {"image": stage.encode_images(image.item_id, image.content, image.spec, size=image.size,
+                                            batch_size=config.batch_size, actors=config.actors, progress=False),
+               "text": stage.encode_texts(text.item_id, text.content, text.spec, batch_size=config.batch_size,
+                                          actors=config.actors, progress=False)}
+    return results, time.perf_counter() - started
 
 
-def _max_diff(a, b) -> float:
-    """Largest |difference| between two (ids, features) results after aligning on id."""
-    ids_a, feats_a = a[0], a[1]
-    ids_b, feats_b = b[0], b[1]
-    if sorted(ids_a.tolist()) != sorted(ids_b.tolist()):
+def one_pass(items, config) -> tuple[dict, float]:
+    """Both at once in one streaming execution: ({modality: StageResult}, seconds)."""
+    from pipeline.encode import stage
+
+    started = time.perf_counter()
+    results = stage.encode_pass(items, batch_size=config.batch_size, actors=config.actors, progress=False)
+    return results, time.perf_counter() - started
+
+
+def max_diff(a, b) -> float:
+    """Largest |difference| between two StageResults of one modality after aligning on item id
+    (inf when they hold different ids or statuses)."""
+    order_a, order_b = np.argsort(a.item_id), np.argsort(b.item_id)
+    if a.item_id[order_a].tolist() != b.item_id[order_b].tolist():
         return float("inf")
-    return float(np.abs(feats_a[np.argsort(ids_a)] - feats_b[np.argsort(ids_b)]).max())
-
-
-def _figures(n: int, result: dict) -> dict:
-    seconds = result["text"][2] + result["image"][2]
-    return {"items_per_s": round(n / seconds, 2), "seconds": round(seconds, 2),
-            "text_s": round(result["text"][2], 2), "image_s": round(result["image"][2], 2),
-            "text_items_per_s": round(n / result["text"][2], 2),
-            "image_items_per_s": round(len(result["image"][0]) / result["image"][2], 2)}
+    if a.status is not None and a.status[order_a].tolist() != b.status[order_b].tolist():
+        return float("inf")
+    return float(np.abs(a.features[order_a] - b.features[order_b]).max())
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench.encode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"first {QUICK_ITEMS} items only")
+    parser.add_argument("--quick", action="store_true", help=f"first {QUICK_ITEMS} items, one actor per modality")
     parser.add_argument("--items", type=int, help="first N items (default all, or the --quick subset)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--actors", type=int, help="model actors per modality (default: the stage's plan)")
+    parser.add_argument("--actors", type=int, help="model actors per modality (default: the stage's plan; "
+                                                   "--quick: 1)")
     parser.add_argument("--text-model", default="minilm")
     parser.add_argument("--image-model", default="efficientnet-lite0")
-    parser.add_argument("--plain-threads", type=int, default=os.cpu_count(),
-                        help="torch threads of the plain loop (default: every core, torch's default)")
-    parser.add_argument("--repeats", type=int, default=1, help="alternate plain/ray this many times; "
-                                                               "figures are the medians")
+    parser.add_argument("--repeats", type=int, default=1, help="run both ways this many times, alternating which "
+                                                               "goes first; figures are the medians")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -131,57 +115,69 @@ def main(argv=None) -> int:
     from pipeline.encode.config import EncodeConfig
     from pipeline.encode.encoders import describe
 
+    actors = args.actors if args.actors is not None else (1 if args.quick else None)
     config = EncodeConfig(text_model=args.text_model, image_model=args.image_model, batch_size=args.batch_size,
-                          actors=args.actors)
+                          actors=actors)
     table = load_items(args.data, args.items or (QUICK_ITEMS if args.quick else None))
-    n = len(table)
-    size = describe(config.image_spec)["size"]
-    load_before = os.getloadavg()[0]
+    items = works(table, config, describe(config.image_spec)["size"])
+    n_images, n_texts = len(items[0].item_id), len(items[1].item_id)
+    load_before = loadavg_1min()
+    niceness = os.nice(0)
     started = time.perf_counter()
     stage.ensure_ray()
     ray_init_s = time.perf_counter() - started
-    print(f"{n} items, batch {config.batch_size}, {os.cpu_count()} CPUs (load average {load_before:.1f}: the "
-          f"machine may be shared), Ray started in {ray_init_s:.1f} s")
+    print(f"{len(table)} items ({n_images} posters, {n_texts} texts), batch {config.batch_size}, "
+          f"{os.cpu_count()} CPUs, nice {niceness}, load average {load_before:.1f} before (the machine is shared: "
+          f"other jobs' load shows in every timing); Ray started in {ray_init_s:.1f} s")
 
-    runs = {"plain": [], "ray": []}
+    seconds = {"two_passes": [], "one_pass": []}
+    stage_seconds = {"two_passes": [], "one_pass": []}
+    loads = {"two_passes": [], "one_pass": []}
     results = {}
+    ways = {"two_passes": two_passes, "one_pass": one_pass}
     try:
         for repeat in range(args.repeats):
-            for name, fn in (("plain", plain_loop), ("ray", ray_stage)):
-                results[name] = fn(table, config, size, args.plain_threads)
-                runs[name].append(_figures(n, results[name]))
-                print(f"  [{repeat + 1}/{args.repeats}] {name:5s} {runs[name][-1]['items_per_s']:7.2f} items/s "
-                      f"(text {runs[name][-1]['text_s']:.1f} s, image {runs[name][-1]['image_s']:.1f} s)")
+            order = ["two_passes", "one_pass"] if repeat % 2 == 0 else ["one_pass", "two_passes"]
+            for name in order:
+                load = loadavg_1min()
+                results[name], took = ways[name](items, config)
+                loads[name].append([round(load, 1), round(loadavg_1min(), 1)])
+                seconds[name].append(took)
+                stage_seconds[name].append({m: round(r.seconds, 2) for m, r in results[name].items()})
+                parts = ", ".join(f"{m} {s:.1f} s" for m, s in stage_seconds[name][-1].items())
+                print(f"  [{repeat + 1}/{args.repeats}] {name.replace('_', ' '):10s} {took:7.1f} s "
+                      f"({(n_images + n_texts) / took:5.2f} rows/s; {parts}"
+                      + (", each from the pass's start" if name == "one_pass" else "")
+                      + f"; load average {loads[name][-1][0]:.1f} -> {loads[name][-1][1]:.1f})", flush=True)
+        plans = {name: {m: r.plan.as_dict() for m, r in results[name].items()} for name in results}
         resources = ray.cluster_resources()
     finally:
         ray.shutdown()
 
-    def median(name, key):
-        return float(np.median([run[key] for run in runs[name]]))
-
-    plain = {key: median("plain", key) for key in runs["plain"][0]}
-    ray_fig = {key: median("ray", key) for key in runs["ray"][0]}
-    ratio = ray_fig["items_per_s"] / plain["items_per_s"]
-    figures = {
-        "bench": "encode", "dataset": "movielens-100k-mm", "items": n,
-        "images": int(len(results["ray"]["image"][0])), "quick": bool(args.quick),
-        "text_model": config.text_model, "image_model": config.image_model, "batch_size": config.batch_size,
-        "plain": plain, "ray": ray_fig, "ratio": round(ratio, 3), "target_ratio": TARGET,
-        "meets_target": ratio >= TARGET, "repeats": args.repeats, "runs": runs,
-        "note": "quick: start-up costs dominate; the full run gives the ratio" if args.quick else "",
-        "max_abs_diff": {m: _max_diff(results["plain"][m], results["ray"][m]) for m in ("text", "image")},
-        "plain_threads": args.plain_threads, "ray_plans": results["ray"]["plans"], "ray_init_s": round(ray_init_s, 2),
+    median = {name: float(np.median(values)) for name, values in seconds.items()}
+    ratios = [two / one for two, one in zip(seconds["two_passes"], seconds["one_pass"])]
+    ratio = float(np.median(ratios))
+    diffs = {m: max_diff(results["two_passes"][m], results["one_pass"][m]) for m in ("image", "text")}
+    print(f"two passes  {median['two_passes']:7.1f} s   ({len(table) / median['two_passes']:.2f} items/s)")
+    print(f"one pass    {median['one_pass']:7.1f} s   ({len(table) / median['one_pass']:.2f} items/s)")
+    print(f"ratio two passes / one pass: {ratio:.3f} (>= 1: the one pass is at least as fast as the sum of the "
+          f"two; per repeat: {', '.join(f'{r:.3f}' for r in ratios)}); max |diff| image {diffs['image']:.2e}, "
+          f"text {diffs['text']:.2e}"
+          + ("  [quick: start-up dominates; the full run gives the ratio]" if args.quick else ""))
+    emit_json({
+        "bench": "encode", "dataset": "movielens-100k-mm", "items": len(table), "images": n_images,
+        "texts": n_texts, "quick": bool(args.quick), "text_model": config.text_model,
+        "image_model": config.image_model, "batch_size": config.batch_size, "actors": actors,
+        "seconds": {name: round(value, 2) for name, value in median.items()},
+        "items_per_s": {name: round(len(table) / value, 2) for name, value in median.items()},
+        "ratio": round(ratio, 3), "ratios": [round(r, 3) for r in ratios],
+        "one_pass_at_least_as_fast": ratio >= 1.0, "repeats": args.repeats,
+        "runs": {name: [round(s, 2) for s in values] for name, values in seconds.items()}, "load_avg_1min": loads,
+        "stage_seconds": stage_seconds, "max_abs_diff": diffs, "plans": plans, "ray_init_s": round(ray_init_s, 2),
         "cluster": {"CPU": resources.get("CPU", 0), "GPU": resources.get("GPU", 0)},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
-                    "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
-    }
-    print(f"plain loop  {plain['items_per_s']:8.2f} items/s   (text {plain['text_items_per_s']:.1f}/s, "
-          f"image {plain['image_items_per_s']:.1f}/s)")
-    print(f"Ray Data    {ray_fig['items_per_s']:8.2f} items/s   (text {ray_fig['text_items_per_s']:.1f}/s, "
-          f"image {ray_fig['image_items_per_s']:.1f}/s)")
-    print(f"ratio Ray/plain {ratio:.3f} (target >= {TARGET}); max |diff| text "
-          f"{figures['max_abs_diff']['text']:.2e}, image {figures['max_abs_diff']['image']:.2e}")
-    print(json.dumps(figures, default=str))
+        "machine": {"cpus": os.cpu_count(), "nice": niceness, "python": platform.python_version(),
+                    "ray": ray.__version__, "load_avg_1min": [round(load_before, 2), round(loadavg_1min(), 2)]},
+    })
     return 0
 
 

@@ -163,8 +163,6 @@ def encode_pass(works: list[Work], *, batch_size: int, actors: int | None = None
     The branches (one per work) are united into one dataset, so their actor pools run at the
     same time on the plan of pipeline.encode.resources.plan_pass; a StageResult's seconds run
     from the start of the pass to the arrival of that modality's last row."""
-    import ray.data
-
     if len({work.modality for work in works}) != len(works):
         raise ValueError(f"one work per modality, got {[work.modality for work in works]}")
     plans = cluster_plans({work.modality: work.decodes for work in works}, actors)

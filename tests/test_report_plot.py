@@ -270,7 +270,7 @@ def test_cli_plot_names_and_popularity_from_the_prepared_data(tmp_path):
     from pipeline.data.cache import data_cache_root
     from pipeline.data.datasets import open_dataset
     from pipeline.eval.baselines import evaluate_baselines
-    from pipeline.report.cli import _popularity
+    from pipeline.report.cli import _plot, _popularity
     from pipeline.report.tables import display_names
 
     results = [_fake_result(tmp_path / "runs", "ku-fcf", 0, [0.3, 0.4, 0.5], best_round=2),
@@ -286,14 +286,8 @@ def test_cli_plot_names_and_popularity_from_the_prepared_data(tmp_path):
     results[1].summary["dataset"] = {"fingerprint": "0000000000000000"}
     assert _popularity(results, "valid/hr@50") == {}
     args = argparse.Namespace(plot=tmp_path / "ku.png", plot_metric=None, out=tmp_path / "ku.md", title="KU")
-    assert _plot_lines(args, results) == [("validation HR@50 over rounds", "ku.png")]
+    assert _plot(args, results) == [("validation HR@50 over rounds", "ku.png")]
     assert imread(args.plot).shape[:2] == (500, 1280)
-
-
-def _plot_lines(args, results):
-    from pipeline.report.cli import _plot
-
-    return _plot(args, results)
 
 
 def test_a_results_plot_redrawn_from_its_records_alone(tmp_path, capsys):

@@ -138,7 +138,7 @@ class FusedRowCount:
 
     @contextmanager
     def installed(self):
-        from pipeline.federated import client as client_module
+        from pipeline.federated.engine import client as client_module
 
         original = client_module.StepRows.fusion_rows
 
@@ -178,8 +178,8 @@ class LocalTrainingLog:
 
 @contextmanager
 def capture_local_training(log: LocalTrainingLog, device: str = "cpu"):
-    """Wrap pipeline.federated.shard.train_clients (the engine's local training) to time it."""
-    from pipeline.federated import shard as shard_module
+    """Wrap pipeline.federated.engine.shard.train_clients (the engine's local training) to time it."""
+    from pipeline.federated.engine import shard as shard_module
 
     original = shard_module.train_clients
 
@@ -328,7 +328,7 @@ def make_config(backbone: str, participation: float, dataset_overrides: list[str
 
 
 def run_backbone(backbone: str, args, data, negatives, participation: float, dataset_overrides, peak) -> dict:
-    from pipeline.federated.aggregate import feature_dims, round_users
+    from pipeline.federated.strategy.aggregate import feature_dims, round_users
     from pipeline.federated.rounds import in_process, run_rounds
     from reference.oracle import initial_dense_state, oracle_round
 

@@ -77,7 +77,7 @@ def new_server(config, data_refs):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.federated.server import Server
+    from pipeline.federated.runtime.server import Server
 
     head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return Server.options(scheduling_strategy=head).remote(config.model_dump_json(), data_refs,
@@ -123,7 +123,7 @@ def personal_state(pool_states: list[dict], n_items: int) -> dict[int, dict[str,
 
 
 def checkpoint_state(run_dir: Path, n_items: int) -> dict:
-    from pipeline.federated.checkpoints import newest_intact
+    from pipeline.federated.runtime.checkpoints import newest_intact
 
     folder, _ = newest_intact(run_dir / "checkpoints")
     manifest = json.loads((folder / "manifest.json").read_text())

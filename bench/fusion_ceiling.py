@@ -133,7 +133,7 @@ def parse_args(argv):
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from pipeline.data.datasets import open_dataset
-    from pipeline.federated.aggregate import feature_dims
+    from pipeline.federated.strategy.aggregate import feature_dims
     from pipeline.federated.rounds import in_process, run_rounds
 
     threads = set_threads(args.threads)

@@ -179,7 +179,7 @@ def run_setting(label: str, data, per_round: int, args, abort_bytes: int) -> dic
 
     if args.score_sample and shards:
         # in the user batches Shard.evaluate uses (its row budget), so memory is what evaluation needs
-        from pipeline.federated import shard as shard_module
+        from pipeline.federated.engine import shard as shard_module
 
         batch = max(1, getattr(shard_module, "_EVAL_ROW_BUDGET", 1 << 21) // data.n_items)
         sample = shards[0].users[:: max(1, len(shards[0].users) // args.score_sample)][: args.score_sample]
@@ -245,8 +245,8 @@ def run_ray(data, per_round: int, args) -> dict:
     (rounds.run_rounds) on pool.RayPools, as the job's Server plays it, no evaluation scheduled."""
     import ray
 
-    from pipeline.federated.placement import PoolPlan
-    from pipeline.federated.pool import RayPools
+    from pipeline.federated.runtime.placement import PoolPlan
+    from pipeline.federated.runtime.pool import RayPools
     from pipeline.federated.rounds import run_rounds
     from pipeline.federated.strategy import Strategy
 

@@ -90,7 +90,7 @@ def evaluate_timed(scorer, data, negatives, protocol: str, users: np.ndarray,
     """(metrics, wall seconds, phase peak RSS GB) of the test split over `users`, in the user
     batches Shard.evaluate uses (the baseline: those it used before, all items per user)."""
     from pipeline.eval.protocols import evaluate
-    from pipeline.federated import shard as shard_module
+    from pipeline.federated.engine import shard as shard_module
 
     width = data.n_items if protocol == "p3" or baseline else 1 + negatives.test.shape[1]
     batch = max(1, shard_module._EVAL_ROW_BUDGET // width)

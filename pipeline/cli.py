@@ -93,7 +93,7 @@ def cmd_data_stats(args) -> int:
         config = config.model_copy(update={"features": args.features})
     raw = load_raw(config)  # a feature store is read and checked here (ids, shapes, finite values)
     if experiment is not None:  # as train opens it: the data cache, the fusion module's feature check
-        from pipeline.federated.run import open_checked
+        from pipeline.federated.runtime.run import open_checked
 
         experiment = experiment.model_copy(update={"data": config})
         data, negatives = open_checked(experiment)
@@ -291,7 +291,7 @@ def _print_selection(selection: dict, head: str) -> None:
 
 def cmd_train(args) -> int:
     """Federated training of one experiment config."""
-    from pipeline.federated.run import train
+    from pipeline.federated.runtime.run import train
 
     summary = train(_run_config(args), resume=args.resume, address=args.address, quiet=args.json)
     if args.json:

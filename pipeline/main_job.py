@@ -18,7 +18,7 @@ from pipeline.data.datasets import materialize_synthetic, open_dataset
 from pipeline.encode.job import encode_items
 from pipeline.eval.baselines import evaluate_baselines
 from pipeline.eval.tables import markdown_table, metric_columns
-from pipeline.federated.run import train
+from pipeline.federated.runtime.run import train
 from pipeline.report.runs import report_runs
 from pipeline.trained import TrainedRun
 

@@ -57,8 +57,8 @@ class TrainedRun:
 
     def __init__(self, config: ExperimentConfig, data, negatives, globals_: dict, pool_states: list[dict],
                  round_: int, source: Path, summary: dict | None = None):
-        from pipeline.federated.aggregate import feature_dims, initial_state
-        from pipeline.federated.shard import Shard
+        from pipeline.federated.strategy.aggregate import feature_dims, initial_state
+        from pipeline.federated.engine.shard import Shard
 
         self.config, self.data, self.negatives, self.round, self.source = config, data, negatives, round_, source
         self.summary = summary or {}
@@ -76,7 +76,7 @@ class TrainedRun:
     def open(cls, run_dir, checkpoint: str = "best", data_cache: Path | None = None) -> "TrainedRun":
         """The run in `run_dir` at checkpoint 'best' (the best validation round; the newest
         checkpoint when the run kept none) or 'last' (the newest intact checkpoint)."""
-        from pipeline.federated.checkpoints import damage, newest_intact
+        from pipeline.federated.runtime.checkpoints import damage, newest_intact
 
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").is_file():

@@ -3,7 +3,7 @@
 Written from the methods' equations alone (docs/methods.md), deliberately naive: every client holds dense full
 tensors (personal item tables as [I, d]), trains with `torch.optim.SGD` and autograd, one
 mini-batch at a time, and the server averages full tensors. Nothing here imports the math
-of pipeline/models/*.py or pipeline/federated/client.py; the only shared pieces are the
+of pipeline/models/*.py or pipeline/federated/engine/client.py; the only shared pieces are the
 seeded initial model, the participant stream and the row sampler (shared randomness, not
 math), so both sides see the same clients, rows and starting point.
 
@@ -36,11 +36,11 @@ from torch.nn.utils import skip_init
 
 from pipeline.config import ExperimentConfig, lr_value
 from pipeline.data.prepare import PreparedDataset
-from pipeline.federated.aggregate import initial_state, round_users
-from pipeline.federated.group_server import new_group_fusion
-from pipeline.federated.grouping import cluster_seed, group_users
+from pipeline.federated.strategy.aggregate import initial_state, round_users
+from pipeline.federated.strategy.group_server import new_group_fusion
+from pipeline.federated.strategy.grouping import cluster_seed, group_users
 from pipeline.federated.privacy import gaussian_noise
-from pipeline.federated.sampling import client_data, dropout_keep, epoch_rows
+from pipeline.federated.engine.sampling import client_data, dropout_keep, epoch_rows
 from pipeline.models.group_fusion import train_group_fusion
 
 # --- what each backbone downloads/uploads and keeps ----------------------
@@ -432,7 +432,7 @@ def run_oracle(config: ExperimentConfig, data: PreparedDataset, rounds: int, log
                dtype=torch.float64, state: DenseState | None = None) -> DenseState:
     """`rounds` oracle rounds from the seeded initial state (or `state`); logs: each round's
     {user: ClientLog} appended."""
-    from pipeline.federated.aggregate import feature_dims
+    from pipeline.federated.strategy.aggregate import feature_dims
 
     if state is None:
         state = initial_dense_state(config, data.n_users, data.n_items, feature_dims(data))

@@ -13,7 +13,7 @@ def rounds_with_a_restart(cfg, data, negatives, before: int) -> tuple[list[dict]
     run one more round. Returns (the before + 1 rounds' metrics, the resumed checkpoint's
     global.pt)."""
     refs = [ray.put(data), ray.put(negatives)]
-    from pipeline.federated.server import Server
+    from pipeline.federated.runtime.server import Server
 
     server = Server.remote(cfg.model_dump_json(), refs, str(cfg.runtime.out))
     history = [ray.get(server.next_round.remote()) for _ in range(before)]

@@ -1,4 +1,4 @@
-"""Dropouts and stragglers (pipeline/federated/arrivals.py): who arrives, that the round
+"""Dropouts and stragglers (pipeline/federated/strategy/arrivals.py): who arrives, that the round
 aggregates exactly the arrived clients (the engine equals the oracle), and that a client that
 did not arrive keeps its state."""
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import round_users
-from pipeline.federated.arrivals import arrivals
+from pipeline.federated.strategy.aggregate import round_users
+from pipeline.federated.strategy.arrivals import arrivals
 from test_equivalence import VARIANTS, engine_dense, make_config, max_diffs, run_engine, run_oracle, synthetic
 
 ATOL = 1e-5

@@ -1,4 +1,4 @@
-"""Evaluation scores as matrix products (pipeline/federated/scoring.py) against the row-per-pair
+"""Evaluation scores as matrix products (pipeline/federated/engine/scoring.py) against the row-per-pair
 reference (Shard.row_scores, one (user, item) row each through the model's logits), after a few
 trained rounds: the same [B, I] scores (P3), the same scores of each user's candidates (P1) and
 the same metrics through the evaluator, for every backbone x {ID, FedMR, GFMFR} and FedMR's
@@ -16,7 +16,7 @@ from pipeline.config import load_config
 from pipeline.data.negatives import sample_eval_negatives
 from pipeline.eval.protocols import evaluate
 from pipeline.federated.rounds import in_process, run_rounds
-from pipeline.federated.scoring import first_occurrence
+from pipeline.federated.engine.scoring import first_occurrence
 from pipeline.models import BACKBONES
 from test_equivalence import synthetic
 from test_fedmr_equivalence import with_features
@@ -142,7 +142,7 @@ def test_first_occurrence():
 
 def test_sub_blocks_do_not_change_scores(data, negatives, monkeypatch):
     """Blocks of one user give the same scores as one block (the memory bound is a split)."""
-    import pipeline.federated.scoring as scoring
+    import pipeline.federated.engine.scoring as scoring
 
     cfg = make_config("fedrap", f"model.fusion={{{MOE}}}")
     shards, g = trained_shards(cfg, data, negatives, rounds=2, n_shards=1)

@@ -19,9 +19,9 @@ import torch
 from pipeline.centralized.model import PooledModel
 from pipeline.centralized.trainer import CentralizedTrainer, epoch_batches, worker_slice
 from pipeline.config import load_config
-from pipeline.federated.aggregate import feature_dims, initial_state
-from pipeline.federated.sampling import client_data
-from pipeline.federated.shard import Shard
+from pipeline.federated.strategy.aggregate import feature_dims, initial_state
+from pipeline.federated.engine.sampling import client_data
+from pipeline.federated.engine.shard import Shard
 from test_equivalence import synthetic
 from test_fedmr_equivalence import MOE, with_features
 

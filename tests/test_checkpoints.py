@@ -1,4 +1,4 @@
-"""Checkpoint integrity (pipeline/federated/checkpoints.py): a damaged checkpoint is never
+"""Checkpoint integrity (pipeline/federated/runtime/checkpoints.py): a damaged checkpoint is never
 loaded; a resume falls back to the newest intact one. The fault report (bench/faults.py) runs
 the scenarios on a 3-node local Ray cluster and must lose no run and no client state."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.federated.checkpoints import damage, newest_intact, sha256_of
+from pipeline.federated.runtime.checkpoints import damage, newest_intact, sha256_of
 
 REPO = Path(__file__).resolve().parents[1]
 

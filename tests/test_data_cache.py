@@ -42,7 +42,7 @@ def test_baselines_take_a_dataset_path_and_a_config(tmp_path, monkeypatch, capsy
 def test_data_prepare_fills_the_cache_that_train_reads(tmp_path, monkeypatch, capsys):
     from pipeline.cli import main
     from pipeline.config import load_config
-    from pipeline.federated.run import open_checked
+    from pipeline.federated.runtime.run import open_checked
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("PIPELINE_DATA_CACHE", str(cache))

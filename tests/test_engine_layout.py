@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.pool import training_device
-from pipeline.federated.sampling import _shuffle_order, client_data, dropout_keep, dropout_scale, epoch_rows
-from pipeline.federated.state import PersonalStore, SparseRows
+from pipeline.federated.runtime.pool import training_device
+from pipeline.federated.engine.sampling import _shuffle_order, client_data, dropout_keep, dropout_scale, epoch_rows
+from pipeline.federated.engine.state import PersonalStore, SparseRows
 from pipeline.models import model_for
 from pipeline.models.base import InitialState
 from tests.test_equivalence import VARIANTS, engine_dense, engine_scores, make_config, max_diffs, run_engine, synthetic
@@ -125,7 +125,7 @@ def runtime_of(*overrides):
 
 
 def test_pool_plan_from_cluster_resources():
-    from pipeline.federated.placement import PoolPlan, plan_pools
+    from pipeline.federated.runtime.placement import PoolPlan, plan_pools
 
     # CPU only: one pool per CPU, one thread each; cpus_per_pool / pools override
     assert plan_pools({"CPU": 8.0}, runtime_of()) == PoolPlan(8, 1.0, 0.0)
@@ -146,7 +146,7 @@ def test_pool_plan_from_cluster_resources():
 @pytest.mark.parametrize("bitmap_keys, rank_keys", [(1 << 28, 1 << 25), (1 << 28, 0), (0, 0)])
 def test_working_set_paths_agree(data, monkeypatch, bitmap_keys, rank_keys):
     """Bitmap with ranks, bitmap with searchsorted, np.unique: the same working set and rows."""
-    from pipeline.federated import client as client_module
+    from pipeline.federated.engine import client as client_module
 
     clients = client_data(data, np.arange(data.n_users))
     epochs = [epoch_rows(clients, neg_ratio=2, rows_per_batch=24, seed=3, round_=0, epoch=e) for e in range(3)]
@@ -188,8 +188,8 @@ def test_dropout_multipliers_are_the_keep_mask(rows, units, p):
 def test_feature_span_is_the_per_client_weight(monkeypatch):
     """_SpanLinear (Gram rows times the scattered span table) gives every row its client's
     X[item] (A_c^T X_c)^T, in buckets of several widths and in chunks of one or many clients."""
-    from pipeline.federated import client as client_module
-    from pipeline.federated.client import FeatureSpan, FusionInputs, PaddedRows, _SpanLinear
+    from pipeline.federated.engine import client as client_module
+    from pipeline.federated.engine.client import FeatureSpan, FusionInputs, PaddedRows, _SpanLinear
 
     rng = np.random.default_rng(0)
     n_items, d, out, n_clients = 40, 6, 3, 7
@@ -220,7 +220,7 @@ def test_padded_affine_is_the_broadcast_formula(with_weight):
     """PaddedLayout.affine (per bucket, no broadcast copies) = x * weight[client] + bias[client]
     on every row, and the same gradients for x, weight and bias (the loss reads real rows only,
     as in training, so padding rows get zero gradient)."""
-    from pipeline.federated.grouped import PaddedLayout
+    from pipeline.federated.engine.grouped import PaddedLayout
 
     rng = np.random.default_rng(1)
     n_clients, d = 6, 5

@@ -1,4 +1,4 @@
-"""The vectorised engine (pipeline/federated/shard.py + client.py + models) against the textbook
+"""The vectorised engine (pipeline/federated/engine/shard.py + client.py + models) against the textbook
 one-client-at-a-time oracle (reference/oracle.py), written independently from
 the methods' equations: same global parameters, same personal parameters of every user and same
 evaluation scores after a few rounds (float64, atol 1e-5), for every backbone, with several
@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from pipeline.config import load_config
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.schema import Interactions, RawDataset
-from pipeline.federated.aggregate import round_lrs
+from pipeline.federated.strategy.aggregate import round_lrs
 from pipeline.federated.rounds import in_process, run_rounds
 from reference.oracle import DenseState, _item_lr, _lr, initial_dense_state, oracle_scores, run_oracle
-from pipeline.federated.sampling import client_data, epoch_rows
+from pipeline.federated.engine.sampling import client_data, epoch_rows
 
 ATOL = 1e-5
 

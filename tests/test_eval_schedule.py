@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.federated.schedule import eval_sample, eval_user_count, evaluates
-from pipeline.federated.selection import Selection
+from pipeline.federated.strategy.schedule import eval_sample, eval_user_count, evaluates
+from pipeline.federated.strategy.selection import Selection
 
 SYNTH = "data.synthetic={n_users: 60, n_items: 50, images: false, seed: 3}"
 
@@ -76,7 +76,7 @@ def test_a_count_above_the_users_is_refused():
 
 
 def test_the_count_is_checked_before_ray_starts(tmp_path):
-    from pipeline.federated.run import open_checked
+    from pipeline.federated.runtime.run import open_checked
 
     config = load_config(None, [SYNTH, "train.eval_users=61", f"runtime.out={tmp_path / 'run'}"])
     with pytest.raises(ValueError, match=r"train.eval_users=61 exceeds the dataset's 60 users"):
@@ -129,7 +129,7 @@ def _reference(config, rounds):
 
 @pytest.mark.slow
 def test_sampled_schedule_on_ray(local_ray, tmp_path):
-    from pipeline.federated.run import train
+    from pipeline.federated.runtime.run import train
 
     overrides = [SYNTH, "model.backbone=fcf", "train.rounds=5", "train.local_epochs=2", "train.batch_rows=16",
                  "train.neg_ratio=2", "train.participation=0.7", "train.patience=50", "train.eval_every=2",

@@ -17,7 +17,7 @@ from ray.cluster_utils import Cluster
 from pipeline.config import load_config
 from pipeline.data.datasets import open_dataset
 from pipeline.federated.rounds import in_process, run_rounds
-from pipeline.federated.server import Server
+from pipeline.federated.runtime.server import Server
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ def test_pools_on_two_nodes_match_the_reference(two_node_cluster, tmp_path):
     assert len({pool["node"] for pool in info}) == 2, info  # pools really span both nodes
     assert summary["recoveries"] == 0
     # the summary names what the pools ran on (one machine here: both nodes are this host)
-    from pipeline.federated.machine import describe
+    from pipeline.federated.runtime.machine import describe
 
     assert summary["machines"] == [{**describe(), "torch_threads": 1}]   # pools: 1 CPU, one torch thread
     assert summary["machines"][0]["cpu_capability"] and summary["machines"][0]["torch"]
@@ -101,7 +101,7 @@ def test_killed_pool_is_restored_and_the_run_matches(two_node_cluster, tmp_path)
 
 
 def _selection(history, config):
-    from pipeline.federated.selection import Selection
+    from pipeline.federated.strategy.selection import Selection
 
     selection = Selection(config.train.selection(), config.train.patience)
     for m in history:

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import apply_fusion_grads, apply_uploads, feature_dims, initial_state
+from pipeline.federated.strategy.aggregate import apply_fusion_grads, apply_uploads, feature_dims, initial_state
 from pipeline.federated.rounds import in_process, run_rounds
 from reference.oracle import oracle_scores_fedmr
-from pipeline.federated.selection import Selection
+from pipeline.federated.strategy.selection import Selection
 from pipeline.federated.messages import Upload
-from pipeline.federated.scoring import EvalRows
-from pipeline.federated.state import PersonalStore
+from pipeline.federated.engine.scoring import EvalRows
+from pipeline.federated.engine.state import PersonalStore
 from pipeline.models import model_for
 from pipeline.models.fusion import PREFIX
 from test_equivalence import synthetic
@@ -330,7 +330,7 @@ def test_d11_exactly_one_sigmoid(data):
     _, strategy, pools = started(cfg, data, n_shards=1)
     logits = pools.pools[0].scores(strategy.globals, torch.arange(data.n_users))
     assert logits.min() < 0 < logits.max()  # logits, not probabilities
-    from pipeline.federated.sampling import client_data, epoch_rows
+    from pipeline.federated.engine.sampling import client_data, epoch_rows
 
     rows = epoch_rows(client_data(data, np.arange(data.n_users)), neg_ratio=cfg.train.neg_ratio,
                       rows_per_batch=cfg.train.rows_per_batch(), seed=cfg.train.seed, round_=0, epoch=0)

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import feature_dims
+from pipeline.federated.strategy.aggregate import feature_dims
 from pipeline.federated.rounds import in_process, run_rounds
 from reference.oracle import initial_dense_state, oracle_scores_fedmr
 from test_equivalence import engine_dense, engine_scores, max_diffs, moved, run_oracle, synthetic
@@ -41,7 +41,7 @@ def feature_spans(monkeypatch):
     """The frozen-feature projections as working-set spans (client.FeatureSpan) wherever the
     Gram matrix fits, whatever the cost rule would pick on these tiny features; tests that
     need the per-client weight copies set SPAN_MAX_ITEMS = 0."""
-    import pipeline.federated.shard as shard_module
+    import pipeline.federated.engine.shard as shard_module
 
     monkeypatch.setattr(shard_module, "SPAN_ITEMS_PER_WIDTH", math.inf)
 
@@ -147,7 +147,7 @@ def test_per_client_projection_weights_match_oracle(data, variant, form, monkeyp
     """The frozen-feature projections trained as per-client weight copies (above
     SPAN_MAX_ITEMS items, or working sets wide for the features), or one modality each way:
     the same numbers as on the working set (client.FeatureSpan)."""
-    import pipeline.federated.shard as shard_module
+    import pipeline.federated.engine.shard as shard_module
 
     if form == "weights":
         monkeypatch.setattr(shard_module, "SPAN_MAX_ITEMS", 0)
@@ -179,8 +179,8 @@ def assert_matches_oracle(cfg, data, shards, g, rounds):
 def test_blocks_of_clients_match_oracle(data, variant, spans, monkeypatch):
     """Local training in blocks of ~20 rows per epoch (runtime.block_rows, how a CPU pool
     trains), with the projections as spans or as weight copies: the oracle's numbers."""
-    import pipeline.federated.client as client_module
-    import pipeline.federated.shard as shard_module
+    import pipeline.federated.engine.client as client_module
+    import pipeline.federated.engine.shard as shard_module
 
     if not spans:
         monkeypatch.setattr(shard_module, "SPAN_MAX_ITEMS", 0)
@@ -285,7 +285,7 @@ def test_engine_matches_oracle_random(case):
                              f"train.batch_rows={case['batch_rows']}", f"train.participation={case['participation']}",
                              f"train.seed={case['seed']}", f"train.model_seed={case['seed'] + 1}",
                              f"model.fusion={{{', '.join(options)}}}"])
-    import pipeline.federated.shard as shard_module
+    import pipeline.federated.engine.shard as shard_module
 
     before = shard_module.SPAN_MAX_ITEMS
     shard_module.SPAN_MAX_ITEMS = before if case["spans"] else 0

@@ -15,11 +15,11 @@ from sklearn.metrics import adjusted_rand_score
 from pipeline.config import load_config
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.synthetic import SyntheticConfig, generate
-from pipeline.federated.aggregate import initial_state, participants, round_lrs
-from pipeline.federated.group_server import GroupServer
+from pipeline.federated.strategy.aggregate import initial_state, participants, round_lrs
+from pipeline.federated.strategy.group_server import GroupServer
 from pipeline.federated.messages import TeacherDownload
-from pipeline.federated.grouping import UNGROUPED
-from pipeline.federated.shard import Shard
+from pipeline.federated.strategy.grouping import UNGROUPED
+from pipeline.federated.engine.shard import Shard
 from pipeline.models import model_for
 from test_equivalence import synthetic
 from test_fedmr_equivalence import with_features
@@ -162,7 +162,7 @@ def test_teacher_of_the_true_targets_and_the_fit_error(monkeypatch):
     """Diagnostics of the group step: with f_phi forced to reproduce the targets exactly, the
     teacher equals the teacher of the true targets and the relative error is 0; as trained, it
     is not, and the metric says by how much."""
-    import pipeline.federated.group_server as group_server
+    import pipeline.federated.strategy.group_server as group_server
     from pipeline.models.group_fusion import GroupFusion
 
     data = with_features(synthetic())

@@ -17,9 +17,9 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.federated.rounds import in_process, run_rounds
-from pipeline.federated.shard import RHO
+from pipeline.federated.engine.shard import RHO
 from reference.oracle import oracle_scores, oracle_scores_fedmr, run_oracle
-from pipeline.federated.group_server import GroupServer
+from pipeline.federated.strategy.group_server import GroupServer
 from test_equivalence import engine_dense, engine_scores, max_diffs, moved, synthetic
 from test_fedmr_equivalence import with_features
 

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data.datasets import data_root, open_dataset
-from pipeline.federated.aggregate import participants
+from pipeline.federated.strategy.aggregate import participants
 from pipeline.federated.rounds import in_process, run_rounds
 from ray_runs import rounds_with_a_restart
 

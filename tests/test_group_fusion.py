@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.federated.group_server import group_means
+from pipeline.federated.strategy.group_server import group_means
 from pipeline.models.base import linear_head_teacher
 from pipeline.models.group_fusion import (GroupFusion, group_delta_sums, kd_per_row, kd_schedule, targets_from_sums,
                                           train_group_fusion, update_ratio_ema)

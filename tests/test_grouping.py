@@ -1,4 +1,4 @@
-"""GFMFR grouping (pipeline/federated/grouping.py)."""
+"""GFMFR grouping (pipeline/federated/strategy/grouping.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from pipeline.federated.grouping import (UNGROUPED, assign_ids, group_users, rbf_gamma, reduce, standardise)
+from pipeline.federated.strategy.grouping import (UNGROUPED, assign_ids, group_users, rbf_gamma, reduce, standardise)
 
 
 def planted(n_per_group=30, n_groups=4, dim=16, spread=0.3, seed=0):

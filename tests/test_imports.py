@@ -95,8 +95,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_pipeline_has_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 50 and "pipeline.federated.shard" in graph["pipeline.federated.server"] | \
-        graph["pipeline.federated.pool"]  # the walk sees the package
+    assert len(graph) > 50 and "pipeline.federated.engine.shard" in graph["pipeline.federated.runtime.server"] | \
+        graph["pipeline.federated.runtime.pool"]  # the walk sees the package
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
 

@@ -56,7 +56,7 @@ def _train(cwd: Path, out: Path, cache: Path, *extra: str, resume: bool = False)
 def test_ctrl_c_during_evaluation_keeps_the_last_checkpoint_and_a_resume_ends_the_run(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from pipeline.federated.checkpoints import damage
+    from pipeline.federated.runtime.checkpoints import damage
 
     cwd, out, cache = tmp_path / "cwd", tmp_path / "run", tmp_path / "cache"
     cwd.mkdir()
@@ -135,7 +135,7 @@ def test_the_evaluator_reports_every_user_it_ranks():
 
 
 def test_progress_text_names_the_phase_and_its_unit():
-    from pipeline.federated.run import progress_text
+    from pipeline.federated.runtime.run import progress_text
 
     assert progress_text({"round": 3, "phase": "train", "done": 40, "total": 80}) == "round 3: train 40/80 clients"
     assert progress_text({"round": 3, "phase": "full valid", "done": 1200, "total": 46420}) == \
@@ -146,7 +146,7 @@ def test_progress_text_names_the_phase_and_its_unit():
 
 
 def test_timing_separates_training_evaluation_and_checkpoints():
-    from pipeline.federated.run import timing
+    from pipeline.federated.runtime.run import timing
 
     history = [{"round": 0, "time/train_seconds": 1.0, "time/eval_seconds": 0.001, "time/round_seconds": 1.2,
                 "time/checkpoint_seconds": 0.5},

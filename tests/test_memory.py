@@ -1,4 +1,4 @@
-"""pipeline/federated/memory.py: freed big blocks stay in the process and are reused."""
+"""pipeline/federated/engine/memory.py: freed big blocks stay in the process and are reused."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 SCRIPT = """
 import resource, sys
 import torch
-from pipeline.federated.memory import keep_freed_memory
+from pipeline.federated.engine.memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 x = torch.ones(1)
@@ -42,7 +42,7 @@ sys.path.insert(0, "tests")
 import numpy as np, torch
 from bench._common import current_rss_bytes
 from pipeline.config import load_config
-from pipeline.federated.memory import keep_freed_memory
+from pipeline.federated.engine.memory import keep_freed_memory
 from pipeline.federated.rounds import in_process, run_rounds
 from test_equivalence import synthetic
 from test_fedmr_equivalence import with_features

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import feature_dims, initial_state
+from pipeline.federated.strategy.aggregate import feature_dims, initial_state
 from pipeline.federated.messages import declared_upload
 from pipeline.models import BACKBONES, backbone, model_for
 from pipeline.models.base import BACKBONE_FIELDS, METHOD_FIELDS

@@ -13,7 +13,7 @@ from test_equivalence import (ATOL, engine_dense, engine_scores, initial_dense_s
 from pipeline.config import PRESETS, load_config
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.schema import Interactions, RawDataset
-from pipeline.federated.aggregate import round_lrs
+from pipeline.federated.strategy.aggregate import round_lrs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -189,7 +189,7 @@ def test_weight_decay_state_survives_a_checkpoint(data, tmp_path):
     uninterrupted run."""
     import torch
 
-    from pipeline.federated.checkpoints import Checkpoints
+    from pipeline.federated.runtime.checkpoints import Checkpoints
     from pipeline.federated.rounds import in_process, run_rounds
 
     for variant in ("fedrap_paper", "pfedrec_paper"):

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import initial_state, round_lrs
+from pipeline.federated.strategy.aggregate import initial_state, round_lrs
 from pipeline.federated.privacy import clip_factors, epsilon_after, gaussian_noise
-from pipeline.federated.shard import Shard
+from pipeline.federated.engine.shard import Shard
 from reference.oracle import oracle_scores, oracle_scores_fedmr
 from test_equivalence import (VARIANTS, engine_dense, engine_scores, make_config, max_diffs, moved, run_engine, run_oracle,
                               synthetic)

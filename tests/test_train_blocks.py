@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import pipeline.federated.shard as shard_module
+import pipeline.federated.engine.shard as shard_module
 import test_equivalence as ids
 import test_fedmr_equivalence as fedmr
 import test_gfmfr_equivalence as gfmfr
-from pipeline.federated.aggregate import feature_dims, initial_state, round_lrs
-from pipeline.federated.shard import Shard
+from pipeline.federated.strategy.aggregate import feature_dims, initial_state, round_lrs
+from pipeline.federated.engine.shard import Shard
 from test_privacy import MEDIAN_NORM
 
 ATOL = 1e-10

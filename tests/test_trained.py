@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.run import train
+from pipeline.federated.runtime.run import train
 from pipeline.trained import RunError, TrainedRun
 
 pytestmark = pytest.mark.slow

@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.aggregate import feature_dims, initial_state, round_lrs
-from pipeline.federated.sampling import client_data, epoch_rows
+from pipeline.federated.strategy.aggregate import feature_dims, initial_state, round_lrs
+from pipeline.federated.engine.sampling import client_data, epoch_rows
 from pipeline.federated.messages import Upload
-from pipeline.federated.shard import Shard
+from pipeline.federated.engine.shard import Shard
 from pipeline.models import model_for
 from test_equivalence import synthetic
 from test_fedmr_equivalence import with_features

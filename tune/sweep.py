@@ -24,7 +24,7 @@ selection metric's K and train.eval_ks), up to POINTS_CHECKED combinations. Befo
 sweep also opens the data of every such point and start point and checks it against what the
 point's fusion module reads (its feature store: finite, complete, and present where a modality
 needs it), naming the point that fails.
-Each trial runs the federated job (pipeline.federated.run.train) in a placement group holding
+Each trial runs the federated job (pipeline.federated.runtime.run.train) in a placement group holding
 its driver and its pools; its run directory (metrics.jsonl, tb/, checkpoints/) is the trial's
 `run/` folder, so `tensorboard --logdir <storage>/<name>` shows every trial, once: Ray Tune's own
 TensorBoard logger is left out (its copies of the same numbers under ray/tune/ tags), and the sweep
@@ -225,10 +225,10 @@ def _point_text(point: dict) -> str:
 
 def check_points_data(space: SearchSpace, space_path, data_cache) -> int:
     """Open the data of every point of space.points() and check it against the point's fusion module
-    (pipeline.federated.run.open_checked: the feature store finite and complete, and present where the
+    (pipeline.federated.runtime.run.open_checked: the feature store finite and complete, and present where the
     module reads it), once per distinct data and modalities; ValueError naming the file, and the point
     where the points differ in what they read. Returns how many distinct (data, modalities) were checked."""
-    from pipeline.federated.run import open_checked
+    from pipeline.federated.runtime.run import open_checked
 
     checked: dict[tuple, dict] = {}
     for point in space.points():
@@ -313,7 +313,7 @@ def _trial(point: dict, space: SearchSpace, cwd: str, data_cache: str | None = N
 
     from ray import tune
 
-    from pipeline.federated.run import train
+    from pipeline.federated.runtime.run import train
     from tune.trials import read_rows, selection_of
 
     os.chdir(cwd)  # Tune starts a trial in its own folder; configs and caches are relative to the project
@@ -393,7 +393,7 @@ def run_sweep(space_path: str | Path, *, samples: int, concurrency: int, storage
     from ray.tune.search.optuna import OptunaSearch
 
     from pipeline.data.cache import data_cache_root
-    from pipeline.federated.run import ensure_ray
+    from pipeline.federated.runtime.run import ensure_ray
     from tune.hparams import write_hparams
     from tune.trials import trial_rows, write_tables
 

@@ -6,7 +6,7 @@ trials.csv; `python -m tune.trials` rebuilds the table of any sweep folder:
     python -m tune.trials runs/sweeps/ml_pfedrec --space configs/sweeps/movielens_pfedrec.yaml \
         --out results/sweeps/ml_pfedrec.md
 
-The ranking rule, the same as `pipeline train`'s selection (pipeline/federated/selection.py):
+The ranking rule, the same as `pipeline train`'s selection (pipeline/federated/strategy/selection.py):
   - a trial's selected round is the first of its evaluated rounds with the highest validation
     metric (a round counts only when strictly better than every earlier one). The rows of the
     trial's metrics.jsonl are fed to train's own Selection, in order. A trial is `pipeline train`
@@ -44,11 +44,11 @@ def read_rows(metrics_path: Path) -> list[dict]:
 
 
 def selection_of(rows: list[dict], metric: str) -> dict | None:
-    """`pipeline train`'s selection over a run's rows: the report of pipeline.federated.selection
+    """`pipeline train`'s selection over a run's rows: the report of pipeline.federated.strategy.selection
     (best_round, valid and test at it) fed every evaluated row in order, or None when no row holds
     `metric` (e.g. 'valid/hr@10'). Under a sampled evaluation a row's full/ keys (the same state on
     every user) are passed as train passes them, so valid and test are every user's."""
-    from pipeline.federated.selection import Selection
+    from pipeline.federated.strategy.selection import Selection
 
     selection = Selection(metric.removeprefix("valid/"), patience=0)  # patience: the trial already applied it
     for row in rows:

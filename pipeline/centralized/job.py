@@ -28,9 +28,9 @@ from ray.train import UserCallback
 from tqdm import tqdm
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.run import _scalars, empty_run_dir, ensure_ray, new_run_directory, open_checked
+from pipeline.federated.runtime.run import _scalars, empty_run_dir, ensure_ray, new_run_directory, open_checked
 from pipeline.rundir import RunLock, check_resume
-from pipeline.federated.selection import Selection
+from pipeline.federated.strategy.selection import Selection
 
 STATE_FILE = "state.pt"
 TRAIN_DIR = "ray_train"

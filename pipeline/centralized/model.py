@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.aggregate import feature_dims, initial_state
-from pipeline.federated.client import FusionRows
-from pipeline.federated.grouped import GroupPlan
-from pipeline.federated.sampling import csr_take, dropout_keep
+from pipeline.federated.strategy.aggregate import feature_dims, initial_state
+from pipeline.federated.engine.client import FusionRows
+from pipeline.federated.engine.grouped import GroupPlan
+from pipeline.federated.engine.sampling import csr_take, dropout_keep
 from pipeline.models import model_for
 
 _ITEM_USER = -1  # the user id that keys dropout on rows shared by every user (item rows)

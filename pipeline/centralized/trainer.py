@@ -24,8 +24,8 @@ import torch.distributed as dist
 from pipeline.centralized.model import PooledModel
 from pipeline.config import ExperimentConfig
 from pipeline.eval.protocols import evaluate
-from pipeline.federated.sampling import client_data, epoch_rows
-from pipeline.federated.selection import Selection
+from pipeline.federated.engine.sampling import client_data, epoch_rows
+from pipeline.federated.strategy.selection import Selection
 
 _POOL_SHUFFLE_TAG = 0xCE47  # separates the pooled shuffle from the federated streams
 

@@ -99,7 +99,7 @@ def save_state(store, path: Path) -> tuple[int, str]:
     """Write a pool's personal state atomically; (bytes, sha256)."""
     import os
 
-    from pipeline.federated.checkpoints import sha256_of
+    from pipeline.federated.runtime.checkpoints import sha256_of
 
     tmp = Path(f"{path}.tmp")
     torch.save(store.state_dict(), tmp)
@@ -117,7 +117,7 @@ class LocalPools:
         self.pools = self._new_shards()
 
     def _new_shards(self) -> list:
-        from pipeline.federated.shard import Shard
+        from pipeline.federated.engine.shard import Shard
 
         return [Shard(self.config, self.data, self.negatives, users, self.initial, dtype=self.dtype,
                       device=self.device) for users in self.shards]

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 
 from pipeline.federated.backend import PoolLost, Pools, Progress
-from pipeline.federated.checkpoints import BEST, Checkpoints
-from pipeline.federated.machine import peak_rss_bytes
+from pipeline.federated.runtime.checkpoints import BEST, Checkpoints
+from pipeline.federated.runtime.machine import peak_rss_bytes
 from pipeline.federated.strategy import Strategy
 
 ATTEMPTS = 3  # a round whose pool dies is redone from the last checkpoint, at most this often

@@ -63,7 +63,7 @@ class ScoredRows(RowContext, Protocol):
     fusion module computes (client.StepRows, shard.EvalRows)."""
 
     def fusion_rows(self, history: bool):
-        """FusionRows (pipeline/federated/client.py): a FusionContext over the distinct rows to
+        """FusionRows (pipeline/federated/engine/client.py): a FusionContext over the distinct rows to
         fuse, plus each client's training positives when `history`; how they map back."""
 
 

@@ -43,7 +43,7 @@ def lr_scale(n_items: int, config) -> dict[str, float]:
 
 FUSION_PLUG = "input"  # FedMR fuses item_input(ctx) and score() scores the fused vector
 # item_input(ctx) is the sum of these tables' rows and score() the linear head w_u . r + b_u:
-# evaluation scores a block of users as matrix products (pipeline/federated/scoring.py)
+# evaluation scores a block of users as matrix products (pipeline/federated/engine/scoring.py)
 ITEM_INPUT = ("item",)
 
 

@@ -47,10 +47,10 @@ def subset_metrics(scorer, data, negatives, protocol: str, split: str, ks) -> di
 
 def train_and_break_down(config, data, negatives, log=print) -> dict:
     """Train `config` in-process; returns {best_round, rounds_run, valid: {subset: m}, test: {...}}."""
-    from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs
-    from pipeline.federated.schedule import evaluates
-    from pipeline.federated.selection import Selection
-    from pipeline.federated.shard import Shard
+    from pipeline.federated.strategy.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs
+    from pipeline.federated.strategy.schedule import evaluates
+    from pipeline.federated.strategy.selection import Selection
+    from pipeline.federated.engine.shard import Shard
 
     train, fusion = config.train, config.model.fusion
     if fusion is not None and fusion.fusion_agg == "grad_adam":

@@ -255,7 +255,7 @@ RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "summary.json", "tb", "checkpoint
 def start_over(run_dir: Path) -> None:
     """--force: empty a run directory under its lock, so a job still writing it is never deleted
     from under it (RunLockedError names the job); a folder that is not a run directory is refused."""
-    from pipeline.federated.run import empty_run_dir
+    from pipeline.federated.runtime.run import empty_run_dir
 
     entries = {entry.name for entry in run_dir.iterdir()} if run_dir.is_dir() and not run_dir.is_symlink() else None
     if entries is None or not (is_run_directory(run_dir) or entries <= RUN_ENTRIES):
@@ -270,7 +270,7 @@ def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = Fa
     run (status 'failed'). With report_only nothing is started: an unfinished, unrecorded run is
     'missing'. With records_dir every run finished on disk leaves its record there."""
     from pipeline.centralized.job import train_centralized
-    from pipeline.federated.run import train
+    from pipeline.federated.runtime.run import train
 
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     started = time.perf_counter()

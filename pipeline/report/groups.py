@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.store import write_text_atomically
-from pipeline.federated.checkpoints import newest_intact
+from pipeline.federated.runtime.checkpoints import newest_intact
 
 
 def run_grouping(run_dir: Path) -> tuple[int, np.ndarray, dict] | None:

@@ -36,9 +36,9 @@ def trace(config, log=print) -> list[dict]:
     """[{round, student, teacher, target_teacher, relative_error}] of `config` (fractions)."""
     from pipeline.data.datasets import open_dataset
     from pipeline.eval.protocols import evaluate
-    from pipeline.federated.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs
-    from pipeline.federated.group_server import GroupServer
-    from pipeline.federated.shard import Shard
+    from pipeline.federated.strategy.aggregate import apply_uploads, feature_dims, initial_state, participants, round_lrs
+    from pipeline.federated.strategy.group_server import GroupServer
+    from pipeline.federated.engine.shard import Shard
     from pipeline.models import model_for
     from pipeline.report.groups import group_scores_hr
 

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.federated.grouping import UNGROUPED, cluster_seed, group_users
+from pipeline.federated.strategy.grouping import UNGROUPED, cluster_seed, group_users
 from pipeline.federated.messages import TeacherDownload
 from pipeline.models.base import InitialState
 from pipeline.models.group_fusion import GroupFusion, kd_schedule, targets_from_sums, train_group_fusion

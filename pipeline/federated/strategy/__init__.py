@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.aggregate import aggregate, initial_state, round_lrs, round_users, shard_users
+from pipeline.federated.strategy.aggregate import aggregate, initial_state, round_lrs, round_users, shard_users
 from pipeline.federated.privacy import privacy_report
-from pipeline.federated.schedule import eval_sample, evaluates
-from pipeline.federated.selection import Selection
+from pipeline.federated.strategy.schedule import eval_sample, evaluates
+from pipeline.federated.strategy.selection import Selection
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Strategy:
         """data: the PreparedDataset (its sizes, train counts and item features are read).
         n_pools: how many pools hold the users (shards: contiguous ranges of about equal rows).
         dtype: the global parameters' dtype (None: as initialised, float32)."""
-        from pipeline.federated.aggregate import feature_dims
+        from pipeline.federated.strategy.aggregate import feature_dims
 
         self.config, self.dtype = config, dtype
         self.n_users, self.n_items = data.n_users, data.n_items
@@ -81,7 +81,7 @@ class Strategy:
     def _new_groups(self):
         if self.config.model.gfmfr is None:
             return None
-        from pipeline.federated.group_server import GroupServer
+        from pipeline.federated.strategy.group_server import GroupServer
         from pipeline.models import model_for
 
         return GroupServer(self.config, model_for(self.config.model), self.initial, self.features, self.n_users,

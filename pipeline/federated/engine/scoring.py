@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pipeline.federated.client import FusionRows
-from pipeline.federated.grouped import GroupPlan
+from pipeline.federated.engine.client import FusionRows
+from pipeline.federated.engine.grouped import GroupPlan
 from pipeline.models.base import backbone_of
 from pipeline.models.fusion import GlobalItems, experts, mixing
 
 if TYPE_CHECKING:
-    from pipeline.federated.shard import Shard
+    from pipeline.federated.engine.shard import Shard
 
 ROW_BUDGET = 1 << 21  # (user, item) pairs of a sub-block: scores, or rows of FedNCF's tower
 ROW_BUDGET_FUSION = 1 << 17  # FedMR rows through the module or the router ([3 d_f] each)

@@ -61,7 +61,7 @@ def participants(n_users: int, participation: float, seed: int, round_: int) -> 
 
 def round_users(config: ExperimentConfig, train_counts: np.ndarray, round_: int):
     """The round's sampled users split into arrived, dropped and late (arrivals.Arrivals)."""
-    from pipeline.federated.arrivals import arrivals
+    from pipeline.federated.strategy.arrivals import arrivals
 
     train = config.train
     return arrivals(participants(len(train_counts), train.participation, train.seed, round_), train_counts, train,

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.federated.grouped import PaddedLayout, gather_rows, grouped_linear, row_sparse
-from pipeline.federated.sampling import EpochRows, dropout_scale
+from pipeline.federated.engine.grouped import PaddedLayout, gather_rows, grouped_linear, row_sparse
+from pipeline.federated.engine.sampling import EpochRows, dropout_scale
 from pipeline.models.base import broadcast_affine
 from pipeline.models.group_fusion import kd_per_row, update_ratio_ema
 

@@ -1,7 +1,7 @@
 """The Server actor: thin Ray wiring around the round loop. It holds a run's Strategy (the
 round policy and the server state), its RayPools (the ClientPool actors), its Checkpoints, and
 what the round in flight is doing, and plays rounds with rounds.run_rounds, one call at a time
-for the driver (pipeline.federated.run), which writes what a user watches.
+for the driver (pipeline.federated.runtime.run), which writes what a user watches.
 
 Checkpoint layout (one folder per round, renamed into place when complete):
   <run>/checkpoints/round-000007/{global.pt, pool-0.pt, ..., manifest.json}
@@ -16,10 +16,10 @@ import ray
 
 from pipeline.config import ExperimentConfig
 from pipeline.federated.backend import PoolLost, Progress
-from pipeline.federated.checkpoints import Checkpoints
-from pipeline.federated.machine import peak_rss_bytes
-from pipeline.federated.placement import plan_pools
-from pipeline.federated.pool import RayPools
+from pipeline.federated.runtime.checkpoints import Checkpoints
+from pipeline.federated.runtime.machine import peak_rss_bytes
+from pipeline.federated.runtime.placement import plan_pools
+from pipeline.federated.runtime.pool import RayPools
 from pipeline.federated.rounds import run_rounds
 from pipeline.federated.strategy import Strategy
 

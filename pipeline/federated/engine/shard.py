@@ -21,14 +21,14 @@ from pipeline.config import ExperimentConfig
 from pipeline.data.negatives import EvalNegatives
 from pipeline.data.prepare import PreparedDataset
 from pipeline.eval.protocols import evaluate
-from pipeline.federated.client import (ClientParams, Distillation, FeatureSpan, FusionInputs, StepSchedule,
+from pipeline.federated.engine.client import (ClientParams, Distillation, FeatureSpan, FusionInputs, StepSchedule,
                                       WorkingSet, client_mixing, train_clients)
-from pipeline.federated.memory import freed_memory_kept
+from pipeline.federated.engine.memory import freed_memory_kept
 from pipeline.federated.messages import TeacherDownload, Upload, flatten_vectors
 from pipeline.federated.privacy import clip_factors
-from pipeline.federated.scoring import BlockScorer, EvalRows
-from pipeline.federated.sampling import client_data, epoch_rows
-from pipeline.federated.state import PersonalStore
+from pipeline.federated.engine.scoring import BlockScorer, EvalRows
+from pipeline.federated.engine.sampling import client_data, epoch_rows
+from pipeline.federated.engine.state import PersonalStore
 from pipeline.models import model_for
 from pipeline.models.base import InitialState
 from pipeline.models.fusion import check_features

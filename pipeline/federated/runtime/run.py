@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pipeline.config import ExperimentConfig
 from pipeline.data.cache import data_cache_root
 from pipeline.data.datasets import open_dataset
-from pipeline.federated.machine import peak_rss_bytes
+from pipeline.federated.runtime.machine import peak_rss_bytes
 from pipeline.rundir import LOCK, RunLock, check_resume
 
 POLL_SECONDS = 0.5  # how often the driver asks the Server what the round in flight is doing
@@ -95,7 +95,7 @@ def new_run_directory(run_dir: Path):
 def open_checked(config: ExperimentConfig, data_cache: Path | None = None):
     """The prepared dataset and P1 negatives, checked against what the config reads (the fusion
     module's feature modalities, train.eval_users): every such mistake is reported before Ray starts."""
-    from pipeline.federated.schedule import eval_user_count
+    from pipeline.federated.strategy.schedule import eval_user_count
     from pipeline.models.fusion import check_features
 
     data, negatives = open_dataset(config.data, cache=data_cache_root(data_cache))
@@ -119,7 +119,7 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
            data_cache: Path | None, quiet: bool, on_round: Callable[[dict], None] | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
-    from pipeline.federated.server import Server
+    from pipeline.federated.runtime.server import Server
 
     data, negatives = open_checked(config, data_cache)  # before anything is written or Ray starts
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
@@ -243,7 +243,7 @@ def _await_round(server, bar) -> dict:
 def _stop_interrupted(server, run_dir: Path) -> str:
     """Ctrl-C: say what the round in flight was doing, kill the Server (its pools go with it),
     drop a half-written checkpoint folder, and name the checkpoint a resume continues from."""
-    from pipeline.federated.checkpoints import newest_intact
+    from pipeline.federated.runtime.checkpoints import newest_intact
 
     try:
         doing = progress_text(ray.get(server.progress.remote(), timeout=2))

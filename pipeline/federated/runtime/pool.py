@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.config import ExperimentConfig
 from pipeline.federated.backend import PoolLost, save_state
-from pipeline.federated.machine import describe, peak_rss_bytes
+from pipeline.federated.runtime.machine import describe, peak_rss_bytes
 
 PROGRESS_SECONDS = 0.5  # at most two progress reports a second per pool
 
@@ -62,7 +62,7 @@ def _reporter(server, phase: int, index: int) -> Callable[[int], None]:
 class ClientPool:
     def __init__(self, config_json: str, data, negatives, users: np.ndarray, initial, threads: int,
                  gpus: float = 0.0):
-        from pipeline.federated.shard import Shard
+        from pipeline.federated.engine.shard import Shard
 
         torch.set_num_threads(max(1, threads))
         self.config = ExperimentConfig.model_validate_json(config_json)
@@ -117,7 +117,7 @@ class ClientPool:
 
     def load(self, path: str | None, round_: int) -> None:
         """Restore the state of checkpoint `round_` (None: the initial state, round -1)."""
-        from pipeline.federated.shard import Shard
+        from pipeline.federated.engine.shard import Shard
 
         if path is None:
             data, negatives, users, initial = self._args

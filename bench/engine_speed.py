@@ -21,8 +21,8 @@ run the same rounds on the same participants, in float32, at the same torch thre
   default one holding every user): participants and arrivals, every pool's local training,
   aggregation (privacy and FedMR's server Adam step when the config has them), with no
   evaluation scheduled in the timed rounds (train.eval_round0=false, train.eval_every past them);
-- oracle: reference.oracle.oracle_round (textbook trainer, one client after another), one call per
-  round (run_oracle counts its rounds from 0, and each round is timed on its own here).
+- oracle: reference.oracle.run_oracle (textbook trainer, one client after another), one round per
+  call (start=r), so each round is timed on its own.
 
 Each round is timed on both sides (wall and process CPU seconds; the two sides alternate which
 goes first); ratio = oracle seconds / engine seconds. After the rounds the two states are
@@ -199,7 +199,7 @@ def capture_local_training(log: LocalTrainingLog, device: str = "cpu"):
 
 @contextmanager
 def oracle_participants_subset(subset_of_round):
-    """Make oracle_round train only subset_of_round(round_) (timing on a subset of users)."""
+    """Make the oracle train only subset_of_round(round_) (timing on a subset of users)."""
     import dataclasses
 
     from reference import oracle as oracle_module
@@ -330,7 +330,7 @@ def make_config(backbone: str, participation: float, dataset_overrides: list[str
 def run_backbone(backbone: str, args, data, negatives, participation: float, dataset_overrides, peak) -> dict:
     from pipeline.federated.strategy.aggregate import feature_dims, round_users
     from pipeline.federated.rounds import in_process, run_rounds
-    from reference.oracle import initial_dense_state, oracle_round
+    from reference.oracle import initial_dense_state, run_oracle
 
     # no evaluation scheduled in the timed rounds nor in the --profile round after them
     cfg = make_config(backbone, participation, dataset_overrides, args.features, no_evaluation(args.rounds + 1))
@@ -364,7 +364,7 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
         run_rounds(*in_process(warm_cfg, data, negatives, dtype=torch.float32, device=args.device), rounds=1)
         with oracle_participants_subset(lambda users, round_: users[:WARMUP_CLIENTS]):
             # result discarded; state is not modified
-            oracle_round(cfg, data, state, 0, dtype=torch.float32, device=args.device)
+            run_oracle(cfg, data, 1, state=state, dtype=torch.float32, device=args.device)
         synchronize(args.device)
     print(f"warm-up ({WARMUP_CLIENTS} clients each side, discarded): {fmt_s(warm.wall)}")
 
@@ -391,15 +391,15 @@ def run_backbone(backbone: str, args, data, negatives, participation: float, dat
             return span, metrics["train/rows"]
 
         def oracle_round_timed():
-            # oracle_round, not run_oracle: run_oracle counts rounds from 0, and round r is timed on its own
+            # the oracle's own loop (run_oracle), round r alone
             nonlocal state
             if subset_k and subset_k < len(users):
                 with oracle_participants_subset(subset_of_round), timed() as span:
-                    state = oracle_round(cfg, data, state, r, dtype=torch.float32, device=args.device)
+                    state = run_oracle(cfg, data, 1, state=state, start=r, dtype=torch.float32, device=args.device)
                     synchronize(args.device)
                 return span, len(subsets[r])
             with timed() as span:
-                state = oracle_round(cfg, data, state, r, dtype=torch.float32, device=args.device)
+                state = run_oracle(cfg, data, 1, state=state, start=r, dtype=torch.float32, device=args.device)
                 synchronize(args.device)
             return span, len(users)
 
@@ -569,7 +569,7 @@ def main(argv=None) -> dict:
 
     threads = set_threads(args.threads)
     print("bench.engine_speed: the product's rounds (rounds.run_rounds on in-process pools) vs the sequential "
-          "oracle (oracle_round)")
+          "oracle (reference.oracle.run_oracle)")
     print(machine_line(threads))
     print(device_line(args.device))
     dataset_overrides = dataset_config(args.dataset, args.synthetic_users, args.synthetic_items)

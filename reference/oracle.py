@@ -429,16 +429,17 @@ GROUP_VECTORS = {"fedncf": ("tower.0.weight", "tower.0.bias", "tower.1.weight", 
 
 
 def run_oracle(config: ExperimentConfig, data: PreparedDataset, rounds: int, logs: list | None = None, *,
-               dtype=torch.float64, state: DenseState | None = None) -> DenseState:
-    """`rounds` oracle rounds from the seeded initial state (or `state`); logs: each round's
-    {user: ClientLog} appended."""
+               dtype=torch.float64, state: DenseState | None = None, start: int = 0, device="cpu") -> DenseState:
+    """Oracle rounds start .. start + rounds - 1 from the seeded initial state (or `state`, the state
+    after round start - 1); logs: each round's {user: ClientLog} appended. device: where the
+    clients train (ID backbones)."""
     from pipeline.federated.strategy.aggregate import feature_dims
 
     if state is None:
         state = initial_dense_state(config, data.n_users, data.n_items, feature_dims(data))
-    for round_ in range(rounds):
+    for round_ in range(start, start + rounds):
         round_logs = {}
-        state = oracle_round(config, data, state, round_, dtype=dtype, logs=round_logs)
+        state = oracle_round(config, data, state, round_, dtype=dtype, logs=round_logs, device=device)
         if logs is not None:
             logs.append(round_logs)
     return state

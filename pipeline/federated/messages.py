@@ -75,7 +75,7 @@ def flatten_vectors(model, vectors: dict[str, torch.Tensor], n_clients: int) -> 
 def declared_upload(model, initial, config) -> dict:
     """What one client's Upload holds, read from the method's declaration alone
     (pipeline.models.base.Method): field -> parameter name -> shape, with K the items the client
-    touched and d the model's dim (the format tests/upload_schema.json pins from real uploads).
+    touched and d the model's dim (the format tests/equivalence/upload_schema.json pins from real uploads).
 
       table_items, table_sums   every GLOBAL_TABLE: the touched rows' ids [K] and summed changes [K, d]
       dense_sums                every other global weight not uploaded as a gradient

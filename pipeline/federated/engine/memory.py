@@ -4,7 +4,7 @@ warm pages; give it back when the round ends.
 A fusion module's local training allocates and frees tensors of tens to hundreds of MB at
 every step (gathered features [rows, d_m], activations [rows, d_f]). glibc serves blocks over
 32 MB with fresh mmap's and unmaps them on free, so every step pays the kernel for zeroed
-pages again (tests/test_memory.py counts those faults; a one-off profile of a FedRAP + FedMR
+pages again (tests/unit/test_memory.py counts those faults; a one-off profile of a FedRAP + FedMR
 round on MovieLens-100K-MM found a quarter of its CPU time in the kernel). Turning mmap off
 for malloc and not trimming the heap makes freed blocks reusable.
 

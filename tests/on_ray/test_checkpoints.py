@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.federated.runtime.checkpoints import damage, newest_intact, sha256_of
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_checkpoint(root: Path, round_: int, pools: int = 2, digests: bool = True) -> Path:

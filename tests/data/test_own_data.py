@@ -77,7 +77,7 @@ def test_named_movielens_keeps_no_k_core_and_the_configs_say_so():
     assert NAMED["movielens"][3] == {"min_user": 0, "min_item": 0}
     assert DatasetConfig(name="movielens").effective_protocol().min_item == 0
     assert DatasetConfig(format="generic", path="x").effective_protocol().min_item == 5
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     for config in root.rglob("*.yaml"):
         text = config.read_text()
         if "name: movielens\n" in text and "min_item" not in text:

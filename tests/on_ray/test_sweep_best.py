@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BASE = "configs/synthetic/fcf.yaml"  # train.rounds 30, patience 10
 SET = ["data.synthetic={n_users: 40, n_items: 30, images: false, seed: 1}", "train.rounds=3", "train.local_epochs=1",
        "train.selection_metric=hr@10"]  # HR@50 on 30 items is 100% for every trial: rank on HR@10

@@ -14,7 +14,7 @@ from pipeline.federated.engine.sampling import _shuffle_order, client_data, drop
 from pipeline.federated.engine.state import PersonalStore, SparseRows
 from pipeline.models import model_for
 from pipeline.models.base import InitialState
-from tests.test_equivalence import VARIANTS, engine_dense, engine_scores, make_config, max_diffs, run_engine, synthetic
+from test_equivalence import VARIANTS, engine_dense, engine_scores, make_config, max_diffs, run_engine, synthetic
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -20,7 +20,7 @@ from pipeline.federated.rounds import in_process, run_rounds
 from pipeline.federated.runtime.server import Server
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.synthetic={n_users: 60, n_items: 50, images: false, seed: 3}", "train.local_epochs=2",
         "train.batch_rows=16", "train.neg_ratio=2", "train.participation=0.7", "train.patience=50",
         "runtime.progress=false", "runtime.tensorboard=false"]

@@ -18,7 +18,7 @@ import pytest
 
 from bench.robustness import stop_group
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.synthetic={n_users: 30, n_items: 25, images: false}", "runtime.pools=1", "runtime.progress=false"]
 
 

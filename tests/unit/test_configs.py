@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BACKBONES = ("fedavg", "fcf", "fedncf", "pfedrec", "fedrap")
 
 

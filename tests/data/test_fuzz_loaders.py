@@ -1,7 +1,7 @@
 """Hostile input for every loader: each damaged dataset loads correctly or raises DataError.
 
 Each test starts from a small valid dataset of one format, damages one of its files (see
-tests/fuzz_inputs.py: cut at a random byte, another encoding, huge/negative ids, NaN/inf,
+tests/helpers/fuzz_inputs.py: cut at a random byte, another encoding, huge/negative ids, NaN/inf,
 duplicated headers, extra/missing columns, empty or header-only, random bytes; for parquet
 and .npy, hostile column types and arrays) and loads it. Any exception but DataError fails
 the test; a DataError must name a file of the dataset; a load that succeeds must satisfy

@@ -12,7 +12,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.data.datasets import data_root
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 KU = data_root() / "ku"
 
 

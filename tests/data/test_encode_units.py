@@ -174,7 +174,7 @@ def test_config_from_yaml_with_overrides(tmp_path):
 def test_shipped_configs_are_valid():
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "configs" / "encode"
+    folder = Path(__file__).resolve().parents[2] / "configs" / "encode"
     files = sorted(folder.glob("*.yaml"))
     assert files
     for path in files:

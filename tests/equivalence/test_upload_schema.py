@@ -3,13 +3,13 @@
 For each backbone alone, with FedMR (weight averaging and grad_adam), with GFMFR and with
 both, one client trains one round and its Upload is reduced to a schema (field -> parameter
 name -> shape, with K = items the client touched, d = dim; one client) that must equal the
-pinned one in tests/upload_schema.json. Beside it: no personal parameter is ever uploaded
+pinned one in tests/equivalence/upload_schema.json. Beside it: no personal parameter is ever uploaded
 (GFMFR's grouping vectors excepted: GFMFR sends the personal head for grouping, and
 the schema says so), no raw interactions (no field holds per-interaction rows), and the item ids
 uploaded are exactly the rows the client touched (its positives and the negatives it sampled).
 
 A deliberate change of what crosses the network updates the JSON file:
-    PIN_UPLOADS=1 pytest tests/test_upload_schema.py
+    PIN_UPLOADS=1 pytest tests/equivalence/test_upload_schema.py
 """
 
 from __future__ import annotations

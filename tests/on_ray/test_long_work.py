@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # evaluation long enough to be interrupted in (FedNCF scores its later tower layers per (user, item)
 # pair: 4,000 x 3,000 pairs per split take seconds), training short (80 clients a round), no

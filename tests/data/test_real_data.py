@@ -16,7 +16,7 @@ import pytest
 from pipeline.data import loaders
 from pipeline.data.schema import TEST, TRAIN, VALID, DataError
 
-DATA_ROOT = Path(os.environ.get("PIPELINE_DATA_ROOT") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+DATA_ROOT = Path(os.environ.get("PIPELINE_DATA_ROOT") or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 KU = DATA_ROOT / "ku"
 ML = DATA_ROOT / "movielens-100k-mm"
 

@@ -265,7 +265,7 @@ def test_job_wrapper_runs_the_cli(tmp_path):
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
     done = subprocess.run([sys.executable, str(repo / "jobs/train_centralized.py"), "--out", str(tmp_path / "run"),
                            "--workers", "2", "--json", "--set", "data.synthetic={n_users: 50, n_items: 60, images: false}",
@@ -306,7 +306,7 @@ def test_two_threads_give_one_result_with_deterministic_kernels():
     result (here: 2 epochs of FCF + FedMR on KU, twice, bit-identical losses)."""
     from pipeline.data.datasets import open_dataset
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/ku/fcf_fedmr.yaml", ["centralized.epochs=2"])
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs/ku/fcf_fedmr.yaml", ["centralized.epochs=2"])
     data, negatives = open_dataset(cfg.data)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(2)

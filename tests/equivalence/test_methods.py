@@ -1,7 +1,7 @@
 """Every method declares itself in one place (pipeline.models.base.Method): its parameter
 partition, uploads, learning-rate groups, loss hooks and GFMFR parts, with no capability found by
 looking for attributes; what each method uploads follows from that declaration alone and equals
-what real uploads show (the pinned tests/upload_schema.json)."""
+what real uploads show (the pinned tests/equivalence/upload_schema.json)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from test_equivalence import synthetic
 from test_fedmr_equivalence import with_features
 from test_upload_schema import METHODS, PINNED
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FUSIONS = {"": (), "+fedmr": ("model.fusion={d_f: 8, d_r: 6}",),
            "+fedmr(grad_adam)": ("model.fusion={d_f: 8, d_r: 6, fusion_agg: grad_adam}",),
            "+fedmr(local router)": ("model.fusion={d_f: 8, d_r: 6, router_scope: local}",)}
@@ -79,7 +79,7 @@ def test_the_declared_partition_is_the_initial_state(data, name, fusion):
 
 def test_declared_uploads_equal_the_pinned_uploads(data):
     """The upload of every method as its declaration says (messages.declared_upload) equals the
-    schema tests/test_upload_schema.py pins from real uploads, for all 35 methods and settings."""
+    schema tests/equivalence/test_upload_schema.py pins from real uploads, for all 35 methods and settings."""
     pinned = json.loads(PINNED.read_text())
     assert set(pinned) == set(METHODS)
     for method, (name, *extra) in METHODS.items():

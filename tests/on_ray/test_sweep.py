@@ -1,6 +1,6 @@
 """Sweeps (tune/sweep.py): search spaces checked by name, and a sweep stopped mid-way resumed with
 Tuner.restore. The best command, the trial table and the TensorBoard files of a sweep are in
-tests/test_sweep_best.py."""
+tests/on_ray/test_sweep_best.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import yaml
 from pipeline.config import load_config
 from tune.sweep import SearchSpace
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["data.synthetic={n_users: 40, n_items: 30, images: false, seed: 1}", "train.rounds=3",
         "train.local_epochs=1"]
 

@@ -1,6 +1,6 @@
 """The robustness report's command (bench/robustness.py) on a few of its cases, those that start no
 Ray: each is the real CLI in a subprocess, refused (or, with --skip-missing, counted) with its
-target digested before and after. The Ray cases run in tests/test_nothing_lost.py."""
+target digested before and after. The Ray cases run in tests/on_ray/test_nothing_lost.py."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 POOL_SCRIPT = """
 import sys
-sys.path.insert(0, "tests")
+sys.path[:0] = ["tests/equivalence", "tests/helpers"]
 import numpy as np, torch
 from bench._common import current_rss_bytes
 from pipeline.config import load_config

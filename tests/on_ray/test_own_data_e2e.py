@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICK = ["train.rounds=2", "train.local_epochs=1", "train.patience=0", "runtime.pools=1"]
 GENRES = ["space", "western", "romance", "heist", "monster", "musical"]
 COLOURS = [(200, 40, 40), (40, 160, 60), (40, 60, 200), (220, 200, 40), (120, 40, 160), (30, 160, 170)]

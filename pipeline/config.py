@@ -363,13 +363,13 @@ class TrainConfig(ConfigModel):
                              f"or null for every user")
         metric = self.selection()  # the default too: it is read from the validation metrics every round
         name, _, k = metric.partition("@")
-        if name not in ("hr", "ndcg") or not k.isdigit() or int(k) not in self.eval_ks:
+        if name not in ("hr", "ndcg", "mrr") or not k.isdigit() or int(k) not in self.eval_ks:
             ks = ", ".join(map(str, self.eval_ks))
             if self.selection_metric is None:
                 raise ValueError(f"train.eval_ks=[{ks}] lacks {k}, the K of the default selection metric {metric} "
                                  f"(protocol {self.protocol}): add {k} to train.eval_ks or set "
-                                 f"train.selection_metric to hr@K or ndcg@K with K in [{ks}]")
-            raise ValueError(f"train.selection_metric={metric!r}: expected hr@K or ndcg@K with K in "
+                                 f"train.selection_metric to hr@K, ndcg@K or mrr@K with K in [{ks}]")
+            raise ValueError(f"train.selection_metric={metric!r}: expected hr@K, ndcg@K or mrr@K with K in "
                              f"train.eval_ks=[{ks}]")
         return self
 

@@ -158,7 +158,7 @@ class CentralizedTrainer:
             if len(mine):
                 result = evaluate(scorer, self.data, train.protocol, split, self.negatives, ks=train.eval_ks, users=mine)
             else:  # more workers than users: this one adds nothing
-                result = {f"{m}@{k}": 0.0 for k in train.eval_ks for m in ("hr", "ndcg")}
+                result = {f"{m}@{k}": 0.0 for k in train.eval_ks for m in ("hr", "ndcg", "mrr")}
             for name, value in sorted(result.items()):
                 names.append(f"{split}/{name}")
                 sums.append(value * len(mine))

@@ -1,4 +1,4 @@
-"""Ranks with pessimistic ties and HR / NDCG at K. Pure torch.
+"""Ranks with pessimistic ties and HR / NDCG / MRR at K. Pure torch.
 
 Shapes: B = users in a batch, C = candidates per user, I = items.
 """
@@ -42,13 +42,16 @@ def rank_in_full_scores(scores: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 def hit_ndcg(rank: torch.Tensor, ks=DEFAULT_KS) -> dict[str, torch.Tensor]:
-    """Per-user HR@K and NDCG@K (single target: IDCG = 1). rank: [B] -> {name: [B] float64}."""
+    """Per-user HR@K, NDCG@K and MRR@K of one held-out item (IDCG = 1; MRR@K = 1 / rank within
+    the top K, else 0). With one held-out item per user Recall@K equals HR@K. rank: [B] ->
+    {name: [B] float64}."""
     rank = rank.to(torch.float64)
     out = {}
     for k in ks:
         hit = rank <= k
         out[f"hr@{k}"] = hit.to(torch.float64)
         out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(rank + 1.0), torch.zeros_like(rank))
+        out[f"mrr@{k}"] = torch.where(hit, 1.0 / rank, torch.zeros_like(rank))
     return out
 
 

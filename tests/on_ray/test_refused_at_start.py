@@ -40,7 +40,7 @@ def test_config_mistakes_are_one_line_naming_the_source_and_key(tmp_path):
                                          "boolean true"),
         (["--set", "train.eval_ks=[5, 500]"], "--set train.eval_ks=[5, 500]: train.eval_ks=[5, 500] lacks 50, the K "
                                               "of the default selection metric hr@50 (protocol p3): add 50 to "
-                                              "train.eval_ks or set train.selection_metric to hr@K or ndcg@K with K "
+                                              "train.eval_ks or set train.selection_metric to hr@K, ndcg@K or mrr@K with K "
                                               "in [5, 500]"),
     ]
     for args, message in cases:
@@ -104,7 +104,7 @@ def test_a_sweep_space_is_checked_in_every_combination(tmp_path):
         SearchSpace.load(space)
     assert str(error.value).startswith(f'{space}: the point {{train.eval_ks: [10, 50], train.selection_metric: '
                                        f'"ndcg@20"}}: ')
-    assert "train.selection_metric='ndcg@20': expected hr@K or ndcg@K with K in train.eval_ks=[10, 50]" \
+    assert "train.selection_metric='ndcg@20': expected hr@K, ndcg@K or mrr@K with K in train.eval_ks=[10, 50]" \
         in str(error.value)
 
 

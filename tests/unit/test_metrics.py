@@ -82,3 +82,39 @@ def test_sampled_ranking_ignores_padding_and_checks_fingerprint():
     stale = EvalNegatives(neg.valid, neg.test, neg.n_valid, neg.n_test, 0, "0" * 16)
     with pytest.raises(ValueError, match="re-prepare"):
         evaluate_sampled(scorer, data, stale)
+
+
+def test_mrr_hand_computed():
+    """MRR@K: 1 / rank of the held-out item within the top K, else 0 (ties count against it)."""
+    m = hit_ndcg(torch.tensor([1, 2, 4, 10, 11]), ks=(10,))
+    np.testing.assert_allclose(m["mrr@10"].numpy(), [1.0, 0.5, 0.25, 0.1, 0.0])
+    assert m["mrr@10"].mean().item() == pytest.approx((1 + 0.5 + 0.25 + 0.1) / 5)
+    tied = rank_in_full_scores(torch.zeros(1, 30), torch.tensor([3]))  # a constant model: last
+    assert hit_ndcg(tied, ks=(10, 50))["mrr@50"].item() == pytest.approx(1 / 30)
+
+
+def test_tables_show_mrr_only_where_runs_measured_it():
+    from pipeline.report.tables import LEARNED, render_table
+
+    def row(test):
+        return {"label": "FCF", "source": LEARNED, "test": test, "valid": {"hr@10": [0.5]}, "best_round": [3],
+                "rounds_run": [5], "seeds": [0], "seeds_planned": [0]}
+
+    before = row({"hr@10": [0.5], "ndcg@10": [0.3], "hr@20": [0.6], "ndcg@20": [0.35], "hr@50": [0.8],
+                  "ndcg@50": [0.4]})
+    assert "MRR" not in render_table([before], "p1", "hr@10")  # records from before MRR was measured
+    measured = row({**before["test"], "mrr@10": [0.25], "mrr@20": [0.26], "mrr@50": [0.27]})
+    header = render_table([before, measured], "p1", "hr@10").splitlines()[0]
+    assert header.count("MRR") == 1 and "test MRR@10" in header  # P1 tables show K = 10
+
+
+def test_trivial_rows_alone_add_no_mrr_column():
+    """A table rebuilt from records that predate MRR stays as it was, even though its trivial rows
+    (computed afresh) have MRR."""
+    from pipeline.report.tables import LEARNED, render_table
+
+    old = {"label": "FCF", "source": LEARNED, "test": {"hr@10": [0.5], "ndcg@10": [0.3]}, "valid": {"hr@10": [0.5]},
+           "best_round": [3], "rounds_run": [5], "seeds": [0], "seeds_planned": [0]}
+    popularity = {"label": "popularity", "source": "trivial", "test": {"hr@10": [0.4], "ndcg@10": [0.2],
+                                                                      "mrr@10": [0.1]}}
+    assert "MRR" not in render_table([old, popularity], "p1", "hr@10")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from pipeline.centralized.model import PooledModel
 from pipeline.config import ExperimentConfig
-from pipeline.eval.protocols import evaluate
+from pipeline.eval.protocols import evaluate, new_covered
 from pipeline.federated.engine.sampling import client_data, epoch_rows
 from pipeline.federated.strategy.selection import Selection
 
@@ -145,7 +145,8 @@ class CentralizedTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """valid/<metric> and test/<metric> over all users: each worker scores its share, the
-        per-user sums are added up across workers."""
+        per-user sums are added up across workers, and catalogue coverage@k is of the union of
+        the workers' top-k items."""
         self.net.eval()
         mine = self.eval_users
         scores = self.pooled.scores(torch.as_tensor(mine))
@@ -153,17 +154,25 @@ class CentralizedTrainer:
         position[mine] = np.arange(len(mine))
         scorer = lambda batch: scores[torch.as_tensor(position[batch.numpy()])]  # noqa: E731
         train = self.config.train
-        names, sums = [], []
+        names, sums, covered = [], [], {}
         for split in ("valid", "test"):
+            covered[split] = new_covered(self.data.n_items, train.eval_ks)
             if len(mine):
-                result = evaluate(scorer, self.data, train.protocol, split, self.negatives, ks=train.eval_ks, users=mine)
+                result = evaluate(scorer, self.data, train.protocol, split, self.negatives, ks=train.eval_ks, users=mine,
+                                  covered=covered[split])
             else:  # more workers than users: this one adds nothing
                 result = {f"{m}@{k}": 0.0 for k in train.eval_ks for m in ("hr", "ndcg", "mrr")}
             for name, value in sorted(result.items()):
-                names.append(f"{split}/{name}")
-                sums.append(value * len(mine))
+                if not name.startswith("coverage@"):  # a union, not a sum: below
+                    names.append(f"{split}/{name}")
+                    sums.append(value * len(mine))
         totals = _all_sum(torch.tensor(sums, dtype=torch.float64)) / self.data.n_users
-        return {name: float(value) for name, value in zip(names, totals)}
+        out = {name: float(value) for name, value in zip(names, totals)}
+        for split, items in covered.items():
+            union = _all_sum(torch.stack([items[k] for k in train.eval_ks]).to(torch.float64)) > 0
+            out.update({f"{split}/coverage@{k}": float(union[i].to(torch.float64).mean())
+                        for i, k in enumerate(train.eval_ks)})
+        return out
 
     def run_epoch(self) -> dict:
         """Train one epoch, evaluate, select; the epoch's metrics (what a worker reports)."""

@@ -61,13 +61,35 @@ def _mean(per_user: dict[str, list[torch.Tensor]]) -> dict[str, float]:
     return {name: float(torch.cat(parts).mean()) for name, parts in per_user.items()}
 
 
+def new_covered(n_items: int, ks) -> dict[int, torch.Tensor]:
+    """k -> [I] bool: the items that reached some user's top k (filled by the evaluators)."""
+    return {k: torch.zeros(n_items, dtype=torch.bool) for k in ks}
+
+
+def coverage(covered: dict[int, torch.Tensor]) -> dict[str, float]:
+    """Catalogue coverage@k: the fraction of all items in at least one user's top k."""
+    return {f"coverage@{k}": float(hit.to(torch.float64).mean()) for k, hit in covered.items()}
+
+
+def _cover(covered: dict[int, torch.Tensor], items: torch.Tensor, scores: torch.Tensor) -> None:
+    """Mark each row's top-k `items` [B, C] by `scores` [B, C] (-inf: never recommended) in `covered`."""
+    top = scores.topk(min(max(covered), scores.shape[1]), dim=1)
+    ranked = items.gather(1, top.indices)
+    for k, hit in covered.items():
+        shown = top.values[:, :k] > -torch.inf
+        hit[ranked[:, :k][shown]] = True
+
+
 def evaluate_full(scorer: Scorer, data: PreparedDataset, split: Split = "test", *, ks=DEFAULT_KS,
                   batch_users: int = 1024, mask_heldout_other: bool = False,
-                  users: np.ndarray | None = None) -> dict[str, float]:
+                  users: np.ndarray | None = None, covered: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
     """P3: rank the held-out item among all items, the user's training items scored -inf.
 
     mask_heldout_other also masks the user's other held-out item (GFMFR's `full`, not default).
+    Catalogue coverage@k of these users' top-k lists is among the metrics; `covered` (new_covered)
+    also receives the items themselves, for a union over several calls.
     """
+    covered = new_covered(data.n_items, ks) if covered is None else covered
     targets = _targets(data, split)
     other = data.test_item if split == "valid" else data.valid_item
     per_user: dict[str, list[torch.Tensor]] = {}
@@ -80,7 +102,8 @@ def evaluate_full(scorer: Scorer, data: PreparedDataset, split: Split = "test", 
         rank = rank_in_full_scores(scores, torch.as_tensor(targets[batch]))
         for name, value in hit_ndcg(rank, ks).items():
             per_user.setdefault(name, []).append(value)
-    return _mean(per_user)
+        _cover(covered, torch.arange(data.n_items).expand(len(batch), -1), scores)
+    return {**_mean(per_user), **coverage(covered)}
 
 
 def _train_entries(data: PreparedDataset, batch: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,9 +117,11 @@ def _train_entries(data: PreparedDataset, batch: np.ndarray) -> tuple[torch.Tens
 
 def evaluate_sampled(scorer: Scorer, data: PreparedDataset, negatives: EvalNegatives,
                      split: Split = "test", *, ks=DEFAULT_KS, batch_users: int = 1024,
-                     users: np.ndarray | None = None) -> dict[str, float]:
+                     users: np.ndarray | None = None, covered: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
     """P1: rank the held-out item among its 99 persisted negatives (fewer where the user
-    had fewer available; padding -1 is ignored)."""
+    had fewer available; padding -1 is ignored). Coverage@k: of the items in the users' top k
+    among their candidates (see evaluate_full)."""
+    covered = new_covered(data.n_items, ks) if covered is None else covered
     if negatives.fingerprint != data.fingerprint():
         raise ValueError(f"P1 negatives belong to dataset {negatives.fingerprint}, "
                          f"not {data.fingerprint()}: re-prepare the dataset")
@@ -119,7 +144,10 @@ def evaluate_sampled(scorer: Scorer, data: PreparedDataset, negatives: EvalNegat
         rank = rank_of_target(neg_scores, target_score, valid)
         for name, value in hit_ndcg(rank, ks).items():
             per_user.setdefault(name, []).append(value)
-    return _mean(per_user)
+        candidates = torch.cat([target[:, None], neg.clamp(min=0)], 1)
+        shown = torch.cat([target_score[:, None], neg_scores.masked_fill(~valid, -torch.inf)], 1)
+        _cover(covered, candidates, shown)
+    return {**_mean(per_user), **coverage(covered)}
 
 
 def evaluate(scorer: Scorer, data: PreparedDataset, protocol: str, split: Split = "test",

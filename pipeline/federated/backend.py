@@ -83,7 +83,8 @@ class Pools(Protocol):
     def evaluate(self, global_params: dict, split: str, users: list[np.ndarray | None], progress: Progress,
                  phase: int) -> list[tuple[dict, int]]:
         """Each pool's (mean metrics, user count) on `split` for its users (None: all of them;
-        ({}, 0) for a pool given no users)."""
+        ({}, 0) for a pool given no users); the metrics hold covered@k, the items in its users'
+        top-k lists, for the catalogue coverage of all pools together (Strategy.reduce)."""
 
     def save(self, folder: Path, round_: int, progress: Progress | None = None, phase: int = 0) -> list[tuple[int, str]]:
         """Write each pool's state to folder/pool-<i>.pt; (bytes, sha256) per pool."""
@@ -139,7 +140,7 @@ class LocalPools:
                 out.append(({}, 0))
                 continue
             with reporting_progress(progress.counter(phase, i)):
-                out.append(pool.evaluate(global_params, train.protocol, split, train.eval_ks, mine))
+                out.append(pool.evaluate(global_params, train.protocol, split, train.eval_ks, mine, with_items=True))
         return out
 
     def save(self, folder, round_, progress=None, phase=0):

@@ -186,9 +186,9 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
     for run in done:
         selection = run.summary["selection"]
         for k in protocol_ks(protocol):
-            for name in ("hr", "ndcg", "mrr"):
+            for name in ("hr", "ndcg", "mrr", "coverage"):
                 column = f"{name}@{k}"
-                if column in selection["test"]:  # MRR: not in runs from before it was measured
+                if column in selection["test"]:  # MRR, coverage: not in runs from before they were measured
                     row["test"].setdefault(column, []).append(selection["test"][column])
         row["valid"].setdefault(metric, []).append(selection["valid"][metric])
         row["best_round"].append(selection["best_round"])
@@ -326,10 +326,10 @@ def is_learned(row: dict) -> bool:
 
 def render_table(rows: list[dict], protocol: str, metric: str) -> str:
     ks = protocol_ks(protocol)
-    # MRR columns only where a trained run measured it (records from before it was measured have none,
-    # and their tables rebuild as they were)
-    columns = [f"{name}@{k}" for k in ks for name in ("hr", "ndcg", "mrr")
-               if name != "mrr" or any(is_learned(row) and row["test"].get(f"mrr@{k}") for row in rows)]
+    # MRR and coverage columns only where a trained run measured them (records from before they were
+    # measured have none, and their tables rebuild as they were)
+    columns = [f"{name}@{k}" for k in ks for name in ("hr", "ndcg", "mrr", "coverage")
+               if name in ("hr", "ndcg") or any(is_learned(row) and row["test"].get(f"{name}@{k}") for row in rows)]
     header = ["Method", "Source", *(f"test {metric_label(c)}" for c in columns),
               f"valid {metric_label(metric)}", "best round (mean)", "rounds run (mean)", "seeds"]
     if any(row.get("centralized") for row in rows):  # centralized rows count epochs

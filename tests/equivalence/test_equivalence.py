@@ -299,3 +299,16 @@ def test_engine_matches_oracle_random(case):
     s_engine = engine_scores(shards, g, data.n_users, data.n_items)
     s_oracle = oracle_scores(cfg, oracle, list(range(data.n_users)), data.n_items)
     assert (s_engine - s_oracle).abs().max().item() < ATOL
+
+
+def test_catalogue_coverage_does_not_depend_on_the_number_of_pools(data):
+    """Coverage@k of a round's evaluation is of the union of every pool's top-k items: one pool and
+    three give the same value (a mean of the pools' own coverages would not)."""
+    cfg = make_config("fcf")
+    [one] = run_rounds(*in_process(cfg, data, n_pools=1, dtype=torch.float64), rounds=1)
+    [three] = run_rounds(*in_process(cfg, data, n_pools=3, dtype=torch.float64), rounds=1)
+    for split in ("valid", "test"):
+        for k in cfg.train.eval_ks:
+            assert 0 < one[f"{split}/coverage@{k}"] <= 1
+            assert three[f"{split}/coverage@{k}"] == pytest.approx(one[f"{split}/coverage@{k}"], abs=1e-12)
+    assert one["valid/coverage@10"] < one["valid/coverage@50"]

@@ -193,7 +193,7 @@ def test_two_ray_train_workers_follow_one_and_resume_continues(local_ray, tmp_pa
     _assert_same_trajectory(resumed, reference)
     assert reference[-1]["train/loss"] < reference[0]["train/loss"]
     assert two["selection"]["best_round"] == one["selection"]["best_round"]
-    assert set(two["selection"]["test"]) == {"hr@10", "ndcg@10", "mrr@10", "hr@50", "ndcg@50", "mrr@50"}
+    assert set(two["selection"]["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg", "mrr", "coverage") for k in (10, 50)}
     events = EventAccumulator(str(tmp_path / "two" / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [0, 1, 2, 3]

@@ -118,3 +118,30 @@ def test_trivial_rows_alone_add_no_mrr_column():
     popularity = {"label": "popularity", "source": "trivial", "test": {"hr@10": [0.4], "ndcg@10": [0.2],
                                                                       "mrr@10": [0.1]}}
     assert "MRR" not in render_table([old, popularity], "p1", "hr@10")
+
+
+def test_coverage_is_the_share_of_items_in_some_users_top_k():
+    """P3 catalogue coverage@k: items in at least one user's top k (training items masked), and
+    across pools the union of their items, not the mean of their coverages."""
+    import numpy as np
+
+    from pipeline.data.prepare import PrepareConfig, prepare
+    from pipeline.data.schema import Interactions, RawDataset
+    from pipeline.eval.protocols import evaluate_full, new_covered
+    from pipeline.federated.strategy import Strategy
+
+    # 2 users x 6 items; each has 3 interactions: 1 train, 1 valid, 1 test
+    raw = RawDataset("t", Interactions(np.array([0, 0, 0, 1, 1, 1]), np.array([0, 1, 2, 3, 4, 5]),
+                                       np.array([1, 2, 3, 1, 2, 3])))
+    data = prepare(raw, PrepareConfig(min_user=0, min_item=0))
+    table = torch.tensor([[6.0, 5, 4, 3, 2, 1], [1.0, 2, 3, 4, 5, 6]], dtype=torch.float64)
+    scorer = lambda users: table[users]  # noqa: E731
+    covered = new_covered(data.n_items, (1, 2))
+    got = evaluate_full(scorer, data, "test", ks=(1, 2), covered=covered)
+    # user 0's item 0 and user 1's item 3 are training items (masked): tops are (1, 2) and (5, 4)
+    assert covered[1].nonzero().flatten().tolist() == [1, 5]
+    assert covered[2].nonzero().flatten().tolist() == [1, 2, 4, 5]
+    assert got["coverage@1"] == pytest.approx(2 / 6) and got["coverage@2"] == pytest.approx(4 / 6)
+    one = {"hr@1": 1.0, "coverage@1": 1 / 6, "covered@1": np.array([0, 1, 0, 0, 0, 0], bool)}
+    other = {"hr@1": 0.0, "coverage@1": 1 / 6, "covered@1": np.array([0, 1, 0, 0, 0, 1], bool)}
+    assert Strategy.reduce([(one, 3), (other, 1)]) == {"hr@1": 0.75, "coverage@1": pytest.approx(2 / 6)}

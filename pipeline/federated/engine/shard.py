@@ -20,7 +20,7 @@ import torch
 from pipeline.config import ExperimentConfig
 from pipeline.data.negatives import EvalNegatives
 from pipeline.data.prepare import PreparedDataset
-from pipeline.eval.protocols import evaluate
+from pipeline.eval.protocols import evaluate, new_covered
 from pipeline.federated.engine.client import (ClientParams, Distillation, FeatureSpan, FusionInputs, StepSchedule,
                                       WorkingSet, client_mixing, train_clients)
 from pipeline.federated.engine.memory import freed_memory_kept
@@ -433,16 +433,21 @@ class Shard:
         return mask
 
     def evaluate(self, global_params: dict[str, torch.Tensor], protocol: str, split: str,
-                 ks: tuple[int, ...], users: np.ndarray | None = None) -> tuple[dict[str, float], int]:
+                 ks: tuple[int, ...], users: np.ndarray | None = None,
+                 with_items: bool = False) -> tuple[dict[str, float], int]:
         """Mean metrics over this shard's users (or `users`, a subset of them: a sampled evaluation)
-        and their count (for a weighted reduce)."""
+        and their count (for a weighted reduce). with_items: also covered@k, the [I] bool items in
+        these users' top-k lists, for the catalogue coverage of several shards together."""
         users = self.users if users is None else np.asarray(users, dtype=np.int64)
         if len(users) == 0:
             return {}, 0
         width = self.data.n_items if protocol != "p1" or self.negatives is None else 1 + self.negatives.test.shape[1]
         batch = max(1, _EVAL_ROW_BUDGET // width)  # the scorer splits its own work further
+        covered = new_covered(self.data.n_items, ks)
         metrics = evaluate(self.scorer(global_params), self.data, protocol, split,
-                           negatives=self.negatives, ks=ks, batch_users=batch, users=users)
+                           negatives=self.negatives, ks=ks, batch_users=batch, users=users, covered=covered)
+        if with_items:
+            metrics.update({f"covered@{k}": hit.numpy() for k, hit in covered.items()})
         return metrics, len(users)
 
     def scorer(self, global_params: dict[str, torch.Tensor], protocol: str | None = None,

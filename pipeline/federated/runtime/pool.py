@@ -96,11 +96,11 @@ class ClientPool:
         actor, phase, pool index): the users ranked so far are reported to the server's
         report_progress as the evaluator goes (throttled; what the progress bar shows)."""
         if progress is None:
-            return self.shard.evaluate(global_params, protocol, split, ks, users)
+            return self.shard.evaluate(global_params, protocol, split, ks, users, with_items=True)
         from pipeline.eval.protocols import reporting_progress
 
         with reporting_progress(_reporter(*progress)):
-            return self.shard.evaluate(global_params, protocol, split, ks, users)
+            return self.shard.evaluate(global_params, protocol, split, ks, users, with_items=True)
 
     def peak_rss(self) -> int | None:
         """This pool process's peak resident set size in bytes (VmHWM; None off Linux)."""

@@ -140,10 +140,17 @@ class Strategy:
 
     @staticmethod
     def reduce(results: list[tuple[dict, int]]) -> dict[str, float]:
-        """The pools' (mean metrics, users) -> means over every user they scored."""
+        """The pools' (mean metrics, users) -> means over every user they scored; catalogue
+        coverage@k from the union of the pools' covered@k items (a mean of the pools' own
+        coverages would be wrong)."""
         results = [(m, count) for m, count in results if count]
         total = sum(count for _, count in results)
-        return {name: sum(m[name] * count for m, count in results) / total for name in results[0][0]}
+        names = [n for n in results[0][0] if not n.startswith(("covered@", "coverage@"))]
+        out = {name: sum(m[name] * count for m, count in results) / total for name in names}
+        for name in (n for n in results[0][0] if n.startswith("covered@")):
+            union = np.logical_or.reduce([m[name] for m, _ in results])
+            out[f"coverage@{name.partition('@')[2]}"] = float(union.mean())
+        return out
 
     def improves(self, metrics: dict) -> bool:
         return self.selection.improves(metrics)

@@ -169,3 +169,22 @@ def test_results_tables_split_the_run_time_where_summaries_record_it():
                        {"startup_s": 30, "train_s": 60, "eval_s": 60, "checkpoint_s": 0}])
     assert note.startswith(" Of the 2 runs that record it: start-up 1.0 min, training 2.0 min, evaluation 10.0 min, "
                            "checkpoints 0.1 min")
+
+
+def test_a_ctrl_c_swallowed_inside_a_blocking_call_still_stops_the_job():
+    """A Ctrl-C whose KeyboardInterrupt a blocking call swallowed is remembered and raised at the
+    next poll; outside the job the previous handler is back."""
+    import signal
+
+    from pipeline.federated.runtime.run import CtrlC
+
+    before = signal.getsignal(signal.SIGINT)
+    with CtrlC() as ctrl_c:
+        ctrl_c.check()  # nothing pressed: nothing raised
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass  # what a library call might do with it
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,6 +133,7 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
     here = None if in_trial else NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     server = Server.options(scheduling_strategy=here).remote(config.model_dump_json(), refs, str(run_dir))
     writer = bar = None
+    ctrl_c = CtrlC().__enter__()  # left below, on every way out of the rounds
     try:  # Ctrl-C from here on: the job's actors are stopped and the message says what to resume
         next_round = ray.get(server.resume.remote()) if resume else 0
         history = ray.get(server.history_so_far.remote())
@@ -149,7 +152,7 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
         if show is not None:
             ray.get(server.watch_progress.remote())
         while not stopped and next_round < config.train.rounds:
-            metrics = _await_round(server, show)
+            metrics = _await_round(server, show, ctrl_c)
             history.append(metrics)
             with open(run_dir / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(metrics) + "\n")
@@ -165,12 +168,18 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
             if on_round is not None:
                 on_round(metrics)
             next_round, stopped = metrics["round"] + 1, metrics["stop"]
+        ctrl_c.check()
     except KeyboardInterrupt:
+        ctrl_c.__exit__()
         if bar is not None:
             bar.close()
         if writer:
             writer.close()
         raise Interrupted(_stop_interrupted(server, run_dir)) from None
+    except BaseException:
+        ctrl_c.__exit__()
+        raise
+    ctrl_c.__exit__()
     bar.close()
     if writer:
         writer.close()
@@ -228,12 +237,42 @@ def progress_text(progress: dict) -> str:
     return f"round {progress['round']}: {phase} {done:,}/{total:,} {unit}"
 
 
-def _await_round(server, bar) -> dict:
+class CtrlC:
+    """Remembers a Ctrl-C (SIGINT) while the job runs, so that one pressed while a blocking Ray
+    call is under way stops the job even if that call swallows the KeyboardInterrupt it raised:
+    check() raises it at the next poll. Only in the main thread (signals go there); elsewhere
+    (a Tune trial's thread) it does nothing."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous = None
+
+    def __enter__(self) -> "CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _await_round(server, bar, ctrl_c: CtrlC | None = None) -> dict:
     """The next round's metrics; meanwhile (every POLL_SECONDS) `bar` shows what the round is
     doing. Waiting in short steps also lets Ctrl-C through at once."""
     pending = server.next_round.remote()
     while True:
         ready, _ = ray.wait([pending], timeout=POLL_SECONDS)
+        if ctrl_c is not None:
+            ctrl_c.check()
         if ready:
             return ray.get(pending)
         if bar is not None:

@@ -156,7 +156,10 @@ class RayPools:
 
     def __init__(self, config_json: str, data_ref, negatives_ref, strategy, plan):
         self.shards = strategy.shards
-        initial_ref = ray.put(strategy.initial)  # held by the actors: Ray re-runs a constructor after a crash
+        initial_ref = ray.put(strategy.initial)
+        # held for the run: Ray re-runs a pool's constructor with these after a crash, and a
+        # reference nobody holds is freed once the first constructors have run
+        self._constructor_args = (data_ref, negatives_ref, initial_ref)
         self.actors = [
             ClientPool.options(num_cpus=plan.cpus_per_pool, num_gpus=plan.gpus_per_pool, scheduling_strategy=_placement())
             .remote(config_json, data_ref, negatives_ref, users, initial_ref, plan.threads, plan.gpus_per_pool)

@@ -68,64 +68,10 @@ def command_line(argv: list[str] | None = None) -> str:
 
 
 def _plot(args, results) -> list[tuple[str, str]]:
-    """Draw --plot; the report's figure lines (alt text, path relative to the report's folder).
-    Runs under several protocols get one PNG per protocol (<stem>_<protocol>.png), each on that
-    protocol's selection metric. Too many configs for one panel's colours: one panel per backbone.
-    Legends use the tables' names; each seed's selected round is starred; the popularity ranking's
-    validation value is a reference line (computed here on the prepared split the runs used)."""
-    import os
+    """Draw --plot (plots.draw_results); the report's figure lines."""
+    from pipeline.report.plots import draw_results
 
-    from pipeline.report import plots
-    from pipeline.report.tables import BACKBONE_NAMES, DEFAULT_TITLE, display_names
-
-    by_protocol: dict[str, list] = {}
-    for result in results:
-        if getattr(result.spec, "centralized", False):  # epochs of pooled training are not rounds: not on this axis
-            continue
-        by_protocol.setdefault(result.spec.config.train.protocol, []).append(result)
-    paths = plots.protocol_paths(Path(args.plot), sorted(by_protocol))
-    lines = []
-    for protocol, path in paths.items():
-        group = by_protocol[protocol]
-        chosen = getattr(args, "plot_metric", None) or group[0].spec.config.train.selection()
-        metric = plots.full_metric(chosen)
-        curves = plots.curves_from_results(group)
-        title = (args.title or DEFAULT_TITLE) + (f" ({protocol.upper()})" if len(paths) > 1 else "")
-        backbone_of = {result.spec.key: BACKBONE_NAMES[result.spec.config.model.backbone] for result in group}
-        drawn = plots.plot_validation(curves, path, metric=metric, title=title, panel_of=backbone_of,
-                                      names=display_names(group), best=plots.selected_rounds(group),
-                                      references=_popularity(group, metric))
-        if curves and not plots.has_metric(curves, plots.LOSS):
-            print(f"plot: no {plots.LOSS} in the runs' rows (run records keep none): {path} has no loss panel",
-                  file=sys.stderr)
-        for label, _ in curves:
-            if label not in drawn:
-                print(f"plot: {label}: no finished seed logged {metric}", file=sys.stderr)
-        if not drawn:
-            print(f"plot: nothing to draw; {path} holds empty axes and the report does not link it", file=sys.stderr)
-            continue
-        report_dir = Path(args.out).resolve().parent if args.out else Path.cwd()
-        link = Path(os.path.relpath(Path(path).resolve(), report_dir)).as_posix()
-        lines.append((f"validation {plots.metric_label(metric)} over rounds"
-                      + (f", {protocol.upper()}" if len(paths) > 1 else ""), link))
-    return lines
-
-
-def _popularity(results, metric: str) -> dict[str, float]:
-    """The popularity line of a plot of `results` (one dataset preparation and protocol), or none
-    with a line on stderr when the data cannot be prepared here or the runs used several."""
-    from pipeline.report.tables import popularity_reference
-
-    datasets = {result.spec.config.data.model_dump_json() for result in results}
-    fingerprints = {((result.summary or {}).get("dataset") or {}).get("fingerprint") for result in results} - {None}
-    if len(datasets) != 1 or len(fingerprints) > 1:
-        print("plot: the runs used several datasets or preparations: no popularity line", file=sys.stderr)
-        return {}
-    try:
-        return popularity_reference(results[0].spec.config, metric, next(iter(fingerprints), None))
-    except Exception as error:  # the curves are drawn all the same
-        print(f"plot: no popularity line ({type(error).__name__}: {error})", file=sys.stderr)
-        return {}
+    return draw_results(args, results)
 
 
 def cmd_experiments(args) -> int:

@@ -242,9 +242,8 @@ def recorded_result(spec: RunSpec, records_dir: Path) -> RunResult | None:
 
 def keep_record(result: RunResult, records_dir: Path) -> None:
     """Write (or refresh) the record of a run finished on disk."""
-    from pipeline.report.plots import read_metrics
 
-    rows = read_metrics(result.spec.run_dir) if (result.spec.run_dir / "metrics.jsonl").is_file() else []
+    rows = records.read_metrics(result.spec.run_dir) if (result.spec.run_dir / "metrics.jsonl").is_file() else []
     records.write_record(records_dir, records.make_record(result.spec.key, result.spec.seed, result.summary, rows))
 
 

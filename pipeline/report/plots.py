@@ -21,11 +21,12 @@ would repeat colours (more than 10), the figure has one panel per backbone inste
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
 from pathlib import Path
+
+from pipeline.report.records import read_metrics  # noqa: F401 - also read as plots.read_metrics
 
 DEFAULT_METRIC = "valid/hr@10"
 FEDMR = re.compile(r"^(?P<base>.+)-fedmr(?P<protocol>-p[13])?$")
@@ -251,17 +252,6 @@ def protocol_paths(path: Path, protocols: list[str]) -> dict[str, Path]:
     return {protocol: path.with_name(f"{path.stem}_{protocol}{path.suffix}") for protocol in protocols}
 
 
-def read_metrics(run_dir) -> list[dict]:
-    """The rows of a run's metrics.jsonl (a torn last line is ignored)."""
-    rows = []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def selection_metric(results) -> str:
     """The metric the finished runs selected on (the first one found), else DEFAULT_METRIC."""
     for result in results:
@@ -388,6 +378,66 @@ def results_from_records(records_dir, overrides: list[str] = ()) -> list:
     return sorted(found, key=rank)
 
 
+def draw_results(args, results) -> list[tuple[str, str]]:
+    """Draw --plot; the report's figure lines (alt text, path relative to the report's folder).
+    Runs under several protocols get one PNG per protocol (<stem>_<protocol>.png), each on that
+    protocol's selection metric. Too many configs for one panel's colours: one panel per backbone.
+    Legends use the tables' names; each seed's selected round is starred; the popularity ranking's
+    validation value is a reference line (computed here on the prepared split the runs used)."""
+    import os
+
+    from pipeline.report.tables import BACKBONE_NAMES, DEFAULT_TITLE, display_names
+
+    by_protocol: dict[str, list] = {}
+    for result in results:
+        if getattr(result.spec, "centralized", False):  # epochs of pooled training are not rounds: not on this axis
+            continue
+        by_protocol.setdefault(result.spec.config.train.protocol, []).append(result)
+    paths = protocol_paths(Path(args.plot), sorted(by_protocol))
+    lines = []
+    for protocol, path in paths.items():
+        group = by_protocol[protocol]
+        chosen = getattr(args, "plot_metric", None) or group[0].spec.config.train.selection()
+        metric = full_metric(chosen)
+        curves = curves_from_results(group)
+        title = (args.title or DEFAULT_TITLE) + (f" ({protocol.upper()})" if len(paths) > 1 else "")
+        backbone_of = {result.spec.key: BACKBONE_NAMES[result.spec.config.model.backbone] for result in group}
+        drawn = plot_validation(curves, path, metric=metric, title=title, panel_of=backbone_of,
+                                      names=display_names(group), best=selected_rounds(group),
+                                      references=_popularity(group, metric))
+        if curves and not has_metric(curves, LOSS):
+            print(f"plot: no {LOSS} in the runs' rows (run records keep none): {path} has no loss panel",
+                  file=sys.stderr)
+        for label, _ in curves:
+            if label not in drawn:
+                print(f"plot: {label}: no finished seed logged {metric}", file=sys.stderr)
+        if not drawn:
+            print(f"plot: nothing to draw; {path} holds empty axes and the report does not link it", file=sys.stderr)
+            continue
+        report_dir = Path(args.out).resolve().parent if args.out else Path.cwd()
+        link = Path(os.path.relpath(Path(path).resolve(), report_dir)).as_posix()
+        lines.append((f"validation {metric_label(metric)} over rounds"
+                      + (f", {protocol.upper()}" if len(paths) > 1 else ""), link))
+    return lines
+
+
+def _popularity(results, metric: str) -> dict[str, float]:
+    """The popularity line of a plot of `results` (one dataset preparation and protocol), or none
+    with a line on stderr when the data cannot be prepared here or the runs used several."""
+    from pipeline.report.tables import popularity_reference
+
+    datasets = {result.spec.config.data.model_dump_json() for result in results}
+    fingerprints = {((result.summary or {}).get("dataset") or {}).get("fingerprint") for result in results} - {None}
+    if len(datasets) != 1 or len(fingerprints) > 1:
+        print("plot: the runs used several datasets or preparations: no popularity line", file=sys.stderr)
+        return {}
+    try:
+        return popularity_reference(results[0].spec.config, metric, next(iter(fingerprints), None))
+    except Exception as error:  # the curves are drawn all the same
+        print(f"plot: no popularity line ({type(error).__name__}: {error})", file=sys.stderr)
+        return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline.report.plots --records DIR --out PNG`: redraw the validation plot of
     a results table from its committed run records alone (no run directory, no training)."""
@@ -406,7 +456,6 @@ def main(argv: list[str] | None = None) -> int:
                              "data.protocol.min_user=0: the popularity line is drawn only when the data the "
                              "config prepares has the runs' fingerprint")
     args = parser.parse_args(argv)
-    from pipeline.report.cli import _plot
     from pipeline.report.records import RecordError
 
     try:
@@ -415,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     plot_args = argparse.Namespace(plot=args.out, plot_metric=args.metric, out=None, title=args.title)
-    figures = _plot(plot_args, results)
+    figures = draw_results(plot_args, results)
     print(f"{len(results)} records of {len({r.spec.key for r in results})} configs; wrote "
           + (", ".join(link for _, link in figures) or "nothing"), file=sys.stderr)
     return 0 if figures else 1

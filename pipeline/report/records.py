@@ -78,3 +78,14 @@ def read_record(records_dir: Path, key: str, seed: int) -> dict | None:
             or not isinstance(record.get("metrics"), list):
         raise RecordError(f"{path}: not a run record (no summary with a selection, or no metrics rows)")
     return record
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The rows of a run's metrics.jsonl (a torn last line is ignored)."""
+    rows = []
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

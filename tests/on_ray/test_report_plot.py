@@ -263,14 +263,15 @@ def test_cost_figure_has_a_legend_on_every_panel():
 
 
 def test_cli_plot_names_and_popularity_from_the_prepared_data(tmp_path):
-    """_plot names lines as the table rows are named and draws the popularity ranking's
+    """_plot (plots.draw_results) names lines as the table rows are named and draws the popularity ranking's
     validation value, computed on the very split the runs' config prepares."""
     from matplotlib.image import imread
 
     from pipeline.data.cache import data_cache_root
     from pipeline.data.datasets import open_dataset
     from pipeline.eval.baselines import evaluate_baselines
-    from pipeline.report.cli import _plot, _popularity
+    from pipeline.report.cli import _plot
+    from pipeline.report.plots import _popularity
     from pipeline.report.tables import display_names
 
     results = [_fake_result(tmp_path / "runs", "ku-fcf", 0, [0.3, 0.4, 0.5], best_round=2),

@@ -68,7 +68,7 @@ def report_runs(run_dirs: list[Path], out_dir: Path, title: str | None = None, c
             raise NotARun(f"{seen} and {result.spec.run_dir} are the same config and seed: pass one of them")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from pipeline.report.cli import _popularity
+    from pipeline.report.plots import _popularity
     from pipeline.report.tables import display_names
 
     curves = plots.curves_from_results(results, log=lambda message: None)

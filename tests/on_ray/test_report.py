@@ -343,7 +343,7 @@ def test_plot_of_real_runs_reads_at_a_glance(first_run, workspace, monkeypatch, 
     from pipeline.data.datasets import open_dataset
     from pipeline.eval.baselines import evaluate_baselines
     from pipeline.report import plots
-    from pipeline.report.cli import _popularity
+    from pipeline.report.plots import _popularity
     from pipeline.report.experiments import run_experiments
     from pipeline.report.tables import display_names
 

@@ -35,8 +35,11 @@ def runs(local_ray, tmp_path_factory):
 
 def evaluate(run: TrainedRun, split: str) -> dict:
     train_cfg = run.config.train
-    results = [s.evaluate(run.globals, train_cfg.protocol, split, train_cfg.eval_ks) for s in run.shards]
-    return {k: sum(m[k] * n for m, n in results) / run.data.n_users for k in results[0][0]}
+    from pipeline.federated.strategy import Strategy
+
+    results = [s.evaluate(run.globals, train_cfg.protocol, split, train_cfg.eval_ks, with_items=True)
+               for s in run.shards]
+    return Strategy.reduce(results)  # as the run reduced them: means, and coverage of the union
 
 
 @pytest.mark.parametrize("backbone", ["fcf", "fedrap", "pfedrec"])

@@ -136,8 +136,9 @@ def protocol_ks(protocol: str) -> tuple[int, ...]:
 
 
 def metric_label(metric: str) -> str:
+    """'hr@10' -> 'HR@10', 'coverage@50' -> 'Coverage@50'."""
     name, _, k = metric.partition("@")
-    return f"{name.upper()}@{k}"
+    return f"{'Coverage' if name == 'coverage' else name.upper()}@{k}"
 
 
 # -- grouping ---------------------------------------------------------------------------------

@@ -246,8 +246,12 @@ def test_experiments_table_has_centralized_rows_and_the_gap(local_ray, tmp_path,
     assert summary["mode"] == "centralized" and summary["epochs_run"] == 3
     assert "**Centralized rows:**" in markdown and "lr 0.01, 64 positives per batch, epochs cap 3" in markdown
     gap = next(line for line in markdown.splitlines() if "Federated-to-centralized gap" in line)
-    fed_value = float(federated.split("|")[7])  # test HR@50
-    central_value = float(central.split("|")[7])
+    header = [cell.strip() for cell in next(line for line in markdown.splitlines()
+                                            if line.startswith("| Method |")).split("|")]
+    column = header.index("test HR@50")  # MRR and coverage columns stand beside HR and NDCG
+    assert "test MRR@50" in header and "test Coverage@50" in header
+    fed_value = float(federated.split("|")[column])
+    central_value = float(central.split("|")[column])
     assert f"FCF: {fed_value:.2f} vs {central_value:.2f} ({fed_value - central_value:+.2f}" in gap
     # the runs are reused: a second call trains nothing
     assert experiments(["--configs", str(config), "--seeds", "0", "--mode", "both", "--runs-dir", "runs/exp",

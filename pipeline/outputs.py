@@ -18,6 +18,7 @@ An earlier report of the same command is replaced (re-running a command refreshe
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -126,3 +127,12 @@ def check_report_file(out, command: str, *, programs: Iterable[str] = (), inputs
         raise OutputError(f"refusing to replace {shown}: it exists and is not a report written by "
                           f"`pipeline {command}` (its first line is not `{MADE_BY}python -m pipeline {command} "
                           f"... -->`); choose another --out")
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (manifests of checkpoints and feature stores)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

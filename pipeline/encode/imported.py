@@ -15,7 +15,6 @@ interacted items without a row are refused too.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pandas as pd
 from pipeline.data.loaders._read import check_finite
 from pipeline.data.schema import DataError
 from pipeline.encode import store
-from pipeline.outputs import check_output
+from pipeline.outputs import check_output, sha256_of
 
 MODALITIES = ("text", "image")
 _INT = re.compile(r"[+-]?[0-9]+")
@@ -56,7 +55,7 @@ def import_embeddings(ids_file, matrices: dict[str, Path], out, *, data=None, ov
         "source": "imported",
         "imported": {"ids": str(Path(ids_file).resolve()),
                      **{name: str(Path(path).resolve()) for name, path in matrices.items()},
-                     "sha256": {str(p.name): _sha256(p) for p in inputs}},
+                     "sha256": {str(p.name): sha256_of(p) for p in inputs}},
         "item_id_dtype": str(ids.dtype),
         "normalisation": "l2 (rows scaled to unit norm on import)",
         "modalities": {name: {"dim": int(matrix.shape[1]), "model_id": f"imported:{Path(matrices[name]).name}",
@@ -163,9 +162,3 @@ def _check_against(data, ids: np.ndarray, ids_file) -> None:
                         "; the ids must be the dataset's own")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -71,10 +71,11 @@ def coverage(covered: dict[int, torch.Tensor]) -> dict[str, float]:
     return {f"coverage@{k}": float(hit.to(torch.float64).mean()) for k, hit in covered.items()}
 
 
-def _cover(covered: dict[int, torch.Tensor], items: torch.Tensor, scores: torch.Tensor) -> None:
-    """Mark each row's top-k `items` [B, C] by `scores` [B, C] (-inf: never recommended) in `covered`."""
+def _cover(covered: dict[int, torch.Tensor], scores: torch.Tensor, items: torch.Tensor | None = None) -> None:
+    """Mark each row's top-k items by `scores` [B, C] (-inf: never recommended) in `covered`; the
+    columns are `items` [B, C], else the item ids themselves (full ranking)."""
     top = scores.topk(min(max(covered), scores.shape[1]), dim=1)
-    ranked = items.gather(1, top.indices)
+    ranked = top.indices if items is None else items.gather(1, top.indices)
     for k, hit in covered.items():
         shown = top.values[:, :k] > -torch.inf
         hit[ranked[:, :k][shown]] = True
@@ -102,7 +103,7 @@ def evaluate_full(scorer: Scorer, data: PreparedDataset, split: Split = "test", 
         rank = rank_in_full_scores(scores, torch.as_tensor(targets[batch]))
         for name, value in hit_ndcg(rank, ks).items():
             per_user.setdefault(name, []).append(value)
-        _cover(covered, torch.arange(data.n_items).expand(len(batch), -1), scores)
+        _cover(covered, scores)
     return {**_mean(per_user), **coverage(covered)}
 
 
@@ -146,7 +147,7 @@ def evaluate_sampled(scorer: Scorer, data: PreparedDataset, negatives: EvalNegat
             per_user.setdefault(name, []).append(value)
         candidates = torch.cat([target[:, None], neg.clamp(min=0)], 1)
         shown = torch.cat([target_score[:, None], neg_scores.masked_fill(~valid, -torch.inf)], 1)
-        _cover(covered, candidates, shown)
+        _cover(covered, shown, candidates)
     return {**_mean(per_user), **coverage(covered)}
 
 

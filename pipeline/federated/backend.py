@@ -66,10 +66,6 @@ class Progress:
         with self._lock:
             return dict(self._phase)
 
-    @property
-    def round(self) -> int:
-        return self._phase["round"]
-
 
 class Pools(Protocol):
     shards: list[np.ndarray]  # the users of every pool, sorted
@@ -100,7 +96,7 @@ def save_state(store, path: Path) -> tuple[int, str]:
     """Write a pool's personal state atomically; (bytes, sha256)."""
     import os
 
-    from pipeline.federated.runtime.checkpoints import sha256_of
+    from pipeline.outputs import sha256_of
 
     tmp = Path(f"{path}.tmp")
     torch.save(store.state_dict(), tmp)

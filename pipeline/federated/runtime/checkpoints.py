@@ -8,17 +8,10 @@ writes and restores them for rounds.run_rounds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from pipeline.outputs import sha256_of
 
 
 def damage(folder: Path) -> str | None:

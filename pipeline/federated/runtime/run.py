@@ -133,53 +133,48 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
     here = None if in_trial else NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     server = Server.options(scheduling_strategy=here).remote(config.model_dump_json(), refs, str(run_dir))
     writer = bar = None
-    ctrl_c = CtrlC().__enter__()  # left below, on every way out of the rounds
-    try:  # Ctrl-C from here on: the job's actors are stopped and the message says what to resume
-        next_round = ray.get(server.resume.remote()) if resume else 0
-        history = ray.get(server.history_so_far.remote())
-        with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new rounds
-            for metrics in history:
-                log.write(json.dumps(metrics) + "\n")
+    with CtrlC() as ctrl_c:  # its handler is in place while the rounds run
+        try:  # Ctrl-C from here on: the job's actors are stopped and the message says what to resume
+            next_round = ray.get(server.resume.remote()) if resume else 0
+            history = ray.get(server.history_so_far.remote())
+            with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new rounds
+                for metrics in history:
+                    log.write(json.dumps(metrics) + "\n")
 
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=next_round) if config.runtime.tensorboard else None
-        bar = tqdm(total=config.train.rounds, initial=next_round, desc=f"{config.model.backbone} rounds",
-                   unit="round", disable=quiet or not config.runtime.progress)
-        stopped = bool(history and history[-1]["stop"])
-        if stopped and resume:  # a run that reached its train.rounds goes on when a resume raises them
-            stopped = ray.get(server.stopped_early.remote())
-        rounds_started = time.perf_counter()
-        show = bar if not bar.disable else None
-        if show is not None:
-            ray.get(server.watch_progress.remote())
-        while not stopped and next_round < config.train.rounds:
-            metrics = _await_round(server, show, ctrl_c)
-            history.append(metrics)
-            with open(run_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(metrics) + "\n")
+            writer = SummaryWriter(str(run_dir / "tb"), purge_step=next_round) if config.runtime.tensorboard else None
+            bar = tqdm(total=config.train.rounds, initial=next_round, desc=f"{config.model.backbone} rounds",
+                       unit="round", disable=quiet or not config.runtime.progress)
+            stopped = bool(history and history[-1]["stop"])
+            if stopped and resume:  # a run that reached its train.rounds goes on when a resume raises them
+                stopped = ray.get(server.stopped_early.remote())
+            rounds_started = time.perf_counter()
+            show = bar if not bar.disable else None
+            if show is not None:
+                ray.get(server.watch_progress.remote())
+            while not stopped and next_round < config.train.rounds:
+                metrics = _await_round(server, show, ctrl_c)
+                history.append(metrics)
+                with open(run_dir / "metrics.jsonl", "a") as log:
+                    log.write(json.dumps(metrics) + "\n")
+                if writer:
+                    driver_peak = peak_rss_bytes()
+                    extra = {} if driver_peak is None else {"mem/peak_rss_gb/driver": driver_peak / 2 ** 30}
+                    for name, value in {**_scalars(metrics), **extra}.items():
+                        writer.add_scalar(name, value, metrics["round"])
+                    writer.flush()
+                shown = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k == f"valid/{config.train.selection()}"}
+                bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", **shown)
+                bar.update()
+                if on_round is not None:
+                    on_round(metrics)
+                next_round, stopped = metrics["round"] + 1, metrics["stop"]
+            ctrl_c.check()
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
             if writer:
-                driver_peak = peak_rss_bytes()
-                extra = {} if driver_peak is None else {"mem/peak_rss_gb/driver": driver_peak / 2 ** 30}
-                for name, value in {**_scalars(metrics), **extra}.items():
-                    writer.add_scalar(name, value, metrics["round"])
-                writer.flush()
-            shown = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k == f"valid/{config.train.selection()}"}
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", **shown)
-            bar.update()
-            if on_round is not None:
-                on_round(metrics)
-            next_round, stopped = metrics["round"] + 1, metrics["stop"]
-        ctrl_c.check()
-    except KeyboardInterrupt:
-        ctrl_c.__exit__()
-        if bar is not None:
-            bar.close()
-        if writer:
-            writer.close()
-        raise Interrupted(_stop_interrupted(server, run_dir)) from None
-    except BaseException:
-        ctrl_c.__exit__()
-        raise
-    ctrl_c.__exit__()
+                writer.close()
+            raise Interrupted(_stop_interrupted(server, run_dir)) from None
     bar.close()
     if writer:
         writer.close()

@@ -18,63 +18,13 @@ from pipeline.strict import ConfigModel, validation_reasons
 
 Backbone = Literal["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"]
 
-# the FedMR authors' learning rates per backbone (train.preset=fedmr_reference)
-BACKBONE_LR = {"fedavg": 0.01, "fcf": 0.1, "fedncf": 0.1, "pfedrec": 0.1, "fedrap": 0.1}
-BACKBONE_LR_DECAY = {"fedrap": 0.9}
-FEDMR_LR = {"fedavg": 0.1, "fedncf": 0.01}  # FedMR code: lr 0.1, MM-FedNCF 0.01 (one lr)
-
-
 Preset = Literal["default", "fedmr_reference", "pfedrec_paper", "fedmf_paper", "fedncf_paper", "fedrap_paper"]
 BACKBONES: tuple[str, ...] = get_args(Backbone)
-
-# The originals' training recipes, read from their code (docs/recipes.md). A preset only sets
-# defaults under what a config file or --set gives. The negative pool is not part of a preset:
-# the originals' pool (train.neg_exclude_heldout=true) is an explicit, labelled choice.
-_TORCH_32 = {"model": {"dim": 32, "init": "torch"}, "data": {"protocol": {"tie_rule": "first"}}}
-_PFEDREC_LOOP = {"local_epochs": 1, "batch_rows": 256, "neg_ratio": 4, "neg_draw": "round", "lr": 0.1,
-                 "lr_decay": 1.0, "patience": 100}
-# Zhangcx19/IJCAI-23-PFedRec: head lr 0.1, item table 0.1 * n * 80, 1 epoch of 256-row batches
-_PFEDREC_PAPER = {**_TORCH_32, "model": {**_TORCH_32["model"], "pfedrec_eta": 80.0}, "train": _PFEDREC_LOOP}
-# the PFedRec paper's FedMF and FedNCF baselines: no code was published; its setting (latent 32,
-# 1 epoch of 256 rows, 4 negatives, SGD lr 0.1, item tables at 0.1 * n * 80)
-_FEDMF_PAPER = {**_TORCH_32, "train": {**_PFEDREC_LOOP, "lr_groups": {"item": "8*n"}}}
-# (FedNCF: the user vectors at 5.0, at 0.1 they barely move in one short epoch per round; and
-# x0.98 per round: at constant rates seed 0 diverged in round 78)
-_FEDNCF_PAPER = {**_TORCH_32, "train": {**_PFEDREC_LOOP, "lr_groups": {"item": "8*n", "user": 5.0},
-                                        "lr_decay": 0.98}}
-# mtics/FedRAP: 10 epochs (tol 1e-4) of 2048-row batches, head 0.5, P and C 200, weight decay
-# 1e-4, x0.97 per round and x0.95 per batch, lambda and mu constant at 0.1
-_FEDRAP_PAPER = {**_TORCH_32,
-                 "model": {**_TORCH_32["model"], "fedrap_lambda": 0.1, "fedrap_mu": 0.1, "fedrap_reg": "l1",
-                           "fedrap_schedule": "constant"},
-                 "train": {"local_epochs": 10, "tol": 1e-4, "batch_rows": 2048, "neg_ratio": 4, "neg_draw": "round",
-                           "lr_groups": {"head": 0.5, "item_personal": 200.0, "item_global": 200.0},
-                           "lr_decay": 0.97, "lr_batch_decay": 0.95, "weight_decay": 1e-4, "patience": 100}}
-# The project's defaults (train.preset=default): the settings with the best validation HR@10 on
-# MovieLens-100K P1 with symmetric negatives (results/sweeps/, docs/recipes.md). All five train
-# with the PFedRec paper's loop and none uses weight decay or per-batch decay, so FedMR and GFMFR
-# run on the same recipe.
-DEFAULT_RECIPES = {
-    "fedavg": _FEDMF_PAPER,
-    "fcf": _FEDMF_PAPER,
-    "fedncf": _FEDNCF_PAPER,
-    # PFedRec scores with the global item table: the fine-tuned copy overfits the round's negatives,
-    # which with symmetric negatives include the user's held-out items
-    "pfedrec": {**_PFEDREC_PAPER, "model": {**_PFEDREC_PAPER["model"], "pfedrec_eval_table": "global"}},
-    # FedRAP: C at 0.1 x n x 320, P at 0.0226, both regularisers off (lambda = mu = 0): the sweep's best;
-    # without weight decay FedRAP's -lambda MSE(P, C) has no lower bound and diverges at lambda = 0.1
-    "fedrap": {**_TORCH_32, "model": {**_TORCH_32["model"], "fedrap_lambda": 0.0, "fedrap_mu": 0.0},
-               "train": {**_PFEDREC_LOOP, "lr_groups": {"item_global": "32*n", "item_personal": 0.0226}}},
-}
-PRESETS: dict[str, dict[str, dict]] = {
-    # preset -> {backbone it applies to -> its defaults}
-    "default": DEFAULT_RECIPES,
-    "fedmr_reference": {backbone: {} for backbone in BACKBONES},
-    "pfedrec_paper": {"pfedrec": _PFEDREC_PAPER},
-    "fedmf_paper": {"fcf": _FEDMF_PAPER, "fedavg": _FEDMF_PAPER},
-    "fedncf_paper": {"fedncf": _FEDNCF_PAPER},
-    "fedrap_paper": {"fedrap": _FEDRAP_PAPER},
-}
+# Each backbone module declares its training recipes (RECIPES: preset -> defaults under what a
+# config file or --set gives) and the FedMR authors' learning rates for it (REFERENCE_LR,
+# REFERENCE_LR_DECAY, REFERENCE_FEDMR_LR; pipeline/models/recipes.py, docs/recipes.md). The
+# negative pool is not part of a preset: the originals' pool (train.neg_exclude_heldout=true) is an
+# explicit, labelled choice.
 
 
 ORIGINAL_NEGATIVES = "negatives exclude held-out items, as in the original code: optimistic"
@@ -277,7 +227,7 @@ class TrainConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     preset: Preset | None = Field(
-        None, description="a training recipe as defaults (PRESETS): default = the project's recipe per "
+        None, description="a training recipe as defaults (each backbone module's RECIPES): default = the project's recipe per "
                           "backbone (the configs of configs/ name it), or an original's; every key can still be "
                           "overridden. None = the FedMR authors' settings (= fedmr_reference)")
     rounds: int = Field(100, ge=1)
@@ -469,14 +419,16 @@ class ExperimentConfig(ConfigModel):
         if not isinstance(tree, dict) or not isinstance(tree.get("train"), dict):
             return tree
         name = tree["train"].get("preset")
-        if name is None or name not in PRESETS:
+        if name is None or name not in get_args(Preset):
             return tree  # (an unknown name is refused by the field's type)
-        recipes = PRESETS[name]
         backbone = (tree.get("model") or {}).get("backbone", "fedavg")
-        if backbone not in recipes:
-            raise ValueError(f"train.preset={name} is the recipe of {', '.join(recipes)}, not of "
+        if backbone not in BACKBONES:
+            return tree  # (refused by model.backbone's type)
+        recipes = backbone_module(backbone).RECIPES
+        if name not in recipes:
+            raise ValueError(f"train.preset={name} is the recipe of {', '.join(preset_backbones(name))}, not of "
                              f"model.backbone={backbone}")
-        return _merge_defaults(recipes[backbone], tree)
+        return _merge_defaults(recipes[name], tree)
 
     @model_validator(mode="after")
     def _step_schedule(self):
@@ -531,14 +483,25 @@ class ExperimentConfig(ConfigModel):
     def lr(self) -> float:
         if self.train.lr is not None:
             return self.train.lr
-        if self.model.fusion is not None and self.model.backbone in FEDMR_LR:
-            return FEDMR_LR[self.model.backbone]
-        return BACKBONE_LR[self.model.backbone]
+        module = backbone_module(self.model.backbone)
+        return module.REFERENCE_LR if self.model.fusion is None else module.REFERENCE_FEDMR_LR
 
     def lr_decay(self) -> float:
         if self.train.lr_decay is not None:
             return self.train.lr_decay
-        return BACKBONE_LR_DECAY.get(self.model.backbone, 1.0)
+        return backbone_module(self.model.backbone).REFERENCE_LR_DECAY
+
+
+def backbone_module(name: str):
+    """The module declaring backbone `name` (imported on first use: it imports torch)."""
+    from pipeline.models import backbone
+
+    return backbone(name)
+
+
+def preset_backbones(preset: str) -> list[str]:
+    """The backbones that declare a recipe for `preset`."""
+    return [name for name in BACKBONES if preset in backbone_module(name).RECIPES]
 
 
 def model_lr_groups(model_config: ModelConfig) -> dict[str, str]:

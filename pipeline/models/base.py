@@ -129,10 +129,15 @@ METHOD_FIELDS = ("GLOBAL_TABLES", "GLOBAL_DENSE", "PERSONAL_DENSE", "PERSONAL_TA
                  "AGGREGATION", "UPLOAD_GRADS", "LR_GROUPS", "TWO_STEP_GROUPS", "MODALITIES", "GROUP_TABLE",
                  "GROUP_VECTOR", "row_regulariser", "fuse_teacher", "FUSION", "init", "lr_scale", "logits",
                  "teacher_logits")
-# a backbone module declares besides how FedMR plugs into it: FUSION_PLUG 'input' (FedMR fuses
-# item_input(ctx), the sum of the ITEM_INPUT tables, and score() scores the fused vector) or
-# 'additive' (FedNCF: the fused vector is added to its item embeddings; ITEM_INPUT ())
-BACKBONE_FIELDS = (*METHOD_FIELDS, "FUSION_PLUG", "ITEM_INPUT")
+# a backbone module declares besides:
+#   how FedMR plugs into it: FUSION_PLUG 'input' (FedMR fuses item_input(ctx), the sum of the
+#     ITEM_INPUT tables, and score() scores the fused vector) or 'additive' (FedNCF: the fused
+#     vector is added to its item embeddings; ITEM_INPUT ())
+#   its training recipes: RECIPES (train.preset -> defaults under what a config gives) and the
+#     FedMR authors' learning rate for it, its per-round decay and the lr with their fusion module
+#     (REFERENCE_LR, REFERENCE_LR_DECAY, REFERENCE_FEDMR_LR: train.preset=fedmr_reference)
+BACKBONE_FIELDS = (*METHOD_FIELDS, "FUSION_PLUG", "ITEM_INPUT", "RECIPES", "REFERENCE_LR", "REFERENCE_LR_DECAY",
+                   "REFERENCE_FEDMR_LR")
 
 
 def backbone_of(model: Method):

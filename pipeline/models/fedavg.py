@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.models import recipes
 from pipeline.models.base import InitialState, RowContext, embedding, linear_head, linear_head_init, linear_head_teacher
 
 GLOBAL_TABLES = ("item",)
@@ -60,3 +61,13 @@ def score(ctx: RowContext, item: torch.Tensor) -> torch.Tensor:
 def logits(ctx: RowContext) -> torch.Tensor:
     """[R] logits."""
     return score(ctx, item_input(ctx))
+
+
+# Training recipes (train.preset; docs/recipes.md). The FedMR authors' learning rate for this
+# backbone, alone and with their fusion module (train.preset=fedmr_reference)
+REFERENCE_LR = 0.01
+REFERENCE_LR_DECAY = 1.0
+REFERENCE_FEDMR_LR = 0.1
+# preset -> defaults under what a config gives. default: the PFedRec paper's FedMF setting
+# (the best validation HR@10 on MovieLens-100K P1 with symmetric negatives, results/sweeps/)
+RECIPES = {"default": recipes.FEDMF_PAPER, "fedmr_reference": {}, "fedmf_paper": recipes.FEDMF_PAPER}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.models import recipes
 from pipeline.models.base import InitialState, RowContext, embedding, linear
 
 GLOBAL_TABLES = ("item_mf", "item_mlp")
@@ -78,3 +79,15 @@ def logits(ctx: RowContext, extra: torch.Tensor | None = None) -> torch.Tensor:
         hidden = torch.relu(ctx.linear(hidden, layer))
     gmf = ctx.vector("user_mf") * item_mf
     return ctx.linear(torch.cat([hidden, gmf], dim=-1), "head").squeeze(-1)
+
+# Training recipes (train.preset; docs/recipes.md). The FedMR authors' learning rate, alone and
+# with their fusion module (MM-FedNCF: 0.01) (train.preset=fedmr_reference)
+REFERENCE_LR = 0.1
+REFERENCE_LR_DECAY = 1.0
+REFERENCE_FEDMR_LR = 0.01
+# the PFedRec paper's FedNCF baseline (no code was published; its stated setting): the paper's loop,
+# item tables at 0.1 x n x 80, the user vectors at 5.0 (at 0.1 they barely move in one short epoch
+# per round) and x0.98 per round (at constant rates seed 0 diverged in round 78)
+PAPER = recipes.merged(recipes.TORCH_32, {"train": {**recipes.PAPER_LOOP, "lr_groups": {"item": "8*n", "user": 5.0},
+                                                    "lr_decay": 0.98}})
+RECIPES = {"default": PAPER, "fedmr_reference": {}, "fedncf_paper": PAPER}

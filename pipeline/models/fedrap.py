@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from pipeline.models import recipes
 from pipeline.models.base import InitialState, RowContext, embedding, linear_head, linear_head_init, linear_head_teacher
 
 GLOBAL_TABLES = ("item_global",)
@@ -78,3 +79,23 @@ def row_regulariser(ctx: RowContext, round_: int, config) -> torch.Tensor:
     lam, mu = ramp(round_, config.fedrap_lambda, schedule), ramp(round_, config.fedrap_mu, schedule)
     reg = c.abs() if config.fedrap_reg == "l1" else c.square()
     return -lam * (p - c).square().mean(-1) + mu * reg.mean(-1)
+
+# Training recipes (train.preset; docs/recipes.md). The FedMR authors' learning rate and per-round
+# decay, alone and with their fusion module (train.preset=fedmr_reference)
+REFERENCE_LR = 0.1
+REFERENCE_LR_DECAY = 0.9
+REFERENCE_FEDMR_LR = 0.1
+# the FedRAP authors' code (mtics/FedRAP): 10 epochs (tol 1e-4) of 2048-row batches, head 0.5, P and
+# C 200, weight decay 1e-4, x0.97 per round and x0.95 per batch, lambda and mu constant at 0.1
+PAPER = recipes.merged(recipes.TORCH_32, {
+    "model": {"fedrap_lambda": 0.1, "fedrap_mu": 0.1, "fedrap_reg": "l1", "fedrap_schedule": "constant"},
+    "train": {"local_epochs": 10, "tol": 1e-4, "batch_rows": 2048, "neg_ratio": 4, "neg_draw": "round",
+              "lr_groups": {"head": 0.5, "item_personal": 200.0, "item_global": 200.0},
+              "lr_decay": 0.97, "lr_batch_decay": 0.95, "weight_decay": 1e-4, "patience": 100}})
+# default: C at 0.1 x n x 320, P at 0.0226, both regularisers off (lambda = mu = 0), in the paper
+# loop: the sweep's best; without weight decay FedRAP's -lambda MSE(P, C) has no lower bound and
+# diverges at lambda = 0.1
+RECIPES = {"default": recipes.merged(recipes.TORCH_32, {
+               "model": {"fedrap_lambda": 0.0, "fedrap_mu": 0.0},
+               "train": {**recipes.PAPER_LOOP, "lr_groups": {"item_global": "32*n", "item_personal": 0.0226}}}),
+           "fedmr_reference": {}, "fedrap_paper": PAPER}

@@ -4,13 +4,15 @@ shown to take effect, and the presets' values and refusals."""
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
 from test_equivalence import (ATOL, engine_dense, engine_scores, initial_dense_state, make_config, max_diffs,
                               moved, oracle_scores, run_engine, run_oracle, synthetic)
 
-from pipeline.config import PRESETS, load_config
+from pipeline.config import BACKBONES, Preset, load_config, preset_backbones
 from pipeline.data.prepare import PrepareConfig, prepare
 from pipeline.data.schema import Interactions, RawDataset
 from pipeline.federated.strategy.aggregate import round_lrs
@@ -136,8 +138,10 @@ def test_presets_hold_the_originals_settings():
     reference = load_config(None, ["model.backbone=fcf", "train.preset=fedmr_reference"])
     assert reference.model_dump(exclude={"train": {"preset"}}) == load_config(
         None, ["model.backbone=fcf"]).model_dump(exclude={"train": {"preset"}})
-    assert set(PRESETS) == {"default", "fedmr_reference", "pfedrec_paper", "fedmf_paper", "fedncf_paper",
-                            "fedrap_paper"}
+    # every preset name is some backbone's recipe; default and fedmr_reference are every backbone's
+    assert {name: preset_backbones(name) for name in get_args(Preset)} == {
+        "default": list(BACKBONES), "fedmr_reference": list(BACKBONES), "pfedrec_paper": ["pfedrec"],
+        "fedmf_paper": ["fedavg", "fcf"], "fedncf_paper": ["fedncf"], "fedrap_paper": ["fedrap"]}
 
 
 @pytest.mark.parametrize("backbone", ["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"])

@@ -21,8 +21,9 @@ from pipeline.data.loaders import FORMATS, detect_format
 from pipeline.data.prepare import PrepareConfig
 from pipeline.data.schema import DataError
 from pipeline.data.store import write_text_atomically
+from pipeline.paths import default_run_dir
 
-DEFAULT_WORKDIR = Path("runs")
+RUNS_ROOT_HELP = "$PIPELINE_RUNS, else ~/.local/share/fedmm-pipeline/runs"
 DATA_CACHE_HELP = ("prepared-data cache (default: $PIPELINE_DATA_CACHE, else "
                    "$XDG_CACHE_HOME/fedmm-pipeline/prepared, i.e. ~/.cache/fedmm-pipeline/prepared)")
 
@@ -516,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--space", type=Path, required=True, help="search space YAML (see tune/sweep.py)")
     sweep.add_argument("--samples", type=int, default=16, help="trials")
     sweep.add_argument("--concurrency", type=int, default=2, help="trials at once")
-    sweep.add_argument("--storage", type=Path, default=DEFAULT_WORKDIR / "sweeps", help="Tune storage path")
+    sweep.add_argument("--storage", type=Path, default=default_run_dir("sweeps"),
+                       help=f"Tune storage path (default {RUNS_ROOT_HELP}/sweeps)")
     sweep.add_argument("--name", required=True, help="the sweep's folder under --storage")
     sweep.add_argument("--seed", type=int, default=0, help="Optuna's seed")
     sweep.add_argument("--grace-rounds", type=int, default=2, help="ASHA: rounds before a trial can be stopped")
@@ -529,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
 
     run = commands.add_parser("run", help="the main job on the embedded default (synthetic, local Ray)")
-    run.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR / "main")
+    run.add_argument("--workdir", type=Path, default=default_run_dir("main"),
+                     help=f"where the job writes everything (default {RUNS_ROOT_HELP}/main)")
     run.add_argument("--users", type=int, default=None)
     run.add_argument("--items", type=int, default=None)
     run.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,7 @@ import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.data.datasets import DatasetConfig
+from pipeline.paths import default_run_dir
 from pipeline.strict import ConfigModel, validation_reasons
 
 Backbone = Literal["fedavg", "fcf", "fedncf", "pfedrec", "fedrap"]
@@ -373,7 +374,8 @@ class RuntimeConfig(ConfigModel):
     checkpoint_every: int = Field(1, ge=0, description="rounds between checkpoints (0 = never)")
     keep_best: bool = Field(True, description="also keep the state of the best validation round "
                                               "(checkpoints/best: what recommend and export use)")
-    out: Path = Field(Path("runs/train"), description="run directory")
+    out: Path = Field(default_factory=lambda: default_run_dir("train"),
+                      description="run directory (default: the runs root's train/, pipeline/paths.py)")
     progress: bool = True
     tensorboard: bool = True
 

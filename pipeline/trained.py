@@ -1,7 +1,7 @@
 """A trained run, opened for use: its model at the best validation round (or the last
 checkpoint), every user's personal state, recommendations, and an export to safetensors.
 
-    run = TrainedRun.open("runs/train")                 # checkpoints/best, else the newest
+    run = TrainedRun.open("runs/ku/fcf")                 # checkpoints/best, else the newest
     run.recommend("196", k=10)                          # the user's top-K, training items excluded
     run.export("exports/fcf")                           # model.safetensors + model_card.json
     TrainedRun.open_export("exports/fcf").scores(...)   # the same scores, bit for bit

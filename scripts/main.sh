@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-exec .venv/bin/python -m pipeline run "$@"
+# outputs in runs/main of this checkout (a bare `pipeline run` writes under $PIPELINE_RUNS, pipeline/paths.py)
+exec .venv/bin/python -m pipeline run --workdir runs/main "$@"

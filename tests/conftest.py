@@ -14,11 +14,16 @@ def pytest_configure(config):
     if not os.environ.get("PIPELINE_DATA_CACHE"):
         config._pipeline_cache = tempfile.mkdtemp(prefix="pipeline-test-cache-")
         os.environ["PIPELINE_DATA_CACHE"] = config._pipeline_cache
+    # and writes default outputs (a config without runtime.out, ...) in a folder of its own too,
+    # never in the user's runs root (pipeline/paths.py)
+    config._pipeline_runs = tempfile.mkdtemp(prefix="pipeline-test-runs-")
+    os.environ["PIPELINE_RUNS"] = config._pipeline_runs
 
 
 def pytest_unconfigure(config):
-    if getattr(config, "_pipeline_cache", None):  # the folder the suite made for itself
-        shutil.rmtree(config._pipeline_cache, ignore_errors=True)
+    for folder in (getattr(config, "_pipeline_cache", None), getattr(config, "_pipeline_runs", None)):
+        if folder:  # the folders the suite made for itself
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

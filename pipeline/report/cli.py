@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from pipeline.data.store import write_text_atomically
-from pipeline.report.experiments import (DEFAULT_RUNS_DIR, DEFAULT_SEEDS, MODES, expand_configs, plan_runs,
+from pipeline.report.experiments import (DEFAULT_SEEDS, MODES, expand_configs, plan_runs,
                                         run_experiments)
 
 
@@ -31,8 +31,9 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", nargs="+", choices=["p1", "p3"], default=None,
                         help="run every config under each of these protocols (default: each config's own); "
                              "a run under another protocol than its file's goes to <config name>-<protocol>")
-    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR,
-                        help="run directories go to RUNS_DIR/<config name>/seed-<s> (default runs/experiments)")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="run directories go to RUNS_DIR/<config name>/seed-<s> (default: the runs root's "
+                             "experiments/, $PIPELINE_RUNS or ~/.local/share/fedmm-pipeline/runs)")
     parser.add_argument("--records", type=Path, default=None, metavar="DIR",
                         help="keep a small record of every finished run in DIR/<config name>/seed-<s>.json "
                              "(summary and per-round validation, test, time and traffic metrics; commit it beside "

@@ -30,10 +30,10 @@ import yaml
 from pipeline.config import ExperimentConfig, load_config
 from pipeline.data.prepare import identity_mismatch
 from pipeline.outputs import OutputError, is_run_directory
+from pipeline.paths import default_run_dir
 from pipeline.report import records
 from pipeline.rundir import RunLock, RunLockedError
 
-DEFAULT_RUNS_DIR = Path("runs/experiments")
 DEFAULT_SEEDS = (0, 1, 2)
 # keys the command sets itself for every run; an override of them is refused
 CONTROLLED = ("train.seed", "train.model_seed", "runtime.out")
@@ -101,7 +101,7 @@ MODES = ("federated", "centralized", "both")
 
 
 def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str] = (),
-              runs_dir: Path = DEFAULT_RUNS_DIR, mode: str = "federated") -> list[RunSpec]:
+              runs_dir: Path | None = None, mode: str = "federated") -> list[RunSpec]:
     """One RunSpec per (config, seed), configs in the given order; mode 'centralized' plans each
     config's centralized upper bound instead (folder <key>-centralized), 'both' plans both."""
     if mode not in MODES:
@@ -138,7 +138,7 @@ def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str
         for centralized in kinds:
             folder = f"{key}-centralized" if centralized else key
             for seed in seeds:
-                run_dir = Path(runs_dir) / folder / f"seed-{seed}"
+                run_dir = Path(runs_dir or default_run_dir("experiments")) / folder / f"seed-{seed}"
                 config = load_config(path, [*overrides, f"train.seed={seed}", f"train.model_seed={seed}",
                                             f"runtime.out={run_dir}"])
                 specs.append(RunSpec(source=Path(path), key=folder, seed=int(seed), config=config,

@@ -4,7 +4,7 @@
         --out results/synthetic_groups_grouping.md
 
 For every (config, seed) with `model.gfmfr`, read from the run's latest
-checkpoint (the experiments command's run folders, runs/experiments/<name>/seed-<s>) the group
+checkpoint (the experiments command's run folders, <runs dir>/<name>/seed-<s>) the group
 every user was last assigned (the server's aligned ids), and compare it with the generator's
 `user_group` (regenerated from the config: the data are a pure function of it) by the adjusted
 Rand index (scikit-learn), over the users that were ever grouped (synthetic data only: other
@@ -149,13 +149,14 @@ def markdown(rows: list[dict], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.report.experiments import DEFAULT_RUNS_DIR, expand_configs, plan_runs
+    from pipeline.report.experiments import expand_configs, plan_runs
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.report.groups", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", required=True, metavar="GLOB")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="the experiments command's --set")
-    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="default: $PIPELINE_RUNS/experiments (pipeline/paths.py)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     specs = plan_runs(expand_configs(args.configs), args.seeds, args.set, args.runs_dir)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline.config import ORIGINAL_NEGATIVES, SYMMETRIC_NEGATIVES
 from pipeline.data.store import write_text_atomically
+from pipeline.paths import default_run_dir
 
 METRIC = "test/hr@10"
 PAPER_CONFIGS = ("configs/reproduction/fedmf_paper.yaml", "configs/reproduction/fedncf_paper.yaml",
@@ -44,7 +45,7 @@ PUBLISHED = {
     "fedrap": {"value": 98.6, "std": None, "source": "the FedRAP author's public run log: test HR@10 0.986-0.989 by "
                                                      "rounds 93-96, its round chosen on test HR, not validation"},
 }
-RUNS_DIR, RECORDS_DIR = Path("runs/reproduction"), Path("results/records/reproduction")
+RECORDS_DIR = Path("results/records/reproduction")
 COMMON = ("runtime.checkpoint_every=10", "runtime.progress=false")
 
 
@@ -57,7 +58,7 @@ def collect(seeds, report_only: bool, configs=None, pools=tuple(POOLS)) -> list[
     for pool in pools:
         override, label = POOLS[pool]
         specs = plan_runs([Path(c) for c in (configs or CONFIGS[pool])], seeds=seeds, overrides=[override, *COMMON],
-                          runs_dir=RUNS_DIR / pool)
+                          runs_dir=default_run_dir("reproduction") / pool)
         results = run_experiments(specs, report_only=report_only, records_dir=RECORDS_DIR / pool)
         by_config: dict[str, list] = {}
         for result in results:

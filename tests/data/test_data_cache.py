@@ -56,3 +56,34 @@ def test_data_prepare_fills_the_cache_that_train_reads(tmp_path, monkeypatch, ca
     open_checked(load_config(None, ["data.synthetic={n_users: 40, n_items: 30, seed: 2}"]))  # what train opens
     assert len(prepared()) == 1 and (prepared()[0] / "meta.json").stat().st_mtime_ns == made  # read, not re-made
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing in the working directory
+
+
+def test_default_outputs_go_under_one_runs_root_never_the_working_directory(tmp_path, monkeypatch):
+    """A config without runtime.out, `sweep` without --storage, `run` without --workdir and
+    `experiments` without --runs-dir write under $PIPELINE_RUNS (else the XDG data folder), an
+    absolute path whatever folder the command runs in; a folder the user names is kept as given."""
+    from pipeline.cli import build_parser
+    from pipeline.config import load_config
+    from pipeline.paths import ENV, runs_root
+    from pipeline.report.experiments import plan_runs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert runs_root() == tmp_path / "xdg" / "fedmm-pipeline" / "runs"
+    (tmp_path / "xdg").mkdir()
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert runs_root() == Path.home().resolve() / ".local" / "share" / "fedmm-pipeline" / "runs"
+    root = tmp_path / "runs root"
+    monkeypatch.setenv(ENV, str(root))
+    assert runs_root() == root
+    monkeypatch.chdir(tmp_path / "xdg")  # another working directory changes nothing
+    assert load_config(None, []).runtime.out == root / "train"
+    parser = build_parser()
+    assert parser.parse_args(["sweep", "--space", "s.yaml", "--name", "n"]).storage == root / "sweeps"
+    assert parser.parse_args(["run"]).workdir == root / "main"
+    [spec] = plan_runs([Path(__file__).resolve().parents[2] / "configs/synthetic/fcf.yaml"], seeds=[0])
+    assert spec.run_dir.is_relative_to(root / "experiments")
+    # a folder the user names is used as given
+    assert load_config(None, ["runtime.out=mine"]).runtime.out == Path("mine")
+    assert parser.parse_args(["run", "--workdir", "w"]).workdir == Path("w")

@@ -158,6 +158,10 @@ class GfmfrConfig(ConfigModel):
     server_lr: float = Field(0.01, gt=0, description="its SGD lr (never decayed)")
     server_weight_decay: float = Field(1e-4, ge=0, description="its SGD weight decay")
     server_batch: int = Field(256, ge=1, description="its (group, item) pairs per batch")
+    server_tol: float | None = Field(
+        None, ge=0, description="early stop of the group fusion model: end a round's epochs after the first "
+                                "that lowers its mean loss by at most this fraction of the previous epoch's; "
+                                "null (default) = always server_epochs (docs/methods.md: cost and effect)")
     kd_schedule: Literal["cosine", "linear_increase", "exponential_increase", "constant"] = Field(
         "cosine", description="a(t) of the distillation weight kappa = rho * a(t)")
     ema_scope: Literal["client", "shared_round"] = Field(

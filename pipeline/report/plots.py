@@ -10,7 +10,7 @@ What a reader gets at a glance: integer round ticks; a marker on every line (a d
 per config); a star on the line at each seed's selected (best-validation) round; the popularity
 ranking's validation value as a grey reference line where the caller knows it; the training
 loss (train/loss, mean over seeds) in a panel beside the validation one where the rows hold it
-(run records keep no loss); a legend on every panel; configs named as the tables name them
+(records written before December 2026 keep no loss); a legend on every panel; configs named as the tables name them
 (`names`, e.g. "FCF + FedMR"), not by their folders.
 
 Lines of configs whose names differ only by a `-fedmr` suffix (before an optional protocol
@@ -406,7 +406,7 @@ def draw_results(args, results) -> list[tuple[str, str]]:
                                       names=display_names(group), best=selected_rounds(group),
                                       references=_popularity(group, metric))
         if curves and not has_metric(curves, LOSS):
-            print(f"plot: no {LOSS} in the runs' rows (run records keep none): {path} has no loss panel",
+            print(f"plot: no {LOSS} in the runs' rows (run records written before December 2026 keep none): {path} has no loss panel",
                   file=sys.stderr)
         for label, _ in curves:
             if label not in drawn:

@@ -3,8 +3,8 @@ kept small enough to commit beside the table.
 
 A run directory (checkpoints, TensorBoard logs, the full metrics.jsonl) stays out of git and is
 gone on a fresh clone or another machine. Its record, <records_dir>/<key>/seed-<s>.json, holds
-the run's summary.json and the per-round rows of metrics.jsonl restricted to RECORDED_PREFIXES
-(about 1.2 KB per round: 11-36 KB for the MovieLens runs of 7-30 rounds). The experiments
+the run's summary.json and the per-round rows of metrics.jsonl restricted to RECORDED_KEYS and
+RECORDED_PREFIXES (about 1.2 KB per round: 11-36 KB for the MovieLens runs of 7-30 rounds). The experiments
 command writes one for every finished run it sees and, for a planned run not finished on disk,
 reads the record instead of training (or resuming) it: a table can be completed across sessions
 and machines, one seed here, another there, and rebuilt from the records alone.
@@ -20,8 +20,9 @@ import json
 from pathlib import Path
 
 FORMAT = "pipeline-run-record/1"
-# metric rows kept per round: what the tables, the validation plot and the cost plot read
+# metric rows kept per round: what the tables, the validation and loss plot and the cost plot read
 RECORDED_PREFIXES = ("valid/", "test/", "time/", "comm/")
+RECORDED_KEYS = ("round", "train/loss")
 
 
 class RecordError(ValueError):
@@ -33,8 +34,8 @@ def record_path(records_dir: Path, key: str, seed: int) -> Path:
 
 
 def compact_rows(rows: list[dict]) -> list[dict]:
-    """Each metrics row reduced to its round and the RECORDED_PREFIXES keys."""
-    return [{key: value for key, value in row.items() if key == "round" or key.startswith(RECORDED_PREFIXES)}
+    """Each metrics row reduced to the RECORDED_KEYS and the RECORDED_PREFIXES keys."""
+    return [{key: value for key, value in row.items() if key in RECORDED_KEYS or key.startswith(RECORDED_PREFIXES)}
             for row in rows]
 
 

@@ -307,13 +307,20 @@ def test_a_results_plot_redrawn_from_its_records_alone(tmp_path, capsys):
     found = plots.results_from_records(tmp_path / "records")
     assert [(r.spec.key, r.spec.seed, r.status) for r in found] == [("ku-fedavg", 0, "recorded"),
                                                                    ("ku-fcf", 0, "recorded"), ("ku-fcf", 1, "recorded")]
-    assert found[1].extra["metrics"][2] == {"round": 2, "valid/hr@10": 0.25, METRIC: 0.5, "test/hr@50": 0.5 / 3}
+    assert found[1].extra["metrics"][2] == {"round": 2, "train/loss": pytest.approx(0.28), "valid/hr@10": 0.25,
+                                            METRIC: 0.5, "test/hr@50": 0.5 / 3}
     for result in results:  # the run directories are gone: only the records are left
         for file in result.spec.run_dir.iterdir():
             file.unlink()
     out = tmp_path / "results" / "ku_valid.png"
     assert plots.main(["--records", str(tmp_path / "records"), "--out", str(out), "--title", "KU"]) == 0
-    _assert_png(out, size=(800, 500))                               # records keep no loss: no loss panel
+    _assert_png(out)                                                # records keep the loss: its panel
+    for path in (tmp_path / "records").rglob("seed-*.json"):         # records written before they kept it
+        record = json.loads(path.read_text())
+        record["metrics"] = [{k: v for k, v in row.items() if k != "train/loss"} for row in record["metrics"]]
+        path.write_text(json.dumps(record))
+    assert plots.main(["--records", str(tmp_path / "records"), "--out", str(out), "--title", "KU"]) == 0
+    _assert_png(out, size=(800, 500))                               # no loss: no loss panel, and it says so
     assert "no train/loss" in capsys.readouterr().err
     (tmp_path / "records" / "ku-fcf" / "seed-1.json").write_text("{}")
     assert plots.main(["--records", str(tmp_path / "records"), "--out", str(out)]) == 2

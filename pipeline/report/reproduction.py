@@ -49,16 +49,18 @@ RECORDS_DIR = Path("results/records/reproduction")
 COMMON = ("runtime.checkpoint_every=10", "runtime.progress=false")
 
 
-def collect(seeds, report_only: bool, configs=None, pools=tuple(POOLS)) -> list[dict]:
+def collect(seeds, report_only: bool, configs=None, pools=tuple(POOLS), runs_dir: Path | None = None) -> list[dict]:
     """Run (or read) every config x negatives pool x seed; one row per config and pool. configs:
-    the same list for every pool, or None for CONFIGS."""
+    the same list for every pool, or None for CONFIGS. runs_dir: where the runs go (None: the runs
+    root's reproduction/, pipeline/paths.py)."""
+    runs_dir = default_run_dir("reproduction") if runs_dir is None else Path(runs_dir)
     from pipeline.report.experiments import plan_runs, run_experiments
 
     rows = []
     for pool in pools:
         override, label = POOLS[pool]
         specs = plan_runs([Path(c) for c in (configs or CONFIGS[pool])], seeds=seeds, overrides=[override, *COMMON],
-                          runs_dir=default_run_dir("reproduction") / pool)
+                          runs_dir=runs_dir / pool)
         results = run_experiments(specs, report_only=report_only, records_dir=RECORDS_DIR / pool)
         by_config: dict[str, list] = {}
         for result in results:
@@ -141,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
                                                      "with both pools, configs/movielens/ with symmetric ones)")
     parser.add_argument("--negatives", nargs="+", choices=list(POOLS), default=list(POOLS))
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate recorded runs")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="run directories go to RUNS_DIR/<pool>/<config name>/seed-<s> (default: the runs "
+                             "root's reproduction/, $PIPELINE_RUNS or ~/.local/share/fedmm-pipeline/runs)")
     parser.add_argument("--out", type=Path, default=Path("results/reproduction.md"),
                         help="the Markdown table; its .json twin goes beside it")
     args = parser.parse_args(argv)
-    rows = collect(args.seeds, args.report_only, tuple(args.configs) if args.configs else None, tuple(args.negatives))
+    rows = collect(args.seeds, args.report_only, tuple(args.configs) if args.configs else None, tuple(args.negatives),
+                   args.runs_dir)
     command = "python -m pipeline.report.reproduction" + "".join(
         f" --{k} {' '.join(map(str, v))}" for k, v in (("seeds", args.seeds), ("configs", args.configs),
                                                          ("negatives", args.negatives))

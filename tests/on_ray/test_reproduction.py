@@ -50,7 +50,8 @@ def workspace(tmp_path_factory):
 
 
 def test_reproduction_table_from_runs_then_from_records(workspace):
-    argv = ["--seeds", "0", "1", "--configs", "configs/tiny.yaml", "--out", "results/reproduction.md"]
+    argv = ["--seeds", "0", "1", "--configs", "configs/tiny.yaml", "--out", "results/reproduction.md",
+            "--runs-dir", "runs/reproduction"]
     assert reproduction.main(argv) == 0
     rows = json.loads((workspace / "results" / "reproduction.json").read_text())
     assert [(r["negatives"], r["recipe"]) for r in rows] == [("original", "pfedrec_paper"),

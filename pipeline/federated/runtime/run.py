@@ -123,9 +123,12 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
 
     from pipeline.federated.runtime.server import Server
 
+    phases = StartupPhases(started)
     data, negatives = open_checked(config, data_cache)  # before anything is written or Ray starts
+    phases.done("data_s")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
     ensure_ray(address)
+    phases.done("ray_s")
     refs = [ray.put(data), ray.put(negatives)]
     # the server lives on the driver's node (losing another node costs pools, which recover);
     # inside a Tune trial it stays in the trial's placement group, where its pools go too
@@ -137,6 +140,7 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
         try:  # Ctrl-C from here on: the job's actors are stopped and the message says what to resume
             next_round = ray.get(server.resume.remote()) if resume else 0
             history = ray.get(server.history_so_far.remote())
+            phases.done("server_s")  # the Server actor up (and a checkpoint restored); its pools still starting
             with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new rounds
                 for metrics in history:
                     log.write(json.dumps(metrics) + "\n")
@@ -153,6 +157,8 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
                 ray.get(server.watch_progress.remote())
             while not stopped and next_round < config.train.rounds:
                 metrics = _await_round(server, show, ctrl_c)
+                if "first_round_s" not in phases.seconds:
+                    phases.done("first_round_s")  # the pools' start-up, then the round itself
                 history.append(metrics)
                 with open(run_dir / "metrics.jsonl", "a") as log:
                     log.write(json.dumps(metrics) + "\n")
@@ -189,7 +195,8 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
         "negatives": config.train.negatives_label(),
         **server_summary,
         "seconds_total": round(time.perf_counter() - started, 3),
-        "timing": timing(history, startup_s=rounds_started - started),
+        "timing": {**timing(history, startup_s=rounds_started - started), "startup_phases": phases.seconds},
+        "finished_at": time.time(),  # (wall clock) a benchmark's process exit minus this is Ray's shutdown
         # the mean of time/round_seconds: training, evaluation and the rest of a round together
         # (checkpoints excluded); timing separates them
         "seconds_per_round_mean": (sum(m["time/round_seconds"] for m in history) / len(history)) if history else None,
@@ -199,6 +206,22 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     ray.kill(server)
     return summary
+
+
+class StartupPhases:
+    """Seconds from the job's start to each phase's end, as differences: data_s (open and check the
+    prepared data), ray_s (start or join Ray), server_s (the Server actor up), first_round_s (the
+    first round of this invocation, the pools' start-up included). started_at: the job's start on
+    the wall clock, for a caller timing what came before it (imports)."""
+
+    def __init__(self, started: float):
+        self.last = started
+        self.seconds: dict[str, float] = {"started_at": time.time() - (time.perf_counter() - started)}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 3)
+        self.last = now
 
 
 def timing(history: list[dict], startup_s: float) -> dict:

@@ -43,6 +43,7 @@ from pathlib import Path
 import yaml
 
 from bench._common import emit_json
+from pipeline.data.datasets import data_root
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIX = {"id": "", "fedmr": "_fedmr", "gfmfr": "_gfmfr", "both": "_fedmr_gfmfr"}
@@ -69,7 +70,9 @@ def run_once(tree: Path, config: Path, overrides: list[str], rounds: int, out: P
     command = [sys.executable, "-m", "pipeline", "train", "--config", str(config), "--json", "--set",
                f"train.rounds={rounds}", f"runtime.out={out}", "runtime.progress=false", "train.patience=1000",
                *absolute_paths(config), *overrides]
-    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1"}
+    # the named datasets of this checkout's data root, whichever tree runs (a baseline worktree
+    # elsewhere has no ../shared beside it)
+    env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "PIPELINE_DATA_ROOT": str(data_root())}
     spawned = time.time()
     done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
     exited = time.time()

@@ -9,6 +9,7 @@ centralized path's checks); pool.RayPools runs each pool as a Ray actor. A round
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -94,14 +95,24 @@ class Pools(Protocol):
 
 def save_state(store, path: Path) -> tuple[int, str]:
     """Write a pool's personal state atomically; (bytes, sha256)."""
-    import os
-
     from pipeline.outputs import sha256_of
 
     tmp = Path(f"{path}.tmp")
     torch.save(store.state_dict(), tmp)
     os.replace(tmp, path)
     return path.stat().st_size, sha256_of(path)
+
+
+def training_device(runtime, gpus: float) -> str:
+    """The torch device of a pool holding `gpus` GPUs under runtime.device (see RuntimeConfig)."""
+    wants_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
+    if not wants_gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={runtime.device} with {gpus} GPU(s) per pool, but "
+                           f"torch sees no CUDA device here (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); set runtime.device=cpu")
+    return "cuda"
 
 
 class LocalPools:

@@ -124,13 +124,18 @@ def _peak_rss(pools: Pools) -> dict[str, float]:
     return {f"mem/peak_rss_gb/{name}": round(peak / 2 ** 30, 4) for name, peak in peaks.items() if peak is not None}
 
 
-def in_process(config, data, negatives=None, *, n_pools: int = 1, dtype=None, device: str = "cpu"):
+def in_process(config, data, negatives=None, *, n_pools: int = 1, dtype=None, device: str | None = None):
     """A Strategy and LocalPools for `data` in this process (tests, benchmarks): run_rounds plays
     them exactly as the job plays its Ray pools. dtype: of the pools' state and the global
-    parameters (None: float32)."""
+    parameters (None: float32). device: of the pools' state and local training (None:
+    config.runtime.device, as a Ray pool holding no GPU reads it: auto is the CPU, cuda without a
+    visible GPU an error)."""
     import torch
 
-    from pipeline.federated.backend import LocalPools
+    from pipeline.federated.backend import LocalPools, training_device
+
+    if device is None:
+        device = training_device(config.runtime, 0.0)
 
     strategy = Strategy(config, data, n_pools=n_pools, dtype=dtype)
     return strategy, LocalPools(config, data, negatives, strategy, dtype=dtype or torch.float32, device=device)

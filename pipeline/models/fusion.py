@@ -229,8 +229,8 @@ def mixing(rows, outputs: list[torch.Tensor], cfg, of_row: torch.Tensor | None =
     c = torch.cat(outputs, -1)
     s = router(rows.ctx.subset(chosen), c.index_select(0, chosen if of_row is None else of_row[chosen]))
     segment, w = rows.segment[chosen], weight[chosen]
-    total = torch.zeros(rows.n_segments, dtype=s.dtype).index_add_(0, segment, w)
-    a = torch.zeros(rows.n_segments, 3, dtype=s.dtype).index_add_(0, segment, s * w[:, None])
+    total = torch.zeros(rows.n_segments, dtype=s.dtype, device=s.device).index_add_(0, segment, w)
+    a = torch.zeros(rows.n_segments, 3, dtype=s.dtype, device=s.device).index_add_(0, segment, s * w[:, None])
     a = a / total.clamp(min=1e-12)[:, None]
     return torch.softmax(a, -1) if cfg.mixing_softmax == "double" else a
 
@@ -381,7 +381,7 @@ class FedMR:
         through the global module (params, evaluation mode), mixed with the groups' mean mixing
         weights alpha [G, 3] (moe) or the single expert's output."""
         n_groups, n_items = z.shape[:2]
-        ctx = GlobalItems(params, features, torch.arange(n_items).repeat(n_groups))
+        ctx = GlobalItems(params, features, torch.arange(n_items, device=z.device).repeat(n_groups))
         outputs = [f.view(n_groups, n_items, -1) for f in experts(ctx, z.reshape(n_groups * n_items, -1), self.FUSION)]
         if self.FUSION.fusion != "moe":
             return outputs[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federated.runtime.pool import training_device
+from pipeline.federated.backend import training_device
 from pipeline.federated.engine.sampling import _shuffle_order, client_data, dropout_keep, dropout_scale, epoch_rows
 from pipeline.federated.engine.state import PersonalStore, SparseRows
 from pipeline.models import model_for
@@ -136,11 +136,15 @@ def test_pool_plan_from_cluster_resources():
     assert plan == PoolPlan(2, 8.0, 1.0) and plan.threads == 8
     assert plan_pools({"CPU": 16.0, "GPU": 1.0}, runtime_of("runtime.pools=4")) == PoolPlan(4, 4.0, 0.25)
     assert plan_pools({"CPU": 16.0, "GPU": 4.0}, runtime_of("runtime.pools=2")).gpus_per_pool == 2.0
-    # a fusion module, device=cpu or gpus_per_pool=0 keep pools off the GPUs
+    # device=cpu or gpus_per_pool=0 keep pools off the GPUs, and so does a fusion module under auto
     for plan in (plan_pools({"CPU": 4.0, "GPU": 1.0}, runtime_of(), fusion=True),
                  plan_pools({"CPU": 4.0, "GPU": 1.0}, runtime_of("runtime.device=cpu")),
                  plan_pools({"CPU": 4.0, "GPU": 1.0}, runtime_of("runtime.gpus_per_pool=0"))):
         assert plan == PoolPlan(4, 1.0, 0.0)
+    # a fusion module on the GPUs when asked for them
+    assert plan_pools({"CPU": 4.0, "GPU": 1.0}, runtime_of("runtime.device=cuda"), fusion=True) == PoolPlan(1, 4.0, 1.0)
+    assert plan_pools({"CPU": 4.0, "GPU": 1.0}, runtime_of("runtime.gpus_per_pool=0.5"),
+                      fusion=True) == PoolPlan(1, 4.0, 0.5)
 
 
 @pytest.mark.parametrize("bitmap_keys, rank_keys", [(1 << 28, 1 << 25), (1 << 28, 0), (0, 0)])
@@ -204,7 +208,7 @@ def test_feature_span_is_the_per_client_weight(monkeypatch):
     span = FeatureSpan(modality="x", weight="w", table="a", base=torch.zeros(len(ws_item), out),
                        gram=features @ features.T, offsets=offsets)
     step_rows = np.sort(rng.choice(len(ws_item), 40, replace=False))  # some rows of some clients
-    ctx = PaddedRows({}, fusion, ws_client[step_rows], step_rows, native=True)
+    ctx = PaddedRows({"a": table}, fusion, ws_client[step_rows], step_rows, native=True)
     assert len({width for *_, width in ctx.layout.buckets}) > 2
     expected = torch.stack([
         features[ws_item[r]] @ (table[offsets[c]:offsets[c + 1]].T @ features[ws_item[offsets[c]:offsets[c + 1]]]).T

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.federated.engine.grouped import PaddedLayout, gather_rows, grouped_linear, row_sparse
-from pipeline.federated.engine.sampling import EpochRows, dropout_scale
+from pipeline.federated.engine.sampling import EpochRows, dropout_scale, dropout_scale_on
 from pipeline.models.base import broadcast_affine
 from pipeline.models.group_fusion import kd_per_row, update_ratio_ema
 
 
-_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}  # dropout multipliers are made in numpy
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}  # dropout multipliers made in numpy (CPU)
 _BITMAP_KEYS = 1 << 28  # WorkingSet.of dedupes (client, item) keys with a bitmap up to this key space ...
 _RANK_KEYS = 1 << 25  # ... and keeps the bitmap's int32 ranks (a gather for locate) up to this one
 
@@ -237,11 +237,11 @@ class StepRows:
         step's clients when `history` (S_u = H_u, in the same forward pass),
         in a padded layout (PaddedRows)."""
         info = self.fusion
-        ws = self.ws.numpy()
+        ws = self.ws.cpu().numpy()
         hist = info.history
         if history:
             present = np.zeros(info.n_clients, dtype=bool)
-            present[self.client.numpy()] = True
+            present[self.client.cpu().numpy()] = True
             rows = np.unique(np.concatenate([ws, hist[present[info.ws_client[hist]]]]))
         else:
             rows = np.unique(ws)
@@ -251,10 +251,10 @@ class StepRows:
         count = np.bincount(index, minlength=len(rows))
         ctx = PaddedRows(self.params, info, info.ws_client[rows], rows, native=True)
         layout = ctx.layout
-        dtype = next(iter(self.params.values())).dtype
-        return FusionRows(ctx=ctx, index=torch.as_tensor(layout.position[index]),
-                          history=torch.as_tensor(is_history[layout.source] & layout.real),
-                          count=torch.as_tensor(count[layout.source] * layout.real, dtype=dtype),
+        dtype, device = ctx.dtype, ctx.device
+        return FusionRows(ctx=ctx, index=torch.as_tensor(layout.position[index], device=device),
+                          history=torch.as_tensor(is_history[layout.source] & layout.real, device=device),
+                          count=torch.as_tensor(count[layout.source] * layout.real, dtype=dtype, device=device),
                           segment=ctx.client, n_segments=info.n_clients)
 
 
@@ -265,19 +265,24 @@ class PaddedRows:
     native: the context's tensors are in padded order (R' rows, padding included: they repeat
     a real row of their client and are never read by the loss); else in the order of the rows
     given, and Linear layers move rows into the layout and back.
+    The layout is planned on the host (numpy: client, ws); every tensor lives on the parameters'
+    device.
     """
 
     def __init__(self, params: dict[str, torch.Tensor], fusion: FusionInputs, client: np.ndarray, ws: np.ndarray,
                  native: bool):
         self.params, self.fusion = params, fusion
+        some = next(iter(params.values()))
+        self.device, self.dtype = some.device, some.dtype
         self.layout = PaddedLayout(client, fusion.n_clients)
         if native:
             client, ws = self.layout.row_client, ws[self.layout.source]
             self._moves = None
         else:
-            self._moves = (torch.as_tensor(self.layout.source), torch.as_tensor(self.layout.position))
+            self._moves = (torch.as_tensor(self.layout.source, device=self.device),
+                           torch.as_tensor(self.layout.position, device=self.device))
         self._client, self._ws = client, ws
-        self.client, self.ws = torch.as_tensor(client), torch.as_tensor(ws)
+        self.client, self.ws = torch.as_tensor(client, device=self.device), torch.as_tensor(ws, device=self.device)
 
     def table(self, name: str) -> torch.Tensor:
         return gather_rows(self.params[name], self.ws, sparse_grad=True)
@@ -306,7 +311,7 @@ class PaddedRows:
         (held as a FeatureSpan when the round set one up: base + K A, no per-client weight)."""
         span = self.fusion.span.get(modality)
         if span is None or span.weight != f"{name}.weight":
-            items = torch.as_tensor(self.fusion.ws_item[self._ws])
+            items = torch.as_tensor(self.fusion.ws_item[self._ws], device=self.device)
             return self.linear(self.fusion.features[modality].index_select(0, items), name)
         if self._moves is not None:
             raise ValueError("a FeatureSpan needs the native padded layout")
@@ -319,13 +324,17 @@ class PaddedRows:
         if p == 0:
             return x
         flat = x.reshape(len(x), -1)
-        scale = dropout_scale(*self.fusion.key, site, self.fusion.users[self._client], self.fusion.ws_item[self._ws],
-                              flat.shape[1], p, dtype=_NUMPY_DTYPE[x.dtype])
-        return (flat * torch.from_numpy(scale)).view_as(x)
+        users, items = self.fusion.users[self._client], self.fusion.ws_item[self._ws]
+        if x.device.type == "cpu":
+            scale = torch.from_numpy(dropout_scale(*self.fusion.key, site, users, items, flat.shape[1], p,
+                                                   dtype=_NUMPY_DTYPE[x.dtype]))
+        else:  # the same masks, hashed on the device
+            scale = dropout_scale_on(x.device, *self.fusion.key, site, users, items, flat.shape[1], p, x.dtype)
+        return (flat * scale).view_as(x)
 
     def subset(self, index: torch.Tensor) -> "PaddedRows":
         """The rows `index` of this context, in that order."""
-        index = index.numpy()
+        index = index.cpu().numpy()
         return PaddedRows(self.params, self.fusion, self._client[index], self._ws[index], native=False)
 
 
@@ -347,7 +356,7 @@ class _SpanLinear(torch.autograd.Function):
     def forward(ctx, table, rows: "PaddedRows", span: FeatureSpan):
         n_items, width_out = span.gram.shape[1], table.shape[1]
         out = table.new_empty(rows.layout.n_rows, width_out)
-        items = torch.as_tensor(rows.fusion.ws_item[rows._ws])
+        items = torch.as_tensor(rows.fusion.ws_item[rows._ws], device=table.device)
         ws_item = rows.fusion.ws_item
         chunks = []  # (offset, first client, clients, width) of every bmm
         for offset, c0, c1, width in rows.layout.buckets:
@@ -358,7 +367,7 @@ class _SpanLinear(torch.autograd.Function):
         for offset, first, g, width in chunks:
             w0, w1 = span.offsets[first], span.offsets[first + g]
             owner = np.repeat(np.arange(g), np.diff(span.offsets[first:first + g + 1]))
-            at = torch.as_tensor(owner * n_items + ws_item[w0:w1])
+            at = torch.as_tensor(owner * n_items + ws_item[w0:w1], device=table.device)
             scattered.index_copy_(0, at, table[w0:w1])
             gram = span.gram.index_select(0, items[offset:offset + g * width]).view(g, width, n_items)
             torch.bmm(gram, scattered[:g * n_items].view(g, n_items, width_out),
@@ -509,7 +518,9 @@ def client_mixing(model, params: ClientParams, working_set: WorkingSet, epochs: 
     evaluation mode, with its trained parameters (GFMFR's upload)."""
     history = history_rows(working_set, epochs)
     inputs = replace(fusion, dropout=0.0, history=history)
-    ctx = StepRows(params.all(), torch.as_tensor(fusion.ws_client[history]), torch.as_tensor(history), inputs)
+    device = next(iter(params.vectors.values())).device
+    ctx = StepRows(params.all(), torch.as_tensor(fusion.ws_client[history], device=device),
+                   torch.as_tensor(history, device=device), inputs)
     with torch.no_grad():
         return model.mixing_weights(ctx)
 
@@ -614,11 +625,12 @@ def _fusion_step(model, current: dict[str, torch.Tensor], group: tuple[str, ...]
             if name in last_grads:  # per client, or per working-set row of a span
                 grad = grad.to_dense()
                 at = np.isin(row_owner[name], present) if name in row_owner else present
+                at = torch.as_tensor(at, device=grad.device)
                 last_grads[name][at] = grad[at]
             # no temporary (the per-client fusion weights are large); a table's gradient is
             # sparse (StepRows/PaddedRows.table, _SpanLinear): only the step's rows are touched
             leaf.sub_(grad, alpha=lrs[name])
-    return losses.detach().numpy()[present]
+    return losses.detach().cpu().numpy()[present]
 
 
 def _block_rows(rows: EpochRows, c0: int, c1: int) -> EpochRows:
@@ -649,8 +661,6 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
     n_clients = len(next(iter(params.vectors.values())))
     current = {name: tensor.detach() if in_place else tensor.detach().clone() for name, tensor in params.all().items()}
     device, dtype = next(iter(current.values())).device, next(iter(current.values())).dtype
-    if fusion is not None and device.type != "cpu":
-        raise NotImplementedError("a fusion module trains on the CPU only (runtime.device=cpu)")
     if fusion is not None and epochs:
         fusion.history = history_rows(working_set, epochs)
     rename = fusion.span_tables() if fusion is not None else {}
@@ -693,7 +703,7 @@ def _train_block(model, params: ClientParams, working_set: WorkingSet, epochs: l
                                           label, present, lrs, last_grads, round_, model_config,
                                           distil=distil, update_rho=index == 0, scale=scale, decay=decay)
                 else:
-                    client = torch.as_tensor(rows.client[chosen])
+                    client = torch.as_tensor(rows.client[chosen], device=device)
                     losses = _fusion_step(model, current, group, client, ws, label, present, n_clients, lrs,
                                           last_grads, row_owner, round_, model_config, fusion,
                                           distil=distil, update_rho=index == 0)

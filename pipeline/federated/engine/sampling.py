@@ -225,3 +225,29 @@ def dropout_scale(seed: int, round_: int, epoch: int, step: int, site: int, user
         np.greater_equal(_hash32_in_place(x, t), threshold, out=k)
         np.multiply(k, scale, out=out[start:start + n])
     return out
+
+
+_LOW32 = 0xFFFFFFFF
+
+
+def _hash32_torch(x):
+    """_hash32 on a torch int64 tensor holding uint32 values, in place (the product of a value
+    below 2^32 and _HASH_MUL stays below 2^59: int64 holds it exactly, then the low 32 bits are kept)."""
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16)
+        x.mul_(int(_HASH_MUL)).bitwise_and_(_LOW32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def dropout_scale_on(device, seed: int, round_: int, epoch: int, step: int, site: int, users, items, units: int,
+                     p: float, dtype):
+    """dropout_scale as a torch tensor of `dtype` on `device`, the [N, units] hashes computed there
+    (only the [N] row and [units] unit hashes are made in numpy): the same bits, the same values."""
+    import torch
+
+    row, unit = _dropout_hashes(seed, round_, epoch, step, site, users, items, units)
+    row_bits, unit_bits = (torch.from_numpy(h.astype(np.int64)).to(device) for h in (row, unit))
+    bits = row_bits[:, None] ^ unit_bits[None, :]
+    keep = _hash32_torch(bits) >= int(_dropout_threshold(p))
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=dtype, device=device)
+    return torch.where(keep, scale, torch.zeros((), dtype=dtype, device=device))

@@ -479,21 +479,22 @@ class EvalRows:
     def fusion_rows(self, history: bool) -> FusionRows:
         """The scored rows; mixing rows: each user's training positives (history: the same
         alpha_u whatever is scored; no item sees another) or the scored candidates (batch)."""
-        data, users = self.shard.data, self.shard.store.users[self.user_local.numpy()]
+        data, users = self.shard.data, self.shard.store.users[self.user_local.cpu().numpy()]
+        device = self.item.device
         starts, stops = data.train_indptr[users], data.train_indptr[users + 1]
         counts = stops - starts
-        owner = torch.as_tensor(np.repeat(np.arange(len(users)), counts))
+        owner = torch.as_tensor(np.repeat(np.arange(len(users)), counts), device=device)
         offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        positives = torch.as_tensor(data.train_items[np.repeat(starts, counts) + offsets])
+        positives = torch.as_tensor(data.train_items[np.repeat(starts, counts) + offsets], device=device)
         dtype = next(iter(self.globals.values())).dtype
         if self.count is not None:
             count = self.count.to(dtype)
         elif self.candidates is None:
-            count = torch.ones(len(self.item), dtype=dtype)
+            count = torch.ones(len(self.item), dtype=dtype, device=device)
         else:
             count = self.candidates[self.row_user, self.item].to(dtype)
         if self.grid or not history:  # the grid holds every positive already
-            trained = torch.zeros(len(users), data.n_items, dtype=torch.bool)
+            trained = torch.zeros(len(users), data.n_items, dtype=torch.bool, device=device)
             trained[owner, positives] = True
             return FusionRows(ctx=self, index=None, history=trained[self.row_user, self.item], count=count,
                               segment=self.row_user, n_segments=len(self.user_local))
@@ -501,7 +502,8 @@ class EvalRows:
         n = len(self.item)
         ctx = EvalRows(self.shard, self.globals, self.user_local, torch.cat([self.row_user, owner]),
                        torch.cat([self.item, positives]), self.candidates)
-        is_history = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(len(owner), dtype=torch.bool)])
-        return FusionRows(ctx=ctx, index=torch.arange(n), history=is_history,
-                          count=torch.cat([count, torch.zeros(len(owner), dtype=dtype)]),
+        is_history = torch.cat([torch.zeros(n, dtype=torch.bool, device=device),
+                                torch.ones(len(owner), dtype=torch.bool, device=device)])
+        return FusionRows(ctx=ctx, index=torch.arange(n, device=device), history=is_history,
+                          count=torch.cat([count, torch.zeros(len(owner), dtype=dtype, device=device)]),
                           segment=ctx.row_user, n_segments=len(self.user_local))

@@ -107,7 +107,8 @@ class _RoundSums:
             upload.table_items[name] = items.cpu()
             upload.table_sums[name] = sums.index_select(0, items).cpu()
         for weight, (modality, is_grad, per_item) in self.spans.items():  # sum_c w_c dW_c = (w A)^T X
-            (upload.grad_sums if is_grad else upload.dense_sums)[weight] = torch.mm(per_item.T, features[modality])
+            summed = torch.mm(per_item.T, features[modality]).cpu()
+            (upload.grad_sums if is_grad else upload.dense_sums)[weight] = summed
         upload.dense_sums.update({name: value.cpu() for name, value in self.dense.items()})
         upload.grad_sums.update({name: value.cpu() for name, value in self.grad.items()})
         if self.group_users:
@@ -127,14 +128,13 @@ class Shard:
         self.model = model_for(config.model)
         self.dtype = dtype
         self.device = torch.device(device)  # where the private state lives and local training runs
-        if self.device.type != "cpu" and config.model.fusion is not None:
-            raise ValueError("a fusion module (model.fusion) trains on the CPU only: set runtime.device=cpu")
         self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype, self.device,
                                    keep_copies=config.model.pfedrec_eval_table == "personal")
-        self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only)
+        self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only, on the device)
         check_features(config.model.fusion, data.features, data.name)
         for modality in self.model.MODALITIES:
-            self.features[modality] = torch.as_tensor(np.asarray(data.features[modality])).to(dtype)
+            self.features[modality] = torch.as_tensor(np.asarray(data.features[modality])).to(device=self.device,
+                                                                                              dtype=dtype)
         # Gram matrices of the frozen features: client projections live on the working set
         # (client.FeatureSpan); above SPAN_MAX_ITEMS each client holds its own projection weights
         self.grams = {m: x @ x.T for m, x in self.features.items()} if data.n_items <= SPAN_MAX_ITEMS else {}
@@ -393,7 +393,8 @@ class Shard:
         for weight, projected in projections.items():
             modality = weight.split(".")[2]
             spans[weight] = FeatureSpan(modality=modality, weight=weight, table=f"fedmr.proj.{modality}.span",
-                                        base=projected[torch.as_tensor(ws.item)], gram=self.grams[modality],
+                                        base=projected[torch.as_tensor(ws.item, device=projected.device)],
+                                        gram=self.grams[modality],
                                         offsets=ws.offsets(n_clients))
         return spans
 
@@ -409,6 +410,8 @@ class Shard:
         read (only FedMR's batch mixing depends on it)."""
         local = torch.as_tensor(self.store.local_index(np.asarray(users))).to(self.device)
         globals_ = {name: value.to(device=self.device, dtype=self.dtype) for name, value in global_params.items()}
+        if candidates is not None:
+            candidates = candidates.to(self.device)
         with torch.no_grad():
             ctx = EvalRows(self, globals_, local, candidates=candidates)
             return self.model.logits(ctx).view(len(local), self.data.n_items).cpu()

@@ -2,8 +2,10 @@
 Pure: no Ray here (the Server passes ray.cluster_resources()).
 
 CPU clusters: one pool per `cpus_per_pool` CPUs (default 1 CPU, one torch thread). Clusters
-with GPUs, for an ID backbone (a fusion module trains on the CPU): one pool per GPU, each
-holding its GPU and an equal share of the CPUs. Whatever `runtime` sets explicitly wins.
+with GPUs: one pool per GPU, each holding its GPU and an equal share of the CPUs, for an ID
+backbone under runtime.device=auto; a model with a fusion module takes the GPUs only when asked
+(runtime.device=cuda or runtime.gpus_per_pool > 0): it trains on a GPU too, but how fast has not
+been measured against its many CPU pools. Whatever `runtime` sets explicitly wins.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class PoolPlan:
 def plan_pools(resources: dict[str, float], runtime, fusion: bool = False) -> PoolPlan:
     """resources: {'CPU': n, 'GPU': m, ...} of the cluster; runtime: RuntimeConfig."""
     cpus, gpus = float(resources.get("CPU", 1.0)), float(resources.get("GPU", 0.0))
-    use_gpus = (gpus >= 1 and not fusion and runtime.device != "cpu"
+    asked = runtime.device == "cuda" or (runtime.gpus_per_pool or 0) > 0
+    use_gpus = (gpus >= 1 and runtime.device != "cpu" and (asked or not fusion)
                 and (runtime.gpus_per_pool is None or runtime.gpus_per_pool > 0))
     if use_gpus:
         pools = runtime.pools or int(gpus)

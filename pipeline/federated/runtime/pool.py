@@ -21,7 +21,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.backend import PoolLost, save_state
+from pipeline.federated.backend import PoolLost, save_state, training_device
 from pipeline.federated.runtime.machine import describe, peak_rss_bytes
 
 PROGRESS_SECONDS = 0.5  # at most two progress reports a second per pool
@@ -29,18 +29,6 @@ PROGRESS_SECONDS = 0.5  # at most two progress reports a second per pool
 
 class StaleState(RuntimeError):
     """The pool's state is not at the round the server expects (it was restarted)."""
-
-
-def training_device(runtime, gpus: float) -> str:
-    """The torch device of a pool holding `gpus` GPUs under runtime.device (see RuntimeConfig)."""
-    wants_gpu = runtime.device == "cuda" or (runtime.device == "auto" and gpus > 0)
-    if not wants_gpu:
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={runtime.device} with {gpus} GPU(s) per pool, but "
-                           f"torch sees no CUDA device here (CUDA_VISIBLE_DEVICES="
-                           f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r}); set runtime.device=cpu")
-    return "cuda"
 
 
 def _reporter(server, phase: int, index: int) -> Callable[[int], None]:

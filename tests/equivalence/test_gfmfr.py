@@ -179,8 +179,40 @@ def test_teacher_of_the_true_targets_and_the_fit_error(monkeypatch):
     exact = {}
     targets = group_server.targets_from_sums
     monkeypatch.setattr(group_server, "targets_from_sums", lambda *a: exact.setdefault("t", targets(*a)))
-    monkeypatch.setattr(GroupFusion, "table", lambda self, g, features, n_items: exact["t"][g])
+    monkeypatch.setattr(GroupFusion, "tables", lambda self, features, n_items: exact["t"])
     errors.clear()
     _, _, perfect, _ = run_engine(cfg, data, 1, n_shards=1)
     assert torch.equal(perfect.scores.nan_to_num(), perfect.target_scores.nan_to_num())
     assert errors[0]["group/fusion_relative_error"] == 0.0
+
+
+def test_group_step_device_and_early_stop(monkeypatch):
+    """The group fusion model trains on the server's device (the CPU here: no GPU, or
+    runtime.device=cpu) and checkpoints from the CPU; by default it runs every server epoch,
+    model.gfmfr.server_tol ends them early (tol 1: after the second epoch, whatever it gained),
+    and the teacher then differs from the full run's."""
+    from pipeline.federated.strategy.group_server import server_device
+
+    data = with_features(synthetic())
+    runs, step = {}, GroupServer.step
+    for name, tol in (("full", "null"), ("stopped", "1.0")):
+        cfg = make_config("fcf", "train.lr=0.005", "runtime.device=auto", gfmfr=f"group_num: 3, server_epochs: 4, "
+                          f"group_emb_dim: 16, server_batch: 64, server_tol: {tol}")
+        epochs = []
+
+        def counted(self, *args, _step=step, _epochs=epochs):
+            metrics = _step(self, *args)
+            _epochs.append(metrics["group/fusion_epochs"])
+            return metrics
+
+        monkeypatch.setattr(GroupServer, "step", counted)
+        _, _, groups, _ = run_engine(cfg, data, 2, n_shards=1)
+        runs[name] = (epochs, groups)
+    assert runs["full"][0] == [4, 4] and runs["stopped"][0] == [2, 2]
+    assert not torch.allclose(runs["full"][1].scores.nan_to_num(), runs["stopped"][1].scores.nan_to_num())
+    groups = runs["full"][1]
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert groups.device.type == expected == groups.fusion.group.device.type
+    assert server_device(make_config("fcf", "runtime.device=cpu").runtime).type == "cpu"
+    assert all(t.device.type == "cpu" for t in groups.state_dict()["fusion"].values())
+    assert groups.scores.device.type == "cpu"

@@ -11,7 +11,7 @@ import torch
 from pipeline.federated.strategy.group_server import group_means
 from pipeline.models.base import linear_head_teacher
 from pipeline.models.group_fusion import (GroupFusion, group_delta_sums, kd_per_row, kd_schedule, targets_from_sums,
-                                          train_group_fusion, update_ratio_ema)
+                                          train_group_fusion, train_group_fusion_reference, update_ratio_ema)
 
 
 def test_group_targets_are_the_members_mean_trained_tables():
@@ -54,6 +54,9 @@ def test_group_fusion_learns_the_targets_and_warm_starts():
     assert again == first  # seeded
     z = model.table(1, features, 40)
     assert z.shape == (40, 8) and not z.requires_grad
+    every = model.tables(features, 40)  # all groups at once
+    assert every.shape == (3, 40, 8) and not every.requires_grad
+    assert torch.allclose(every[1], z, rtol=1e-5, atol=1e-6)
 
 
 def test_group_fusion_trains_only_non_empty_groups():
@@ -134,3 +137,71 @@ def test_kd_weight_schedules_and_ratio_ema():
     assert out[1] == pytest.approx(0.9 * 2.0 + 0.1 / (0.5 + 1e-8))
     assert out[2] == 2.0  # L_KD <= 1e-8: no update
     assert out[3] == 0.0  # clamped at 0
+
+
+def _twin_models(fusion: str, modalities: dict[str, int], seed: int = 1):
+    make = lambda: GroupFusion(4, 8, modalities, group_dim=16, fusion=fusion,  # noqa: E731
+                               generator=torch.Generator().manual_seed(seed)).double()
+    return make(), make()
+
+
+@pytest.mark.parametrize("fusion, block_values", [("mlp", 1 << 22), ("mlp", 700), ("sum", 1 << 22)])
+def test_hand_written_training_equals_autograd_sgd(fusion, block_values):
+    """train_group_fusion (hand-written gradients, one flat SGD buffer, per-epoch gathers in
+    blocks) takes the same steps as autograd + torch.optim.SGD (train_group_fusion_reference):
+    float64, an empty group, a last batch shorter than the others, weight decay, a second
+    (warm-started) call; block_values=700 gathers a few batches at a time."""
+    features, targets = planted_targets(n_groups=4, n_items=37)
+    features = {m: x.double() for m, x in features.items()}
+    targets = targets.double() + 0.5
+    members = torch.tensor([3, 0, 2, 1])
+    fast, reference = _twin_models(fusion, {"text": 12, "image": 10})
+    for seed, epochs in ((5, 6), (6, 3)):
+        got = train_group_fusion(fast, targets, members, features, epochs=epochs, lr=0.1, weight_decay=0.01,
+                                 batch=16, seed=seed, block_values=block_values)
+        want = train_group_fusion_reference(reference, targets, members, features, epochs=epochs, lr=0.1,
+                                            weight_decay=0.01, batch=16, seed=seed)
+        assert len(got) == epochs and np.allclose(got, want, rtol=1e-12, atol=0)
+        assert got[-1] < got[0]  # it trains
+    for (name, a), (_, b) in zip(fast.named_parameters(), reference.named_parameters()):
+        assert (a - b).abs().max() < 1e-10, name
+    assert not fast.training and (fast.group[1] != reference.group[1] * 0).any()
+    assert torch.allclose(fast.table(2, features, 37), reference.table(2, features, 37), rtol=0, atol=1e-10)
+    every = fast.tables(features, 37)
+    for g in range(4):
+        assert (every[g] - fast.table(g, features, 37)).abs().max() < 1e-12
+
+
+def test_hand_written_training_follows_the_model_without_image_features():
+    features, targets = planted_targets(n_items=20)
+    features = {"text": features["text"].double()}
+    fast, reference = _twin_models("mlp", {"text": 12})
+    members = torch.tensor([1, 2, 3, 0])
+    targets = torch.cat([targets.double(), targets[:1].double()])
+    got = train_group_fusion(fast, targets, members, features, epochs=3, lr=0.05, batch=7, seed=2)
+    want = train_group_fusion_reference(reference, targets, members, features, epochs=3, lr=0.05, batch=7, seed=2)
+    assert np.allclose(got, want, rtol=1e-12, atol=0)
+    assert max((a - b).abs().max() for a, b in zip(fast.parameters(), reference.parameters())) < 1e-10
+
+
+def test_early_stop_on_the_fusion_loss():
+    """tol: the epochs end after the first that lowers the mean loss by at most tol of the one
+    before; what ran is the prefix of the full run (same seed), in both implementations."""
+    features, targets = planted_targets()
+    features = {m: x.double() for m, x in features.items()}
+    members = torch.tensor([2, 5, 1])
+    full_model, _ = _twin_models("mlp", {"text": 12, "image": 10})
+    full = train_group_fusion(full_model, targets.double()[:, :, :8].contiguous(), members, features, epochs=30,
+                              lr=0.2, batch=32, seed=3)
+    gains = [(a - b) / a for a, b in zip(full, full[1:])]
+    tol = float(np.median(gains))  # stops somewhere inside the run
+    expected = next(k + 2 for k, g in enumerate(gains) if g <= tol)
+    assert expected < 30
+    for trainer in (train_group_fusion, train_group_fusion_reference):
+        model, _ = _twin_models("mlp", {"text": 12, "image": 10})
+        stopped = trainer(model, targets.double()[:, :, :8].contiguous(), members, features, epochs=30, lr=0.2,
+                          batch=32, seed=3, tol=tol)
+        assert len(stopped) == expected and np.allclose(stopped, full[:expected], rtol=1e-12, atol=0)
+    model, _ = _twin_models("mlp", {"text": 12, "image": 10})
+    assert len(train_group_fusion(model, targets.double()[:, :, :8].contiguous(), members, features, epochs=30,
+                                  lr=0.2, batch=32, seed=3, tol=None)) == 30

@@ -35,6 +35,14 @@ def new_group_fusion(config, width: int, feature_dims: dict[str, int], dtype=tor
                        generator=generator).to(dtype)
 
 
+def server_device(runtime) -> torch.device:
+    """Where the group fusion model trains: the server's GPU when its process sees one
+    (runtime.device auto or cuda), else the CPU; runtime.device=cpu keeps it on the CPU."""
+    if runtime.device != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def vector_shapes(model, initial: InitialState) -> dict[str, tuple[int, ...]]:
     """name -> shape of every part of the model's grouping vector (model.GROUP_VECTOR)."""
     known = {**initial.personal_shared, **initial.global_params}
@@ -64,7 +72,11 @@ class GroupServer:
         self.shapes = vector_shapes(model, initial)
         self.n_items = n_items
         width = initial.global_params[model.GROUP_TABLE].shape[1]
-        self.fusion = new_group_fusion(config, width, {m: x.shape[1] for m, x in self.features.items()}, dtype)
+        # f_phi and its copy of the features on the server's device; the teacher step on the CPU
+        self.device = server_device(config.runtime)
+        self.fusion = new_group_fusion(config, width, {m: x.shape[1] for m, x in self.features.items()},
+                                       dtype).to(self.device)
+        self.fusion_features = {m: x.to(self.device) for m, x in self.features.items()}
         self.known = np.full(n_users, UNGROUPED, dtype=np.int64)  # latest aligned id of every user
         self.group_of = np.full(n_users, UNGROUPED, dtype=np.int64)  # who distils next round, in which group
         self.scores: torch.Tensor | None = None  # [G, N] for the next round
@@ -130,20 +142,19 @@ class GroupServer:
         (alpha [P, 3]) through the aggregated module (global_params); update memberships.
         rho: (sum, count) of the clients' final rho (ema_scope=shared_round). Reports how far
         f_phi's tables are from the targets (group/fusion_relative_error: |f_phi - target| /
-        |target| over the non-empty groups; 1 = no better than predicting zeros)."""
+        |target| over the non-empty groups; 1 = no better than predicting zeros). f_phi trains
+        on the server's device (server_device); model.gfmfr.server_tol may end its epochs early."""
         started = time.perf_counter()
         dtype = self.fusion.group.dtype
         targets = targets_from_sums(downloaded_table.to(dtype), sums.to(dtype), members)
-        losses = train_group_fusion(self.fusion, targets, members, self.features, epochs=self.cfg.server_epochs,
-                                    lr=self.cfg.server_lr, weight_decay=self.cfg.server_weight_decay,
-                                    batch=self.cfg.server_batch, seed=cluster_seed(self.config.train.seed, round_))
+        losses = self.train(targets, members, cluster_seed(self.config.train.seed, round_))
         if not math.isfinite(losses[-1]):  # a hard failure, like a client's
             raise FloatingPointError(f"round {round_}: the group fusion model's loss is {losses[-1]} (the group "
                                      f"targets, the members' trained tables, have diverged)")
         fitted = time.perf_counter()
         n_groups = self.cfg.group_num
         with torch.no_grad():
-            z = torch.stack([self.fusion.table(g, self.features, self.n_items) for g in range(n_groups)])
+            z = self.fusion.tables(self.fusion_features, self.n_items).cpu()  # [G, N, d_c]
             nonempty = members > 0
             miss = float((z[nonempty] - targets[nonempty]).norm() / targets[nonempty].norm().clamp(min=1e-30))
             means = group_means(vectors.to(dtype), ids, n_groups)
@@ -180,15 +191,24 @@ class GroupServer:
         return {"time/group_fusion_seconds": fitted - started,
                 "time/teacher_seconds": time.perf_counter() - fitted,
                 "group/fusion_loss": losses[-1],
+                "group/fusion_epochs": len(losses),
                 "group/fusion_relative_error": miss,
                 "group/nonempty": int(nonempty.sum()),
                 "group/largest": int(members.max())}
 
+    def train(self, targets: torch.Tensor, members: torch.Tensor, seed: int,
+              trainer: Callable = train_group_fusion) -> list[float]:
+        """One round's training of f_phi on the group targets [G, N, d_c] (trainer: its
+        implementation; bench.gfmfr_server passes the reference to time it). Returns the epochs' losses."""
+        return trainer(self.fusion, targets.to(self.device), members, self.fusion_features,
+                       epochs=self.cfg.server_epochs, lr=self.cfg.server_lr, weight_decay=self.cfg.server_weight_decay,
+                       batch=self.cfg.server_batch, seed=seed, tol=self.cfg.server_tol)
+
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"fusion": self.fusion.state_dict(), "known": self.known, "group_of": self.group_of,
-                "scores": self.scores, "shared_rho": self.shared_rho}
+        return {"fusion": {k: v.cpu() for k, v in self.fusion.state_dict().items()}, "known": self.known,
+                "group_of": self.group_of, "scores": self.scores, "shared_rho": self.shared_rho}
 
     def load_state_dict(self, state: dict) -> None:
         self.fusion.load_state_dict(state["fusion"])

@@ -1,7 +1,7 @@
 """Benchmark: GFMFR's server step per round against the clients' training time, all users.
 
     python -m bench.gfmfr_server                          # FCF + GFMFR on KU, 4 rounds
-    python -m bench.gfmfr_server --dataset movielens --backbone fedrap --rounds 3 --threads 2
+    python -m bench.gfmfr_server --dataset movielens --backbone fedrap --rounds 3 --tol 1e-3
     python -m bench.gfmfr_server --fedmr                  # + FedMR + GFMFR (configs/<dataset>/<b>_fedmr_gfmfr.yaml)
     python -m bench.gfmfr_server --quick                  # 2 rounds
 
@@ -15,22 +15,85 @@ term), and of the strategy's group step as the loop runs it (GroupServer.step): 
 participants (GroupServer.assign: standardise + spectral clustering + Hungarian ids), the pools'
 per-group reduction (LocalPools.group_sums) and fitting the group fusion model and the teacher
 scores (GroupServer.fit); the server step is the whole group step (time/group_step_seconds).
-The baseline, measured in the same process through the same loop: the same model's local
-training without GFMFR (the ID backbone, or with --fedmr the backbone + FedMR). Ratios: server
-step / GFMFR client training, and GFMFR client training / client training without GFMFR (the
-distillation term's cost on the clients). The last line printed is one JSON object with every figure.
+
+Each round the group fusion model's training (GroupServer.train) also runs, from the same
+starting model on a copy, with the reference implementation (train_group_fusion_reference:
+autograd + torch.optim.SGD, the implementation before the hand-written one; it computes the same
+up to float rounding, printed as the largest parameter difference) and, with --tol, with the early
+stop model.gfmfr.server_tol=TOL; the order of the timed trainings alternates between rounds. The
+baseline server step is the measured step with the reference training's time in place of the
+hand-written one's (everything else in the step is the same code); likewise the --tol figure.
+Ratios use the distilling rounds (1 on): mean server step / mean clients' training of those rounds;
+wall seconds, and process CPU seconds (less sensitive to other load on a shared machine). torch and
+the BLAS/OpenMP pools of numpy, scipy and scikit-learn (the grouping) all run on --threads threads.
+A run that stops on a non-finite loss keeps the rounds it played.
+
+The second baseline, measured in the same process through the same loop: the same model's local
+training without GFMFR (the ID backbone, or with --fedmr the backbone + FedMR): the distillation
+term's cost on the clients. The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import time
 
 import numpy as np
 
 from bench._common import CallMeter, emit_json, machine_line, no_evaluation, set_threads
 
 
-def run(config_path: str, rounds: int, overrides=()) -> list[dict]:
+def _compare_trainers(groups, tol: float | None, log: list[dict]) -> None:
+    """Replace groups.train (an instance attribute) by: the same training, timed, plus the
+    reference trainer (and the early stop at `tol`) on copies of the starting model, timed, in an
+    order alternating between rounds; appends one dict per call to `log`."""
+    import torch
+
+    from pipeline.models.group_fusion import train_group_fusion_reference
+
+    train = groups.train
+
+    def variant(name, start, targets, members, seed, out):
+        model, cfg = groups.fusion, groups.cfg
+        groups.fusion = copy.deepcopy(start)
+        if name == "tol":
+            groups.cfg = cfg.model_copy(update={"server_tol": tol})
+        try:
+            started, cpu = time.perf_counter(), time.process_time()
+            losses = train(targets, members, seed,
+                           **({"trainer": train_group_fusion_reference} if name == "reference" else {}))
+            out[f"{name}_s"], out[f"{name}_cpu_s"] = time.perf_counter() - started, time.process_time() - cpu
+            out[f"{name}_epochs"], out[f"{name}_loss"] = len(losses), losses[-1]
+            if name == "reference":
+                out["reference_params"] = [p.detach().clone() for p in groups.fusion.parameters()]
+        finally:
+            groups.fusion, groups.cfg = model, cfg
+
+    def measured(targets, members, seed):
+        out, names = {}, ["reference", *(["tol"] if tol is not None else [])]
+        start = copy.deepcopy(groups.fusion)  # the model every variant starts from
+        if len(log) % 2:  # odd calls: the variants after the real training
+            started, cpu = time.perf_counter(), time.process_time()
+            losses = train(targets, members, seed)
+            out["fit_train_s"], out["fit_train_cpu_s"] = time.perf_counter() - started, time.process_time() - cpu
+        for name in names:
+            variant(name, start, targets, members, seed, out)
+        if not len(log) % 2:
+            started, cpu = time.perf_counter(), time.process_time()
+            losses = train(targets, members, seed)
+            out["fit_train_s"], out["fit_train_cpu_s"] = time.perf_counter() - started, time.process_time() - cpu
+        out["epochs"], out["loss"] = len(losses), losses[-1]
+        with torch.no_grad():
+            out["max_param_diff"] = max(float((a - b).abs().max()) for a, b in
+                                        zip(groups.fusion.parameters(), out.pop("reference_params")))
+        log.append(out)
+        return losses
+
+    groups.train = measured
+
+
+def run(config_path: str, rounds: int, overrides=(), tol: float | None = None) -> list[dict]:
     from pipeline.config import load_config
     from pipeline.data.datasets import open_dataset
     from pipeline.federated.rounds import in_process, run_rounds
@@ -40,10 +103,12 @@ def run(config_path: str, rounds: int, overrides=()) -> list[dict]:
     strategy, pools = in_process(cfg, data, negatives)
     meter = CallMeter()
     meter.wrap(pools, "train")
+    trainings: list[dict] = []
     if strategy.groups is not None:
         for name in ("assign", "fit"):  # the group step's parts, timed where the step calls them
             meter.wrap(strategy.groups, name)
         meter.wrap(pools, "group_sums")
+        _compare_trainers(strategy.groups, tol, trainings)
     out = []
 
     def measured(metrics: dict) -> None:
@@ -55,20 +120,53 @@ def run(config_path: str, rounds: int, overrides=()) -> list[dict]:
                "train_aggregate_wall_s": metrics["time/train_seconds"]}
         if strategy.groups is not None:
             grouping, reduce, fit = spans["assign"], spans["group_sums"], spans["fit"]
+            trained = trainings[-1]
+            extra = sum(trained[f"{k}_s"] for k in ("reference", "tol") if f"{k}_s" in trained)
+            extra_cpu = sum(trained[f"{k}_cpu_s"] for k in ("reference", "tol") if f"{k}_cpu_s" in trained)
+            server = metrics["time/group_step_seconds"] - extra  # the step as the run runs it
+            server_cpu = grouping.cpu + reduce.cpu + fit.cpu - extra_cpu
             row.update({"grouping_wall_s": grouping.wall, "grouping_cpu_s": grouping.cpu,
-                        "reduce_wall_s": reduce.wall, "fit_wall_s": fit.wall, "fit_cpu_s": fit.cpu,
-                        "fusion_wall_s": metrics["time/group_fusion_seconds"],
+                        "reduce_wall_s": reduce.wall, "fit_wall_s": fit.wall - extra,
+                        "fusion_wall_s": metrics["time/group_fusion_seconds"] - extra,
+                        "fusion_train_wall_s": trained["fit_train_s"],
                         "teacher_wall_s": metrics["time/teacher_seconds"],
-                        "server_wall_s": metrics["time/group_step_seconds"],
-                        "groups_nonempty": metrics["group/nonempty"], "fusion_loss": metrics["group/fusion_loss"]})
+                        "server_wall_s": server,
+                        "baseline_server_wall_s": server - trained["fit_train_s"] + trained["reference_s"],
+                        "server_cpu_s": server_cpu, "fusion_train_cpu_s": trained["fit_train_cpu_s"],
+                        "baseline_server_cpu_s": server_cpu - trained["fit_train_cpu_s"] + trained["reference_cpu_s"],
+                        "baseline_fusion_train_wall_s": trained["reference_s"],
+                        "fusion_epochs": trained["epochs"], "reference_max_param_diff": trained["max_param_diff"],
+                        "reference_fusion_loss": trained["reference_loss"],
+                        "groups_nonempty": metrics["group/nonempty"], "fusion_loss": metrics["group/fusion_loss"],
+                        "fusion_relative_error": metrics["group/fusion_relative_error"]})
+            if tol is not None:
+                row.update({"tol_server_wall_s": server - trained["fit_train_s"] + trained["tol_s"],
+                            "tol_server_cpu_s": server_cpu - trained["fit_train_cpu_s"] + trained["tol_cpu_s"],
+                            "tol_fusion_train_wall_s": trained["tol_s"], "tol_epochs": trained["tol_epochs"],
+                            "tol_fusion_loss": trained["tol_loss"]})
             print(f"  round {row['round']}: clients {train.wall:.2f} s ({row['distilled']} distilled) | server "
-                  f"{row['server_wall_s']:.2f} s: grouping {grouping.wall:.2f}, reduce {reduce.wall:.3f}, "
-                  f"group fusion {row['fusion_wall_s']:.2f}, teacher {row['teacher_wall_s']:.3f}", flush=True)
+                  f"{server:.2f} s ({server / train.wall:.2f}x): grouping {grouping.wall:.2f}, reduce "
+                  f"{reduce.wall:.3f}, group fusion {row['fusion_wall_s']:.2f} (training "
+                  f"{trained['fit_train_s']:.2f}, {trained['epochs']} epochs, loss {trained['loss']:.6g}), teacher "
+                  f"{row['teacher_wall_s']:.3f}", flush=True)
+            print(f"    baseline (reference training {trained['reference_s']:.2f} s, loss "
+                  f"{trained['reference_loss']:.6g}, largest parameter difference {trained['max_param_diff']:.2e}): "
+                  f"server {row['baseline_server_wall_s']:.2f} s ({row['baseline_server_wall_s'] / train.wall:.2f}x)",
+                  flush=True)
+            if tol is not None:
+                print(f"    server_tol={tol:g} (training {trained['tol_s']:.2f} s, {trained['tol_epochs']} epochs, "
+                      f"loss {trained['tol_loss']:.6g}): server {row['tol_server_wall_s']:.2f} s "
+                      f"({row['tol_server_wall_s'] / train.wall:.2f}x)", flush=True)
         else:
             print(f"  round {row['round']}: clients {train.wall:.2f} s", flush=True)
         out.append(row)
 
-    run_rounds(strategy, pools, rounds=rounds, on_round=measured)
+    try:
+        run_rounds(strategy, pools, rounds=rounds, on_round=measured)
+    except FloatingPointError as error:  # a diverging run stops as the product stops it; keep its rounds
+        print(f"  stopped after {len(out)} rounds: {error}", flush=True)
+        if strategy.groups is None or len(out) < 2:
+            raise
     return out
 
 
@@ -85,33 +183,70 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fedmr", action="store_true", help="FedMR + GFMFR")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tol", type=float, default=None,
+                        help="also time the group fusion model's training with model.gfmfr.server_tol=TOL")
     parser.add_argument("--quick", action="store_true", help="2 rounds")
     args = parser.parse_args(argv)
     rounds = 2 if args.quick else max(2, args.rounds)
     threads = set_threads(args.threads)
     print(machine_line(threads))
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):  # scipy / sklearn (the grouping) as torch
+        return _measure(args, rounds, threads)
+
+
+def _measure(args, rounds: int, threads: int) -> dict:
     stem = f"configs/{args.dataset}/{args.backbone}{'_fedmr' if args.fedmr else ''}"
     print(f"{stem}_gfmfr.yaml:")
-    with_groups = run(f"{stem}_gfmfr.yaml", rounds)
+    with_groups = run(f"{stem}_gfmfr.yaml", rounds, tol=args.tol)
     print(f"baseline, the same without GFMFR ({stem}.yaml):")
     plain = run(f"{stem}.yaml", rounds)
     distilling = with_groups[1:]  # round 0 has no teacher yet
     figures = {
         "benchmark": "gfmfr_server", "dataset": args.dataset, "backbone": args.backbone, "fedmr": args.fedmr,
-        "threads": threads, "rounds": rounds,
-        "clients_train_wall_s": mean(distilling, "train_wall_s"),
+        "threads": threads, "rounds": rounds, "tol": args.tol,
+        "client_train_s": mean(distilling, "train_wall_s"),
+        "server_s": mean(distilling, "server_wall_s"),
+        "baseline_server_s": mean(distilling, "baseline_server_wall_s"),
+        "fusion_train_s": mean(distilling, "fusion_train_wall_s"),
+        "baseline_fusion_train_s": mean(distilling, "baseline_fusion_train_wall_s"),
+        "client_train_cpu_s": mean(distilling, "train_cpu_s"),
+        "server_cpu_s": mean(distilling, "server_cpu_s"),
+        "baseline_server_cpu_s": mean(distilling, "baseline_server_cpu_s"),
+        "reference_max_param_diff": max(r["reference_max_param_diff"] for r in with_groups),
         "no_gfmfr_clients_train_wall_s": mean(plain[1:], "train_wall_s"),
-        "server_step_wall_s": mean(with_groups, "server_wall_s"),
-        "grouping_wall_s": mean(with_groups, "grouping_wall_s"),
-        "reduce_wall_s": mean(with_groups, "reduce_wall_s"),
-        "group_fusion_wall_s": mean(with_groups, "fusion_wall_s"),
-        "teacher_wall_s": mean(with_groups, "teacher_wall_s"),
+        "grouping_wall_s": mean(distilling, "grouping_wall_s"),
+        "reduce_wall_s": mean(distilling, "reduce_wall_s"),
+        "group_fusion_wall_s": mean(distilling, "fusion_wall_s"),
+        "teacher_wall_s": mean(distilling, "teacher_wall_s"),
     }
-    figures["server_over_clients"] = figures["server_step_wall_s"] / figures["clients_train_wall_s"]
-    figures["distillation_client_overhead"] = figures["clients_train_wall_s"] / figures["no_gfmfr_clients_train_wall_s"]
-    print(f"server step {figures['server_step_wall_s']:.2f} s per round = {figures['server_over_clients']:.2f}x the "
-          f"clients' training ({figures['clients_train_wall_s']:.2f} s); distillation makes client training "
-          f"{figures['distillation_client_overhead']:.2f}x the time without GFMFR")
+    figures["ratio"] = figures["server_s"] / figures["client_train_s"]
+    figures["baseline_ratio"] = figures["baseline_server_s"] / figures["client_train_s"]
+    figures["ratio_cpu"] = figures["server_cpu_s"] / figures["client_train_cpu_s"]
+    figures["baseline_ratio_cpu"] = figures["baseline_server_cpu_s"] / figures["client_train_cpu_s"]
+    figures["fusion_train_speedup"] = figures["baseline_fusion_train_s"] / figures["fusion_train_s"]
+    figures["distillation_client_overhead"] = figures["client_train_s"] / figures["no_gfmfr_clients_train_wall_s"]
+    print(f"distilling rounds 1-{rounds - 1}: clients' training {figures['client_train_s']:.2f} s per round; server "
+          f"step {figures['server_s']:.2f} s = {figures['ratio']:.2f}x (group fusion training "
+          f"{figures['fusion_train_s']:.2f} s); baseline, the reference training: {figures['baseline_server_s']:.2f} s "
+          f"= {figures['baseline_ratio']:.2f}x (training {figures['baseline_fusion_train_s']:.2f} s, "
+          f"{figures['fusion_train_speedup']:.1f}x the hand-written one's; largest parameter difference "
+          f"{figures['reference_max_param_diff']:.1e})")
+    print(f"process CPU seconds (less sensitive to other load): clients {figures['client_train_cpu_s']:.2f}, server "
+          f"{figures['server_cpu_s']:.2f} = {figures['ratio_cpu']:.2f}x, baseline "
+          f"{figures['baseline_server_cpu_s']:.2f} = {figures['baseline_ratio_cpu']:.2f}x")
+    if args.tol is not None:
+        figures["tol_server_s"] = mean(distilling, "tol_server_wall_s")
+        figures["tol_ratio"] = figures["tol_server_s"] / figures["client_train_s"]
+        figures["tol_epochs"] = mean(distilling, "tol_epochs")
+        figures["tol_server_cpu_s"] = mean(distilling, "tol_server_cpu_s")
+        figures["tol_ratio_cpu"] = figures["tol_server_cpu_s"] / figures["client_train_cpu_s"]
+        print(f"with model.gfmfr.server_tol={args.tol:g}: server step {figures['tol_server_s']:.2f} s = "
+              f"{figures['tol_ratio']:.2f}x ({figures['tol_epochs']:.1f} epochs on average; CPU "
+              f"{figures['tol_server_cpu_s']:.2f} s = {figures['tol_ratio_cpu']:.2f}x)")
+    print(f"distillation makes client training {figures['distillation_client_overhead']:.2f}x the time without "
+          f"GFMFR")
     figures = {**figures, "gfmfr_rounds": with_groups, "baseline_rounds": plain}
     emit_json(figures)
     return figures

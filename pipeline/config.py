@@ -162,6 +162,14 @@ class GfmfrConfig(ConfigModel):
         None, ge=0, description="early stop of the group fusion model: end a round's epochs after the first "
                                 "that lowers its mean loss by at most this fraction of the previous epoch's; "
                                 "null (default) = always server_epochs (docs/methods.md: cost and effect)")
+    regroup_every: int = Field(
+        1, ge=1, description="k: cluster the participants in rounds 0, k, 2k, ... only (1, the default = every "
+                             "round). In the rounds between, a participant grouped before keeps its latest group "
+                             "id and one never grouped joins the nearest group centroid (Euclidean, in that "
+                             "round's standardised grouping vectors, over the participants grouped before; the "
+                             "round clusters as usual when none of them is). Saves the spectral clustering; "
+                             "its measured effect on quality: docs/methods.md. Equivalence with the reference "
+                             "(reference/oracle.py) is pinned at the default")
     kd_schedule: Literal["cosine", "linear_increase", "exponential_increase", "constant"] = Field(
         "cosine", description="a(t) of the distillation weight kappa = rho * a(t)")
     ema_scope: Literal["client", "shared_round"] = Field(

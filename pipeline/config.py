@@ -367,11 +367,13 @@ class RuntimeConfig(ConfigModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     pools: int | None = Field(None, ge=1, description="ClientPool actors; None = one per GPU on a cluster with "
-                                                       "GPUs (ID backbones), else one per cpus_per_pool CPUs")
+                                                       "GPUs (ID backbones, or any model with device=cuda), else one "
+                                                       "per cpus_per_pool CPUs")
     cpus_per_pool: float | None = Field(None, gt=0, description="None = 1, or an equal share of the CPUs when "
                                                                 "pools hold GPUs")
     gpus_per_pool: float | None = Field(None, ge=0, description="None = an equal share of the cluster's GPUs "
-                                                                "(0 without GPUs or with a fusion module)")
+                                                                "(0 without GPUs, and with a fusion module unless "
+                                                                "device=cuda)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where pools run local training: auto = cuda when the pool holds a GPU, else "
                             "cpu (cpu also keeps pools off GPUs); cuda without a visible GPU is an error")

@@ -30,10 +30,13 @@ def group_delta_sums(delta: torch.Tensor, row_client: torch.Tensor, row_item: to
     -1: none, ignored). What a pool reduces its clients' uploads to; sums over pools add up."""
     grouped = client_group >= 0
     members = torch.bincount(client_group[grouped], minlength=n_groups)
-    rows = grouped[row_client]
-    keys = client_group[row_client[rows]] * n_items + row_item[rows]
-    sums = delta.new_zeros(n_groups * n_items, delta.shape[1]).index_add_(0, keys, delta[rows])
-    return sums.view(n_groups, n_items, -1), members
+    # the rows of ungrouped clients go to one spare row past the G N sums, dropped after: no
+    # copy of the grouped rows of delta, and every (group, item) sum adds the same rows in the
+    # same order as summing the grouped rows alone (index_add_ adds in row order)
+    group = client_group[row_client]
+    keys = torch.where(group >= 0, group * n_items + row_item, n_groups * n_items)
+    sums = delta.new_zeros(n_groups * n_items + 1, delta.shape[1]).index_add_(0, keys, delta)
+    return sums[:-1].view(n_groups, n_items, -1), members
 
 
 def targets_from_sums(global_table: torch.Tensor, sums: torch.Tensor, members: torch.Tensor) -> torch.Tensor:

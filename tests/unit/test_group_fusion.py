@@ -33,6 +33,24 @@ def test_group_targets_are_the_members_mean_trained_tables():
     assert torch.equal(targets[2], table)
 
 
+def test_group_sums_add_the_grouped_rows_alone_bit_for_bit():
+    """The pools' reduction sends ungrouped clients' rows to a spare row instead of selecting the
+    grouped rows first: the same float32 sums, bit for bit, as adding the grouped rows alone."""
+    rng = torch.Generator().manual_seed(1)
+    n_items, d, n_groups, n_clients, n_rows = 50, 6, 4, 30, 2000
+    row_client = torch.sort(torch.randint(0, n_clients, (n_rows,), generator=rng)).values
+    row_item = torch.randint(0, n_items, (n_rows,), generator=rng)
+    delta = torch.randn(n_rows, d, generator=rng) * 10 ** torch.randint(-3, 3, (n_rows, 1), generator=rng)
+    client_group = torch.randint(-1, n_groups - 1, (n_clients,), generator=rng)  # group 3 empty, some -1
+    sums, members = group_delta_sums(delta, row_client, row_item, client_group, n_groups, n_items)
+    rows = client_group[row_client] >= 0
+    expected = torch.zeros(n_groups, n_items, d)
+    for r in torch.nonzero(rows).flatten().tolist():  # row by row, in row order
+        expected[client_group[row_client[r]], row_item[r]] += delta[r]
+    assert (client_group < 0).any() and torch.equal(sums, expected)
+    assert members.tolist() == [int((client_group == g).sum()) for g in range(n_groups)]
+
+
 def planted_targets(n_groups=3, n_items=40, d_c=8, seed=0):
     rng = torch.Generator().manual_seed(seed)
     features = {"text": torch.randn(n_items, 12, generator=rng), "image": torch.randn(n_items, 10, generator=rng)}

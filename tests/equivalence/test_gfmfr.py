@@ -216,3 +216,46 @@ def test_group_step_device_and_early_stop(monkeypatch):
     assert server_device(make_config("fcf", "runtime.device=cpu").runtime).type == "cpu"
     assert all(t.device.type == "cpu" for t in groups.state_dict()["fusion"].values())
     assert groups.scores.device.type == "cpu"
+
+
+def test_regroup_every(monkeypatch):
+    """model.gfmfr.regroup_every: the default (1) clusters every round; k = 3 clusters in rounds
+    0 and 3 only, and in rounds 1, 2, 4 participants grouped before keep their latest ids (new
+    ones join a group); its grouping rounds compute what the default computes."""
+    import pipeline.federated.strategy.grouping as grouping
+
+    data = with_features(synthetic())
+    assert load_config(None, ["model.gfmfr={}"]).model.gfmfr.regroup_every == 1
+    clustered, kept, cluster, fit = [], [], grouping.cluster, GroupServer.fit
+
+    def counted(x, n_groups, method, seed, round_):
+        clustered.append(round_)
+        return cluster(x, n_groups, method, seed, round_)
+
+    def spy(self, round_, users, ids, *args, **kwargs):
+        before = self.known[users]  # fit updates the memberships at its end
+        seen = before != UNGROUPED
+        kept.append((round_, int(seen.sum()), bool(np.array_equal(ids[seen], before[seen]))))
+        return fit(self, round_, users, ids, *args, **kwargs)
+
+    monkeypatch.setattr(grouping, "cluster", counted)
+    monkeypatch.setattr(GroupServer, "fit", spy)
+    runs = {}
+    for every in (1, 3):
+        clustered.clear(), kept.clear()
+        cfg = make_config("fcf", "train.rounds=5", "train.participation=0.5", "train.lr=0.02", "train.tol=0.05",
+                          gfmfr=f"group_num: 3, server_epochs: 2, group_emb_dim: 16, regroup_every: {every}")
+        runs[every] = run_engine(cfg, data, 5, n_shards=2)[2], list(clustered), list(kept)
+    assert runs[1][1] == [0, 1, 2, 3, 4] and runs[3][1] == [0, 3]
+    between = [k for k in runs[3][2] if k[0] in (1, 2, 4)]
+    assert len(between) == 3 and all(n > 0 and same for _, n, same in between), runs[3][2]
+    assert not all(same for r, _, same in runs[1][2] if r > 0)  # the default does regroup them
+    assert not torch.equal(runs[1][0].scores.nan_to_num(), runs[3][0].scores.nan_to_num())
+
+    firsts = []  # a grouping round computes what the default computes
+    for every in (1, 3):
+        cfg = make_config("fcf", "train.rounds=5", "train.participation=0.5", "train.lr=0.02", "train.tol=0.05",
+                          gfmfr=f"group_num: 3, server_epochs: 2, group_emb_dim: 16, regroup_every: {every}")
+        firsts.append(run_engine(cfg, data, 1, n_shards=2)[2])
+    assert torch.equal(firsts[0].scores.nan_to_num(), firsts[1].scores.nan_to_num())
+    assert np.array_equal(firsts[0].known, firsts[1].known)

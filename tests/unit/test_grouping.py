@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from pipeline.federated.strategy.grouping import (UNGROUPED, assign_ids, group_users, rbf_gamma, reduce, standardise)
+from pipeline.federated.strategy.grouping import (UNGROUPED, assign_ids, group_users, keep_groups, rbf_gamma, reduce,
+                                                  standardise)
 
 
 def planted(n_per_group=30, n_groups=4, dim=16, spread=0.3, seed=0):
@@ -73,3 +74,24 @@ def test_preprocessing():
     rng = np.random.default_rng(0)
     low_rank = standardise(rng.normal(size=(50, 2)) @ rng.normal(size=(2, 10)))
     assert reduce(low_rank).shape == (50, 2)
+
+
+def test_keep_groups_keeps_ids_and_puts_new_clients_at_the_nearest_centroid():
+    """model.gfmfr.regroup_every's rounds between groupings: known users keep their ids whatever
+    their vectors now, new ones join the group whose known members' centroid is nearest, and
+    with no known participant the caller must cluster (None)."""
+    x, truth = planted(n_per_group=20, n_groups=3, seed=2)
+    users = np.arange(len(truth)) * 2 + 1
+    known = np.full(200, UNGROUPED, dtype=np.int64)
+    new = np.arange(len(truth)) % 5 == 0  # one in five never grouped
+    labels = (truth + 1) % 3  # ids that are not the raw planted labels
+    known[users[~new]] = labels[~new]
+    known[users[~new][0]] = 2 if labels[~new][0] != 2 else 0  # one known user in the "wrong" group: kept
+    shuffled = np.random.default_rng(0).permutation(len(users))
+    ids = keep_groups(x[shuffled], users[shuffled], known)
+    assert np.array_equal(ids[~new[shuffled]], known[users[shuffled]][~new[shuffled]])
+    assert np.array_equal(ids[new[shuffled]], labels[shuffled][new[shuffled]])
+    everyone = known.copy()
+    everyone[users[new]] = 0
+    assert np.array_equal(keep_groups(x, users, everyone), everyone[users])  # no centroid needed
+    assert keep_groups(x, users, np.full(200, UNGROUPED, dtype=np.int64)) is None

@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.federated.strategy.grouping import UNGROUPED, cluster_seed, group_users
+from pipeline.federated.strategy.grouping import UNGROUPED, cluster_seed, group_users, keep_groups
 from pipeline.federated.messages import TeacherDownload
 from pipeline.models.base import InitialState
 from pipeline.models.group_fusion import GroupFusion, kd_schedule, targets_from_sums, train_group_fusion
@@ -128,7 +128,15 @@ class GroupServer:
                 "comm/group_bytes_up": int(sum(t.numel() * t.element_size() for t in (vectors, *alphas)))}
 
     def assign(self, round_: int, users: np.ndarray, vectors: torch.Tensor) -> np.ndarray:
-        """[P] aligned group ids of this round's participants from their grouping vectors."""
+        """[P] aligned group ids of this round's participants from their grouping vectors.
+        With model.gfmfr.regroup_every = k > 1, rounds not a multiple of k reuse the grouping
+        (keep_groups) unless none of the participants was grouped before."""
+        users = np.asarray(users)
+        every = self.cfg.regroup_every
+        if every > 1 and round_ % every and self.cfg.group_method != "planted":
+            kept = keep_groups(vectors.double().numpy(), users, self.known)
+            if kept is not None:
+                return kept
         return group_users(vectors.double().numpy(), users, self.cfg.group_num, method=self.cfg.group_method,
                            use_pca=self.cfg.use_pca, seed=self.config.train.seed, round_=round_,
                            previous=self.known, planted=self.planted)

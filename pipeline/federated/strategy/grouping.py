@@ -118,3 +118,26 @@ def group_users(vectors: np.ndarray, users: np.ndarray, n_groups: int, *, method
     ids = np.empty(len(users), dtype=np.int64)
     ids[order] = assign_ids(cluster(x, n_groups, method, seed, round_), users[order], previous, n_groups)
     return ids
+
+
+def keep_groups(vectors: np.ndarray, users: np.ndarray, known: np.ndarray) -> np.ndarray | None:
+    """[P] group ids without clustering (model.gfmfr.regroup_every's rounds between two
+    groupings): a participant grouped before (known [U] != UNGROUPED) keeps known[user]; one
+    never grouped takes the id of the nearest centroid (Euclidean; the first id on ties) of the
+    participants grouped before, in this round's standardised vectors [P, F] (standardise over
+    all P). None when no participant was grouped before (the caller then clusters)."""
+    users = np.asarray(users)
+    ids = np.asarray(known)[users].astype(np.int64)
+    seen = ids != UNGROUPED
+    if not seen.any():
+        return None
+    if seen.all():
+        return ids
+    order = np.argsort(users, kind="stable")  # the participants in user-id order, as group_users
+    x = np.empty((len(users), np.asarray(vectors).shape[1]))
+    x[order] = standardise(np.asarray(vectors)[order])
+    present = np.unique(ids[seen])
+    centroids = np.stack([x[ids == g].mean(axis=0) for g in present])
+    distances = ((x[~seen, None, :] - centroids[None]) ** 2).sum(axis=2)
+    ids[~seen] = present[np.argmin(distances, axis=1)]
+    return ids

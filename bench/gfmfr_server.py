@@ -2,6 +2,7 @@
 
     python -m bench.gfmfr_server                          # FCF + GFMFR on KU, 4 rounds
     python -m bench.gfmfr_server --dataset movielens --backbone fedrap --rounds 3 --tol 1e-3
+    python -m bench.gfmfr_server --dataset movielens --backbone fedrap --rounds 2 --tol 1e-3 --regroup-every 4
     python -m bench.gfmfr_server --fedmr                  # + FedMR + GFMFR (configs/<dataset>/<b>_fedmr_gfmfr.yaml)
     python -m bench.gfmfr_server --quick                  # 2 rounds
 
@@ -27,6 +28,15 @@ Ratios use the distilling rounds (1 on): mean server step / mean clients' traini
 wall seconds, and process CPU seconds (less sensitive to other load on a shared machine). torch and
 the BLAS/OpenMP pools of numpy, scipy and scikit-learn (the grouping) all run on --threads threads.
 A run that stops on a non-finite loss keeps the rounds it played.
+
+With --regroup-every K, each round GroupServer.assign also runs, on the same inputs and the
+same previous ids, as under model.gfmfr.regroup_every=K in a round between two groupings
+(participants grouped before keep their ids, new ones join the nearest centroid, no clustering),
+timed, before or after the real grouping alternately between rounds. The step between groupings
+is the measured step with that time in place of the grouping's; over a cycle of K rounds (one
+grouping, K - 1 kept) it is (1/K) the measured step + (1 - 1/K) the step between groupings;
+with --tol also both options together. The run itself stays on the default (regroup every
+round), so every figure comes from the same rounds.
 
 The second baseline, measured in the same process through the same loop: the same model's local
 training without GFMFR (the ID backbone, or with --fedmr the backbone + FedMR): the distillation
@@ -93,7 +103,44 @@ def _compare_trainers(groups, tol: float | None, log: list[dict]) -> None:
     groups.train = measured
 
 
-def run(config_path: str, rounds: int, overrides=(), tol: float | None = None) -> list[dict]:
+def _compare_assign(groups, every: int, log: list[dict]) -> None:
+    """Replace groups.assign (an instance attribute, already timed by the CallMeter) by: the
+    same grouping, plus GroupServer.assign under model.gfmfr.regroup_every=EVERY in a round
+    between two groupings (round_ = 1 mod EVERY: it keeps the previous ids, new participants
+    join the nearest centroid, nothing is clustered), on the same inputs and the same previous
+    ids, timed, before or after the real one alternately between rounds; appends one dict per
+    call to `log` (how many participants it kept, and how many ids differ from this round's
+    clustering)."""
+    assign, cls = groups.assign, type(groups)
+
+    def option(round_, users, vectors, out):
+        cfg = groups.cfg
+        groups.cfg = cfg.model_copy(update={"regroup_every": every})
+        try:
+            between = round_ - round_ % every + 1  # a round the option does not cluster in
+            started, cpu = time.perf_counter(), time.process_time()
+            out["ids"] = cls.assign(groups, between, users, vectors)
+            out["keep_s"], out["keep_cpu_s"] = time.perf_counter() - started, time.process_time() - cpu
+        finally:
+            groups.cfg = cfg
+
+    def measured(round_, users, vectors):
+        out = {}
+        if len(log) % 2:
+            option(round_, users, vectors, out)
+        ids = assign(round_, users, vectors)
+        if not len(log) % 2:
+            option(round_, users, vectors, out)
+        kept = groups.known[np.asarray(users)] != -1
+        out["kept"], out["changed"] = int(kept.sum()), int((out.pop("ids") != ids).sum())
+        log.append(out)
+        return ids
+
+    groups.assign = measured
+
+
+def run(config_path: str, rounds: int, overrides=(), tol: float | None = None,
+        regroup_every: int | None = None) -> list[dict]:
     from pipeline.config import load_config
     from pipeline.data.datasets import open_dataset
     from pipeline.federated.rounds import in_process, run_rounds
@@ -104,11 +151,14 @@ def run(config_path: str, rounds: int, overrides=(), tol: float | None = None) -
     meter = CallMeter()
     meter.wrap(pools, "train")
     trainings: list[dict] = []
+    assignments: list[dict] = []
     if strategy.groups is not None:
         for name in ("assign", "fit"):  # the group step's parts, timed where the step calls them
             meter.wrap(strategy.groups, name)
         meter.wrap(pools, "group_sums")
         _compare_trainers(strategy.groups, tol, trainings)
+        if regroup_every is not None:
+            _compare_assign(strategy.groups, regroup_every, assignments)
     out = []
 
     def measured(metrics: dict) -> None:
@@ -123,7 +173,8 @@ def run(config_path: str, rounds: int, overrides=(), tol: float | None = None) -
             trained = trainings[-1]
             extra = sum(trained[f"{k}_s"] for k in ("reference", "tol") if f"{k}_s" in trained)
             extra_cpu = sum(trained[f"{k}_cpu_s"] for k in ("reference", "tol") if f"{k}_cpu_s" in trained)
-            server = metrics["time/group_step_seconds"] - extra  # the step as the run runs it
+            kept = assignments[-1] if regroup_every is not None else {"keep_s": 0.0}
+            server = metrics["time/group_step_seconds"] - extra - kept["keep_s"]  # the step as the run runs it
             server_cpu = grouping.cpu + reduce.cpu + fit.cpu - extra_cpu
             row.update({"grouping_wall_s": grouping.wall, "grouping_cpu_s": grouping.cpu,
                         "reduce_wall_s": reduce.wall, "fit_wall_s": fit.wall - extra,
@@ -157,6 +208,30 @@ def run(config_path: str, rounds: int, overrides=(), tol: float | None = None) -
                 print(f"    server_tol={tol:g} (training {trained['tol_s']:.2f} s, {trained['tol_epochs']} epochs, "
                       f"loss {trained['tol_loss']:.6g}): server {row['tol_server_wall_s']:.2f} s "
                       f"({row['tol_server_wall_s'] / train.wall:.2f}x)", flush=True)
+            if regroup_every is not None:
+                # the step in a round between two groupings: the option's assign in place of the grouping;
+                # amortised over a cycle of `regroup_every` rounds (one grouping, the others kept)
+                share = 1.0 / regroup_every
+                kinds = [("regroup", server, server_cpu)]
+                if tol is not None:
+                    kinds.append(("tol_regroup", row["tol_server_wall_s"], row["tol_server_cpu_s"]))
+                row.update({"keep_wall_s": kept["keep_s"], "keep_cpu_s": kept["keep_cpu_s"],
+                            "kept_clients": kept["kept"], "keep_changed_ids": kept["changed"]})
+                for name, wall, cpu in kinds:
+                    between, between_cpu = (wall - grouping.wall + kept["keep_s"],
+                                            cpu - grouping.cpu + kept["keep_cpu_s"])
+                    row.update({f"{name}_between_wall_s": between, f"{name}_between_cpu_s": between_cpu,
+                                f"{name}_server_wall_s": share * wall + (1 - share) * between,
+                                f"{name}_server_cpu_s": share * cpu + (1 - share) * between_cpu})
+                    label = "regroup_every" if name == "regroup" else f"server_tol={tol:g} + regroup_every"
+                    how = (f"kept {kept['kept']} participants' ids in {kept['keep_s']:.4f} s" if kept["kept"] else
+                           f"nobody grouped before, so it clusters too: {kept['keep_s']:.2f} s")
+                    print(f"    {label}={regroup_every} ({how}, {kept['changed']} ids differ from this round's "
+                          f"clustering): "
+                          f"server between groupings {between:.2f} s ({between / train.wall:.2f}x; CPU "
+                          f"{between_cpu:.2f} s, {between_cpu / train.cpu:.2f}x), over a cycle "
+                          f"{row[f'{name}_server_wall_s']:.2f} s ({row[f'{name}_server_wall_s'] / train.wall:.2f}x; "
+                          f"CPU {row[f'{name}_server_cpu_s'] / train.cpu:.2f}x)", flush=True)
         else:
             print(f"  round {row['round']}: clients {train.wall:.2f} s", flush=True)
         out.append(row)
@@ -185,6 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tol", type=float, default=None,
                         help="also time the group fusion model's training with model.gfmfr.server_tol=TOL")
+    parser.add_argument("--regroup-every", type=int, default=None,
+                        help="also time the step under model.gfmfr.regroup_every=K (with --tol: also both)")
     parser.add_argument("--quick", action="store_true", help="2 rounds")
     args = parser.parse_args(argv)
     rounds = 2 if args.quick else max(2, args.rounds)
@@ -199,13 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
 def _measure(args, rounds: int, threads: int) -> dict:
     stem = f"configs/{args.dataset}/{args.backbone}{'_fedmr' if args.fedmr else ''}"
     print(f"{stem}_gfmfr.yaml:")
-    with_groups = run(f"{stem}_gfmfr.yaml", rounds, tol=args.tol)
+    with_groups = run(f"{stem}_gfmfr.yaml", rounds, tol=args.tol, regroup_every=args.regroup_every)
     print(f"baseline, the same without GFMFR ({stem}.yaml):")
     plain = run(f"{stem}.yaml", rounds)
     distilling = with_groups[1:]  # round 0 has no teacher yet
     figures = {
         "benchmark": "gfmfr_server", "dataset": args.dataset, "backbone": args.backbone, "fedmr": args.fedmr,
-        "threads": threads, "rounds": rounds, "tol": args.tol,
+        "threads": threads, "rounds": rounds, "tol": args.tol, "regroup_every": args.regroup_every,
         "client_train_s": mean(distilling, "train_wall_s"),
         "server_s": mean(distilling, "server_wall_s"),
         "baseline_server_s": mean(distilling, "baseline_server_wall_s"),
@@ -245,6 +322,21 @@ def _measure(args, rounds: int, threads: int) -> dict:
         print(f"with model.gfmfr.server_tol={args.tol:g}: server step {figures['tol_server_s']:.2f} s = "
               f"{figures['tol_ratio']:.2f}x ({figures['tol_epochs']:.1f} epochs on average; CPU "
               f"{figures['tol_server_cpu_s']:.2f} s = {figures['tol_ratio_cpu']:.2f}x)")
+    if args.regroup_every is not None:
+        k = args.regroup_every
+        for name in ("regroup", *(["tol_regroup"] if args.tol is not None else [])):
+            for part in ("between", "server"):
+                figures[f"{name}_{part}_s"] = mean(distilling, f"{name}_{part}_wall_s")
+                figures[f"{name}_{part}_cpu_s"] = mean(distilling, f"{name}_{part}_cpu_s")
+                figures[f"{name}_{part}_ratio"] = figures[f"{name}_{part}_s"] / figures["client_train_s"]
+                figures[f"{name}_{part}_ratio_cpu"] = figures[f"{name}_{part}_cpu_s"] / figures["client_train_cpu_s"]
+            label = f"regroup_every={k}" + ("" if name == "regroup" else f" + server_tol={args.tol:g}")
+            print(f"with model.gfmfr.{label}: server step between groupings {figures[f'{name}_between_s']:.2f} s = "
+                  f"{figures[f'{name}_between_ratio']:.2f}x (CPU {figures[f'{name}_between_cpu_s']:.2f} s = "
+                  f"{figures[f'{name}_between_ratio_cpu']:.2f}x); over a cycle of {k} rounds (one grouping) "
+                  f"{figures[f'{name}_server_s']:.2f} s = {figures[f'{name}_server_ratio']:.2f}x (CPU "
+                  f"{figures[f'{name}_server_cpu_s']:.2f} s = {figures[f'{name}_server_ratio_cpu']:.2f}x)")
+        figures["keep_wall_s"] = mean(distilling, "keep_wall_s")
     print(f"distillation makes client training {figures['distillation_client_overhead']:.2f}x the time without "
           f"GFMFR")
     figures = {**figures, "gfmfr_rounds": with_groups, "baseline_rounds": plain}

@@ -115,7 +115,7 @@ def test_scale_eval_smoke(capsys):
 @pytest.mark.realdata
 @pytest.mark.skipif(not (data_root() / "ku").is_dir(), reason="KU data not available")
 def test_gfmfr_server_smoke(capsys):
-    returned = gfmfr_server.main(["--quick"])
+    returned = gfmfr_server.main(["--quick", "--regroup-every", "3"])
     figures = last_json_line(capsys.readouterr().out)
     assert figures["benchmark"] == "gfmfr_server" == returned["benchmark"]
     for key in ("client_train_s", "no_gfmfr_clients_train_wall_s", "server_s", "baseline_server_s", "grouping_wall_s",
@@ -126,3 +126,7 @@ def test_gfmfr_server_smoke(capsys):
     assert figures["reference_max_param_diff"] < 1e-3
     assert [r["fusion_epochs"] for r in figures["gfmfr_rounds"]] == [50, 50]
     assert [r["distilled"] for r in figures["gfmfr_rounds"]] == [0, 204]  # KU: every user from round 1
+    # model.gfmfr.regroup_every=3 between groupings: round 1 keeps every user's round-0 id, no clustering
+    assert [r["kept_clients"] for r in figures["gfmfr_rounds"]] == [0, 204]
+    assert 0 < figures["regroup_between_cpu_s"] < figures["server_cpu_s"]
+    assert figures["regroup_between_s"] <= figures["regroup_server_s"] <= figures["server_s"] + 1e-9

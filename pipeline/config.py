@@ -362,7 +362,7 @@ class PrivacyConfig(ConfigModel):
 
 
 class RuntimeConfig(ConfigModel):
-    """Where and how the run executes; none of it changes the numbers."""
+    """Where and how the run executes; none of it changes the numbers, but precision=bf16 (which rounds)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -377,6 +377,12 @@ class RuntimeConfig(ConfigModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where pools run local training: auto = cuda when the pool holds a GPU, else "
                             "cpu (cpu also keeps pools off GPUs); cuda without a visible GPU is an error")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="arithmetic of local training's forward pass: fp32 (the default, exact as before) or "
+                            "bf16 (mixed precision: matrix products in bfloat16 under torch.autocast on the "
+                            "pool's device, parameters and their SGD updates kept in float32, the losses and "
+                            "their per-client reductions in float32; evaluation scoring stays float32). Not a "
+                            "default anywhere (docs/methods.md, How it runs); needs float32 pools")
     block_rows: int | None = Field(1 << 15, ge=1, description="rows of one local epoch per block of clients "
                                                               "trained together on a CPU (None: all at once; "
                                                               "a GPU always trains all at once)")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.federated.engine.grouped import PaddedLayout, gather_rows, grouped_linear, row_sparse
+from pipeline.federated.engine.grouped import PaddedLayout, autocast_inputs, gather_rows, grouped_linear, row_sparse
 from pipeline.federated.engine.sampling import EpochRows, dropout_scale, dropout_scale_on
 from pipeline.models.base import broadcast_affine
 from pipeline.models.group_fusion import kd_per_row, update_ratio_ema
@@ -325,11 +325,12 @@ class PaddedRows:
             return x
         flat = x.reshape(len(x), -1)
         users, items = self.fusion.users[self._client], self.fusion.ws_item[self._ws]
+        dtype = torch.float32 if x.dtype == torch.bfloat16 else x.dtype  # bf16 rows: the float32 masks
         if x.device.type == "cpu":
             scale = torch.from_numpy(dropout_scale(*self.fusion.key, site, users, items, flat.shape[1], p,
-                                                   dtype=_NUMPY_DTYPE[x.dtype]))
+                                                   dtype=_NUMPY_DTYPE[dtype]))
         else:  # the same masks, hashed on the device
-            scale = dropout_scale_on(x.device, *self.fusion.key, site, users, items, flat.shape[1], p, x.dtype)
+            scale = dropout_scale_on(x.device, *self.fusion.key, site, users, items, flat.shape[1], p, dtype)
         return (flat * scale).view_as(x)
 
     def subset(self, index: torch.Tensor) -> "PaddedRows":
@@ -354,6 +355,7 @@ class _SpanLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, rows: "PaddedRows", span: FeatureSpan):
+        (table,) = autocast_inputs(table)  # runtime.precision=bf16: the bmm below in bfloat16
         n_items, width_out = span.gram.shape[1], table.shape[1]
         out = table.new_empty(rows.layout.n_rows, width_out)
         items = torch.as_tensor(rows.fusion.ws_item[rows._ws], device=table.device)
@@ -369,7 +371,7 @@ class _SpanLinear(torch.autograd.Function):
             owner = np.repeat(np.arange(g), np.diff(span.offsets[first:first + g + 1]))
             at = torch.as_tensor(owner * n_items + ws_item[w0:w1], device=table.device)
             scattered.index_copy_(0, at, table[w0:w1])
-            gram = span.gram.index_select(0, items[offset:offset + g * width]).view(g, width, n_items)
+            gram = span.gram.index_select(0, items[offset:offset + g * width]).view(g, width, n_items).to(table.dtype)
             torch.bmm(gram, scattered[:g * n_items].view(g, n_items, width_out),
                       out=out[offset:offset + g * width].view(g, width, width_out))
             scattered.index_fill_(0, at, 0.0)
@@ -420,6 +422,8 @@ def client_losses(model, params: dict[str, torch.Tensor], client: torch.Tensor, 
     -> [B]): adds GFMFR's kappa_u * L_KD."""
     ctx = StepRows(params, client, ws, fusion)
     logit = model.logits(ctx)
+    if logit.dtype == torch.bfloat16:  # runtime.precision=bf16: the loss and its reductions in float32
+        logit = logit.float()
     bce = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
     per_row = bce
     if model.row_regulariser is not None:

@@ -120,9 +120,23 @@ class PaddedLayout:
         return _Broadcast.apply(vector, self)
 
 
+def autocast_inputs(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors as an autocast region would hand them to a matrix product: float32 ones cast
+    to the region's lower dtype when autocast is on for their device (runtime.precision=bf16),
+    else unchanged. A custom autograd Function's forward calls it itself, since autocast does not
+    reach kernels called with out=; autograd casts the gradients back to the inputs' float32."""
+    some = next(t for t in tensors if t is not None)
+    device = some.device.type
+    if not torch.is_autocast_enabled(device):
+        return list(tensors)
+    low = torch.get_autocast_dtype(device)
+    return [t.to(low) if t is not None and t.dtype == torch.float32 else t for t in tensors]
+
+
 class _PaddedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layout: PaddedLayout):
+        x, weight, bias = autocast_inputs(x, weight, bias)
         out = x.new_empty(layout.n_rows, weight.shape[1])
         for offset, c0, c1, width in layout.buckets:
             rows = x[offset:offset + (c1 - c0) * width].view(c1 - c0, width, x.shape[1])
@@ -160,6 +174,7 @@ class _PaddedLinear(torch.autograd.Function):
 class _Affine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layout: PaddedLayout):
+        x, weight, bias = autocast_inputs(x, weight, bias)
         out = torch.empty_like(x)
         for offset, c0, c1, width in layout.buckets:
             span = slice(offset, offset + (c1 - c0) * width)

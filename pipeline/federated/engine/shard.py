@@ -128,6 +128,10 @@ class Shard:
         self.model = model_for(config.model)
         self.dtype = dtype
         self.device = torch.device(device)  # where the private state lives and local training runs
+        self.precision = config.runtime.precision
+        if self.precision == "bf16" and dtype != torch.float32:
+            raise ValueError(f"runtime.precision=bf16 keeps float32 master weights; these pools hold {dtype} "
+                             "(the float64 equivalence runs need runtime.precision=fp32)")
         self.store = PersonalStore(self.model, initial, np.sort(users), data.n_items, dtype, self.device,
                                    keep_copies=config.model.pfedrec_eval_table == "personal")
         self.features = {}  # FedMR: modality -> [I, d_m] frozen item features (read-only, on the device)
@@ -228,11 +232,15 @@ class Shard:
                 tables[span.table] = globals_[span.weight].new_zeros(len(ws.client), globals_[span.weight].shape[0])
                 lrs = {**lrs, span.table: lrs[span.weight]}
         distil = self._distillation(teacher, users, local, ws) if teacher is not None else None
-        result = train_clients(model, ClientParams(tables, vectors), ws, epochs, lrs=lrs, tol=train_cfg.tol,
-                               round_=round_, model_config=self.config.model, update=update, fusion=fusion,
-                               distil=distil, schedule=StepSchedule(train_cfg.lr_batch_decay, train_cfg.weight_decay),
-                               # blocks keep a CPU step in cache; a GPU wants one launch for everyone
-                               chunk_rows=self.config.runtime.block_rows if device.type == "cpu" else None)
+        # runtime.precision=bf16: the forward passes' matrix products in bfloat16 (autocast; the
+        # parameters, their updates and the losses stay float32); fp32: autocast off, as without it
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            result = train_clients(model, ClientParams(tables, vectors), ws, epochs, lrs=lrs, tol=train_cfg.tol,
+                                   round_=round_, model_config=self.config.model, update=update, fusion=fusion,
+                                   distil=distil,
+                                   schedule=StepSchedule(train_cfg.lr_batch_decay, train_cfg.weight_decay),
+                                   # blocks keep a CPU step in cache; a GPU wants one launch for everyone
+                                   chunk_rows=self.config.runtime.block_rows if device.type == "cpu" else None)
         trained = result.params
         diverged = ~np.isfinite(result.loss) & (result.epochs > 0)
         if diverged.any():  # a hard failure, never a skipped batch

@@ -184,12 +184,15 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
         row["label"] += " (centralized)"
         row["source"] = CENTRALIZED
     metric = config.train.selection()
+    # MRR and coverage: only where every seed measured them (runs from before they were measured
+    # lack them; a mean over some seeds would pass for a mean over all)
+    measured = set.intersection(*(set(run.summary["selection"]["test"]) for run in done)) if done else set()
     for run in done:
         selection = run.summary["selection"]
         for k in protocol_ks(protocol):
             for name in ("hr", "ndcg", "mrr", "coverage"):
                 column = f"{name}@{k}"
-                if column in selection["test"]:  # MRR, coverage: not in runs from before they were measured
+                if column in measured:
                     row["test"].setdefault(column, []).append(selection["test"][column])
         row["valid"].setdefault(metric, []).append(selection["valid"][metric])
         row["best_round"].append(selection["best_round"])

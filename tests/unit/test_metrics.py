@@ -108,6 +108,30 @@ def test_tables_show_mrr_only_where_runs_measured_it():
     assert header.count("MRR") == 1 and "test MRR@10" in header  # P1 tables show K = 10
 
 
+def test_a_row_shows_mrr_only_when_every_seed_measured_it():
+    """Seeds of one config from before and after MRR was measured: the row has no MRR (a mean
+    over the newer seeds alone would pass for one over all), and its per-seed values still build."""
+    from types import SimpleNamespace
+
+    from pipeline.config import load_config
+    from pipeline.report.tables import learned_row
+
+    config = load_config(None, ["model.backbone=fcf", "train.protocol=p1"])
+    old_test = {f"{m}@{k}": 0.5 for m in ("hr", "ndcg") for k in (10, 20, 50)}
+
+    def run(seed, test):
+        summary = {"selection": {"test": test, "valid": {"hr@10": 0.5}, "best_round": 3}, "rounds_run": 5}
+        return SimpleNamespace(spec=SimpleNamespace(seed=seed, config=config, key="fcf", centralized=False),
+                               summary=summary, status="recorded", error=None)
+
+    runs = [run(0, old_test), run(1, {**old_test, "mrr@10": 0.3, "coverage@10": 0.9})]
+    row = learned_row(runs, "p1")
+    assert "mrr@10" not in row["test"] and "coverage@10" not in row["test"] and row["test"]["hr@10"] == [0.5, 0.5]
+    assert set(row["per_seed"]) == {0, 1} and "test/mrr@10" not in row["per_seed"][1]
+    both = learned_row([run(0, {**old_test, "mrr@10": 0.2}), run(1, {**old_test, "mrr@10": 0.3})], "p1")
+    assert both["test"]["mrr@10"] == [0.2, 0.3]
+
+
 def test_trivial_rows_alone_add_no_mrr_column():
     """A table rebuilt from records that predate MRR stays as it was, even though its trivial rows
     (computed afresh) have MRR."""

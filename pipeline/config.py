@@ -366,6 +366,12 @@ class RuntimeConfig(ConfigModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    backend: Literal["ray", "local"] = Field(
+        "ray", description="what runs the rounds: ray = a Server actor and ClientPool actors on a local Ray "
+                           "instance or the cluster named; local = the same round loop, server and pools in "
+                           "the command's own process (no Ray: no start-up or call costs, one process's "
+                           "CPUs; for small datasets and short runs; `pools` pools, default 1, of "
+                           "cpus_per_pool torch threads, default 1)")
     pools: int | None = Field(None, ge=1, description="ClientPool actors; None = one per GPU on a cluster with "
                                                        "GPUs (ID backbones, or any model with device=cuda), else one "
                                                        "per cpus_per_pool CPUs")

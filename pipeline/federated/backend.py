@@ -167,3 +167,9 @@ class LocalPools:
 
     def peak_rss(self):
         return [None] * len(self.pools)  # one process: the caller's own peak
+
+    def info(self) -> list[dict]:
+        from pipeline.federated.runtime.machine import describe
+
+        return [{"node": "local", "pid": os.getpid(), "device": self.device, "users": len(pool.users),
+                 "machine": describe(self.device)} for pool in self.pools]

@@ -16,6 +16,7 @@ Run directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import signal
@@ -41,6 +42,12 @@ POLL_SECONDS = 0.5  # how often the driver asks the Server what the round in fli
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped the job; the message says where and what a --resume continues from."""
+
+
+def ray_address(address: str | None) -> str | None:
+    from pipeline.ray_cluster import ray_address as named
+
+    return named(address)
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -121,26 +128,19 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
            data_cache: Path | None, quiet: bool, on_round: Callable[[dict], None] | None) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
-    from pipeline.federated.runtime.server import Server
-
     phases = StartupPhases(started)
     data, negatives = open_checked(config, data_cache)  # before anything is written or Ray starts
     phases.done("data_s")
+    if config.runtime.backend == "local" and ray_address(address):
+        raise ValueError(f"runtime.backend=local trains in this process, but a Ray cluster was named "
+                         f"({ray_address(address)}): drop the address (or RAY_ADDRESS), or set runtime.backend=ray")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
-    ensure_ray(address)
-    phases.done("ray_s")
-    refs = [ray.put(data), ray.put(negatives)]
-    # the server lives on the driver's node (losing another node costs pools, which recover);
-    # inside a Tune trial it stays in the trial's placement group, where its pools go too
-    in_trial = ray.util.get_current_placement_group() is not None
-    here = None if in_trial else NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    server = Server.options(scheduling_strategy=here).remote(config.model_dump_json(), refs, str(run_dir))
     writer = bar = None
-    with CtrlC() as ctrl_c:  # its handler is in place while the rounds run
+    with _start_server(config, data, negatives, run_dir, address, phases) as server, CtrlC() as ctrl_c:
         try:  # Ctrl-C from here on: the job's actors are stopped and the message says what to resume
-            next_round = ray.get(server.resume.remote()) if resume else 0
-            history = ray.get(server.history_so_far.remote())
-            phases.done("server_s")  # the Server actor up (and a checkpoint restored); its pools still starting
+            next_round = server.call("resume") if resume else 0
+            history = server.call("history_so_far")
+            phases.done("server_s")  # the server up (and a checkpoint restored); Ray's pools still starting
             with open(run_dir / "metrics.jsonl", "w") as log:  # the restored history, then new rounds
                 for metrics in history:
                     log.write(json.dumps(metrics) + "\n")
@@ -150,13 +150,13 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
                        unit="round", disable=quiet or not config.runtime.progress)
             stopped = bool(history and history[-1]["stop"])
             if stopped and resume:  # a run that reached its train.rounds goes on when a resume raises them
-                stopped = ray.get(server.stopped_early.remote())
+                stopped = server.call("stopped_early")
             rounds_started = time.perf_counter()
             show = bar if not bar.disable else None
             if show is not None:
-                ray.get(server.watch_progress.remote())
+                server.watch_progress()
             while not stopped and next_round < config.train.rounds:
-                metrics = _await_round(server, show, ctrl_c)
+                metrics = server.next_round(show, ctrl_c)
                 if "first_round_s" not in phases.seconds:
                     phases.done("first_round_s")  # the pools' start-up, then the round itself
                 history.append(metrics)
@@ -181,11 +181,11 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
             if writer:
                 writer.close()
             raise Interrupted(_stop_interrupted(server, run_dir)) from None
-    bar.close()
-    if writer:
-        writer.close()
+        bar.close()
+        if writer:
+            writer.close()
+        server_summary = server.call("summary")
 
-    server_summary = ray.get(server.summary.remote())
     driver_peak = peak_rss_bytes()
     if driver_peak is not None:
         server_summary["peak_rss_gb"]["driver"] = round(driver_peak / 2 ** 30, 4)
@@ -204,8 +204,80 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    ray.kill(server)
     return summary
+
+
+@contextmanager
+def _start_server(config: ExperimentConfig, data, negatives, run_dir: Path, address: str | None,
+                  phases: "StartupPhases"):
+    """The run's server as the driver calls it (runtime.backend): a Server actor and its ClientPool
+    actors on Ray, or a RoundServer over pools in this process; stopped when the job leaves."""
+    if config.runtime.backend == "local":
+        import torch
+
+        from pipeline.federated.runtime.server import RoundServer
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, int(config.runtime.cpus_per_pool or 1)))  # as one Ray pool's threads
+        try:
+            yield InProcessServer(RoundServer.in_process(config, data, negatives, run_dir))
+        finally:
+            torch.set_num_threads(threads)
+        return
+    from pipeline.federated.runtime.server import Server
+
+    ensure_ray(address)
+    phases.done("ray_s")
+    refs = [ray.put(data), ray.put(negatives)]
+    # the server lives on the driver's node (losing another node costs pools, which recover);
+    # inside a Tune trial it stays in the trial's placement group, where its pools go too
+    in_trial = ray.util.get_current_placement_group() is not None
+    here = None if in_trial else NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ActorServer(Server.options(scheduling_strategy=here).remote(config.model_dump_json(), refs, str(run_dir)))
+    try:
+        yield actor
+    finally:
+        actor.stop()
+
+
+class InProcessServer:
+    """A RoundServer in the driver's process, called as the driver calls the Server actor."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def call(self, method: str, *args):
+        """The answer as a copy, as a Ray call returns one (the driver extends the history it gets)."""
+        return copy.deepcopy(getattr(self.server, method)(*args))
+
+    def watch_progress(self) -> None:
+        """(The bar shows whole rounds: the round runs in this thread.)"""
+
+    def next_round(self, bar, ctrl_c) -> dict:
+        return self.server.next_round()
+
+    def stop(self) -> None:
+        """(Nothing runs once a call returns or is interrupted.)"""
+
+
+class ActorServer:
+    """The Server actor: each call a ray.get of the method's remote call."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def call(self, method: str, *args):
+        return ray.get(getattr(self.actor, method).remote(*args))
+
+    def watch_progress(self) -> None:
+        self.call("watch_progress")
+
+    def next_round(self, bar, ctrl_c) -> dict:
+        return _await_round(self.actor, bar, ctrl_c)
+
+    def stop(self) -> None:
+        """Kill the Server (its pools go with it)."""
+        ray.kill(self.actor, no_restart=True)
 
 
 class StartupPhases:
@@ -297,16 +369,17 @@ def _await_round(server, bar, ctrl_c: CtrlC | None = None) -> dict:
             bar.set_postfix_str(progress_text(ray.get(server.progress.remote())))
 
 
-def _stop_interrupted(server, run_dir: Path) -> str:
-    """Ctrl-C: say what the round in flight was doing, kill the Server (its pools go with it),
-    drop a half-written checkpoint folder, and name the checkpoint a resume continues from."""
+def _stop_interrupted(server: "InProcessServer | ActorServer", run_dir: Path) -> str:
+    """Ctrl-C: say what the round in flight was doing, stop the server (a Server actor's pools go
+    with it), drop a half-written checkpoint folder, and name the checkpoint a resume continues from."""
     from pipeline.federated.runtime.checkpoints import newest_intact
 
     try:
-        doing = progress_text(ray.get(server.progress.remote(), timeout=2))
+        doing = progress_text(server.call("progress") if isinstance(server, InProcessServer)
+                              else ray.get(server.actor.progress.remote(), timeout=2))
     except Exception:  # noqa: BLE001 - the server may already be gone; the message says less
         doing = "round in flight"
-    ray.kill(server, no_restart=True)
+    server.stop()
     folder = run_dir / "checkpoints"
     for partial in folder.glob(".*") if folder.is_dir() else ():  # write_atomically's temporary folders
         shutil.rmtree(partial, ignore_errors=True)

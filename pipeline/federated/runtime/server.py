@@ -1,7 +1,9 @@
-"""The Server actor: thin Ray wiring around the round loop. It holds a run's Strategy (the
-round policy and the server state), its RayPools (the ClientPool actors), its Checkpoints, and
-what the round in flight is doing, and plays rounds with rounds.run_rounds, one call at a time
-for the driver (pipeline.federated.runtime.run), which writes what a user watches.
+"""The server of a run: RoundServer holds its Strategy (the round policy and the server state),
+its Pools, its Checkpoints and what the round in flight is doing, and plays rounds with
+rounds.run_rounds, one call at a time for the driver (pipeline.federated.runtime.run), which
+writes what a user watches. Server is RoundServer as a Ray actor over RayPools (the ClientPool
+actors; runtime.backend=ray); runtime.backend=local calls a RoundServer over LocalPools in the
+driver's own process.
 
 Checkpoint layout (one folder per round, renamed into place when complete):
   <run>/checkpoints/round-000007/{global.pt, pool-0.pt, ..., manifest.json}
@@ -15,7 +17,7 @@ from pathlib import Path
 import ray
 
 from pipeline.config import ExperimentConfig
-from pipeline.federated.backend import PoolLost, Progress
+from pipeline.federated.backend import PoolLost, Progress, training_device
 from pipeline.federated.runtime.checkpoints import Checkpoints
 from pipeline.federated.runtime.machine import peak_rss_bytes
 from pipeline.federated.runtime.placement import plan_pools
@@ -28,20 +30,23 @@ def _gb(nbytes: int | None) -> float | None:
     return None if nbytes is None else round(nbytes / 2 ** 30, 4)
 
 
-# the "progress" group answers progress() and report_progress() while a round runs in the default group
-@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"progress": 1})
-class Server:
-    def __init__(self, config_json: str, refs: list, run_dir: str):
-        self.config = ExperimentConfig.model_validate_json(config_json)
-        data_ref, negatives_ref = refs
-        data = ray.get(data_ref)
-        self.n_users = data.n_users
-        self.plan = plan_pools(ray.cluster_resources(), self.config.runtime, fusion=self.config.model.fusion is not None)
-        self.strategy = Strategy(self.config, data, n_pools=self.plan.pools)
-        self.pools = RayPools(config_json, data_ref, negatives_ref, self.strategy, self.plan)
+class RoundServer:
+    """A run's rounds, one next_round() at a time, over any backend.Pools."""
+
+    def __init__(self, config: ExperimentConfig, strategy: Strategy, pools, run_dir: str | Path):
+        self.config, self.strategy, self.pools = config, strategy, pools
         self.checkpoints = Checkpoints(Path(run_dir))
         self._progress = Progress()
         self.peak_rss: dict[str, float] = {}  # GB per process (pool-<i>, server): the highest seen
+
+    @classmethod
+    def in_process(cls, config: ExperimentConfig, data, negatives, run_dir: str | Path) -> "RoundServer":
+        """runtime.backend=local: runtime.pools pools (default one) as LocalPools in this process."""
+        from pipeline.federated.backend import LocalPools
+
+        strategy = Strategy(config, data, n_pools=config.runtime.pools or 1)
+        pools = LocalPools(config, data, negatives, strategy, device=training_device(config.runtime, 0.0))
+        return cls(config, strategy, pools, run_dir)
 
     def next_round(self) -> dict:
         """Play the next round (rounds.run_rounds: train, aggregate, evaluate, checkpoint; a round
@@ -58,20 +63,6 @@ class Server:
         """Continue from the latest complete checkpoint (or the start); returns the next round."""
         return Checkpoints.load(self.checkpoints.latest(), self.strategy, self.pools)
 
-    # -- progress within a round ------------------------------------------------------------
-
-    def watch_progress(self) -> None:
-        """From now on pools report the clients they have trained and the users they have
-        evaluated, for progress(). Off until a driver shows a progress bar: without one, nobody
-        reads the reports, so pools send none."""
-        self.pools.report_to = ray.get_runtime_context().current_actor
-
-    @ray.method(concurrency_group="progress")
-    def report_progress(self, phase_id: int, pool: int, done: int) -> None:
-        """A pool has done `done` of its share of phase `phase_id` (late reports are dropped)."""
-        self._progress.report(phase_id, pool, done)
-
-    @ray.method(concurrency_group="progress")
     def progress(self) -> dict:
         """What the round in flight is doing: {round, phase (start-up before the first round, start,
         train, valid, test, full valid, full test, checkpoint), done, total (clients or users; pools
@@ -123,8 +114,37 @@ class Server:
     def pool_info(self) -> list[dict]:
         return self.pools.info()
 
-    def pool_handles(self) -> list:
-        return self.pools.actors
-
     def global_params(self) -> dict:
         return self.strategy.globals
+
+
+# the "progress" group answers progress() and report_progress() while a round runs in the default group
+@ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"progress": 1})
+class Server(RoundServer):
+    """RoundServer as a Ray actor over ClientPool actors placed on the cluster (placement.plan_pools)."""
+
+    def __init__(self, config_json: str, refs: list, run_dir: str):
+        config = ExperimentConfig.model_validate_json(config_json)
+        data_ref, negatives_ref = refs
+        data = ray.get(data_ref)
+        self.plan = plan_pools(ray.cluster_resources(), config.runtime, fusion=config.model.fusion is not None)
+        strategy = Strategy(config, data, n_pools=self.plan.pools)
+        super().__init__(config, strategy, RayPools(config_json, data_ref, negatives_ref, strategy, self.plan), run_dir)
+
+    def watch_progress(self) -> None:
+        """From now on pools report the clients they have trained and the users they have
+        evaluated, for progress(). Off until a driver shows a progress bar: without one, nobody
+        reads the reports, so pools send none."""
+        self.pools.report_to = ray.get_runtime_context().current_actor
+
+    @ray.method(concurrency_group="progress")
+    def report_progress(self, phase_id: int, pool: int, done: int) -> None:
+        """A pool has done `done` of its share of phase `phase_id` (late reports are dropped)."""
+        self._progress.report(phase_id, pool, done)
+
+    @ray.method(concurrency_group="progress")
+    def progress(self) -> dict:
+        return super().progress()
+
+    def pool_handles(self) -> list:
+        return self.pools.actors

@@ -1,9 +1,10 @@
 """The federated training job: the round loop on the driver, short enough to read at once.
 
-The driver prepares the data, starts the Server actor (which starts the ClientPools), asks
-for one round at a time, and writes what a user watches: a progress bar (with what the round in
-flight is doing: clients trained, users evaluated), TensorBoard scalars, metrics.jsonl (one line
-per round) and summary.json at the end.
+The driver prepares the data, starts the server (runtime.backend=ray: the Server actor, which
+starts the ClientPools; local: a RoundServer over pools in this process), asks for one round at
+a time, and writes what a user watches: a progress bar (on Ray with what the round in flight is
+doing: clients trained, users evaluated), TensorBoard scalars, metrics.jsonl (one line per
+round) and summary.json at the end.
 
 Ctrl-C (SIGINT) at any phase stops the job within a poll interval: the Server and its pools are
 killed, a checkpoint being written is dropped (checkpoints are renamed into place when complete,

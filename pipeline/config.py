@@ -380,6 +380,12 @@ class RuntimeConfig(ConfigModel):
     gpus_per_pool: float | None = Field(None, ge=0, description="None = an equal share of the cluster's GPUs "
                                                                 "(0 without GPUs, and with a fusion module unless "
                                                                 "device=cuda)")
+    server_gpus: float = Field(0.0, ge=0, description="GPUs (a share below 1) the Server actor holds on the "
+                                                  "driver's node so that GFMFR's group fusion model trains "
+                                                  "there; the pools share the cluster's other GPUs. 0: the "
+                                                  "server computes on the CPU. Needs model.gfmfr and "
+                                                  "runtime.backend=ray (the local backend's server uses the "
+                                                  "process's own device)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where pools run local training: auto = cuda when the pool holds a GPU, else "
                             "cpu (cpu also keeps pools off GPUs); cuda without a visible GPU is an error")
@@ -496,6 +502,18 @@ class ExperimentConfig(ConfigModel):
         if gfmfr.group_num != planted:
             raise ValueError(f"model.gfmfr.group_method=planted: group_num is {gfmfr.group_num} but the generator "
                              f"plants {planted} groups (data.synthetic.n_groups)")
+        return self
+
+    @model_validator(mode="after")
+    def _server_gpus(self):
+        runtime = self.runtime
+        if runtime.server_gpus == 0:
+            return self
+        why = ("model.gfmfr is not set (only GFMFR's server trains a model)" if self.model.gfmfr is None else
+               "runtime.backend=local (its server uses the process's own device)" if runtime.backend == "local" else
+               "runtime.device=cpu keeps the server on the CPU" if runtime.device == "cpu" else None)
+        if why:
+            raise ValueError(f"runtime.server_gpus={runtime.server_gpus} would do nothing: {why}; set it to 0")
         return self
 
     @model_validator(mode="after")

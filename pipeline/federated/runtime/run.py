@@ -135,9 +135,9 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
     if config.runtime.backend == "local" and ray_address(address):
         raise ValueError(f"runtime.backend=local trains in this process, but a Ray cluster was named "
                          f"({ray_address(address)}): drop the address (or RAY_ADDRESS), or set runtime.backend=ray")
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
     writer = bar = None
     with _start_server(config, data, negatives, run_dir, address, phases) as server, CtrlC() as ctrl_c:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
         try:  # Ctrl-C from here on: the job's actors are stopped and the message says what to resume
             next_round = server.call("resume") if resume else 0
             history = server.call("history_so_far")
@@ -234,11 +234,30 @@ def _start_server(config: ExperimentConfig, data, negatives, run_dir: Path, addr
     # inside a Tune trial it stays in the trial's placement group, where its pools go too
     in_trial = ray.util.get_current_placement_group() is not None
     here = None if in_trial else NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    actor = ActorServer(Server.options(scheduling_strategy=here).remote(config.model_dump_json(), refs, str(run_dir)))
+    gpus = server_gpus(config.runtime, in_trial)
+    actor = ActorServer(Server.options(scheduling_strategy=here, num_gpus=gpus)
+                        .remote(config.model_dump_json(), refs, str(run_dir)))
     try:
         yield actor
     finally:
         actor.stop()
+
+
+def server_gpus(runtime, in_trial: bool) -> float:
+    """runtime.server_gpus, checked against the driver's node, where the Server lives: a share it
+    cannot get would leave the job waiting for it forever."""
+    wanted = runtime.server_gpus
+    if not wanted:
+        return 0.0
+    if in_trial:
+        raise ValueError(f"runtime.server_gpus={wanted} in a Tune trial: a trial reserves CPUs for its driver and "
+                         f"pools only; set runtime.server_gpus=0 in the sweep's `set:`")
+    node = ray.get_runtime_context().get_node_id()
+    have = next((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["NodeID"] == node and n["Alive"]), 0.0)
+    if have < wanted:
+        raise ValueError(f"runtime.server_gpus={wanted}: the driver's node, where the Server lives, has {have:g} "
+                         f"GPU(s); run the driver on a GPU node (a cluster's head) or set runtime.server_gpus=0")
+    return wanted
 
 
 class InProcessServer:

@@ -82,7 +82,12 @@ class RoundServer:
         return {**self.strategy.summary(), "recoveries": self.strategy.recoveries,
                 "damaged_checkpoints": self.checkpoints.damaged, "pools": len(self.pools.shards),
                 "peak_rss_gb": self._peak_rss_summary(), "users_per_pool": [len(s) for s in self.pools.shards],
-                "machines": self.machines()}
+                "machines": self.machines(), "server": self.server_info()}
+
+    def server_info(self) -> dict:
+        """Where the server's own model (GFMFR's group fusion model) trained: its device, or None."""
+        groups = self.strategy.groups
+        return {"device": None if groups is None else str(groups.device)}
 
     def _note_peaks(self, metrics: dict) -> None:
         for key, value in metrics.items():
@@ -118,6 +123,14 @@ class RoundServer:
         return self.strategy.globals
 
 
+def pool_resources(cluster: dict[str, float], runtime) -> dict[str, float]:
+    """The cluster's resources less the Server's own GPU share (runtime.server_gpus): what the
+    pools are planned on."""
+    if not runtime.server_gpus:
+        return dict(cluster)
+    return {**cluster, "GPU": max(0.0, float(cluster.get("GPU", 0.0)) - runtime.server_gpus)}
+
+
 # the "progress" group answers progress() and report_progress() while a round runs in the default group
 @ray.remote(num_cpus=0, max_restarts=0, concurrency_groups={"progress": 1})
 class Server(RoundServer):
@@ -127,7 +140,8 @@ class Server(RoundServer):
         config = ExperimentConfig.model_validate_json(config_json)
         data_ref, negatives_ref = refs
         data = ray.get(data_ref)
-        self.plan = plan_pools(ray.cluster_resources(), config.runtime, fusion=config.model.fusion is not None)
+        self.plan = plan_pools(pool_resources(ray.cluster_resources(), config.runtime), config.runtime,
+                               fusion=config.model.fusion is not None)
         strategy = Strategy(config, data, n_pools=self.plan.pools)
         super().__init__(config, strategy, RayPools(config_json, data_ref, negatives_ref, strategy, self.plan), run_dir)
 
@@ -145,6 +159,10 @@ class Server(RoundServer):
     @ray.method(concurrency_group="progress")
     def progress(self) -> dict:
         return super().progress()
+
+    def server_info(self) -> dict:
+        """As RoundServer's, with the GPUs Ray gave this actor (runtime.server_gpus)."""
+        return {**super().server_info(), "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
 
     def pool_handles(self) -> list:
         return self.pools.actors

@@ -134,3 +134,27 @@ def test_local_backend_refuses_a_named_cluster_before_writing_anything(tmp_path)
     with pytest.raises(ValueError, match="runtime.backend=local trains in this process"):
         train(config, address="127.0.0.1:6379", data_cache=tmp_path / "cache", quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, device", [([], "cuda"), (["runtime.device=cpu"], "cpu"),
+                                            (["model.fusion={d_f: 16, d_r: 8}"], "cpu"),
+                                            (["model.fusion={d_f: 16, d_r: 8}", "runtime.device=cuda"], "cuda")])
+def test_a_local_run_takes_a_visible_gpu_where_a_ray_pool_would(monkeypatch, extra, device):
+    """Placement's rule in one process: an ID backbone under runtime.device=auto trains on a GPU the
+    process sees, a model with FedMR's fusion module only when runtime.device=cuda asks. The GPU
+    is faked (this machine may have none), and so is torch's answer that CUDA is there."""
+    import torch
+
+    from pipeline.federated.runtime.server import local_device
+
+    config = load_config(None, [*TINY, *extra])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert local_device(config) == device
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # no GPU seen: the CPU, or an error if asked
+    if device == "cuda" and "runtime.device=cuda" in extra:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(RuntimeError, match="torch sees no CUDA device"):
+            local_device(config)
+    else:
+        assert local_device(config) == "cpu"

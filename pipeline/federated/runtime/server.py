@@ -41,12 +41,12 @@ class RoundServer:
 
     @classmethod
     def in_process(cls, config: ExperimentConfig, data, negatives, run_dir: str | Path) -> "RoundServer":
-        """runtime.backend=local: runtime.pools pools (default one) as LocalPools in this process."""
+        """runtime.backend=local: runtime.pools pools (default one) as LocalPools in this process,
+        on local_device(config)."""
         from pipeline.federated.backend import LocalPools
 
         strategy = Strategy(config, data, n_pools=config.runtime.pools or 1)
-        pools = LocalPools(config, data, negatives, strategy, device=training_device(config.runtime, 0.0))
-        return cls(config, strategy, pools, run_dir)
+        return cls(config, strategy, LocalPools(config, data, negatives, strategy, device=local_device(config)), run_dir)
 
     def next_round(self) -> dict:
         """Play the next round (rounds.run_rounds: train, aggregate, evaluate, checkpoint; a round
@@ -121,6 +121,17 @@ class RoundServer:
 
     def global_params(self) -> dict:
         return self.strategy.globals
+
+
+def local_device(config: ExperimentConfig) -> str:
+    """The device of the local backend's pools: the GPU this process sees where a Ray pool would
+    take one (placement.plan_pools' rule: an ID backbone under runtime.device=auto, any model
+    under cuda), else the CPU."""
+    import torch
+
+    visible = {"CPU": 1.0, "GPU": float(torch.cuda.device_count())}
+    gpus = plan_pools(visible, config.runtime, fusion=config.model.fusion is not None).gpus_per_pool
+    return training_device(config.runtime, gpus)
 
 
 def pool_resources(cluster: dict[str, float], runtime) -> dict[str, float]:

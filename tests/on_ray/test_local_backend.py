@@ -81,9 +81,12 @@ def test_a_local_run_starts_no_ray_and_resumes_from_its_own_checkpoints(tmp_path
     first = _cli(tmp_path / "resumed", cache, *TINY, "train.rounds=2", env_extra=env)
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
-    again = _cli(tmp_path / "resumed", cache, *TINY, "train.rounds=4", resume=True, env_extra=env)
+    # as under `ray job submit`, which sets RAY_ADDRESS: said, and not joined
+    again = _cli(tmp_path / "resumed", cache, *TINY, "train.rounds=4", resume=True,
+                 env_extra={**env, "RAY_ADDRESS": "127.0.0.1:1"})
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
+    assert "the Ray cluster at RAY_ADDRESS (127.0.0.1:1) is not used" in err
     assert list(ray_tmp.iterdir()) == []  # no Ray session was started
     assert [m["round"] for m in _rows(tmp_path / "resumed")] == [0, 1, 2, 3]
     # the same numbers as the uninterrupted run (round 1 ended the first invocation: its stop flag says so)

@@ -21,6 +21,7 @@ import copy
 import json
 import shutil
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -132,9 +133,13 @@ def _train(config: ExperimentConfig, run_dir: Path, started: float, *, resume: b
     phases = StartupPhases(started)
     data, negatives = open_checked(config, data_cache)  # before anything is written or Ray starts
     phases.done("data_s")
-    if config.runtime.backend == "local" and ray_address(address):
+    if config.runtime.backend == "local" and address:
         raise ValueError(f"runtime.backend=local trains in this process, but a Ray cluster was named "
-                         f"({ray_address(address)}): drop the address (or RAY_ADDRESS), or set runtime.backend=ray")
+                         f"({address}): drop the address, or set runtime.backend=ray")
+    if config.runtime.backend == "local" and ray_address(None) and not quiet:
+        # (a job under `ray job submit` has RAY_ADDRESS set: it trains in its own process on that node)
+        print(f"runtime.backend=local: training in this process; the Ray cluster at RAY_ADDRESS "
+              f"({ray_address(None)}) is not used (runtime.backend=ray uses it)", file=sys.stderr)
     writer = bar = None
     with _start_server(config, data, negatives, run_dir, address, phases) as server, CtrlC() as ctrl_c:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))

@@ -1,15 +1,17 @@
 """Benchmark: the round as `pipeline train` runs it, per phase, from command to exit.
 
     python -m bench.round --dataset ku --method id                  # KU FCF, 5 rounds, 3 runs
+    python -m bench.round --dataset ku --method id --baseline-set runtime.backend=ray   # against Ray
     python -m bench.round --dataset movielens --method fedmr         # FedRAP + FedMR on ML-100K
     python -m bench.round --dataset movielens --method fedmr --set runtime.precision=bf16
     python -m bench.round --dataset ku --method id --baseline HEAD~3 # against an earlier commit
     python -m bench.round --quick                                    # synthetic FCF, 3 rounds, 1 run
 
 Each run is the real command, `python -m pipeline train --config configs/<dataset>/<backbone>
-[_fedmr|_gfmfr|_fedmr_gfmfr].yaml --json`, in a subprocess: a local Ray instance, the Server
-actor, the ClientPool actors, the round loop with its evaluation schedule, GFMFR's group step
-and checkpoints, then Ray's shutdown. From its metrics.jsonl and summary.json (and the clock
+[_fedmr|_gfmfr|_fedmr_gfmfr].yaml --json`, in a subprocess, on the config's runtime.backend: on
+Ray (MovieLens, synthetic) a local Ray instance, the Server actor, the ClientPool actors, the round
+loop with its evaluation schedule, GFMFR's group step and checkpoints, then Ray's shutdown; in
+the command's own process (KU: runtime.backend: local) the same round loop without Ray. From its metrics.jsonl and summary.json (and the clock
 around the process) it reports:
 
   start-up   imports (process start to the job's start), data (open and check the prepared

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.models.base import xavier
 
@@ -132,7 +131,7 @@ def train_group_fusion(model: GroupFusion, targets: torch.Tensor, members: torch
     tol (None: every epoch): stop after the first epoch that lowers the mean loss by at most
     tol x the previous epoch's (model.gfmfr.server_tol).
 
-    The same steps as `train_group_fusion_reference` (autograd + torch.optim.SGD; equal up to
+    The same steps as reference.group_fusion.train_group_fusion_reference (autograd + torch.optim.SGD; equal up to
     float rounding, pinned by the tests), written out by hand on the model's device with fewer
     operations per batch: the parameters live in one flat buffer (one SGD update of two
     operations, the mean's factor 2 / numel folded into it), the gradients are the MLP's, derived
@@ -230,36 +229,6 @@ def train_group_fusion(model: GroupFusion, targets: torch.Tensor, members: torch
                 break
         for n in names:
             named[n].copy_(w[n])
-    model.eval()
-    return losses
-
-
-def train_group_fusion_reference(model: GroupFusion, targets: torch.Tensor, members: torch.Tensor,
-                                 features: dict[str, torch.Tensor], *, epochs: int = 50, lr: float = 0.01,
-                                 weight_decay: float = 1e-4, batch: int = 256, seed: int = 0,
-                                 tol: float | None = None) -> list[float]:
-    """train_group_fusion as autograd and torch.optim.SGD run it, one batch at a time (the
-    implementation before the hand-written one; the tests and bench.gfmfr_server compare with it)."""
-    n_items = targets.shape[1]
-    pair_group, pair_item = _fusion_pairs(members, n_items)
-    optimiser = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    model.train()
-    losses = []
-    for _ in range(epochs):
-        order = torch.randperm(len(pair_group), generator=generator)
-        total = 0.0
-        for start in range(0, len(order), batch):
-            chosen = order[start:start + batch]
-            g, i = pair_group[chosen], pair_item[chosen]
-            loss = F.mse_loss(model(g, i, features), targets[g, i])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(chosen)
-        losses.append(total / max(len(order), 1))
-        if _converged(losses, tol):
-            break
     model.eval()
     return losses
 

@@ -11,7 +11,8 @@ import torch
 from pipeline.federated.strategy.group_server import group_means
 from pipeline.models.base import linear_head_teacher
 from pipeline.models.group_fusion import (GroupFusion, group_delta_sums, kd_per_row, kd_schedule, targets_from_sums,
-                                          train_group_fusion, train_group_fusion_reference, update_ratio_ema)
+                                          train_group_fusion, update_ratio_ema)
+from reference.group_fusion import train_group_fusion_reference
 
 
 def test_group_targets_are_the_members_mean_trained_tables():

@@ -6,6 +6,8 @@
     python -m bench.round --dataset movielens --method fedmr --set runtime.precision=bf16
     python -m bench.round --dataset ku --method id --baseline HEAD~3 # against an earlier commit
     python -m bench.round --quick                                    # synthetic FCF, 3 rounds, 1 run
+    python -m bench.round --dataset ku --set runtime.backend=ray --address 127.0.0.1:6399 \
+        --baseline-set runtime.backend=ray                            # joining a running head vs a new instance
 
 Each run is the real command, `python -m pipeline train --config configs/<dataset>/<backbone>
 [_fedmr|_gfmfr|_fedmr_gfmfr].yaml --json`, in a subprocess, on the config's runtime.backend: on
@@ -67,11 +69,11 @@ def absolute_paths(config: Path) -> list[str]:
             if data.get(key) and not Path(data[key]).is_absolute()]
 
 
-def run_once(tree: Path, config: Path, overrides: list[str], rounds: int, out: Path) -> dict:
+def run_once(tree: Path, config: Path, overrides: list[str], rounds: int, out: Path, address: str | None = None) -> dict:
     """One `pipeline train` from command to exit in `tree`; its phases in seconds."""
     command = [sys.executable, "-m", "pipeline", "train", "--config", str(config), "--json", "--set",
                f"train.rounds={rounds}", f"runtime.out={out}", "runtime.progress=false", "train.patience=1000",
-               *absolute_paths(config), *overrides]
+               *absolute_paths(config), *overrides, *(["--address", address] if address else [])]
     # the named datasets of this checkout's data root, whichever tree runs (a baseline worktree
     # elsewhere has no ../shared beside it)
     env = {**os.environ, "PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "PIPELINE_DATA_ROOT": str(data_root())}
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="REF", help="a git commit to run the same command at, as the baseline")
     parser.add_argument("--baseline-set", nargs="*", default=None, metavar="KEY=VALUE",
                         help="the baseline: this tree with these overrides instead of --set")
+    parser.add_argument("--address", default=None,
+                        help="a running Ray cluster the measured side's runs join (e.g. after `ray start "
+                             "--head`) instead of each starting its own instance; the baseline's runs do not")
     parser.add_argument("--quick", action="store_true", help="synthetic FCF, 3 rounds, 1 run per side")
     args = parser.parse_args(argv)
     if args.quick:
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for label, tree, overrides in (sides if repeat % 2 == 0 else sides[::-1]):
                     out = scratch / f"{label.split()[0]}-{repeat}"
-                    figures = run_once(tree, config, overrides, args.rounds, out)
+                    figures = run_once(tree, config, overrides, args.rounds, out,
+                                       args.address if label == "measured" else None)
                     runs[label].append(figures)
                     show(f"{label} run {repeat + 1}", figures)
         finally:
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {"bench": "round", "dataset": args.dataset, "method": args.method, "backbone": backbone,
               "device": args.device or "config", "rounds": args.rounds, "repeats": args.repeats,
+              "address": args.address,
               "overrides": measured, **medians(runs["measured"])}
     show("measured (median)", result)
     if len(sides) == 2:

@@ -272,6 +272,12 @@ class TrainConfig(ConfigModel):
     seed: int = Field(0, ge=0, description="run seed: sampling, negatives, shuffling")
     model_seed: int = Field(0, ge=0, description="initialisation seed")
     protocol: Literal["p1", "p3"] = "p3"
+    also_protocols: tuple[Literal["p1", "p3"], ...] = Field(
+        (), description="protocols evaluated besides `protocol` after every evaluated round, on every user, "
+                        "recorded as <p>/valid/<m> and <p>/test/<m>; selection and early stopping read "
+                        "`protocol` alone, and summary.json's `also` reports, per protocol, the round a run "
+                        "under it would select (its own selection metric, the same rule and patience): one "
+                        "run gives the rows of several protocols (docs/protocols.md)")
     selection_metric: str | None = Field(None, description="validation metric; default hr@10 (P1), hr@50 (P3)")
     patience: int = Field(20, ge=0)
     eval_every: int = Field(1, ge=1, description="evaluate after rounds 0, k, 2k, ... (k = eval_every; round 0 "
@@ -324,6 +330,12 @@ class TrainConfig(ConfigModel):
         if isinstance(self.eval_users, int) and self.eval_users < 1:
             raise ValueError(f"train.eval_users={self.eval_users}: expected a count >= 1, a fraction in (0, 1], "
                              f"or null for every user")
+        if self.protocol in self.also_protocols or len(set(self.also_protocols)) != len(self.also_protocols):
+            raise ValueError(f"train.also_protocols={list(self.also_protocols)}: name each protocol once, and not "
+                             f"train.protocol ({self.protocol}), which is evaluated anyway")
+        if self.also_protocols and self.eval_users is not None:
+            raise ValueError(f"train.also_protocols with train.eval_users={self.eval_users}: other protocols are "
+                             f"evaluated on every user only; set train.eval_users=null or drop train.also_protocols")
         metric = self.selection()  # the default too: it is read from the validation metrics every round
         name, _, k = metric.partition("@")
         if name not in ("hr", "ndcg", "mrr") or not k.isdigit() or int(k) not in self.eval_ks:
@@ -345,8 +357,9 @@ class TrainConfig(ConfigModel):
     def rows_per_batch(self) -> int:
         return self.batch_rows or self.batch_size * (1 + self.neg_ratio)
 
-    def selection(self) -> str:
-        return self.selection_metric or ("hr@10" if self.protocol == "p1" else "hr@50")
+    def selection(self, protocol: str | None = None) -> str:
+        """The validation metric that selects a run under `protocol` (default train.protocol)."""
+        return self.selection_metric or ("hr@10" if (protocol or self.protocol) == "p1" else "hr@50")
 
 
 class PrivacyConfig(ConfigModel):

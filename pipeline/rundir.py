@@ -23,9 +23,11 @@ import yaml
 
 LOCK = ".lock"
 
-# keys a resumed run may change: how long it runs, what it shows, how often it checkpoints, where
+# keys a resumed run may change: how long it runs, what it shows and evaluates besides its protocol (an
+# also_protocols report then says it is not complete), how often it checkpoints, where
 RESUMABLE_KEYS = ("train.rounds", "train.patience", "centralized.epochs", "centralized.patience",
-                  "runtime.progress", "runtime.tensorboard", "runtime.checkpoint_every", "runtime.out")
+                  "train.also_protocols", "runtime.progress", "runtime.tensorboard", "runtime.checkpoint_every",
+                  "runtime.out")
 
 
 class RunLockedError(ValueError):

@@ -78,10 +78,11 @@ class Pools(Protocol):
         """GFMFR: each pool's per-group (sums, members) of its round clients' table changes."""
 
     def evaluate(self, global_params: dict, split: str, users: list[np.ndarray | None], progress: Progress,
-                 phase: int) -> list[tuple[dict, int]]:
+                 phase: int, protocol: str | None = None) -> list[tuple[dict, int]]:
         """Each pool's (mean metrics, user count) on `split` for its users (None: all of them;
-        ({}, 0) for a pool given no users); the metrics hold covered@k, the items in its users'
-        top-k lists, for the catalogue coverage of all pools together (Strategy.reduce)."""
+        ({}, 0) for a pool given no users) under `protocol` (None: train.protocol); the metrics
+        hold covered@k, the items in its users' top-k lists, for the catalogue coverage of all
+        pools together (Strategy.reduce)."""
 
     def save(self, folder: Path, round_: int, progress: Progress | None = None, phase: int = 0) -> list[tuple[int, str]]:
         """Write each pool's state to folder/pool-<i>.pt; (bytes, sha256) per pool."""
@@ -137,7 +138,7 @@ class LocalPools:
     def group_sums(self, round_, ids, n_groups):
         return [pool.group_sums(mine, n_groups) for pool, mine in zip(self.pools, ids)]
 
-    def evaluate(self, global_params, split, users, progress, phase):
+    def evaluate(self, global_params, split, users, progress, phase, protocol=None):
         from pipeline.eval.protocols import reporting_progress
 
         train = self.config.train
@@ -147,7 +148,8 @@ class LocalPools:
                 out.append(({}, 0))
                 continue
             with reporting_progress(progress.counter(phase, i)):
-                out.append(pool.evaluate(global_params, train.protocol, split, train.eval_ks, mine, with_items=True))
+                out.append(pool.evaluate(global_params, protocol or train.protocol, split, train.eval_ks, mine,
+                                         with_items=True))
         return out
 
     def save(self, folder, round_, progress=None, phase=0):

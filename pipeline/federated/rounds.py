@@ -66,6 +66,9 @@ def play_round(strategy: Strategy, pools: Pools, round_: int, checkpoints: Check
     if strategy.evaluates(round_):
         metrics.update(_evaluate(strategy, pools, progress, round_, strategy.sample_per_pool))
         metrics["eval/users"], metrics["eval/sampled"] = strategy.eval_users, sampled
+        for other in strategy.config.train.also_protocols:  # every user (a sampled schedule is refused)
+            also = _evaluate(strategy, pools, progress, round_, None, other)
+            metrics.update({f"{other}/{key}": value for key, value in also.items()})
         # a sampled evaluation that improves the selection metric: this state on every user too,
         # so the selected round's valid and test are reported on every user
         full = _evaluate(strategy, pools, progress, round_, None) if sampled and strategy.improves(metrics) else None
@@ -98,15 +101,17 @@ def recover(strategy: Strategy, pools: Pools, checkpoints: Checkpoints, progress
         play_round(strategy, pools, round_, checkpoints, progress)
 
 
-def _evaluate(strategy: Strategy, pools: Pools, progress: Progress, round_: int, users_per_pool: list | None) -> dict:
-    """valid/<m> and test/<m> on every user (None) or on each pool's users of the sample."""
+def _evaluate(strategy: Strategy, pools: Pools, progress: Progress, round_: int, users_per_pool: list | None,
+              protocol: str | None = None) -> dict:
+    """valid/<m> and test/<m> on every user (None) or on each pool's users of the sample, under
+    train.protocol, or under `protocol` (one of train.also_protocols)."""
     mine = users_per_pool or [None] * len(pools.shards)
     users = sum(len(shard) if ids is None else len(ids) for shard, ids in zip(pools.shards, mine))
     out = {}
     for split in ("valid", "test"):
         name = split if users_per_pool is not None or strategy.sample_per_pool is None else f"full {split}"
-        phase = progress.begin(round_, name, users)
-        results = pools.evaluate(strategy.globals, split, mine, progress, phase)
+        phase = progress.begin(round_, name if protocol is None else f"{protocol} {split}", users)
+        results = pools.evaluate(strategy.globals, split, mine, progress, phase, protocol=protocol)
         out.update({f"{split}/{metric}": value for metric, value in strategy.reduce(results).items()})
     return out
 

@@ -34,6 +34,11 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="run directories go to RUNS_DIR/<config name>/seed-<s> (default: the runs root's "
                              "experiments/, $PIPELINE_RUNS or ~/.local/share/fedmm-pipeline/runs)")
+    parser.add_argument("--shared-runs", action="store_true",
+                        help="with --protocol A B: train each (config, seed) once, under A, evaluating B too "
+                             "(train.also_protocols); B's rows are read from those runs, which give exactly what "
+                             "runs under B would (a run under A without B's evaluation, e.g. from before, leaves "
+                             "B's run to be trained)")
     parser.add_argument("--records", type=Path, default=None, metavar="DIR",
                         help="keep a small record of every finished run in DIR/<config name>/seed-<s>.json "
                              "(summary and per-round validation, test, time and traffic metrics; commit it beside "
@@ -85,8 +90,14 @@ def cmd_experiments(args) -> int:
     if args.out:  # before any run starts
         check_report_file(args.out, "experiments", programs=["python -m pipeline.report.cli"], inputs=paths)
     specs = []
-    for protocol in args.protocol or [None]:
-        overrides = [*(args.set or []), *([f"train.protocol={protocol}"] if protocol else [])]
+    protocols = args.protocol or [None]
+    shared = getattr(args, "shared_runs", False)
+    if shared and len(protocols) < 2:
+        raise ValueError("--shared-runs: name two protocols (--protocol p1 p3): the runs of the first also "
+                         "evaluate the second")
+    for position, protocol in enumerate(protocols):
+        also = [f"train.also_protocols=[{','.join(protocols[1:])}]"] if shared and position == 0 else []
+        overrides = [*(args.set or []), *([f"train.protocol={protocol}"] if protocol else []), *also]
         specs += plan_runs(paths, seeds=args.seeds, overrides=overrides, runs_dir=args.runs_dir,
                            mode=getattr(args, "mode", "federated"))
     if args.force and args.report_only:
@@ -105,8 +116,8 @@ def cmd_experiments(args) -> int:
         print(markdown)
     failed = [r for r in results if r.status == "failed"]
     print(f"{len(results)} runs: " + ", ".join(f"{sum(r.status == s for r in results)} {s}"
-                                                for s in ("ran", "resumed", "skipped", "recorded", "missing",
-                                                          "failed"))
+                                                for s in ("ran", "resumed", "skipped", "recorded", "derived",
+                                                          "missing", "failed"))
           + f"; {time.perf_counter() - started:.0f} s" + (f"; report: {args.out}" if args.out else "")
           + (f"; plot: {', '.join(link for _, link in figures)}" if figures else ""),
           file=sys.stderr)

@@ -64,7 +64,7 @@ class RunSpec:
 @dataclass
 class RunResult:
     spec: RunSpec
-    status: str                  # skipped | recorded | ran | resumed | failed | missing (report_only)
+    status: str                  # skipped | recorded | ran | resumed | derived | failed | missing (report_only)
     summary: dict | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -94,7 +94,10 @@ def _comparable(config: dict, centralized: bool = False) -> dict:
     except ValueError:  # no longer a valid config: compared as stored, so it differs
         pass
     ignored = ("runtime",) if centralized else ("runtime", "centralized")
-    return {key: value for key, value in config.items() if key not in ignored}
+    out = {key: value for key, value in config.items() if key not in ignored}
+    if isinstance(out.get("train"), dict):  # what a run also evaluated never changes its numbers
+        out["train"] = {key: value for key, value in out["train"].items() if key != "also_protocols"}
+    return out
 
 
 MODES = ("federated", "centralized", "both")
@@ -308,13 +311,57 @@ def run_one(spec: RunSpec, force: bool = False, log=None, report_only: bool = Fa
                          seconds=time.perf_counter() - started)
 
 
+def derive(spec: RunSpec, twin: RunResult) -> RunResult | None:
+    """The run of `spec` (one protocol) read from `twin`, the same config and seed trained under
+    another protocol that also evaluated spec's (train.also_protocols): its summary's `also`
+    report for that protocol and the rows it recorded, when that report is complete; None
+    otherwise. The training is the same run's, so these are the numbers spec's own run would give
+    (tests/equivalence/test_also_protocols.py)."""
+    protocol = spec.config.train.protocol
+    also = ((twin.summary or {}).get("also") or {}).get(protocol)
+    if twin.status not in ("skipped", "recorded", "ran", "resumed") or not also or not also["complete"]:
+        return None
+    # the run's own config, read as spec's protocol (with the run's protocol as the one also evaluated):
+    # checked against spec's like any summary, so a twin of another config or data is refused
+    trained = twin.summary["config"]["train"]
+    config = {**twin.summary["config"], "train": {**trained, "protocol": protocol, "also_protocols": [
+        trained["protocol"], *(p for p in trained.get("also_protocols", ()) if p != protocol)]}}
+    summary = {**twin.summary, "config": config, "selection": also["selection"], "rounds_run": also["rounds_run"],
+               "evaluation": {**twin.summary.get("evaluation", {}), "final": also["final"]},
+               "derived_from": {"key": twin.spec.key, "seed": twin.spec.seed,
+                                "protocol": twin.spec.config.train.protocol},
+               "seconds_total": None, "timing": None}  # the time is the twin's, counted there
+    summary.pop("also", None)
+    check_summary(spec, summary, twin.spec.summary_path)
+    if "metrics" in twin.extra:
+        rows = twin.extra["metrics"]
+    else:
+        rows = records.read_metrics(twin.spec.run_dir) if (twin.spec.run_dir / "metrics.jsonl").is_file() else []
+    prefix = f"{protocol}/"
+    renamed = [{**{k: v for k, v in row.items() if not k.startswith(("valid/", "test/", "p1/", "p3/"))},
+                **{k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}}
+               for row in rows[:also["rounds_run"]]]
+    return RunResult(spec, "derived", summary=summary, extra={"metrics": renamed})
+
+
 def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_only: bool = False,
                     records_dir: Path | None = None) -> list[RunResult]:
-    """Every spec in order; one progress line per run on stderr (or `log`)."""
+    """Every spec in order; one progress line per run on stderr (or `log`). A spec of a config and
+    seed that an earlier spec trained with its protocol in train.also_protocols is read from that
+    run (derive) instead of being trained again."""
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     results = []
+    twins: dict[tuple, RunResult] = {}  # (config file, seed, centralized, protocol also evaluated) -> run
     for index, spec in enumerate(specs, 1):
-        result = run_one(spec, force=force, log=log, report_only=report_only, records_dir=records_dir)
+        twin = twins.get((spec.source, spec.seed, spec.centralized, spec.config.train.protocol))
+        try:
+            result = derive(spec, twin) if twin is not None else None
+        except StaleRunError as error:
+            result = RunResult(spec, "failed", error=str(error))
+        if result is None:
+            result = run_one(spec, force=force, log=log, report_only=report_only, records_dir=records_dir)
+        for other in spec.config.train.also_protocols:
+            twins[(spec.source, spec.seed, spec.centralized, other)] = result
         results.append(result)
         head = f"[{index}/{len(specs)}] {spec.key} seed {spec.seed}: {result.status}"
         if result.summary is not None:
@@ -325,6 +372,8 @@ def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_
                      f"valid {metric} {100 * selection['valid'][metric]:.2f}, "
                      f"test {metric} {100 * selection['test'][metric]:.2f}")
             head += f", {result.seconds:.0f} s)" if result.status in ("ran", "resumed") else ")"
+            if result.status == "derived":
+                head += f" from {result.summary['derived_from']['key']} seed {result.spec.seed}"
         elif result.error:
             head += f": {result.error}"
         log(head)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 FORMAT = "pipeline-run-record/1"
 # metric rows kept per round: what the tables, the validation and loss plot and the cost plot read
-RECORDED_PREFIXES = ("valid/", "test/", "time/", "comm/")
+RECORDED_PREFIXES = ("valid/", "test/", "time/", "comm/",
+                     *(f"{p}/{split}/" for p in ("p1", "p3") for split in ("valid", "test")))  # train.also_protocols
 RECORDED_KEYS = ("round", "train/loss")
 
 

@@ -171,6 +171,7 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
            "failed": [(r.spec.seed, r.error) for r in runs if r.status == "failed"],
            "missing": [r.spec.seed for r in runs if r.status == "missing"],
            "recorded": [r.spec.seed for r in runs if r.status == "recorded"],
+           "derived": [(r.spec.seed, r.summary["derived_from"]["key"]) for r in runs if r.status == "derived"],
            "test": {}, "valid": {}, "best_round": [], "rounds_run": [], "seconds": [],
            "timing": []}
     if config.privacy is not None:
@@ -517,6 +518,12 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                          f"another machine; the records folder is in the command above): "
                          + ", ".join(f"{row['key']} seed {'/'.join(map(str, row['recorded']))}"
                                      for row in rows if row.get("recorded")) + ".")
+        derived = [f"{row['key']} seed {seed} (from {twin})" for row in rows for seed, twin in row.get("derived", [])]
+        if derived:
+            notes.append(f"{len(derived)} of these runs were read from runs of the same config and seed trained "
+                         f"under another protocol that also evaluated this one (`--shared-runs`, "
+                         f"train.also_protocols: the same training, so the numbers such a run gives): "
+                         + ", ".join(derived) + ".")
         if per_seed:
             notes.append(f"Per seed — best round / rounds run (test {metric_label(metric)} at the best round): "
                          + "; ".join(per_seed) + ".")

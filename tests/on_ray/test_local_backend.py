@@ -46,7 +46,7 @@ HAS_KU = (data_root() / "ku").is_dir()
 
 
 @pytest.mark.parametrize("backbone, extra", [
-    ("fedrap", []),
+    ("fedrap", ["train.also_protocols=[p1]"]),  # the pools evaluate a second protocol too
     pytest.param("fcf", KU_FEDMR, marks=[pytest.mark.realdata,
                                          pytest.mark.skipif(not HAS_KU, reason="KU data not available")])])
 def test_local_backend_plays_the_rounds_of_the_ray_backend(local_ray, tmp_path, backbone, extra):

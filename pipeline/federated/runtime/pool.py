@@ -186,12 +186,13 @@ class RayPools:
     def group_sums(self, round_, ids, n_groups):
         return self._gather([actor.group_sums.remote(round_, mine, n_groups) for actor, mine in zip(self.actors, ids)])
 
-    def evaluate(self, global_params, split, users, progress, phase):
+    def evaluate(self, global_params, split, users, progress, phase, protocol=None):
         train = self.config.train
         global_ref = ray.put(global_params)
         asked = [i for i, ids in enumerate(users) if ids is None or len(ids)]
         counts = [len(self.shards[i]) if users[i] is None else len(users[i]) for i in asked]
-        results = self._gather([self.actors[i].evaluate.remote(global_ref, train.protocol, split, train.eval_ks,
+        protocol = protocol or train.protocol
+        results = self._gather([self.actors[i].evaluate.remote(global_ref, protocol, split, train.eval_ks,
                                                                users[i], self._reports(phase, i)) for i in asked],
                                counts, progress, phase)
         out = [({}, 0)] * len(self.actors)

@@ -27,7 +27,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.federated.strategy.aggregate import aggregate, initial_state, round_lrs, round_users, shard_users
 from pipeline.federated.privacy import privacy_report
 from pipeline.federated.strategy.schedule import eval_sample, evaluates
-from pipeline.federated.strategy.selection import Selection
+from pipeline.federated.strategy.selection import Selection, replay
 
 
 @dataclass
@@ -200,8 +200,11 @@ class Strategy:
         train = self.config.train
         evaluation = {"every": train.eval_every, "round0": train.eval_round0, "users": self.eval_users,
                       "sampled": self.sample_per_pool is not None, "seed": train.eval_seed, "final": self._final()}
+        also = {protocol: replay(self.history, protocol, train.selection(protocol), train.patience, train.rounds,
+                                  self.n_users)
+                for protocol in train.also_protocols}
         return {"selection": self.selection.report(), "evaluation": evaluation, "rounds_run": len(self.history),
-                "privacy": privacy}
+                "privacy": privacy, **({"also": also} if also else {})}
 
     def _final(self) -> dict | None:
         """The last round's state on every user: its full/ evaluation under a sample, else its

@@ -56,3 +56,31 @@ class Selection:
 
     def load_state_dict(self, state: dict) -> None:
         vars(self).update(state)
+
+
+def replay(history: list[dict], protocol: str, metric: str, patience: int, rounds: int, users: int) -> dict:
+    """What a run under `protocol` (one of train.also_protocols) would report, from a history
+    whose evaluated rounds hold its `<protocol>/valid/<m>` and `<protocol>/test/<m>`: the same
+    selection rule on `metric` and the same patience, stopping where that run would stop. Its
+    training is the same (evaluation changes no state), so this is that run's report exactly when
+    `complete`: every evaluated round of the history holds that protocol's metrics (not so for the
+    rounds of a run resumed with also_protocols added), and the history went on at least as long
+    as that run would have (it ran `rounds`, train.rounds, or that run's patience ran out within
+    it)."""
+    prefix = f"{protocol}/"
+    selection, played, last, missing = Selection(metric, patience), 0, None, False
+    for row in history:
+        played += 1
+        evaluated = any(key.startswith("valid/") for key in row)
+        missing |= evaluated and f"{prefix}valid/{metric}" not in row  # a round evaluated without it
+        if f"{prefix}valid/{metric}" in row:
+            last = row
+            selection.update(row["round"], {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)})
+            if selection.should_stop():
+                break
+    pick = lambda split: {k[len(prefix) + len(split) + 1:]: v for k, v in (last or {}).items()  # noqa: E731
+                          if k.startswith(f"{prefix}{split}/")}
+    final = None if last is None or last is not history[played - 1] else {
+        "round": last["round"], "users": users, "valid": pick("valid"), "test": pick("test")}
+    return {"selection": selection.report(), "rounds_run": played, "final": final,
+            "complete": not missing and (selection.should_stop() or played >= rounds)}

@@ -18,8 +18,8 @@ per-group reduction (LocalPools.group_sums) and fitting the group fusion model a
 scores (GroupServer.fit); the server step is the whole group step (time/group_step_seconds).
 
 Each round the group fusion model's training (GroupServer.train) also runs, from the same
-starting model on a copy, with the reference implementation (reference.group_fusion.train_group_fusion_reference:
-autograd + torch.optim.SGD, the implementation before the hand-written one; it computes the same
+starting model on a copy, with the reference implementation
+(reference.group_fusion.train_group_fusion_reference: autograd + torch.optim.SGD, the implementation before the hand-written one; it computes the same
 up to float rounding, printed as the largest parameter difference) and, with --tol, with the early
 stop model.gfmfr.server_tol=TOL; the order of the timed trainings alternates between rounds. The
 baseline server step is the measured step with the reference training's time in place of the

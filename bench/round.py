@@ -13,8 +13,8 @@ Each run is the real command, `python -m pipeline train --config configs/<datase
 [_fedmr|_gfmfr|_fedmr_gfmfr].yaml --json`, in a subprocess, on the config's runtime.backend: on
 Ray (MovieLens, synthetic) a local Ray instance, the Server actor, the ClientPool actors, the round
 loop with its evaluation schedule, GFMFR's group step and checkpoints, then Ray's shutdown; in
-the command's own process (KU: runtime.backend: local) the same round loop without Ray. From its metrics.jsonl and summary.json (and the clock
-around the process) it reports:
+the command's own process (KU: runtime.backend: local) the same round loop without Ray. From its
+metrics.jsonl and summary.json (and the clock around the process) it reports:
 
   start-up   imports (process start to the job's start), data (open and check the prepared
              data), ray (start a local instance), server (the Server actor up), first round (the
@@ -69,7 +69,8 @@ def absolute_paths(config: Path) -> list[str]:
             if data.get(key) and not Path(data[key]).is_absolute()]
 
 
-def run_once(tree: Path, config: Path, overrides: list[str], rounds: int, out: Path, address: str | None = None) -> dict:
+def run_once(tree: Path, config: Path, overrides: list[str], rounds: int, out: Path,
+             address: str | None = None) -> dict:
     """One `pipeline train` from command to exit in `tree`; its phases in seconds."""
     command = [sys.executable, "-m", "pipeline", "train", "--config", str(config), "--json", "--set",
                f"train.rounds={rounds}", f"runtime.out={out}", "runtime.progress=false", "train.patience=1000",

@@ -246,8 +246,13 @@ def recorded_result(spec: RunSpec, records_dir: Path) -> RunResult | None:
 def keep_record(result: RunResult, records_dir: Path) -> None:
     """Write (or refresh) the record of a run finished on disk."""
 
-    rows = records.read_metrics(result.spec.run_dir) if (result.spec.run_dir / "metrics.jsonl").is_file() else []
-    records.write_record(records_dir, records.make_record(result.spec.key, result.spec.seed, result.summary, rows))
+    records.write_record(records_dir, records.make_record(result.spec.key, result.spec.seed, result.summary,
+                                                          _disk_rows(result.spec)))
+
+
+def _disk_rows(spec: RunSpec) -> list[dict]:
+    """The metrics.jsonl rows of spec's run directory ([] without one)."""
+    return records.read_metrics(spec.run_dir) if (spec.run_dir / "metrics.jsonl").is_file() else []
 
 
 # what train, centralized and a failed run leave in a run directory
@@ -333,10 +338,7 @@ def derive(spec: RunSpec, twin: RunResult) -> RunResult | None:
                "seconds_total": None, "timing": None}  # the time is the twin's, counted there
     summary.pop("also", None)
     check_summary(spec, summary, twin.spec.summary_path)
-    if "metrics" in twin.extra:
-        rows = twin.extra["metrics"]
-    else:
-        rows = records.read_metrics(twin.spec.run_dir) if (twin.spec.run_dir / "metrics.jsonl").is_file() else []
+    rows = twin.extra["metrics"] if "metrics" in twin.extra else _disk_rows(twin.spec)
     prefix = f"{protocol}/"
     renamed = [{**{k: v for k, v in row.items() if not k.startswith(("valid/", "test/", "p1/", "p3/"))},
                 **{k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}}

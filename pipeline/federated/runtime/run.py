@@ -37,6 +37,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.data.cache import data_cache_root
 from pipeline.data.datasets import open_dataset
 from pipeline.federated.runtime.machine import peak_rss_bytes
+from pipeline.ray_cluster import ray_address
 from pipeline.rundir import LOCK, RunLock, check_resume
 
 POLL_SECONDS = 0.5  # how often the driver asks the Server what the round in flight is doing
@@ -44,12 +45,6 @@ POLL_SECONDS = 0.5  # how often the driver asks the Server what the round in fli
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped the job; the message says where and what a --resume continues from."""
-
-
-def ray_address(address: str | None) -> str | None:
-    from pipeline.ray_cluster import ray_address as named
-
-    return named(address)
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -278,6 +273,9 @@ class InProcessServer:
     def watch_progress(self) -> None:
         """(The bar shows whole rounds: the round runs in this thread.)"""
 
+    def progress(self) -> dict:
+        return self.server.progress()
+
     def next_round(self, bar, ctrl_c) -> dict:
         return self.server.next_round()
 
@@ -296,6 +294,10 @@ class ActorServer:
 
     def watch_progress(self) -> None:
         self.call("watch_progress")
+
+    def progress(self) -> dict:
+        """What the round in flight is doing (the Server answers it while a round runs)."""
+        return ray.get(self.actor.progress.remote(), timeout=2)
 
     def next_round(self, bar, ctrl_c) -> dict:
         return _await_round(self.actor, bar, ctrl_c)
@@ -400,8 +402,7 @@ def _stop_interrupted(server: "InProcessServer | ActorServer", run_dir: Path) ->
     from pipeline.federated.runtime.checkpoints import newest_intact
 
     try:
-        doing = progress_text(server.call("progress") if isinstance(server, InProcessServer)
-                              else ray.get(server.actor.progress.remote(), timeout=2))
+        doing = progress_text(server.progress())
     except Exception:  # noqa: BLE001 - the server may already be gone; the message says less
         doing = "round in flight"
     server.stop()

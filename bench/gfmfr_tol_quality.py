@@ -3,6 +3,8 @@
     python -m bench.gfmfr_tol_quality --config configs/movielens/fcf_gfmfr.yaml --rounds 10 --tol none 1e-3
     python -m bench.gfmfr_tol_quality --config configs/movielens/fedrap_gfmfr.yaml --tol none 1e-3 \
         --regroup-every 1 4 --seeds 0 1     # also model.gfmfr.regroup_every, and train.seed / model_seed
+    python -m bench.gfmfr_tol_quality --config configs/movielens/fedrap_gfmfr.yaml --tol none \
+        --set model.gfmfr.server_target_scale=rms     # any config override, for every run
 
 For each seed, each tol (none = the default, every one of server_epochs) and each
 regroup_every (--regroup-every; 1 = the default, cluster every round), a short run of the config
@@ -29,7 +31,8 @@ KEYS = {"valid/hr@10": "hr10", "valid/ndcg@10": "ndcg10", "group/fusion_epochs":
         "time/grouping_seconds": "grouping_s"}
 
 
-def run(config_path: str, rounds: int, tol: str, regroup_every: int = 1, seed: int | None = None) -> dict:
+def run(config_path: str, rounds: int, tol: str, regroup_every: int = 1, seed: int | None = None,
+        overrides: tuple[str, ...] = ()) -> dict:
     from pipeline.config import load_config
     from pipeline.data.datasets import open_dataset
     from pipeline.federated.rounds import in_process, run_rounds
@@ -38,7 +41,8 @@ def run(config_path: str, rounds: int, tol: str, regroup_every: int = 1, seed: i
                                     f"train.patience={rounds + 1}",
                                     f"model.gfmfr.server_tol={'null' if tol == 'none' else tol}",
                                     f"model.gfmfr.regroup_every={regroup_every}",
-                                    *([f"train.seed={seed}", f"train.model_seed={seed}"] if seed is not None else [])])
+                                    *([f"train.seed={seed}", f"train.model_seed={seed}"] if seed is not None else []),
+                                    *overrides])
     name = f"tol {tol}, regroup_every {regroup_every}" + (f", seed {seed}" if seed is not None else "")
     data, negatives = open_dataset(cfg.data, cache=None)
     strategy, pools = in_process(cfg, data, negatives)
@@ -81,14 +85,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="model.gfmfr.regroup_every values; 1 = the default")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="train.seed = train.model_seed values (default: the config's)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run (e.g. model.gfmfr.server_target_scale=rms)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     threads = set_threads(args.threads)
     print(machine_line(threads))
     print(f"{args.config}, {args.rounds} rounds:")
-    runs = [run(args.config, args.rounds, tol, every, seed) for seed in (args.seeds or [None])
+    runs = [run(args.config, args.rounds, tol, every, seed, tuple(args.set)) for seed in (args.seeds or [None])
             for tol in args.tol for every in args.regroup_every]
-    figures = {"benchmark": "gfmfr_tol_quality", "config": args.config, "rounds": args.rounds, "threads": threads,
+    figures = {"benchmark": "gfmfr_tol_quality", "config": args.config, "set": args.set, "rounds": args.rounds,
+               "threads": threads,
                "runs": runs}
     emit_json(figures)
     return figures

@@ -162,6 +162,13 @@ class GfmfrConfig(ConfigModel):
         None, ge=0, description="early stop of the group fusion model: end a round's epochs after the first "
                                 "that lowers its mean loss by at most this fraction of the previous epoch's; "
                                 "null (default) = always server_epochs (docs/methods.md: cost and effect)")
+    server_target_scale: Literal["none", "rms"] = Field(
+        "none", description="none (default, GFMFR's recipe): the group fusion model regresses the group "
+                            "targets as they are; rms: it regresses them divided by their root mean square "
+                            "over the non-empty groups (one number per round) and its tables are scaled back, "
+                            "so its SGD at server_lr fits large item tables as it fits small ones (FedRAP's "
+                            "under the default recipe reach an RMS near 100, where the unscaled fit diverges; "
+                            "docs/methods.md)")
     regroup_every: int = Field(
         1, ge=1, description="k: cluster the participants in rounds 0, k, 2k, ... only (1, the default = every "
                              "round). In the rounds between, a participant grouped before keeps its latest group "

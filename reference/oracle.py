@@ -502,7 +502,12 @@ def _oracle_group_step(config: ExperimentConfig, data: PreparedDataset, server: 
         torch.stack([trained[u][table] for u, g in zip(users, ids) if g == group]).mean(0) if members[group]
         else torch.zeros_like(trained[users[0]][table]) for group in range(n_groups)])
     fusion = server["fusion"]
-    train_group_fusion(fusion, targets, members, features, epochs=gfmfr.server_epochs, lr=gfmfr.server_lr,
+    scale = 1.0  # server_target_scale rms: fit the targets over their root mean square, scale the tables back
+    if gfmfr.server_target_scale == "rms":
+        rms = math.sqrt(float(torch.cat([targets[g].double().reshape(-1) for g in range(n_groups)
+                                         if members[g]]).square().mean()))
+        scale = rms if rms > 0 else 1.0
+    train_group_fusion(fusion, targets / scale, members, features, epochs=gfmfr.server_epochs, lr=gfmfr.server_lr,
                        weight_decay=gfmfr.server_weight_decay, batch=gfmfr.server_batch,
                        seed=cluster_seed(config.train.seed, round_))
     scores = torch.full((n_groups, data.n_items), math.nan, dtype=dtype)
@@ -511,7 +516,7 @@ def _oracle_group_step(config: ExperimentConfig, data: PreparedDataset, server: 
         for group in range(n_groups):
             if not members[group]:
                 continue
-            z = fusion.table(group, features, data.n_items)
+            z = fusion.table(group, features, data.n_items) * scale
             mine = [trained[u] for u, g in zip(users, ids) if g == group]
             if fuse is not None:
                 z = fuse(z, mine)

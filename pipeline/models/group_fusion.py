@@ -43,6 +43,18 @@ def targets_from_sums(global_table: torch.Tensor, sums: torch.Tensor, members: t
     return global_table[None] + sums / members.clamp(min=1).to(sums.dtype)[:, None, None]
 
 
+def target_scale(targets: torch.Tensor, members: torch.Tensor, how: str) -> float:
+    """What the group fusion model's targets [G, N, d] are divided by before its fit (its tables
+    multiplied by after): 1 for how='none'; for 'rms' their root mean square over the non-empty
+    groups (1 when that is 0), so SGD at a fixed lr sees unit-size targets whatever the tables' size."""
+    if how == "none":
+        return 1.0
+    if how != "rms":
+        raise ValueError(f"server_target_scale {how!r}: expected 'none' or 'rms'")
+    rms = float(targets[members.to(targets.device) > 0].double().square().mean().sqrt())
+    return rms if rms > 0 and math.isfinite(rms) else 1.0
+
+
 # --- group fusion model ---------------------------------------------------------------------------
 
 

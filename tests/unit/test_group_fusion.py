@@ -10,8 +10,8 @@ import torch
 
 from pipeline.federated.strategy.group_server import group_means
 from pipeline.models.base import linear_head_teacher
-from pipeline.models.group_fusion import (GroupFusion, group_delta_sums, kd_per_row, kd_schedule, targets_from_sums,
-                                          train_group_fusion, update_ratio_ema)
+from pipeline.models.group_fusion import (GroupFusion, group_delta_sums, kd_per_row, kd_schedule, target_scale,
+                                          targets_from_sums, train_group_fusion, update_ratio_ema)
 from reference.group_fusion import train_group_fusion_reference
 
 
@@ -76,6 +76,35 @@ def test_group_fusion_learns_the_targets_and_warm_starts():
     every = model.tables(features, 40)  # all groups at once
     assert every.shape == (3, 40, 8) and not every.requires_grad
     assert torch.allclose(every[1], z, rtol=1e-5, atol=1e-6)
+
+
+def test_rms_target_scale_fits_large_tables_as_small_ones():
+    """server_target_scale: the same content-to-table map at 100x the size (FedRAP's tables
+    under the default recipe are that large) defeats the unscaled SGD fit at the lr that fits the
+    unit-size one; divided by their RMS (the scale over the non-empty groups only), the large
+    targets give the unit-size fit's relative error."""
+    features, targets = planted_targets()
+    members = torch.tensor([2, 5, 0])
+    targets[2] = 1e6  # an empty group's rows never count
+    fits = {}
+    for size in (1.0, 100.0):
+        for how in ("none", "rms"):
+            big = targets * size
+            scale = target_scale(big, members, how)
+            model = GroupFusion(3, 8, {"text": 12, "image": 10}, group_dim=16,
+                                generator=torch.Generator().manual_seed(1))
+            train_group_fusion(model, big / scale, members, features, epochs=40, lr=0.2, batch=32, seed=3)
+            z = model.tables(features, 40)[:2] * scale
+            fits[size, how] = (scale, float((z - big[:2]).norm() / big[:2].norm()))
+    assert fits[1.0, "none"][0] == fits[100.0, "none"][0] == 1.0
+    assert fits[100.0, "rms"][0] == pytest.approx(100 * fits[1.0, "rms"][0], rel=1e-6)
+    assert fits[1.0, "rms"][0] == pytest.approx(float(targets[:2].double().square().mean().sqrt()), rel=1e-6)
+    assert fits[1.0, "none"][1] < 0.7 and fits[1.0, "rms"][1] < 0.7
+    assert fits[100.0, "none"][1] > 0.95 or not math.isfinite(fits[100.0, "none"][1])  # the large fit fails
+    assert fits[100.0, "rms"][1] == pytest.approx(fits[1.0, "rms"][1], rel=1e-4)
+    assert target_scale(torch.zeros(2, 3, 4), torch.tensor([1, 1]), "rms") == 1.0
+    with pytest.raises(ValueError, match="server_target_scale"):
+        target_scale(targets, members, "max")
 
 
 def test_group_fusion_trains_only_non_empty_groups():

@@ -22,7 +22,8 @@ import torch
 from pipeline.federated.strategy.grouping import UNGROUPED, cluster_seed, group_users, keep_groups
 from pipeline.federated.messages import TeacherDownload
 from pipeline.models.base import InitialState
-from pipeline.models.group_fusion import GroupFusion, kd_schedule, targets_from_sums, train_group_fusion
+from pipeline.models.group_fusion import (GroupFusion, kd_schedule, target_scale, targets_from_sums,
+                                         train_group_fusion)
 
 _FUSION_SEED_TAG = 0x6F5  # the group fusion model's initialisation stream (from train.model_seed)
 
@@ -155,14 +156,16 @@ class GroupServer:
         started = time.perf_counter()
         dtype = self.fusion.group.dtype
         targets = targets_from_sums(downloaded_table.to(dtype), sums.to(dtype), members)
-        losses = self.train(targets, members, cluster_seed(self.config.train.seed, round_))
+        scale = target_scale(targets, members, self.cfg.server_target_scale)
+        losses = self.train(targets / scale, members, cluster_seed(self.config.train.seed, round_))
+        losses = [loss * scale ** 2 for loss in losses]  # in the targets' own units
         if not math.isfinite(losses[-1]):  # a hard failure, like a client's
             raise FloatingPointError(f"round {round_}: the group fusion model's loss is {losses[-1]} (the group "
                                      f"targets, the members' trained tables, have diverged)")
         fitted = time.perf_counter()
         n_groups = self.cfg.group_num
         with torch.no_grad():
-            z = self.fusion.tables(self.fusion_features, self.n_items).cpu()  # [G, N, d_c]
+            z = self.fusion.tables(self.fusion_features, self.n_items).cpu() * scale  # [G, N, d_c]
             nonempty = members > 0
             miss = float((z[nonempty] - targets[nonempty]).norm() / targets[nonempty].norm().clamp(min=1e-30))
             means = group_means(vectors.to(dtype), ids, n_groups)
@@ -200,6 +203,7 @@ class GroupServer:
                 "time/teacher_seconds": time.perf_counter() - fitted,
                 "group/fusion_loss": losses[-1],
                 "group/fusion_epochs": len(losses),
+                "group/target_scale": scale,
                 "group/fusion_relative_error": miss,
                 "group/nonempty": int(nonempty.sum()),
                 "group/largest": int(members.max())}

@@ -192,6 +192,7 @@ def _input_key(config: DatasetConfig) -> str:
         if not manifest.is_file():
             raise DataError(manifest, "not a feature store; run `python -m pipeline encode` first")
         digest.update(manifest.read_bytes())
+        digest.update(b"stats.features_recipe")  # caches from before the stats named the store's key: prepared again
         for file in sorted(Path(config.features).glob("*.npy")):  # the matrices themselves: an edited
             digest.update(file.name.encode())                        # store is read (and checked) again
             digest.update(file.read_bytes())

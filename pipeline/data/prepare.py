@@ -107,9 +107,12 @@ class PreparedDataset:
     def identity(self) -> dict:
         """The `dataset` block of run summaries and model cards: name, sizes, the split's and the
         features' fingerprints, and the input rows skipped for an empty field (skip_missing)."""
-        return {"name": self.name, "users": self.n_users, "items": self.n_items,
-                "fingerprint": self.fingerprint(), "features": self.features_fingerprint(),
-                "skipped_rows_missing_fields": int(self.stats.get("skipped_rows_missing_fields", 0))}
+        identity = {"name": self.name, "users": self.n_users, "items": self.n_items,
+                    "fingerprint": self.fingerprint(), "features": self.features_fingerprint(),
+                    "skipped_rows_missing_fields": int(self.stats.get("skipped_rows_missing_fields", 0))}
+        if self.features and self.stats.get("features_recipe"):  # features from a store: its key
+            identity["features_recipe"] = self.stats["features_recipe"]
+        return identity
 
     def mismatch(self, identity: dict) -> str | None:
         """Why a run described by `identity` (an `identity()` block) was not made on this data, or None."""
@@ -127,6 +130,18 @@ def identity_mismatch(made: dict, now: dict) -> str | None:
         return (f"other item features for {now['name']!r} (features fingerprint {made['features']}, now "
                 f"{now['features']}: the feature store was encoded differently)")
     return None
+
+
+def reencoding(made: dict, now: dict) -> bool:
+    """Whether a run whose `dataset` block is `made` differs from the data described by `now` only
+    in the bits of its item features, and those came from the same feature-store recipe (encoders,
+    their settings and the inputs' content, the store's key) as now's: the same store encoded
+    again, e.g. on another machine, whose float kernels round differently. A block from before
+    runs recorded the recipe counts as the same recipe (who accepts it says so, see
+    `experiments --accept-reencoded-features`)."""
+    return (made.get("fingerprint") == now["fingerprint"] and "features" in made
+            and made["features"] != now["features"] and now.get("features_recipe") is not None
+            and made.get("features_recipe", now["features_recipe"]) == now["features_recipe"])
 
 
 def prepare(raw: RawDataset, config: PrepareConfig | None = None) -> PreparedDataset:

@@ -126,6 +126,7 @@ def attach_features(raw: RawDataset, directory) -> RawDataset:
     item ids). Every item of the interactions must have a row: a store made from another
     catalogue is refused rather than silently filled with mean rows."""
     features = as_features(directory)
+    recipe = (read_manifest(directory) or {}).get("key")
     items = np.unique(np.asarray(raw.interactions.item))
     try:
         known = np.isin(items, features.item_id.astype(items.dtype))
@@ -134,7 +135,9 @@ def attach_features(raw: RawDataset, directory) -> RawDataset:
     if not known.all():
         raise DataError(Path(directory) / IDS, f"{int((~known).sum())} interacted items have no feature row "
                                                f"(e.g. {items[~known][:3].tolist()}); encode this dataset's catalogue")
-    return dataclasses.replace(raw, features=features)
+    # the store's key (encoders, their settings, the inputs' content) goes with the data into run summaries
+    source = {**raw.source, "stats": {**raw.source.get("stats", {}), "features_recipe": recipe}}
+    return dataclasses.replace(raw, features=features, source=source)
 
 
 def reusable(directory, key: str) -> dict | None:

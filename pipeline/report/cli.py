@@ -44,6 +44,12 @@ def _add_args(parser: argparse.ArgumentParser) -> None:
                              "(summary and per-round validation, test, time and traffic metrics; commit it beside "
                              "the table) and read a run from its record when it is not finished on disk: "
                              "the table can be completed on another machine and rebuilt from the records alone")
+    parser.add_argument("--accept-reencoded-features", action="store_true",
+                        help="count finished runs (on disk or recorded) whose item features differ from today's "
+                             "only because the same feature store (the same encoders, settings and inputs) was "
+                             "encoded again, e.g. on another machine whose float kernels round differently; the "
+                             "report names each such run and both features fingerprints (without this flag "
+                             "they are stale)")
     parser.add_argument("--mode", choices=list(MODES), default="federated",
                         help="federated runs, the configs' centralized upper bounds (pipeline centralized; rows "
                              "labelled 'centralized'), or both in the same tables with the gap per backbone")
@@ -99,7 +105,8 @@ def cmd_experiments(args) -> int:
         also = [f"train.also_protocols=[{','.join(protocols[1:])}]"] if shared and position == 0 else []
         overrides = [*(args.set or []), *([f"train.protocol={protocol}"] if protocol else []), *also]
         specs += plan_runs(paths, seeds=args.seeds, overrides=overrides, runs_dir=args.runs_dir,
-                           mode=getattr(args, "mode", "federated"))
+                           mode=getattr(args, "mode", "federated"),
+                           accept_reencoded=getattr(args, "accept_reencoded_features", False))
     if args.force and args.report_only:
         raise ValueError("--force and --report-only contradict each other")
     results = run_experiments(specs, force=args.force, report_only=args.report_only,

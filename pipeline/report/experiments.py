@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import ExperimentConfig, load_config
-from pipeline.data.prepare import identity_mismatch
+from pipeline.data.prepare import identity_mismatch, reencoding
 from pipeline.outputs import OutputError, is_run_directory
 from pipeline.paths import default_run_dir
 from pipeline.report import records
@@ -51,6 +51,7 @@ class RunSpec:
     config: ExperimentConfig     # with seed, model_seed and runtime.out applied
     overrides: tuple[str, ...]   # the overrides applied (without the controlled keys)
     centralized: bool = False    # the config's centralized upper bound (pipeline centralized), not federated
+    accept_reencoded: bool = False  # a finished run made on another encoding of its feature store counts
 
     @property
     def run_dir(self) -> Path:
@@ -104,9 +105,12 @@ MODES = ("federated", "centralized", "both")
 
 
 def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str] = (),
-              runs_dir: Path | None = None, mode: str = "federated") -> list[RunSpec]:
+              runs_dir: Path | None = None, mode: str = "federated", accept_reencoded: bool = False) -> list[RunSpec]:
     """One RunSpec per (config, seed), configs in the given order; mode 'centralized' plans each
-    config's centralized upper bound instead (folder <key>-centralized), 'both' plans both."""
+    config's centralized upper bound instead (folder <key>-centralized), 'both' plans both.
+    accept_reencoded: a finished run (on disk or recorded) whose item features differ from today's
+    only as another encoding of the same feature store (pipeline.data.prepare.reencoding) counts,
+    and the report names it; without it such a run is stale."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     overrides = tuple(overrides or ())
@@ -145,7 +149,8 @@ def plan_runs(config_paths: list[Path], seeds=DEFAULT_SEEDS, overrides: list[str
                 config = load_config(path, [*overrides, f"train.seed={seed}", f"train.model_seed={seed}",
                                             f"runtime.out={run_dir}"])
                 specs.append(RunSpec(source=Path(path), key=folder, seed=int(seed), config=config,
-                                     overrides=overrides, centralized=centralized))
+                                     overrides=overrides, centralized=centralized,
+                                     accept_reencoded=accept_reencoded))
     return specs
 
 
@@ -177,9 +182,23 @@ def check_summary(spec: RunSpec, summary: dict, where: Path) -> None:
     if found != planned:
         raise StaleRunError(f"{where} was made by a different config "
                             f"({_diff(found, planned)}); pass --force to re-run it")
-    why = identity_mismatch(summary.get("dataset", {}), current_identity(spec.config))
+    made, now = summary.get("dataset", {}), current_identity(spec.config)
+    why = identity_mismatch(made, now)
+    if why and spec.accept_reencoded and reencoding(made, now):
+        return
     if why:
-        raise StaleRunError(f"{where} was made on {why}; pass --force to re-run it")
+        hint = (" or, as it is another encoding of the same feature store, --accept-reencoded-features to "
+                "count it" if reencoding(made, now) else "")
+        raise StaleRunError(f"{where} was made on {why}; pass --force to re-run it{hint}")
+
+
+def reencoded_from(spec: RunSpec, summary: dict | None) -> str | None:
+    """The features fingerprint of a run accepted as made on another encoding of its feature store
+    (spec.accept_reencoded), None for a run on today's features."""
+    made = (summary or {}).get("dataset", {})
+    if not spec.accept_reencoded or not made:
+        return None
+    return made["features"] if reencoding(made, current_identity(spec.config)) else None
 
 
 def set_aside_unresumable(run_dir: Path, log) -> None:
@@ -362,6 +381,8 @@ def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_
             result = RunResult(spec, "failed", error=str(error))
         if result is None:
             result = run_one(spec, force=force, log=log, report_only=report_only, records_dir=records_dir)
+        if result.summary is not None and reencoded_from(spec, result.summary):
+            result.extra["reencoded_from"] = reencoded_from(spec, result.summary)
         for other in spec.config.train.also_protocols:
             twins[(spec.source, spec.seed, spec.centralized, other)] = result
         results.append(result)

@@ -172,6 +172,7 @@ def learned_row(runs: list[RunResult], protocol: str) -> dict:
            "missing": [r.spec.seed for r in runs if r.status == "missing"],
            "recorded": [r.spec.seed for r in runs if r.status == "recorded"],
            "derived": [(r.spec.seed, r.summary["derived_from"]["key"]) for r in runs if r.status == "derived"],
+           "reencoded": [(r.spec.seed, r.extra["reencoded_from"]) for r in runs if r.extra.get("reencoded_from")],
            "test": {}, "valid": {}, "best_round": [], "rounds_run": [], "seconds": [],
            "timing": []}
     if config.privacy is not None:
@@ -524,6 +525,15 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                          f"under another protocol that also evaluated this one (`--shared-runs`, "
                          f"train.also_protocols: the same training, so the numbers such a run gives): "
                          + ", ".join(derived) + ".")
+        reencoded = [(row, seed, made) for row in rows for seed, made in row.get("reencoded", [])]
+        if reencoded:
+            today = sorted({r.summary["dataset"]["features"] for result_rows in row_runs.values() for r in result_rows
+                            if r.summary and not r.extra.get("reencoded_from") and r.summary["dataset"].get("features")})
+            notes.append(f"{len(reencoded)} of these runs were made on another encoding of the same item feature store "
+                         f"(the same encoders, settings and inputs, encoded again on another machine, whose float "
+                         f"kernels round differently; `--accept-reencoded-features`): "
+                         + ", ".join(f"{row['key']} seed {seed} (features {made})" for row, seed, made in reencoded)
+                         + (f"; the other runs' features: {', '.join(today)}." if today else "."))
         if per_seed:
             notes.append(f"Per seed — best round / rounds run (test {metric_label(metric)} at the best round): "
                          + "; ".join(per_seed) + ".")
@@ -552,6 +562,7 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
         rows_json.append({"key": result.spec.key, "seed": result.spec.seed, "status": result.status,
                           "run_dir": str(result.spec.run_dir), "error": result.error,
                           "selection": result.summary["selection"] if result.summary else None,
+                          "reencoded_from": result.extra.get("reencoded_from"),
                           "rounds_run": result.summary.get("rounds_run") if result.summary else None})
     return {"markdown": "\n".join(parts), "tables": tables_json, "runs": rows_json,
             "reported_ku": {k: {"hr": v[0], "ndcg": v[1], "label": REPORTED} for k, v in REPORTED_KU.items()}}

@@ -171,3 +171,16 @@ def test_identity_names_the_split_and_the_features():
     # another split is named first; a block without features (older runs) is checked on the split
     assert "another preparation" in prepare(raw_from(user, item[::-1], range(6)), config).mismatch(identity)
     assert other.mismatch({k: v for k, v in identity.items() if k != "features"}) is None
+
+
+def test_reencoding_is_the_same_recipe_with_other_bits():
+    from pipeline.data.prepare import reencoding
+
+    now = {"name": "d", "fingerprint": "split", "features": "bits-2", "features_recipe": "key-1"}
+    assert reencoding({**now, "features": "bits-1"}, now)  # the same store encoded again
+    assert reencoding({k: v for k, v in now.items() if k != "features_recipe"} | {"features": "bits-1"}, now)
+    assert not reencoding(now, now)  # the same bits: nothing to accept
+    assert not reencoding({**now, "features": "bits-1", "features_recipe": "key-2"}, now)  # another recipe
+    assert not reencoding({**now, "features": "bits-1", "fingerprint": "other"}, now)  # another split
+    assert not reencoding({**now, "features": "bits-1"}, {k: v for k, v in now.items() if k != "features_recipe"})
+    assert not reencoding({k: v for k, v in now.items() if k != "features"}, now)  # made before the fingerprint

@@ -393,3 +393,59 @@ def test_encoder_line_names_the_encoders_and_feature_widths(tmp_path):
     assert shipped.endswith("text: 384-d; image: 1280-d (features shipped with the dataset; their encoders are "
                             "not recorded)")
     assert tables.encoder_of({"model": {"fusion": None}}, prepared) == "none (ID only)"
+
+
+def test_runs_on_another_encoding_of_the_feature_store(tmp_path, monkeypatch, capsys):
+    """A recorded run whose item features differ from today's only because the same feature store
+    (its manifest key: encoders, settings, inputs) was encoded again (another machine's float
+    rounding) is stale by default, with a hint; --accept-reencoded-features counts it and the
+    report names it with both fingerprints. A store of another recipe stays stale with the flag."""
+    import numpy as np
+
+    from pipeline.encode.store import write_store
+    from pipeline.report import experiments
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "a.yaml").write_text(TINY.format(name="tiny-fedavg", backbone="fedavg", protocol="p1"))
+    text = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+
+    def store(values, key):
+        write_store(tmp_path / "features", np.arange(60), {"text": values}, {"key": key,
+                                                                             "modalities": {"text": {"dim": 8}}})
+        experiments._IDENTITIES.clear()  # one process re-reads the data here; a command reads it once
+
+    def experiments_cmd(*extra):
+        code = main(["--configs", "configs/a.yaml", "--seeds", "0", "--runs-dir", "runs/exp", "--records", "records",
+                     "--out", "table.md", "--set", "runtime.backend=local", "data.features=features", *extra])
+        return code, (tmp_path / "table.md").read_text()
+
+    store(text, "recipe-1")
+    code, markdown = experiments_cmd()
+    assert code == 0, markdown
+    made = json.loads((tmp_path / "records/tiny-fedavg/seed-0.json").read_text())["summary"]["dataset"]
+    assert made["features_recipe"] == "recipe-1"
+    import shutil
+    shutil.rmtree(tmp_path / "runs")  # the record alone remains, as in a fresh checkout
+
+    # the same recipe encoded again: a last-bit difference
+    store(np.nextafter(text, np.float32(2)), "recipe-1")
+    capsys.readouterr()
+    code, markdown = experiments_cmd("--report-only")
+    assert code != 0 and "FAILED: tiny-fedavg seed 0" in markdown and "--accept-reencoded-features" in markdown
+    code, markdown = experiments_cmd("--report-only", "--accept-reencoded-features")
+    assert code == 0, markdown
+    assert (f"1 of these runs were made on another encoding of the same item feature store" in markdown
+            and f"tiny-fedavg seed 0 (features {made['features']})" in markdown)
+    # a record from before runs named the recipe counts as the same recipe, under the flag
+    record = json.loads((tmp_path / "records/tiny-fedavg/seed-0.json").read_text())
+    del record["summary"]["dataset"]["features_recipe"]
+    (tmp_path / "records/tiny-fedavg/seed-0.json").write_text(json.dumps(record))
+    assert experiments_cmd("--report-only", "--accept-reencoded-features")[0] == 0
+    # another recipe (another encoder or inputs) is stale even with the flag, and names no flag
+    record["summary"]["dataset"]["features_recipe"] = "recipe-1"
+    (tmp_path / "records/tiny-fedavg/seed-0.json").write_text(json.dumps(record))
+    store(np.nextafter(text, np.float32(2)), "recipe-2")
+    code, markdown = experiments_cmd("--report-only", "--accept-reencoded-features")
+    assert code != 0 and "other item features" in markdown and "--accept-reencoded-features to" not in markdown

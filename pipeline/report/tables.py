@@ -532,7 +532,9 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
             notes.append(f"{len(reencoded)} of these runs were made on another encoding of the same item feature store "
                          f"(the same encoders, settings and inputs, encoded again on another machine, whose float "
                          f"kernels round differently; `--accept-reencoded-features`): "
-                         + ", ".join(f"{row['key']} seed {seed} (features {made})" for row, seed, made in reencoded)
+                         + "; ".join(f"on features {made}: " + ", ".join(f"{row['key']} seed {seed}"
+                                                                          for row, seed, other in reencoded if other == made)
+                                     for made in sorted({made for _, _, made in reencoded}))
                          + (f"; the other runs' features: {', '.join(today)}." if today else "."))
         if per_seed:
             notes.append(f"Per seed — best round / rounds run (test {metric_label(metric)} at the best round): "

@@ -437,7 +437,7 @@ def test_runs_on_another_encoding_of_the_feature_store(tmp_path, monkeypatch, ca
     code, markdown = experiments_cmd("--report-only", "--accept-reencoded-features")
     assert code == 0, markdown
     assert (f"1 of these runs were made on another encoding of the same item feature store" in markdown
-            and f"tiny-fedavg seed 0 (features {made['features']})" in markdown)
+            and f"on features {made['features']}: tiny-fedavg seed 0." in markdown)
     # a record from before runs named the recipe counts as the same recipe, under the flag
     record = json.loads((tmp_path / "records/tiny-fedavg/seed-0.json").read_text())
     del record["summary"]["dataset"]["features_recipe"]

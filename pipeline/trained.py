@@ -114,7 +114,10 @@ class TrainedRun:
         data, negatives = _prepared(config, data_cache)
         if why := data.mismatch(card["dataset"]):
             raise RunError(f"{export_dir} was trained on {why}")
-        tensors = load_file(export_dir / EXPORT_TENSORS)
+        # each tensor in an allocation of its own: the file's packed tensors start at any byte, and
+        # the CPU's matrix kernels may round differently on unaligned data (seen with one user's
+        # scores, 1e-8 apart), where the run's own tensors are aligned
+        tensors = {name: t.clone() for name, t in load_file(export_dir / EXPORT_TENSORS).items()}
         globals_ = {name[len("globals/"):]: t for name, t in tensors.items() if name.startswith("globals/")}
         pools = [_unflatten({k: v for k, v in tensors.items() if k.startswith(f"pool{i}/")}, f"pool{i}/",
                             card["pool_meta"][i]) for i in range(len(card["pool_meta"]))]

@@ -122,7 +122,7 @@ def test_a_row_shows_mrr_only_when_every_seed_measured_it():
     def run(seed, test):
         summary = {"selection": {"test": test, "valid": {"hr@10": 0.5}, "best_round": 3}, "rounds_run": 5}
         return SimpleNamespace(spec=SimpleNamespace(seed=seed, config=config, key="fcf", centralized=False),
-                               summary=summary, status="recorded", error=None)
+                               summary=summary, status="recorded", error=None, extra={})
 
     runs = [run(0, old_test), run(1, {**old_test, "mrr@10": 0.3, "coverage@10": 0.9})]
     row = learned_row(runs, "p1")

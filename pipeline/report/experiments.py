@@ -381,8 +381,8 @@ def run_experiments(specs: list[RunSpec], force: bool = False, log=None, report_
             result = RunResult(spec, "failed", error=str(error))
         if result is None:
             result = run_one(spec, force=force, log=log, report_only=report_only, records_dir=records_dir)
-        if result.summary is not None and reencoded_from(spec, result.summary):
-            result.extra["reencoded_from"] = reencoded_from(spec, result.summary)
+        if made_on := reencoded_from(spec, result.summary):
+            result.extra["reencoded_from"] = made_on
         for other in spec.config.train.also_protocols:
             twins[(spec.source, spec.seed, spec.centralized, other)] = result
         results.append(result)

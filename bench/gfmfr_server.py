@@ -19,9 +19,10 @@ scores (GroupServer.fit); the server step is the whole group step (time/group_st
 
 Each round the group fusion model's training (GroupServer.train) also runs, from the same
 starting model on a copy, with the reference implementation
-(reference.group_fusion.train_group_fusion_reference: autograd + torch.optim.SGD, the implementation before the hand-written one; it computes the same
-up to float rounding, printed as the largest parameter difference) and, with --tol, with the early
-stop model.gfmfr.server_tol=TOL; the order of the timed trainings alternates between rounds. The
+(reference.group_fusion.train_group_fusion_reference: autograd + torch.optim.SGD, the
+implementation before the hand-written one; it computes the same up to float rounding, printed
+as the largest parameter difference) and, with --tol, with the early stop
+model.gfmfr.server_tol=TOL; the order of the timed trainings alternates between rounds. The
 baseline server step is the measured step with the reference training's time in place of the
 hand-written one's (everything else in the step is the same code); likewise the --tol figure.
 Ratios use the distilling rounds (1 on): mean server step / mean clients' training of those rounds;

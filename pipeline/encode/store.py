@@ -115,18 +115,12 @@ def load_features(directory) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
     return item_ids, matrices, manifest
 
 
-def as_features(directory) -> Features:
-    """The store as :class:`pipeline.data.schema.Features` (to plug into a RawDataset)."""
-    item_ids, matrices, _ = load_features(directory)
-    return Features(item_id=item_ids, matrices=matrices)
-
-
 def attach_features(raw: RawDataset, directory) -> RawDataset:
     """`raw` with its features taken from the store (prepare() then aligns them to the remapped
     item ids). Every item of the interactions must have a row: a store made from another
     catalogue is refused rather than silently filled with mean rows."""
-    features = as_features(directory)
-    recipe = (read_manifest(directory) or {}).get("key")
+    item_ids, matrices, manifest = load_features(directory)
+    features = Features(item_id=item_ids, matrices=matrices)
     items = np.unique(np.asarray(raw.interactions.item))
     try:
         known = np.isin(items, features.item_id.astype(items.dtype))
@@ -136,7 +130,7 @@ def attach_features(raw: RawDataset, directory) -> RawDataset:
         raise DataError(Path(directory) / IDS, f"{int((~known).sum())} interacted items have no feature row "
                                                f"(e.g. {items[~known][:3].tolist()}); encode this dataset's catalogue")
     # the store's key (encoders, their settings, the inputs' content) goes with the data into run summaries
-    source = {**raw.source, "stats": {**raw.source.get("stats", {}), "features_recipe": recipe}}
+    source = {**raw.source, "stats": {**raw.source.get("stats", {}), "features_recipe": manifest.get("key")}}
     return dataclasses.replace(raw, features=features, source=source)
 
 

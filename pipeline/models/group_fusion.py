@@ -144,8 +144,8 @@ def train_group_fusion(model: GroupFusion, targets: torch.Tensor, members: torch
     tol x the previous epoch's (model.gfmfr.server_tol).
 
     The same steps as reference.group_fusion.train_group_fusion_reference (autograd +
-    torch.optim.SGD; equal up to float rounding, pinned by the tests), written out by hand on the model's device with fewer
-    operations per batch: the parameters live in one flat buffer (one SGD update of two
+    torch.optim.SGD; equal up to float rounding, pinned by the tests), written out by hand on the
+    model's device with fewer operations per batch: the parameters live in one flat buffer (one SGD update of two
     operations, the mean's factor 2 / numel folded into it), the gradients are the MLP's, derived
     by hand (no autograd graph); the group embedding goes through its projection once per batch
     for the G groups ([G, d_c], then gathered) instead of once per pair; each epoch gathers its

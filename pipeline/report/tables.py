@@ -525,16 +525,19 @@ def build_report(results: list[RunResult], title: str | None = None, command: st
                          f"under another protocol that also evaluated this one (`--shared-runs`, "
                          f"train.also_protocols: the same training, so the numbers such a run gives): "
                          + ", ".join(derived) + ".")
-        reencoded = [(row, seed, made) for row in rows for seed, made in row.get("reencoded", [])]
-        if reencoded:
-            today = sorted({r.summary["dataset"]["features"] for result_rows in row_runs.values() for r in result_rows
-                            if r.summary and not r.extra.get("reencoded_from") and r.summary["dataset"].get("features")})
-            notes.append(f"{len(reencoded)} of these runs were made on another encoding of the same item feature store "
-                         f"(the same encoders, settings and inputs, encoded again on another machine, whose float "
-                         f"kernels round differently; `--accept-reencoded-features`): "
-                         + "; ".join(f"on features {made}: " + ", ".join(f"{row['key']} seed {seed}"
-                                                                          for row, seed, other in reencoded if other == made)
-                                     for made in sorted({made for _, _, made in reencoded}))
+        by_features: dict[str, list[str]] = {}  # features fingerprint -> the runs made on it
+        for row in rows:
+            for seed, made in row.get("reencoded", []):
+                by_features.setdefault(made, []).append(f"{row['key']} seed {seed}")
+        if by_features:
+            today = sorted({run.summary["dataset"]["features"] for run in all_runs
+                            if run.summary and not run.extra.get("reencoded_from")
+                            and run.summary["dataset"].get("features")})
+            notes.append(f"{sum(map(len, by_features.values()))} of these runs were made on another encoding of the "
+                         f"same item feature store (the same encoders, settings and inputs, encoded again on another "
+                         f"machine, whose float kernels round differently; `--accept-reencoded-features`): "
+                         + "; ".join(f"on features {made}: " + ", ".join(runs)
+                                     for made, runs in sorted(by_features.items()))
                          + (f"; the other runs' features: {', '.join(today)}." if today else "."))
         if per_seed:
             notes.append(f"Per seed — best round / rounds run (test {metric_label(metric)} at the best round): "

@@ -345,10 +345,11 @@ _SPAN_CHUNK = 1 << 22  # Gram entries gathered at once (clients of a bucket are 
 class _SpanLinear(torch.autograd.Function):
     """out_i = sum_{r in ws(c)} K[i, r] A[r] for the rows i of a native PaddedRows.
 
-    A client's working-set items are distinct, so the sum is K[item_i, :] @ S_c with S_c [I, out]
-    holding A_c's rows at their items and zeros elsewhere: per (chunk of a) bucket, a gather of
-    whole Gram rows and one bmm [g, width, I] @ [g, I, out]; no per-entry gathers (2 I out
-    multiply-adds per row, against 4 d out for a per-client weight: see Shard._spans).
+    Per chunk of a bucket's clients (consecutive, so of similar size: the engine orders clients
+    by size), one bmm [g, width, W] @ [g, W, out]: the Gram entries between the rows' items and
+    each client's own working-set items (W: the chunk's largest working set; a smaller one's
+    extra columns meet zero span rows), gathered at once, against A_c's rows. 2 W_c out
+    multiply-adds per row, against 4 d out for a per-client weight (see Shard._spans).
     Its backward returns, for A, the output gradient g_i at the rows' own working-set positions (a
     sparse tensor): then `A -= lr * grad` is exactly SGD on W_c (see FeatureSpan); it
     is not the gradient of A."""
@@ -358,25 +359,28 @@ class _SpanLinear(torch.autograd.Function):
         (table,) = autocast_inputs(table)  # runtime.precision=bf16: the bmm below in bfloat16
         n_items, width_out = span.gram.shape[1], table.shape[1]
         out = table.new_empty(rows.layout.n_rows, width_out)
-        items = torch.as_tensor(rows.fusion.ws_item[rows._ws], device=table.device)
-        ws_item = rows.fusion.ws_item
-        chunks = []  # (offset, first client, clients, width) of every bmm
-        for offset, c0, c1, width in rows.layout.buckets:
-            step = max(1, _SPAN_CHUNK // ((width + width_out) * n_items))  # Gram rows and S of g clients
-            chunks += [(offset + a * width, c0 + a, min(step, c1 - c0 - a), width) for a in range(0, c1 - c0, step)]
-        # S of a chunk's clients, [g, I, out]: zero but for their A rows, which are zeroed again after use
-        scattered = table.new_zeros(max(g for _, _, g, _ in chunks) * n_items, width_out) if chunks else None
-        for offset, first, g, width in chunks:
-            w0, w1 = span.offsets[first], span.offsets[first + g]
-            owner = np.repeat(np.arange(g), np.diff(span.offsets[first:first + g + 1]))
-            at = torch.as_tensor(owner * n_items + ws_item[w0:w1], device=table.device)
-            scattered.index_copy_(0, at, table[w0:w1])
-            gram = span.gram.index_select(0, items[offset:offset + g * width]).view(g, width, n_items).to(table.dtype)
-            torch.bmm(gram, scattered[:g * n_items].view(g, n_items, width_out),
-                      out=out[offset:offset + g * width].view(g, width, width_out))
-            scattered.index_fill_(0, at, 0.0)
         ctx.save_for_backward(rows.ws)
         ctx.n = len(table)
+        if len(table) == 0:  # no working set: every row is padding
+            return out.zero_()
+        device = table.device
+        items = torch.as_tensor(rows.fusion.ws_item[rows._ws], device=device)
+        sizes, offsets, gram = np.diff(span.offsets), span.offsets, span.gram.reshape(-1)
+        for offset, c0, c1, width in rows.layout.buckets:
+            a = c0
+            while a < c1:  # clients [a, b): as many as keep g x width x W Gram entries in the chunk
+                most, b = max(int(sizes[a]), 1), a + 1
+                while b < c1 and (b + 1 - a) * (width + width_out) * max(most, sizes[b]) <= _SPAN_CHUNK:
+                    most, b = max(most, int(sizes[b])), b + 1
+                g, at = b - a, offset + (a - c0) * width
+                held = np.arange(most)[None, :] < sizes[a:b, None]  # [g, W]: a real working-set row
+                ws = np.where(held, offsets[a:b, None] + np.arange(most)[None, :], 0).reshape(-1)
+                spans = table.index_select(0, torch.as_tensor(ws, device=device)).view(g, most, width_out)
+                spans.mul_(torch.as_tensor(held, device=device, dtype=table.dtype).unsqueeze(-1))
+                columns = torch.as_tensor(rows.fusion.ws_item[ws], device=device).view(g, 1, most)
+                entries = gram.take(items[at:at + g * width].view(g, width, 1) * n_items + columns)
+                torch.bmm(entries.to(table.dtype), spans, out=out[at:at + g * width].view(g, width, width_out))
+                a = b
         return out
 
     @staticmethod

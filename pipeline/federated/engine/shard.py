@@ -391,12 +391,13 @@ class Shard:
 
     def _spans(self, projections: dict[str, torch.Tensor], ws: WorkingSet, n_clients: int) -> dict[str, FeatureSpan]:
         """weight name -> FeatureSpan of the module's frozen-feature projections for the clients of
-        `ws` (projections: _span_projections). Both forms are exact. Per row, a span costs a Gram
-        row (I entries) and 2 I out multiply-adds; a weight copy costs the feature row (d entries),
-        4 d out multiply-adds (forward and weight gradient) and a per-client weight update per
-        step. So a modality uses one when I <= 2 d (SPAN_ITEMS_PER_WIDTH): on KU (560 items,
-        512-d CLIP) both modalities do; on MovieLens (1,682 items) the 1,280-d images do and the
-        384-d text does not."""
+        `ws` (projections: _span_projections). Both forms are exact. Per row of client c, a span
+        costs the Gram entries at c's working-set items (W_c <= I of them) and 2 W_c out
+        multiply-adds; a weight copy costs the feature row (d entries), 4 d out multiply-adds
+        (forward and weight gradient) and a per-client weight update per step. So a modality uses
+        one when even a whole-catalogue working set costs no more, I <= 2 d (SPAN_ITEMS_PER_WIDTH):
+        on KU (560 items, 512-d CLIP) both modalities do; on MovieLens (1,682 items) the 1,280-d
+        images do and the 384-d text does not."""
         spans = {}
         for weight, projected in projections.items():
             modality = weight.split(".")[2]

@@ -339,7 +339,7 @@ class PaddedRows:
         return PaddedRows(self.params, self.fusion, self._client[index], self._ws[index], native=False)
 
 
-_SPAN_CHUNK = 1 << 22  # Gram entries gathered at once (clients of a bucket are taken in chunks)
+_SPAN_CHUNK = 1 << 22  # Gram-row and span entries read at once (a bucket's clients are taken in chunks)
 
 
 class _SpanLinear(torch.autograd.Function):
@@ -348,7 +348,8 @@ class _SpanLinear(torch.autograd.Function):
     Per chunk of a bucket's clients (consecutive, so of similar size: the engine orders clients
     by size), one bmm [g, width, W] @ [g, W, out]: the Gram entries between the rows' items and
     each client's own working-set items (W: the chunk's largest working set; a smaller one's
-    extra columns meet zero span rows), gathered at once, against A_c's rows. 2 W_c out
+    extra columns meet zero span rows; gathered from the rows' whole Gram rows, which a chunk
+    reads contiguously), against A_c's rows. 2 W_c out
     multiply-adds per row, against 4 d out for a per-client weight (see Shard._spans).
     Its backward returns, for A, the output gradient g_i at the rows' own working-set positions (a
     sparse tensor): then `A -= lr * grad` is exactly SGD on W_c (see FeatureSpan); it
@@ -365,12 +366,12 @@ class _SpanLinear(torch.autograd.Function):
             return out.zero_()
         device = table.device
         items = torch.as_tensor(rows.fusion.ws_item[rows._ws], device=device)
-        sizes, offsets, gram = np.diff(span.offsets), span.offsets, span.gram.reshape(-1)
+        sizes, offsets = np.diff(span.offsets), span.offsets
         for offset, c0, c1, width in rows.layout.buckets:
             a = c0
-            while a < c1:  # clients [a, b): as many as keep g x width x W Gram entries in the chunk
+            while a < c1:  # clients [a, b): as many as keep their Gram rows and spans in the chunk
                 most, b = max(int(sizes[a]), 1), a + 1
-                while b < c1 and (b + 1 - a) * (width + width_out) * max(most, sizes[b]) <= _SPAN_CHUNK:
+                while b < c1 and (b + 1 - a) * (width * n_items + max(most, sizes[b]) * width_out) <= _SPAN_CHUNK:
                     most, b = max(most, int(sizes[b])), b + 1
                 g, at = b - a, offset + (a - c0) * width
                 held = np.arange(most)[None, :] < sizes[a:b, None]  # [g, W]: a real working-set row
@@ -378,7 +379,8 @@ class _SpanLinear(torch.autograd.Function):
                 spans = table.index_select(0, torch.as_tensor(ws, device=device)).view(g, most, width_out)
                 spans.mul_(torch.as_tensor(held, device=device, dtype=table.dtype).unsqueeze(-1))
                 columns = torch.as_tensor(rows.fusion.ws_item[ws], device=device).view(g, 1, most)
-                entries = gram.take(items[at:at + g * width].view(g, width, 1) * n_items + columns)
+                gram_rows = span.gram.index_select(0, items[at:at + g * width]).view(g, width, n_items)
+                entries = gram_rows.gather(2, columns.expand(g, width, most))
                 torch.bmm(entries.to(table.dtype), spans, out=out[at:at + g * width].view(g, width, width_out))
                 a = b
         return out

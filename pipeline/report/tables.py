@@ -331,15 +331,13 @@ def fusion_deltas(rows: list[dict], metric: str) -> list[str]:
     table: the per-seed difference fusion − ID on the seeds both finished, its mean and sample std."""
     plain = {(r["backbone"], r.get("negatives")): r for r in rows
              if r["source"] == LEARNED and not r.get("private") and not r.get("fusion") and not r.get("gfmfr")}
-    deltas = []
+    column, deltas = f"test/{metric}", []
     for row in rows:
         base = plain.get((row.get("backbone"), row.get("negatives")))
-        if (row["source"] != LEARNED or row.get("private") or base is None or row is base
-                or not (row.get("fusion") or row.get("gfmfr"))):
+        fused = row.get("fusion") or row.get("gfmfr")
+        if row["source"] != LEARNED or row.get("private") or base is None or not fused:
             continue
-        column = f"test/{metric}"
-        seeds = [s for s in row["per_seed"] if s in base["per_seed"] and column in row["per_seed"][s]
-                 and column in base["per_seed"][s]]
+        seeds = [s for s in row["per_seed"] if column in row["per_seed"][s] and column in base["per_seed"].get(s, {})]
         if not seeds:
             continue
         diffs = [100 * (row["per_seed"][s][column] - base["per_seed"][s][column]) for s in seeds]

@@ -191,7 +191,8 @@ def test_dropout_multipliers_are_the_keep_mask(rows, units, p):
 
 def test_feature_span_is_the_per_client_weight(monkeypatch):
     """_SpanLinear (the Gram entries at each client's working-set items times its span rows)
-    gives every row its client's X[item] (A_c^T X_c)^T, in buckets of several widths and in chunks of one or many clients."""
+    gives every row its client's X[item] (A_c^T X_c)^T, in buckets of several widths and in
+    chunks of one or many clients."""
     from pipeline.federated.engine import client as client_module
     from pipeline.federated.engine.client import FeatureSpan, FusionInputs, PaddedRows, _SpanLinear
 

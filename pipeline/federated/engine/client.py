@@ -349,8 +349,8 @@ class _SpanLinear(torch.autograd.Function):
     by size), one bmm [g, width, W] @ [g, W, out]: the Gram entries between the rows' items and
     each client's own working-set items (W: the chunk's largest working set; a smaller one's
     extra columns meet zero span rows; gathered from the rows' whole Gram rows, which a chunk
-    reads contiguously), against A_c's rows. 2 W_c out
-    multiply-adds per row, against 4 d out for a per-client weight (see Shard._spans).
+    reads contiguously), against A_c's rows. 2 W_c out multiply-adds per row, against 4 d out
+    for a per-client weight (see Shard._spans).
     Its backward returns, for A, the output gradient g_i at the rows' own working-set positions (a
     sparse tensor): then `A -= lr * grad` is exactly SGD on W_c (see FeatureSpan); it
     is not the gradient of A."""
